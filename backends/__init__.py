@@ -1,0 +1,110 @@
+"""smollm3's backends and the code they share.
+
+`load(path_or_repo, backend="auto")` is the one entry point: it reads the checkpoint, its
+tokenizer and chat template, picks a backend, and returns an `Engine`.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+from .chat_template import ChatTemplate, chat_template_from_dir
+from .checkpoint import Checkpoint, open_checkpoint
+from .engine import Engine, GenerationStats
+from .errors import BackendUnavailable, CheckpointError, SmolLMError
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer, tokenizer_from_file, tokenizer_from_gguf
+from .tracing import NullTracer, Tracer
+
+BACKENDS = ("auto", "torch", "mlx")
+
+__all__ = [
+    "BACKENDS",
+    "Engine",
+    "GenerationStats",
+    "SamplingParams",
+    "SmolLMError",
+    "Tracer",
+    "load",
+    "load_tokenizer",
+    "select_backend",
+]
+
+
+def mlx_importable() -> bool:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_backend(requested: str = "auto") -> str:
+    """auto: MLX on Apple Silicon when it imports, else torch (which picks CUDA, MPS or CPU)."""
+    if requested not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend '{requested}' (choose from {', '.join(BACKENDS)})")
+    if requested == "auto":
+        on_apple_silicon = sys.platform == "darwin" and platform.machine() == "arm64"
+        return "mlx" if on_apple_silicon and mlx_importable() else "torch"
+    if requested == "mlx" and not mlx_importable():
+        hint = 'pip install "smollm3[mlx]"' if sys.platform == "darwin" else 'pip install "mlx[cpu]" mlx-lm'
+        raise BackendUnavailable(f"--backend mlx: MLX is not installed (install it with: {hint})")
+    return requested
+
+
+def load_tokenizer(ckpt: Checkpoint, tokenizer_path: str | Path | None = None) -> Tokenizer:
+    if tokenizer_path is not None:
+        return tokenizer_from_file(tokenizer_path)
+    if ckpt.gguf_metadata is not None:
+        return tokenizer_from_gguf(ckpt.gguf_metadata)
+    return tokenizer_from_file(ckpt.hf_dir)
+
+
+def load_chat_template(ckpt: Checkpoint, tokenizer: Tokenizer) -> ChatTemplate | None:
+    if ckpt.gguf_metadata is not None:
+        source = ckpt.gguf_metadata.get("tokenizer.chat_template")
+        if not source:
+            return None
+        bos = tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else ""
+        eos = tokenizer.decode([tokenizer.eos_ids[0]]) if tokenizer.eos_ids else ""
+        return ChatTemplate(source, bos_token=bos, eos_token=eos, name=f"{ckpt.path.name} chat template")
+    return chat_template_from_dir(ckpt.hf_dir)
+
+
+def load(
+    path_or_repo: str | Path,
+    backend: str = "auto",
+    device: str | None = None,
+    dtype: str = "auto",
+    tokenizer_path: str | Path | None = None,
+    tracer: Tracer | None = None,
+) -> Engine:
+    """An engine for a local .gguf file or HF directory, or a Hub repo id (downloaded into the HF cache)."""
+    tracer = tracer or NullTracer()
+    with tracer.span("load"):
+        path = Path(path_or_repo)
+        if not path.exists() and _looks_like_repo(str(path_or_repo)):
+            from .hub import download_repo
+
+            path = download_repo(str(path_or_repo))
+        ckpt = open_checkpoint(path)
+        tokenizer = load_tokenizer(ckpt, tokenizer_path)
+        template = load_chat_template(ckpt, tokenizer)
+        name = select_backend(backend)
+        if name == "mlx":
+            from .mlx.engine import MLXEngine
+
+            engine: Engine = MLXEngine(ckpt, tokenizer, template, dtype=dtype)
+        else:
+            from .torch.engine import TorchEngine
+
+            engine = TorchEngine(ckpt, tokenizer, template, device=device, dtype=dtype)
+    engine.tracer = tracer
+    return engine
+
+
+def _looks_like_repo(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))

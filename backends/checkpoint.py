@@ -1,0 +1,261 @@
+"""Reading checkpoints (GGUF files, Hugging Face safetensors directories) into one form.
+
+Every tensor comes out as a `RawTensor`: its bytes, memory-mapped and untouched, plus the
+GGML type that says how to read them (F32/F16/BF16 for safetensors). Both backends build
+their weights from that, so quantized tensors stay quantized until a backend decides
+otherwise. Names are the Hugging Face ones (`model.layers.0.self_attn.q_proj.weight`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.constants import GGML_QUANT_SIZES
+
+from .config import ModelConfig, config_from_gguf, config_from_hf
+from .errors import CheckpointError, UnsupportedTensorType
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    name: str
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]  # row-major logical shape
+    data: np.ndarray  # uint8 [rows, row_bytes]: rows = prod(shape[:-1]), each row a whole number of blocks
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    format: str  # "gguf" | "safetensors"
+    config: ModelConfig
+    tensors: dict[str, RawTensor]
+    gguf_metadata: dict | None = None  # GGUF key -> value (tokenizer and chat template live here)
+    hf_dir: Path | None = None
+
+    @property
+    def weight_type(self) -> str:
+        """What the weights are stored as, e.g. "Q4_K" (the most common type of the 2-D weights)."""
+        kinds = [t.ggml_type.name for t in self.tensors.values() if len(t.shape) == 2]
+        return max(set(kinds), key=kinds.count) if kinds else "?"
+
+
+_GGUF_TO_HF = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_name_from_gguf(name: str) -> str | None:
+    if m := _GGUF_BLOCK.match(name):
+        layer, part, kind = m.groups()
+        mapped = _GGUF_TO_HF.get(part)
+        return f"model.layers.{layer}.{mapped}.{kind}" if mapped else None
+    base, _, kind = name.rpartition(".")
+    mapped = _GGUF_TO_HF.get(base)
+    return f"{mapped}.{kind}" if mapped else None
+
+
+def unpermute_qk_rows(data: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's converter, which reorders Q/K rows so RoPE rotates adjacent pairs.
+
+    Row r of head h in llama.cpp order is (h, i, j) with i < d/2, j < 2; HF order is (h, j, i).
+    Whole rows move, so this works on raw quantized rows as well as on float rows.
+    """
+    rows = data.shape[0]
+    half = rows // n_head // 2
+    return np.ascontiguousarray(data.reshape(n_head, half, 2, -1).swapaxes(1, 2).reshape(rows, -1))
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such file or directory: {path}")
+    if path.is_dir():
+        return _open_hf_dir(path)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        raise CheckpointError(
+            f"{path.name}: pickle checkpoints are never loaded (they can run code); use a safetensors or GGUF file"
+        )
+    if path.suffix == ".safetensors" or path.name == "model.safetensors.index.json":
+        return _open_hf_dir(path.parent)
+    return _open_gguf(path)
+
+
+# --- GGUF ---
+
+
+def _gguf_metadata(reader: GGUFReader) -> dict:
+    metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        metadata[key] = field.contents()
+    return metadata
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path.name}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # the gguf package raises whatever numpy does on a bad header
+        raise CheckpointError(f"{path.name}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+    metadata = _gguf_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    config = config_from_gguf(metadata, has_output_tensor="output.weight" in names)
+
+    tensors: dict[str, RawTensor] = {}
+    for t in reader.tensors:
+        hf_name = hf_name_from_gguf(t.name)
+        if hf_name is None:
+            continue  # e.g. rope_freqs: llama.cpp extras we compute ourselves
+        try:
+            ggml_type = GGMLQuantizationType(int(t.tensor_type))
+        except ValueError:
+            raise UnsupportedTensorType(f"tensor '{t.name}' has unknown GGML type id {int(t.tensor_type)}") from None
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGML lists dims innermost first
+        block_elems, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        if shape[-1] % block_elems:
+            raise CheckpointError(f"{path.name}: tensor '{t.name}' row length {shape[-1]} is not whole blocks")
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        row_bytes = shape[-1] // block_elems * block_bytes
+        data = t.data.view(np.uint8)
+        if data.size != rows * row_bytes:
+            raise CheckpointError(f"{path.name}: tensor '{t.name}' has {data.size} bytes, expected {rows * row_bytes}")
+        data = data.reshape(rows, row_bytes)
+        if t.name.endswith("attn_q.weight"):
+            data = unpermute_qk_rows(data, config.num_heads)
+        elif t.name.endswith("attn_k.weight"):
+            data = unpermute_qk_rows(data, config.num_kv_heads)
+        tensors[hf_name] = RawTensor(hf_name, ggml_type, shape, data)
+    _check_complete(path, config, tensors)
+    return Checkpoint(path, "gguf", config, tensors, gguf_metadata=metadata)
+
+
+# --- safetensors ---
+
+# Own reader for the safetensors layout (8-byte header size, JSON header, raw data): numpy
+# has no bfloat16, and both backends want the raw bytes memory-mapped, which the
+# `safetensors` package only gives as framework tensors.
+_ST_DTYPES = {
+    "F32": GGMLQuantizationType.F32,
+    "F16": GGMLQuantizationType.F16,
+    "BF16": GGMLQuantizationType.BF16,
+}
+_ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def read_safetensors(path: Path) -> dict[str, RawTensor]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path.name}: truncated safetensors file")
+        header_len = int.from_bytes(head, "little")
+        if header_len > min(size - 8, 100 << 20):
+            raise CheckpointError(f"{path.name}: corrupt safetensors header (length {header_len})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    blob = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path.name}: corrupt safetensors entry for '{name}'") from None
+        if dtype not in _ST_DTYPES:
+            raise UnsupportedTensorType(f"tensor '{name}' in {path.name} has dtype {dtype} (supported: F32, F16, BF16)")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_ITEMSIZE[dtype]
+        if not (0 <= begin <= end <= size - data_start) or end - begin != nbytes or any(d < 0 for d in shape):
+            raise CheckpointError(f"{path.name}: tensor '{name}' lies outside the file or has the wrong size")
+        raw = blob[data_start + begin : data_start + end]
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        tensors[name] = RawTensor(name, _ST_DTYPES[dtype], shape, raw.reshape(rows, -1) if nbytes else raw.reshape(rows, 0))
+    return tensors
+
+
+def _open_hf_dir(path: Path) -> Checkpoint:
+    config_path = path / "config.json"
+    if not config_path.exists():
+        if any(path.glob("*.gguf")):
+            raise CheckpointError(f"{path} holds GGUF files: pass one of them with --model-path")
+        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    try:
+        config = config_from_hf(json.loads(config_path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index") from None
+    else:
+        shards = [p.name for p in sorted(path.glob("*.safetensors"))]
+    if not shards:
+        if any(path.glob("*.bin")):
+            raise CheckpointError(f"{path}: only pickle (.bin) weights, which are never loaded; use safetensors")
+        raise CheckpointError(f"{path}: no *.safetensors weights")
+    tensors: dict[str, RawTensor] = {}
+    for shard in shards:
+        shard_path = path / shard
+        if not shard_path.exists():
+            raise CheckpointError(f"{path}: shard {shard} named in the index is missing")
+        tensors.update(read_safetensors(shard_path))
+    _check_complete(path, config, tensors)
+    return Checkpoint(path, "safetensors", config, tensors, hf_dir=path)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    c = config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (c.hidden_size,),
+            p + "post_attention_layernorm.weight": (c.hidden_size,),
+            p + "self_attn.q_proj.weight": (q, c.hidden_size),
+            p + "self_attn.k_proj.weight": (kv, c.hidden_size),
+            p + "self_attn.v_proj.weight": (kv, c.hidden_size),
+            p + "self_attn.o_proj.weight": (c.hidden_size, q),
+            p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+            p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+            p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+        }
+    return shapes
+
+
+def _check_complete(path: Path, config: ModelConfig, tensors: dict[str, RawTensor]) -> None:
+    for name, shape in expected_shapes(config).items():
+        if name not in tensors:
+            raise CheckpointError(f"{path.name}: tensor '{name}' is missing")
+        if tensors[name].shape != shape:
+            raise CheckpointError(f"{path.name}: tensor '{name}' has shape {tensors[name].shape}, expected {shape}")

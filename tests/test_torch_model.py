@@ -1,0 +1,104 @@
+"""The torch model against the reference logits of every tiny-smollm3 fixture."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import backends
+from backends.checkpoint import RawTensor, open_checkpoint
+from backends.config import smollm3_rope_layers
+from backends.torch.engine import TorchEngine
+from conftest import GGUF_TYPES, TINY, TINY_HF, tiny_gguf
+
+TOLERANCE = 2e-3  # the issue's bar; a correct f32 implementation lands near 1e-5 here
+PROMPT = np.load(TINY / "prompt_ids.npy").tolist()
+
+
+def max_error(engine, reference_file: str) -> float:
+    return float(np.abs(engine.logits(PROMPT) - np.load(TINY / reference_file)).max())
+
+
+def test_hf_checkpoint_matches_transformers():
+    engine = backends.load(TINY_HF, backend="torch", dtype="f32")
+    assert max_error(engine, "logits_transformers.npy") < TOLERANCE
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_gguf_matches_exact_dequantized_reference(qtype):
+    engine = backends.load(tiny_gguf(qtype), backend="torch")
+    assert max_error(engine, f"logits_dequant_{qtype}.npy") < TOLERANCE
+
+
+def _engine_from(ckpt):
+    tok = backends.load_tokenizer(ckpt)
+    return TorchEngine(ckpt, tok, None, device="cpu", dtype="f32")
+
+
+def test_rope_on_nope_layers_fails_the_reference():
+    ckpt = open_checkpoint(TINY_HF)
+    assert ckpt.config.rope_layers == smollm3_rope_layers(8) == (True, True, True, False) * 2
+    ckpt.config = dataclasses.replace(ckpt.config, rope_layers=(True,) * 8)
+    assert max_error(_engine_from(ckpt), "logits_transformers.npy") > 100 * TOLERANCE
+
+
+def test_missing_qk_unpermute_fails_the_reference():
+    ckpt = open_checkpoint(tiny_gguf("Q8_0"))
+    c = ckpt.config
+    for name, raw in list(ckpt.tensors.items()):
+        n_head = c.num_heads if name.endswith("q_proj.weight") else c.num_kv_heads
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            # Put rows back in llama.cpp's order, as a reader that forgot to un-permute would have them.
+            permuted = raw.data.reshape(n_head, 2, c.head_dim // 2, -1).swapaxes(1, 2).reshape(raw.data.shape)
+            ckpt.tensors[name] = RawTensor(name, raw.ggml_type, raw.shape, np.ascontiguousarray(permuted))
+    assert max_error(_engine_from(ckpt), "logits_dequant_Q8_0.npy") > 100 * TOLERANCE
+
+
+def test_llamacpp_second_opinion():
+    # llama.cpp quantizes activations, so it is a loose check: it catches gross layout errors.
+    engine = backends.load(tiny_gguf("Q4_K_M"), backend="torch")
+    assert max_error(engine, "logits_llamacpp_Q4_K_M.npy") < 1.0
+
+
+@pytest.mark.parametrize("split_prompt", [False, True])
+def test_cached_prefill_and_decode_match_a_fresh_forward(split_prompt):
+    """Chunked/one-token prefill and decoding through the KV cache give the full forward's logits."""
+    engine = backends.load(tiny_gguf("Q4_0"), backend="torch")
+    full = engine.logits(PROMPT)
+    engine.cached_ids = []
+    last = engine.prefill(PROMPT[:30], split_prompt=split_prompt)
+    np.testing.assert_allclose(engine.to_numpy(last)[-1], full[29], atol=1e-4)
+    for pos in range(30, len(PROMPT)):
+        step = engine.to_numpy(engine.forward([PROMPT[pos]], pos, last_only=True))
+        np.testing.assert_allclose(step[-1], full[pos], atol=1e-4)
+
+
+def test_prefill_reuses_the_common_prefix():
+    engine = backends.load(tiny_gguf("Q4_0"), backend="torch")
+    full = engine.logits(PROMPT)
+    changed = PROMPT[:20] + [7, 8, 9]
+    last = engine.prefill(changed)
+    assert engine.stats.prefilled_tokens == 3 and engine.cached_ids == changed
+    fresh = engine.logits(changed)
+    np.testing.assert_allclose(engine.to_numpy(last)[-1], fresh[-1], atol=1e-4)
+    engine.prefill(PROMPT)
+    assert engine.stats.prefilled_tokens == len(PROMPT) - 20
+    assert full.shape == (len(PROMPT), 4096)
+
+
+def test_yarn_inv_freq_matches_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers import SmolLM3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048, "rope_theta": 5e6}
+    hf = SmolLM3Config(
+        hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=8,
+        max_position_embeddings=4096, rope_parameters=scaling,
+    )
+    expected, factor = ROPE_INIT_FUNCTIONS["yarn"](hf, torch.device("cpu"))
+    ckpt = open_checkpoint(TINY_HF)
+    config = dataclasses.replace(ckpt.config, rope_theta=5e6, context_length=4096, rope_scaling=scaling)
+    inv_freq, scale = config.rope_inv_freq()
+    np.testing.assert_allclose(inv_freq, expected.numpy(), rtol=1e-6)
+    assert scale == pytest.approx(factor)
