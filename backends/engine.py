@@ -131,7 +131,7 @@ class Engine:
         self._check_fits(len(prompt_ids), max_new_tokens)
         self.stats = GenerationStats()
         self.reset_rng(sampling.seed)
-        history = list(prompt_ids)
+        history: list[int] = []  # the repeat penalty looks at generated tokens only, as the seed does
         eos = self.eos_ids
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids, split_prompt)
