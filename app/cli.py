@@ -87,8 +87,9 @@ def load_engine(args: argparse.Namespace, tracer: Tracer) -> tuple[backends.Engi
     engine = backends.load(resolved.path, backend=args.backend, device=args.device, dtype=args.dtype,
                            tokenizer_path=args.tokenizer, tracer=tracer)
     i = engine.info
-    print(f"loaded {i.checkpoint} ({i.weight_type}) on {i.backend} {i.device} {i.dtype} in "
-          f"{time.perf_counter() - t0:.2f}s", file=sys.stderr)
+    if sys.stderr.isatty():  # progress chatter only for a person watching; errors stay one line
+        print(f"loaded {i.checkpoint} ({i.weight_type}) on {i.backend} {i.device} {i.dtype} in "
+              f"{time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return engine, resolved.chat and not args.no_chat_template
 
 
