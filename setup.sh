@@ -12,6 +12,11 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}  # the release we test with
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned `torch` can pull a multi-GB CUDA build on Linux.
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
-.venv/bin/python -m pip install -q -e ".[dev]"
+EXTRAS=dev
+case "$(uname -s)-$(uname -m)" in
+  Darwin-arm64) EXTRAS="dev,mlx" ;;
+  Linux-*) EXTRAS="dev,mlx-cpu" ;;  # MLX on the CPU, so the MLX backend is tested here too
+esac
+.venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
 .venv/bin/python scripts/fetch_smollm2.py models >/dev/null
 echo "smollm3 is set up: . .venv/bin/activate, then run smollm3 --help"
