@@ -15,7 +15,7 @@ another process busy on the second core, 2-thread medians went up to 5x worse.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from gguf import GGMLQuantizationType
@@ -29,6 +29,7 @@ class GGMLFormat:
     block_elems: int  # weights per block (1 for F32/F16/BF16)
     block_bytes: int  # bytes per block
     dequantize: Callable[[torch.Tensor], torch.Tensor]  # uint8 [rows, row_bytes] -> float32 [rows, row_elems]
+    affine: Callable[[torch.Tensor], "Affine"] | None = None  # blocks -> Affine; None for float types
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -63,31 +64,43 @@ def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _affine(q: torch.Tensor, scale: torch.Tensor, zero: int = 0, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """scale * (q - zero) + offset, in gguf-py's order of operations (so results are bit-equal),
-    on one fresh float32 tensor: first-touching that output is most of the cost for large
-    tensors, so the integer work before it stays in uint8 and the float work happens in place
-    (d * q - m out of place was 2-3x slower)."""
-    w = q.to(torch.float32, memory_format=torch.contiguous_format)
-    if zero:
-        w.sub_(zero)
-    w.mul_(scale)
-    return w if offset is None else w.add_(offset)
+class Affine(NamedTuple):
+    """n blocks of weights as scale * (q - zero) + offset per group: q [n, groups, group_size]
+    (integer codes), scale and offset float32 [n, groups, 1]. Every GGML type is one of these,
+    which is what lets a backend repack a type into its own kernel's layout."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: int = 0
+    offset: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [n, groups * group_size], in gguf-py's order of operations (so results are
+        bit-equal), on one fresh float32 tensor: first-touching that output is most of the cost
+        (about 35 of 50 ms for 22.5M weights), so the integer work before it stays in uint8 and
+        the float work happens in place."""
+        w = self.q.to(torch.float32, memory_format=torch.contiguous_format)
+        if self.zero:
+            w.sub_(self.zero)
+        w.mul_(self.scale)
+        if self.offset is not None:
+            w.add_(self.offset)
+        return w.reshape(w.shape[0], -1)
 
 
-# Each function below maps blocks (uint8 [n, block_bytes]) to weights (float32 [n, block_elems]).
+# Each function below maps blocks (uint8 [n, block_bytes]) to their Affine form.
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:  # d, int8 qs[32]
-    return _affine(b[:, 2:].view(torch.int8), _f16(b, 0))
+    return Affine(b[:, 2:].view(torch.int8).unsqueeze(1), _f16(b, 0).unsqueeze(-1))
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:  # d, qs[16]; weight j is the low nibble of qs[j], j+16 the high
-    return _affine(_split_bits(b[:, 2:], 4).reshape(-1, 32), _f16(b, 0), zero=8)
+    return Affine(_split_bits(b[:, 2:], 4).reshape(-1, 1, 32), _f16(b, 0).unsqueeze(-1), zero=8)
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:  # d, m, qs[16]
-    return _affine(_split_bits(b[:, 4:], 4).reshape(-1, 32), _f16(b, 0), offset=_f16(b, 2))
+    return Affine(_split_bits(b[:, 4:], 4).reshape(-1, 1, 32), _f16(b, 0).unsqueeze(-1), offset=_f16(b, 2).unsqueeze(-1))
 
 
 def _q5(b: torch.Tensor, qh_at: int) -> torch.Tensor:
@@ -101,11 +114,11 @@ def _q5(b: torch.Tensor, qh_at: int) -> torch.Tensor:
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:  # d, qh[4], qs[16]
-    return _affine(_q5(b, 2), _f16(b, 0), zero=16)
+    return Affine(_q5(b, 2).unsqueeze(1), _f16(b, 0).unsqueeze(-1), zero=16)
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:  # d, m, qh[4], qs[16]
-    return _affine(_q5(b, 4), _f16(b, 0), offset=_f16(b, 2))
+    return Affine(_q5(b, 4).unsqueeze(1), _f16(b, 0).unsqueeze(-1), offset=_f16(b, 2).unsqueeze(-1))
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:  # scales[16] (low nibble scale, high min), qs[64], d, dmin
@@ -113,7 +126,7 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:  # scales[16] (low nibble scale, hig
     q = _split_bits(b[:, 16:80].reshape(-1, 2, 32), 2).reshape(-1, 16, 16)
     d = _f16(b, 80) * (scales & 15)
     m = _f16(b, 82) * (scales >> 4)
-    return _affine(q, d.unsqueeze(-1), offset=-m.unsqueeze(-1)).reshape(-1, 256)
+    return Affine(q, d.unsqueeze(-1), offset=-m.unsqueeze(-1))
 
 
 def _q3_k(b: torch.Tensor) -> torch.Tensor:  # hmask[32], qs[64], scales[12], d
@@ -123,43 +136,45 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:  # hmask[32], qs[64], scales[12], d
     low = _split_bits(b[:, 32:96].reshape(-1, 2, 32), 2).reshape(-1, 16, 16)
     high = _split_bits(b[:, :32], 1).reshape(-1, 16, 16)
     # A clear hmask bit subtracts 4 (llama.cpp: `(hm[l] & m) ? 0 : 4`).
-    return _affine(low | (high << 2), d.unsqueeze(-1), zero=4).reshape(-1, 256)
+    return Affine(low | (high << 2), d.unsqueeze(-1), zero=4)
 
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:  # d, dmin, scales[12], qs[128]: 8 sub-blocks of 32
     sc, mn = _k_scales(b[:, 4:16])
     q = _split_bits(b[:, 16:].reshape(-1, 4, 32), 4).reshape(-1, 8, 32)
-    return _affine(q, (_f16(b, 0) * sc).unsqueeze(-1), offset=-(_f16(b, 2) * mn).unsqueeze(-1)).reshape(-1, 256)
+    return Affine(q, (_f16(b, 0) * sc).unsqueeze(-1), offset=-(_f16(b, 2) * mn).unsqueeze(-1))
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:  # d, dmin, scales[12], qh[32], qs[128]
     sc, mn = _k_scales(b[:, 4:16])
     # Bit 4 of sub-block s's weight l is bit s of qh[l].
     q = _split_bits(b[:, 48:].reshape(-1, 4, 32), 4).reshape(-1, 8, 32) | (_split_bits(b[:, 16:48], 1) << 4)
-    return _affine(q, (_f16(b, 0) * sc).unsqueeze(-1), offset=-(_f16(b, 2) * mn).unsqueeze(-1)).reshape(-1, 256)
+    return Affine(q, (_f16(b, 0) * sc).unsqueeze(-1), offset=-(_f16(b, 2) * mn).unsqueeze(-1))
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:  # ql[128], qh[64], int8 scales[16], d: 16 sub-blocks of 16
     low = _split_bits(b[:, :128].reshape(-1, 2, 64), 4).reshape(-1, 16, 16)
     high = _split_bits(b[:, 128:192].reshape(-1, 2, 32), 2).reshape(-1, 16, 16)
     d = _f16(b, 208) * b[:, 192:208].view(torch.int8)
-    return _affine(low | (high << 4), d.unsqueeze(-1), zero=32).reshape(-1, 256)
+    return Affine(low | (high << 4), d.unsqueeze(-1), zero=32)
 
 
-def _format(
-    ggml_type: GGMLQuantizationType,
-    block_elems: int,
-    block_bytes: int,
-    dequantize_blocks: Callable[[torch.Tensor], torch.Tensor],
-) -> GGMLFormat:
+def _format(ggml_type: GGMLQuantizationType, block_elems: int, block_bytes: int, blocks_fn) -> GGMLFormat:
+    """blocks_fn maps blocks to their Affine form (quantized types) or straight to float32 (float types)."""
+    affine = blocks_fn if block_elems > 1 else None
+
     def dequantize_rows(raw: torch.Tensor) -> torch.Tensor:
-        if raw.shape[-1] % block_bytes:
-            raise CheckpointError(
-                f"{ggml_type.name} rows of {raw.shape[-1]} bytes are not whole {block_bytes}-byte blocks"
-            )
-        return dequantize_blocks(raw.reshape(-1, block_bytes)).reshape(*raw.shape[:-1], -1)
+        blocks = _whole_blocks(raw, ggml_type, block_bytes)
+        weights = affine(blocks).dequantize() if affine else blocks_fn(blocks)
+        return weights.reshape(*raw.shape[:-1], -1)
 
-    return GGMLFormat(ggml_type, block_elems, block_bytes, dequantize_rows)
+    return GGMLFormat(ggml_type, block_elems, block_bytes, dequantize_rows, affine)
+
+
+def _whole_blocks(raw: torch.Tensor, ggml_type: GGMLQuantizationType, block_bytes: int) -> torch.Tensor:
+    if raw.shape[-1] % block_bytes:
+        raise CheckpointError(f"{ggml_type.name} rows of {raw.shape[-1]} bytes are not whole {block_bytes}-byte blocks")
+    return raw.reshape(-1, block_bytes)
 
 
 _T = GGMLQuantizationType
@@ -204,3 +219,15 @@ def dequantize(raw: torch.Tensor, ggml_type: GGMLQuantizationType | int, out_dty
 
     F32 to float32 returns a view of `raw`, not a copy."""
     return ggml_format(ggml_type, "<unnamed>").dequantize(raw).to(out_dtype)
+
+
+def affine_rows(raw: torch.Tensor, ggml_type: GGMLQuantizationType | int, tensor_name: str) -> Affine:
+    """A quantized tensor's rows uint8 [rows, row_bytes] as one Affine over whole rows:
+    q [rows, groups, group_size], scale/offset [rows, groups, 1]."""
+    fmt = ggml_format(ggml_type, tensor_name)
+    if fmt.affine is None:
+        raise ValueError(f"tensor '{tensor_name}' is {fmt.ggml_type.name}, not a quantized type")
+    a = fmt.affine(_whole_blocks(raw, fmt.ggml_type, fmt.block_bytes))
+    rows = raw.shape[0]
+    offset = None if a.offset is None else a.offset.reshape(rows, -1, 1)
+    return Affine(a.q.reshape(rows, -1, a.q.shape[-1]), a.scale.reshape(rows, -1, 1), a.zero, offset)

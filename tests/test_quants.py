@@ -141,3 +141,14 @@ def test_cuda_matches_gguf(ggml_type):
     got = dequantize(to_torch(raw).cuda(), ggml_type)
     assert got.device.type == "cuda"
     assert_matches_reference(got, raw, ggml_type)
+
+
+@pytest.mark.parametrize("qtype", [t for t, f in GGML_FORMATS.items() if f.affine is not None], ids=lambda t: t.name)
+def test_affine_rows_is_the_same_weights(qtype):
+    """The per-group (q, scale, zero, offset) form that kernels repack equals the dequantized rows."""
+    from backends.quants import affine_rows
+
+    raw = to_torch(random_rows(qtype, 3, 2, np.random.default_rng(qtype.value)))
+    a = affine_rows(raw, qtype, "t")
+    assert a.q.shape[0] == raw.shape[0] and a.scale.shape[:2] == a.q.shape[:2]
+    torch.testing.assert_close(a.dequantize(), dequantize(raw, qtype), rtol=0, atol=0)

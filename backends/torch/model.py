@@ -100,13 +100,13 @@ class Transformer(nn.Module):
         keep_blocks = ckpt.format == "gguf"
         tensors = ckpt.tensors
 
-        def lin(name):
-            return linear(tensors[name + ".weight"], dtype, device, keep_blocks)
+        def lin(name, embedding=False):
+            return linear(tensors[name + ".weight"], dtype, device, keep_blocks, embedding)
 
         def norm(name):
             return RMSNorm(dense(tensors[name + ".weight"], dtype, device), config.rms_norm_eps)
 
-        self.embed_tokens = lin("model.embed_tokens")
+        self.embed_tokens = lin("model.embed_tokens", embedding=True)
         self.layers = nn.ModuleList()
         for i in range(config.num_layers):
             p = f"model.layers.{i}."

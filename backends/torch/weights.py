@@ -1,26 +1,43 @@
-"""torch modules over checkpoint tensors: dense weights, and GGML weights kept in their blocks.
+"""torch modules over checkpoint tensors: one handler per way of holding a weight.
 
-A GGML weight is held as its raw uint8 blocks and dequantized for each matmul, a slice of
-rows at a time, so the model never holds more than one slice of float weights at once.
+- `DenseLinear`: float weights (safetensors), in the compute dtype.
+- `Int4Linear`: Q4_0, Q4_1, Q4_K repacked for torch's int4 weight-only matmul
+  (`_weight_int4pack_mm*`). The mapping is exact: w = (q - 8) * scale + zero per group of 32,
+  with scale and zero rounded to bf16 (the kernel's dtype), at most 0.26% of max|w| for Q4_K.
+- `GroupedLinear`: every other GGML type as int8 codes with a float32 scale (and offset) per
+  group, exact. Decoding one token runs a fused, compiled dequantize-and-reduce that reads
+  each weight byte once; longer inputs dequantize row slices into a GEMM.
+- `GGMLLinear`: the raw blocks, dequantized per call. The reference path, and the fallback
+  where the others are unavailable (`SMOLLM3_KERNELS=reference`).
+
+Decode is memory-bound (every weight is read once per token) and prefill compute-bound, so
+the fast handlers keep bytes per weight near the file's and prefill on the best GEMM at hand.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
 from ..checkpoint import RawTensor
-from ..quants import dequantize, ggml_format
+from ..quants import Affine, affine_rows, dequantize, ggml_format
 
-# Rows dequantized per slice: bounds the float temporary (e.g. 8192 x 2048 x 4 B = 64 MB
-# for SmolLM3's 128k-row tied embedding) while keeping each GEMM large.
-MAX_SLICE_ELEMS = 1 << 24
+# Rows dequantized per slice: small slices reuse freed buffers instead of first-touching fresh
+# pages, which is most of the cost (see backends/quants.py): 4M weights = 16 MB of float32.
+MAX_SLICE_ELEMS = 1 << 22
 DENSE_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+INT4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K)
+
+
+def kernels_mode() -> str:
+    """'fast' (default) or 'reference' (dequantize per call: slow, simplest, for checking)."""
+    return os.environ.get("SMOLLM3_KERNELS", "fast")
 
 
 def raw_to_torch(raw: RawTensor, device: torch.device) -> torch.Tensor:
@@ -37,32 +54,12 @@ def dense(raw: RawTensor, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return dequantize(data, raw.ggml_type, dtype).reshape(raw.shape).contiguous()
 
 
-class GGMLLinear(nn.Module):
-    """y = x W^T with W kept as GGML blocks [out_features, row_bytes]."""
-
-    def __init__(self, raw: RawTensor, device: torch.device):
-        super().__init__()
-        ggml_format(raw.ggml_type, raw.name)  # fail at load, naming the tensor, not at the first matmul
-        self.ggml_type = raw.ggml_type
-        self.out_features, self.in_features = raw.shape
-        self.register_buffer("blocks", raw_to_torch(raw, device), persistent=False)
-        self.rows_per_slice = max(1, MAX_SLICE_ELEMS // self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_features <= self.rows_per_slice:
-            return F.linear(x, dequantize(self.blocks, self.ggml_type, x.dtype))
-        parts = [
-            F.linear(x, dequantize(self.blocks[i : i + self.rows_per_slice], self.ggml_type, x.dtype))
-            for i in range(0, self.out_features, self.rows_per_slice)
-        ]
-        return torch.cat(parts, dim=-1)
-
-    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Dequantized rows `ids` of W: an embedding lookup that touches only those rows."""
-        return dequantize(self.blocks[ids], self.ggml_type, dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.ggml_type.name}"
+def _sliced_linear(x: torch.Tensor, out_features: int, in_features: int, weight_rows) -> torch.Tensor:
+    """x @ W^T with W produced `rows_per_slice` rows at a time by weight_rows(start, end)."""
+    step = max(1, MAX_SLICE_ELEMS // in_features)
+    if out_features <= step:
+        return F.linear(x, weight_rows(0, out_features))
+    return torch.cat([F.linear(x, weight_rows(i, min(i + step, out_features))) for i in range(0, out_features, step)], -1)
 
 
 class DenseLinear(nn.Module):
@@ -78,12 +75,167 @@ class DenseLinear(nn.Module):
         return self.weight[ids].to(dtype)
 
 
-def linear(raw: RawTensor, dtype: torch.dtype, device: torch.device, keep_blocks: bool) -> nn.Module:
-    """GGUF weights stay in their blocks (F16 included: no float copy); safetensors become `dtype`."""
-    if keep_blocks or raw.ggml_type not in DENSE_TYPES:
+class GGMLLinear(nn.Module):
+    """y = x W^T with W kept as GGML blocks [out_features, row_bytes]."""
+
+    def __init__(self, raw: RawTensor, device: torch.device):
+        super().__init__()
+        ggml_format(raw.ggml_type, raw.name)  # fail at load, naming the tensor, not at the first matmul
+        self.ggml_type = raw.ggml_type
+        self.out_features, self.in_features = raw.shape
+        self.register_buffer("blocks", raw_to_torch(raw, device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _sliced_linear(
+            x, self.out_features, self.in_features, lambda i, j: dequantize(self.blocks[i:j], self.ggml_type, x.dtype)
+        )
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows `ids` of W: an embedding lookup that touches only those rows."""
+        return dequantize(self.blocks[ids], self.ggml_type, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.ggml_type.name}"
+
+
+# --- grouped int8: any quantized GGML type, exact ---
+
+
+def grouped_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """x [T, K] @ (scale * q + offset)^T, as per-group partial dots, for torch.compile to fuse
+    into one pass over q: q int8 [N, G, g]; scale, offset float32 [N, G, 1]."""
+    T = x.shape[0]
+    N, G, g = q.shape
+    xg = x.float().view(T, 1, G, g)
+    partial = (q.to(torch.float32) * xg).sum(-1, keepdim=True)  # [T, N, G, 1]
+    y = (partial * scale).sum((-1, -2))
+    if offset is not None:  # sum_j (s q_j + o) x_j = s (q . x) + o sum_j x_j
+        y = y + xg.sum(-1).view(T, G) @ offset.view(N, G).t()
+    return y.to(x.dtype)
+
+
+@functools.cache
+def compiled_gemv():
+    """The fused kernel, or None where torch.compile cannot build one (no C++ compiler...)."""
+    if os.environ.get("SMOLLM3_COMPILE", "1") == "0":
+        return None
+    import torch._dynamo
+
+    # One compiled variant per weight shape (a model has a handful): lift the default cap of 8.
+    torch._dynamo.config.recompile_limit = 64
+    fn = torch.compile(grouped_gemv, dynamic=False)
+    try:
+        x = torch.randn(1, 64)
+        q = torch.randint(-8, 8, (4, 2, 32), dtype=torch.int8)
+        s, o = torch.rand(4, 2, 1), torch.rand(4, 2, 1)
+        if not torch.allclose(fn(x, q, s, o), grouped_gemv(x, q, s, o), atol=1e-4):
+            return None
+    except Exception:  # no compiler, unsupported platform: the GEMM path still works
+        return None
+    return fn
+
+
+class GroupedLinear(nn.Module):
+    def __init__(self, raw: RawTensor, device: torch.device):
+        super().__init__()
+        self.ggml_type = raw.ggml_type
+        self.out_features, self.in_features = raw.shape
+        a = affine_rows(raw_to_torch(raw, device), raw.ggml_type, raw.name)
+        # Codes as signed int8 with the zero point folded in: every GGML code fits (|q - zero| <= 128).
+        q = a.q.to(torch.int16) - a.zero if a.zero else a.q
+        self.register_buffer("q", q.to(torch.int8).contiguous(), persistent=False)
+        self.register_buffer("scale", a.scale.contiguous(), persistent=False)
+        self.register_buffer("offset", None if a.offset is None else a.offset.contiguous(), persistent=False)
+
+    def weight_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        offset = None if self.offset is None else self.offset[start:end]
+        return Affine(self.q[start:end], self.scale[start:end], 0, offset).dequantize().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gemv = compiled_gemv() if x.shape[0] == 1 else None
+        if gemv is not None:
+            return gemv(x, self.q, self.scale, self.offset)
+        return _sliced_linear(x, self.out_features, self.in_features, lambda i, j: self.weight_rows(i, j, x.dtype))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        offset = None if self.offset is None else self.offset[ids]
+        return Affine(self.q[ids], self.scale[ids], 0, offset).dequantize().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.ggml_type.name} as int8 groups of {self.q.shape[-1]}"
+
+
+# --- int4: Q4_0, Q4_1, Q4_K ---
+
+INT4_GROUP = 32
+
+
+def int4_pack(q: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 codes 0..15 [N, K] in the layout of the device's int4 kernel."""
+    if device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    return torch.ops.aten._convert_weight_to_int4pack(pairs.to(device), 8)
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm(x, packed, INT4_GROUP, scales_and_zeros)
+
+
+def int4_from_affine(a: Affine) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [N, K] and scales_and_zeros bf16 [K/32, N, 2] with w = (q - 8) * scale + zero."""
+    zero = (a.offset if a.offset is not None else torch.zeros_like(a.scale)) + (8 - a.zero) * a.scale
+    scales_and_zeros = torch.cat((a.scale, zero), -1).transpose(0, 1).to(torch.bfloat16).contiguous()
+    return a.q.reshape(a.q.shape[0], -1), scales_and_zeros
+
+
+@functools.cache
+def int4_works(device_type: str) -> bool:
+    """Whether this torch and device run the int4 kernel correctly (checked once, on real numbers)."""
+    try:
+        device = torch.device(device_type)
+        q = torch.randint(0, 16, (64, 128), dtype=torch.uint8)
+        scale, zero = torch.rand(64, 4, 1) / 8, torch.randn(64, 4, 1) / 8
+        a = Affine(q.view(64, 4, 32), scale, 0, zero)
+        codes, sz = int4_from_affine(a)
+        x = torch.randn(2, 128, dtype=torch.bfloat16)
+        got = int4_mm(x.to(device), int4_pack(codes, device), sz.to(device)).float().cpu()
+        want = x.float() @ a.dequantize().t()
+        return bool(torch.allclose(got, want, atol=0.05 * float(want.abs().max())))
+    except Exception:  # op missing on this build or GPU generation (CUDA needs sm80+)
+        return False
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, raw: RawTensor, device: torch.device):
+        super().__init__()
+        self.ggml_type = raw.ggml_type
+        self.out_features, self.in_features = raw.shape
+        codes, scales_and_zeros = int4_from_affine(affine_rows(raw_to_torch(raw, torch.device("cpu")), raw.ggml_type, raw.name))
+        self.register_buffer("packed", int4_pack(codes, device), persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_mm(x.to(torch.bfloat16), self.packed, self.scales_and_zeros).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.ggml_type.name} as int4"
+
+
+def linear(raw: RawTensor, dtype: torch.dtype, device: torch.device, keep_blocks: bool, embedding: bool = False) -> nn.Module:
+    """The handler for one weight. GGUF weights stay quantized (F16 too: no float copy);
+    safetensors become `dtype`. An embedding needs row lookups, which int4 packing lacks."""
+    if not keep_blocks and raw.ggml_type in DENSE_TYPES:
+        return DenseLinear(dense(raw, dtype, device))
+    ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
+    if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES:
         return GGMLLinear(raw, device)
-    return DenseLinear(dense(raw, dtype, device))
+    if raw.ggml_type in INT4_TYPES and not embedding and int4_works(device.type):
+        return Int4Linear(raw, device)
+    return GroupedLinear(raw, device)
 
 
 def weight_bytes(module: nn.Module) -> int:
-    return sum(int(np.prod(t.shape)) * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if t is not None)
