@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
-from gguf.constants import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType
+
+from .gguf_file import GGUFFile
 
 from .config import ModelConfig, config_from_gguf, config_from_hf
 from .errors import CheckpointError, UnsupportedTensorType
@@ -37,6 +39,16 @@ class Checkpoint:
     tensors: dict[str, RawTensor]
     gguf_metadata: dict | None = None  # GGUF key -> value (tokenizer and chat template live here)
     hf_dir: Path | None = None
+    gguf_file: GGUFFile | None = None
+
+    def release(self, name: str) -> None:
+        """A backend copied tensor `name` into its own form: drop the file's pages from memory."""
+        if self.gguf_file is not None and name in self._gguf_names:
+            self.gguf_file.release(self.gguf_file.tensors[self._gguf_names[name]])
+
+    @cached_property
+    def _gguf_names(self) -> dict[str, str]:
+        return {hf_name_from_gguf(n): n for n in self.gguf_file.tensors} if self.gguf_file else {}
 
     @property
     def weight_type(self) -> str:
@@ -79,6 +91,8 @@ def unpermute_qk_rows(data: np.ndarray, n_head: int) -> np.ndarray:
     Whole rows move, so this works on raw quantized rows as well as on float rows.
     """
     rows = data.shape[0]
+    if rows % (2 * n_head):
+        raise CheckpointError(f"a Q/K weight has {rows} rows, not a whole number of {n_head} heads")
     half = rows // n_head // 2
     return np.ascontiguousarray(data.reshape(n_head, half, 2, -1).swapaxes(1, 2).reshape(rows, -1))
 
@@ -101,54 +115,27 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 # --- GGUF ---
 
 
-def _gguf_metadata(reader: GGUFReader) -> dict:
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        metadata[key] = field.contents()
-    return metadata
-
-
 def _open_gguf(path: Path) -> Checkpoint:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise CheckpointError(f"{path.name}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # the gguf package raises whatever numpy does on a bad header
-        raise CheckpointError(f"{path.name}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-    metadata = _gguf_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    config = config_from_gguf(metadata, has_output_tensor="output.weight" in names)
+    gguf = GGUFFile(path)
+    metadata = gguf.metadata
+    config = config_from_gguf(metadata, has_output_tensor="output.weight" in gguf.tensors)
 
     tensors: dict[str, RawTensor] = {}
-    for t in reader.tensors:
-        hf_name = hf_name_from_gguf(t.name)
+    for info in gguf.tensors.values():
+        hf_name = hf_name_from_gguf(info.name)
         if hf_name is None:
             continue  # e.g. rope_freqs: llama.cpp extras we compute ourselves
-        try:
-            ggml_type = GGMLQuantizationType(int(t.tensor_type))
-        except ValueError:
-            raise UnsupportedTensorType(f"tensor '{t.name}' has unknown GGML type id {int(t.tensor_type)}") from None
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGML lists dims innermost first
-        block_elems, block_bytes = GGML_QUANT_SIZES[ggml_type]
-        if shape[-1] % block_elems:
-            raise CheckpointError(f"{path.name}: tensor '{t.name}' row length {shape[-1]} is not whole blocks")
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        row_bytes = shape[-1] // block_elems * block_bytes
-        data = t.data.view(np.uint8)
-        if data.size != rows * row_bytes:
-            raise CheckpointError(f"{path.name}: tensor '{t.name}' has {data.size} bytes, expected {rows * row_bytes}")
-        data = data.reshape(rows, row_bytes)
-        if t.name.endswith("attn_q.weight"):
+        if not isinstance(info.ggml_type, GGMLQuantizationType):
+            raise UnsupportedTensorType(f"tensor '{info.name}' has unknown GGML type id {info.ggml_type}")
+        shape = tuple(reversed(info.shape))  # GGML lists dims innermost first
+        data = gguf.tensor_bytes(info)
+        if info.name.endswith("attn_q.weight"):
             data = unpermute_qk_rows(data, config.num_heads)
-        elif t.name.endswith("attn_k.weight"):
+        elif info.name.endswith("attn_k.weight"):
             data = unpermute_qk_rows(data, config.num_kv_heads)
-        tensors[hf_name] = RawTensor(hf_name, ggml_type, shape, data)
+        tensors[hf_name] = RawTensor(hf_name, info.ggml_type, shape, data)
     _check_complete(path, config, tensors)
-    return Checkpoint(path, "gguf", config, tensors, gguf_metadata=metadata)
+    return Checkpoint(path, "gguf", config, tensors, gguf_metadata=metadata, gguf_file=gguf)
 
 
 # --- safetensors ---

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
-from .weights import dense, linear
+from .weights import GGMLLinear, dense, linear, return_freed_memory
 
 
 class KVCache(nn.Module):
@@ -101,10 +101,15 @@ class Transformer(nn.Module):
         tensors = ckpt.tensors
 
         def lin(name, embedding=False):
-            return linear(tensors[name + ".weight"], dtype, device, keep_blocks, embedding)
+            module = linear(tensors[name + ".weight"], dtype, device, keep_blocks, embedding)
+            if not isinstance(module, GGMLLinear):  # the rest hold copies: the file's pages can go
+                ckpt.release(name + ".weight")
+            return module
 
         def norm(name):
-            return RMSNorm(dense(tensors[name + ".weight"], dtype, device), config.rms_norm_eps)
+            module = RMSNorm(dense(tensors[name + ".weight"], dtype, device), config.rms_norm_eps)
+            ckpt.release(name + ".weight")
+            return module
 
         self.embed_tokens = lin("model.embed_tokens", embedding=True)
         self.layers = nn.ModuleList()
@@ -114,6 +119,7 @@ class Transformer(nn.Module):
             mlp = MLP({n: lin(p + "mlp." + n) for n in ("gate_proj", "up_proj", "down_proj")})
             norms = (norm(p + "input_layernorm"), norm(p + "post_attention_layernorm"))
             self.layers.append(Block(config, i, attention, mlp, norms))
+            return_freed_memory()
         self.norm = norm("model.norm")
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else lin("lm_head")
 

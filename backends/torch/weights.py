@@ -49,9 +49,10 @@ def raw_to_torch(raw: RawTensor, device: torch.device) -> torch.Tensor:
 
 
 def dense(raw: RawTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A float tensor in `dtype` (copied out of the mmap)."""
+    """A float tensor in `dtype`, copied out of the mapped file (never a view of it)."""
     data = raw_to_torch(raw, device)
-    return dequantize(data, raw.ggml_type, dtype).reshape(raw.shape).contiguous()
+    weight = dequantize(data, raw.ggml_type, dtype).reshape(raw.shape)
+    return weight.clone() if weight.data_ptr() == data.data_ptr() else weight.contiguous()
 
 
 def _sliced_linear(x: torch.Tensor, out_features: int, in_features: int, weight_rows) -> torch.Tensor:
@@ -235,6 +236,24 @@ def linear(raw: RawTensor, dtype: torch.dtype, device: torch.device, keep_blocks
     if raw.ggml_type in INT4_TYPES and not embedding and int4_works(device.type):
         return Int4Linear(raw, device)
     return GroupedLinear(raw, device)
+
+
+@functools.cache
+def _libc_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. Repacking leaves glibc's heap fragmented by
+    temporaries (measured: 240 MB held after loading the 98 MB SmolLM2), which would
+    otherwise stay in our resident set for the whole session."""
+    if (trim := _libc_malloc_trim()) is not None:
+        trim(0)
 
 
 def weight_bytes(module: nn.Module) -> int:

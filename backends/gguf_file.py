@@ -1,0 +1,195 @@
+"""A validating, memory-mapped GGUF reader.
+
+Our own rather than `gguf.GGUFReader`, measurably better for this job: GGUFReader builds
+numpy views for every item of every metadata array, which takes 2.3 s for SmolLM2's 49k-token
+vocabulary (llama.cpp loads the whole model in 0.3 s); this reads it in tens of milliseconds.
+It also checks every count, length, offset and size against the file before trusting it, so
+a hostile or truncated file gives a CheckpointError instead of a huge allocation or a read
+outside the file, and it lets the caller drop a tensor's pages once repacked. The format:
+https://github.com/ggml-org/ggml/blob/master/docs/gguf.md. Constants come from `gguf`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from .errors import CheckpointError
+
+MAX_DIMS = 4
+DEFAULT_ALIGNMENT = 32
+
+_SCALARS = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
+_NUMPY = {t: np.dtype(f) for t, f in _SCALARS.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ggml_type: GGMLQuantizationType | int  # an int when the type id is unknown to `gguf`
+    shape: tuple[int, ...]  # GGML order: innermost dimension first
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+class GGUFFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        try:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # mmap of an empty file
+            raise CheckpointError(f"{self.name}: empty file, not a GGUF") from None
+        self.size = len(self._mmap)
+        self._pos = 0
+        self.metadata: dict = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._parse()
+
+    # --- primitive reads, each bounds-checked ---
+
+    def _fail(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.name}: corrupt or truncated GGUF ({what} at byte {self._pos})")
+
+    def _take(self, n: int) -> int:
+        start = self._pos
+        if n < 0 or start + n > self.size:
+            raise self._fail(f"{n} bytes needed past the end of the file")
+        self._pos = start + n
+        return start
+
+    def _scalar(self, value_type: GGUFValueType):
+        fmt = _SCALARS[value_type]
+        return struct.unpack_from(fmt, self._mmap, self._take(struct.calcsize(fmt)))[0]
+
+    def _u32(self) -> int:
+        return self._scalar(GGUFValueType.UINT32)
+
+    def _u64(self) -> int:
+        return self._scalar(GGUFValueType.UINT64)
+
+    def _string(self) -> str:
+        n = self._u64()
+        start = self._take(n)
+        try:
+            return self._mmap[start : start + n].decode("utf-8")
+        except UnicodeDecodeError:
+            # llama.cpp vocabularies may hold byte tokens that are not valid UTF-8 alone.
+            return self._mmap[start : start + n].decode("utf-8", errors="surrogateescape")
+
+    def _value_type(self) -> GGUFValueType:
+        raw = self._u32()
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise self._fail(f"unknown metadata value type {raw}") from None
+
+    def _value(self, value_type: GGUFValueType):
+        if value_type == GGUFValueType.STRING:
+            return self._string()
+        if value_type != GGUFValueType.ARRAY:
+            return self._scalar(value_type)
+        item_type = self._value_type()
+        count = self._u64()
+        if item_type in _NUMPY:  # numbers: one bounds check, one copy
+            dtype = _NUMPY[item_type]
+            start = self._take(count * dtype.itemsize)
+            return np.frombuffer(self._mmap, dtype, count, start).tolist()
+        if item_type == GGUFValueType.STRING:
+            if count * 8 > self.size - self._pos:  # each string takes at least its 8-byte length
+                raise self._fail(f"string array of {count} items cannot fit")
+            return [self._string() for _ in range(count)]
+        raise self._fail("nested metadata arrays")
+
+    # --- structure ---
+
+    def _parse(self) -> None:
+        if self.size < 24 or self._mmap[:4] != b"GGUF":
+            raise CheckpointError(f"{self.name}: not a GGUF file (it starts with {self._mmap[:4]!r}, not b'GGUF')")
+        self._pos = 4
+        version = self._u32()
+        if version not in (2, 3):
+            raise CheckpointError(f"{self.name}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = self._u64(), self._u64()
+        # Every entry takes bytes: counts beyond what the file could hold are corrupt, not big.
+        if n_tensors > self.size // 24 or n_kv > self.size // 12:
+            raise self._fail(f"header claims {n_tensors} tensors and {n_kv} metadata keys")
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._value_type())
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._u32()
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise self._fail(f"tensor '{name}' has {n_dims} dimensions")
+            shape = tuple(self._u64() for _ in range(n_dims))
+            type_id = self._u32()
+            infos.append((name, shape, type_id, self._u64()))
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise self._fail(f"general.alignment {alignment!r} is not a power of two")
+        data_start = -(-self._pos // alignment) * alignment
+        for name, shape, type_id, offset in infos:
+            self.tensors[name] = self._tensor_info(name, shape, type_id, offset, data_start, alignment)
+        self.data_start = data_start
+
+    def _tensor_info(self, name, shape, type_id, offset, data_start, alignment) -> TensorInfo:
+        if name in self.tensors:
+            raise self._fail(f"tensor '{name}' listed twice")
+        try:
+            ggml_type: GGMLQuantizationType | int = GGMLQuantizationType(type_id)
+            block_elems, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        except (ValueError, KeyError):
+            # Unknown type: its size cannot be checked, and no backend can use it (they say so).
+            return TensorInfo(name, type_id, shape, data_start + offset, 0)
+        count = 1
+        for d in shape:
+            count *= d
+        if shape[0] % block_elems:
+            raise CheckpointError(f"{self.name}: tensor '{name}' row length {shape[0]} is not whole {ggml_type.name} blocks")
+        nbytes = count // block_elems * block_bytes
+        begin = data_start + offset
+        if offset % alignment or begin + nbytes > self.size:
+            raise CheckpointError(
+                f"{self.name}: tensor '{name}' ({nbytes} bytes at offset {offset}) lies outside the file "
+                f"({self.size} bytes): truncated or corrupt"
+            )
+        return TensorInfo(name, ggml_type, shape, begin, nbytes)
+
+    # --- data ---
+
+    def tensor_bytes(self, info: TensorInfo) -> np.ndarray:
+        """uint8 [rows, row_bytes] over the mapped file (read-only, no copy)."""
+        rows = 1
+        for d in info.shape[1:]:
+            rows *= d
+        data = np.frombuffer(self._mmap, np.uint8, info.nbytes, info.offset)
+        return data.reshape(rows, -1) if info.nbytes else data.reshape(rows, 0)
+
+    def release(self, info: TensorInfo) -> None:
+        """Drop the tensor's pages from this process's resident memory once it has been copied
+        (the file stays mapped; touching the bytes again reads them back)."""
+        page = mmap.PAGESIZE
+        start = info.offset // page * page
+        end = min(-(-(info.offset + info.nbytes) // page) * page, self.size)
+        if hasattr(self._mmap, "madvise") and end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
