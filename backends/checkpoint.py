@@ -74,6 +74,16 @@ _GGUF_TO_HF = {
 _GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
+def concat_rows(raws: list[RawTensor]) -> RawTensor:
+    """Weights of one input stacked by rows (e.g. q, k, v) as one tensor; a single one as is."""
+    if len(raws) == 1:
+        return raws[0]
+    first = raws[0]
+    rows = sum(r.shape[0] for r in raws)
+    name = "+".join(r.name for r in raws)
+    return RawTensor(name, first.ggml_type, (rows, *first.shape[1:]), np.concatenate([r.data for r in raws]))
+
+
 def hf_name_from_gguf(name: str) -> str | None:
     if m := _GGUF_BLOCK.match(name):
         layer, part, kind = m.groups()

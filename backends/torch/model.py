@@ -7,11 +7,13 @@ llama.cpp's permutation), so RoPE rotates the two halves of each head (`rotate_h
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, RawTensor, concat_rows
 from ..config import ModelConfig
 from .weights import GGMLLinear, dense, linear, return_freed_memory
 
@@ -50,19 +52,38 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, modules: dict[str, nn.Module]):
+class Projections(nn.Module):
+    """Linear maps of one input (q, k, v; gate, up) as one matmul per run of same-typed weights:
+    fewer, larger kernel calls, which is most of a small model's decode time."""
+
+    def __init__(self, raws: list[RawTensor], make: Callable[[RawTensor], nn.Module]):
         super().__init__()
-        self.q_proj, self.k_proj = modules["q_proj"], modules["k_proj"]
-        self.v_proj, self.o_proj = modules["v_proj"], modules["o_proj"]
+        runs: list[list[RawTensor]] = []
+        for raw in raws:
+            if runs and runs[-1][0].ggml_type == raw.ggml_type:
+                runs[-1].append(raw)
+            else:
+                runs.append([raw])
+        self.parts = nn.ModuleList(make(concat_rows(run)) for run in runs)
+        self.splits = [[raw.shape[0] for raw in run] for run in runs]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [y for part, split in zip(self.parts, self.splits) for y in part(x).split(split, -1)]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, qkv: Projections, o_proj: nn.Module):
+        super().__init__()
+        self.qkv, self.o_proj = qkv, o_proj
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.use_rope = config.rope_layers[layer]
 
     def forward(self, x, pos: int, cos, sin, cache: KVCache, mask) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+        q, k, v = self.qkv(x)
+        q = q.view(T, self.num_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+        k = k.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+        v = v.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
         if self.use_rope:
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
@@ -74,19 +95,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, gate_up: Projections, down_proj: nn.Module):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = modules["gate_proj"], modules["up_proj"], modules["down_proj"]
+        self.gate_up, self.down_proj = gate_up, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, attention: Attention, mlp: MLP, norms):
+    def __init__(self, attention: Attention, mlp: MLP, input_layernorm: RMSNorm, post_attention_layernorm: RMSNorm):
         super().__init__()
-        self.input_layernorm, self.post_attention_layernorm = norms
         self.self_attn, self.mlp = attention, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
 
     def forward(self, x, pos, cos, sin, cache, mask):
         h = x + self.self_attn(self.input_layernorm(x), pos, cos, sin, cache, mask)
@@ -100,25 +122,34 @@ class Transformer(nn.Module):
         keep_blocks = ckpt.format == "gguf"
         tensors = ckpt.tensors
 
-        def lin(name, embedding=False):
-            module = linear(tensors[name + ".weight"], dtype, device, keep_blocks, embedding)
-            if not isinstance(module, GGMLLinear):  # the rest hold copies: the file's pages can go
-                ckpt.release(name + ".weight")
+        def make(raw: RawTensor, embedding: bool = False) -> nn.Module:
+            return linear(raw, dtype, device, keep_blocks, embedding)
+
+        def lin(*names: str) -> nn.Module:
+            raws = [tensors[name + ".weight"] for name in names]
+            module = Projections(raws, make) if len(names) > 1 else make(raws[0], names[0] == "model.embed_tokens")
+            if not any(isinstance(m, GGMLLinear) for m in module.modules()):
+                for name in names:  # the modules hold copies: the file's pages can go
+                    ckpt.release(name + ".weight")
             return module
 
-        def norm(name):
+        def norm(name: str) -> RMSNorm:
             module = RMSNorm(dense(tensors[name + ".weight"], dtype, device), config.rms_norm_eps)
             ckpt.release(name + ".weight")
             return module
 
-        self.embed_tokens = lin("model.embed_tokens", embedding=True)
+        self.embed_tokens = lin("model.embed_tokens")
         self.layers = nn.ModuleList()
         for i in range(config.num_layers):
-            p = f"model.layers.{i}."
-            attention = Attention(config, i, {n: lin(p + "self_attn." + n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
-            mlp = MLP({n: lin(p + "mlp." + n) for n in ("gate_proj", "up_proj", "down_proj")})
-            norms = (norm(p + "input_layernorm"), norm(p + "post_attention_layernorm"))
-            self.layers.append(Block(config, i, attention, mlp, norms))
+            attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            self.layers.append(
+                Block(
+                    Attention(config, i, lin(attn + "q_proj", attn + "k_proj", attn + "v_proj"), lin(attn + "o_proj")),
+                    MLP(lin(mlp + "gate_proj", mlp + "up_proj"), lin(mlp + "down_proj")),
+                    norm(f"model.layers.{i}.input_layernorm"),
+                    norm(f"model.layers.{i}.post_attention_layernorm"),
+                )
+            )
             return_freed_memory()
         self.norm = norm("model.norm")
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else lin("lm_head")
@@ -128,22 +159,24 @@ class Transformer(nn.Module):
         self.caches = nn.ModuleList()
         self.capacity = 0
 
-    def ensure_capacity(self, capacity: int) -> None:
-        """Grow the KV cache to hold `capacity` positions, keeping what it holds."""
-        if capacity <= self.capacity:
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the KV cache (and the RoPE table) to hold `needed` positions, keeping what it holds.
+        Growth doubles, in steps of 256, so a long generation reallocates a handful of times."""
+        if needed <= self.capacity:
             return
+        capacity = min(max(needed, 2 * self.capacity, 256), self.config.context_length)
+        capacity = min(-(-capacity // 256) * 256, max(self.config.context_length, needed))
         old = list(self.caches)
         self.caches = nn.ModuleList(KVCache(self.config, capacity, self.dtype, self.device) for _ in self.layers)
         for new, prev in zip(self.caches, old):
             new.k[:, :, : self.capacity] = prev.k
             new.v[:, :, : self.capacity] = prev.v
         self.capacity = capacity
-
-    def rope(self, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(pos, pos + T, device=self.device, dtype=torch.float32)
+        positions = torch.arange(capacity, device=self.device, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
+        self.cos = (emb.cos() * self.rope_scale).to(self.dtype)
+        self.sin = (emb.sin() * self.rope_scale).to(self.dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
@@ -151,7 +184,7 @@ class Transformer(nn.Module):
         T = tokens.shape[0]
         self.ensure_capacity(pos + T)
         x = self.embed_tokens.rows(tokens, self.dtype)
-        cos, sin = self.rope(pos, T)
+        cos, sin = self.cos[pos : pos + T], self.sin[pos : pos + T]
         mask = None
         if T > 1 and pos > 0:  # a chunk after cached positions: causal over the chunk, all of the past
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(diagonal=pos)
