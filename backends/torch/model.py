@@ -41,15 +41,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In f32 as transformers does, then back to the compute dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalized in f32 as transformers does, then scaled in the compute dtype.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1): rolling x by half
+    a head gives (x2, x1), and the sign lives in signed_sin = (-sin, sin). Fewer ops per token."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Projections(nn.Module):
@@ -85,8 +84,8 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
         v = v.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
         if self.use_rope:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
         k, v = cache.update(pos, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
@@ -176,7 +175,9 @@ class Transformer(nn.Module):
         freqs = torch.outer(positions, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * self.rope_scale).to(self.dtype)
-        self.sin = (emb.sin() * self.rope_scale).to(self.dtype)
+        sin = emb.sin() * self.rope_scale
+        half = self.config.head_dim // 2
+        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)  # see apply_rope
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
