@@ -9,6 +9,7 @@ otherwise. Names are the Hugging Face ones (`model.layers.0.self_attn.q_proj.wei
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -187,11 +188,11 @@ def read_safetensors(path: Path) -> dict[str, RawTensor]:
             raise CheckpointError(f"{path.name}: corrupt safetensors entry for '{name}'") from None
         if dtype not in _ST_DTYPES:
             raise UnsupportedTensorType(f"tensor '{name}' in {path.name} has dtype {dtype} (supported: F32, F16, BF16)")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_ITEMSIZE[dtype]
+        nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]  # Python ints: a hostile shape cannot wrap around
         if not (0 <= begin <= end <= size - data_start) or end - begin != nbytes or any(d < 0 for d in shape):
             raise CheckpointError(f"{path.name}: tensor '{name}' lies outside the file or has the wrong size")
         raw = blob[data_start + begin : data_start + end]
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        rows = math.prod(shape[:-1])
         tensors[name] = RawTensor(name, _ST_DTYPES[dtype], shape, raw.reshape(rows, -1) if nbytes else raw.reshape(rows, 0))
     return tensors
 
