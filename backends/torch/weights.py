@@ -109,9 +109,9 @@ def grouped_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: 
     N, G, g = q.shape
     xg = x.float().view(T, 1, G, g)
     partial = (q.to(torch.float32) * xg).sum(-1, keepdim=True)  # [T, N, G, 1]
-    y = (partial * scale).sum((-1, -2))
+    y = (partial * scale.float()).sum((-1, -2))
     if offset is not None:  # sum_j (s q_j + o) x_j = s (q . x) + o sum_j x_j
-        y = y + xg.sum(-1).view(T, G) @ offset.view(N, G).t()
+        y = y + xg.sum(-1).view(T, G) @ offset.float().view(N, G).t()
     return y.to(x.dtype)
 
 
@@ -136,6 +136,13 @@ def compiled_gemv():
     return fn
 
 
+def _narrowest_exact(values: torch.Tensor) -> torch.Tensor:
+    """float16 where that holds the values exactly (Q8_0's and Q4_0's scales are f16 in the file):
+    decode reads every byte of the weight each token, so smaller scales are faster scales."""
+    half = values.half()
+    return (half if torch.equal(half.float(), values) else values).contiguous()
+
+
 class GroupedLinear(nn.Module):
     def __init__(self, raw: RawTensor, device: torch.device):
         super().__init__()
@@ -145,8 +152,8 @@ class GroupedLinear(nn.Module):
         # Codes as signed int8 with the zero point folded in: every GGML code fits (|q - zero| <= 128).
         q = a.q.to(torch.int16) - a.zero if a.zero else a.q
         self.register_buffer("q", q.to(torch.int8).contiguous(), persistent=False)
-        self.register_buffer("scale", a.scale.contiguous(), persistent=False)
-        self.register_buffer("offset", None if a.offset is None else a.offset.contiguous(), persistent=False)
+        self.register_buffer("scale", _narrowest_exact(a.scale), persistent=False)
+        self.register_buffer("offset", None if a.offset is None else _narrowest_exact(a.offset), persistent=False)
 
     def weight_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         offset = None if self.offset is None else self.offset[start:end]
@@ -234,7 +241,10 @@ def linear(raw: RawTensor, dtype: torch.dtype, device: torch.device, keep_blocks
     if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES:
         return GGMLLinear(raw, device)
     if raw.ggml_type in INT4_TYPES and not embedding and int4_works(device.type):
-        return Int4Linear(raw, device)
+        try:
+            return Int4Linear(raw, device)
+        except RuntimeError:  # a shape this build's int4 packing rejects (CUDA tiles): stay exact instead
+            pass
     return GroupedLinear(raw, device)
 
 
