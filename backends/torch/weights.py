@@ -181,9 +181,27 @@ INT4_GROUP = 32
 def int4_pack(q: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 codes 0..15 [N, K] in the layout of the device's int4 kernel."""
     if device.type == "cpu":
+        if q.shape[0] % 64 == 0 and cpu_int4_layout_is_blocked():
+            return _pack_cpu_blocked(q)
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
     return torch.ops.aten._convert_weight_to_int4pack(pairs.to(device), 8)
+
+
+def _pack_cpu_blocked(q: torch.Tensor) -> torch.Tensor:
+    # torch's CPU layout for N % 64 == 0: per block of 64 rows and per k, 32 bytes whose low
+    # nibbles are rows 0-31 and high nibbles rows 32-63. Writing it directly is 5x faster than
+    # _convert_weight_to_int4pack_for_cpu (which wants int32 codes), and load time is repacking.
+    N, K = q.shape
+    blocks = q.view(N // 64, 2, 32, K)
+    return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(N, K // 2)
+
+
+@functools.cache
+def cpu_int4_layout_is_blocked() -> bool:
+    """Whether this torch's CPU int4 packing is the layout _pack_cpu_blocked writes (checked, not assumed)."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.uint8)
+    return torch.equal(_pack_cpu_blocked(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
