@@ -95,6 +95,24 @@ class GGUFFile:
             # llama.cpp vocabularies may hold byte tokens that are not valid UTF-8 alone.
             return self._mmap[start : start + n].decode("utf-8", errors="surrogateescape")
 
+    def _string_array(self, count: int) -> list[str]:
+        # The vocabulary is 49k-128k strings: one tight loop, not a method call per string.
+        buf, pos, size, out = self._mmap, self._pos, self.size, []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                break
+            (n,) = length(buf, pos)
+            end = pos + 8 + n
+            if end > size:
+                break
+            out.append(buf[pos + 8 : end].decode("utf-8", errors="surrogateescape"))
+            pos = end
+        self._pos = pos
+        if len(out) != count:
+            raise self._fail(f"string {len(out)} of {count} runs past the end of the file")
+        return out
+
     def _value_type(self) -> GGUFValueType:
         raw = self._u32()
         try:
@@ -116,7 +134,7 @@ class GGUFFile:
         if item_type == GGUFValueType.STRING:
             if count * 8 > self.size - self._pos:  # each string takes at least its 8-byte length
                 raise self._fail(f"string array of {count} items cannot fit")
-            return [self._string() for _ in range(count)]
+            return self._string_array(count)
         raise self._fail("nested metadata arrays")
 
     # --- structure ---
