@@ -148,12 +148,30 @@ class GroupedLinear(nn.Module):
         super().__init__()
         self.ggml_type = raw.ggml_type
         self.out_features, self.in_features = raw.shape
-        a = affine_rows(raw_to_torch(raw, device), raw.ggml_type, raw.name)
-        # Codes as signed int8 with the zero point folded in: every GGML code fits (|q - zero| <= 128).
-        q = a.q.to(torch.int16) - a.zero if a.zero else a.q
-        self.register_buffer("q", q.to(torch.int8).contiguous(), persistent=False)
-        self.register_buffer("scale", _narrowest_exact(a.scale), persistent=False)
-        self.register_buffer("offset", None if a.offset is None else _narrowest_exact(a.offset), persistent=False)
+        blocks = raw_to_torch(raw, device)
+        # A few thousand rows at a time: the unpacking temporaries stay in cache instead of
+        # first-touching fresh memory (a 128k-row embedding repacks several times faster).
+        step = max(1, MAX_SLICE_ELEMS // self.in_features)
+        q = scale = offset = None
+        for start in range(0, self.out_features, step):
+            a = affine_rows(blocks[start : start + step], raw.ggml_type, raw.name)
+            if q is None:
+                groups, size = a.q.shape[1:]
+                q = torch.empty(self.out_features, groups, size, dtype=torch.int8, device=device)
+                scale = torch.empty(self.out_features, groups, 1, device=device)
+                offset = None if a.offset is None else torch.empty_like(scale)
+            # Codes as int8 with the zero point folded in: every GGML code is below 128 and
+            # |q - zero| <= 128, so the uint8 codes are reinterpreted, not converted.
+            rows = q[start : start + step]
+            rows.copy_(a.q.view(torch.int8) if a.q.dtype == torch.uint8 else a.q)
+            if a.zero:
+                rows.sub_(a.zero)
+            scale[start : start + step] = a.scale
+            if offset is not None:
+                offset[start : start + step] = a.offset
+        self.register_buffer("q", q, persistent=False)
+        self.register_buffer("scale", _narrowest_exact(scale), persistent=False)
+        self.register_buffer("offset", None if offset is None else _narrowest_exact(offset), persistent=False)
 
     def weight_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         offset = None if self.offset is None else self.offset[start:end]
