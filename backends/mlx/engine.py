@@ -1,0 +1,162 @@
+"""The MLX backend: mlx-lm's Llama and SmolLM3 models over our checkpoint tensors, with
+mlx-lm's KV cache and sampling functions.
+
+GGUF weights stay quantized (see weights.py for which types map exactly); safetensors
+weights load in the compute dtype, or quantized at load with `quantize=4|8`.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import llama, smollm3
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_repetition_penalty
+
+from ..checkpoint import Checkpoint
+from ..config import ModelConfig
+from ..engine import Engine, EngineInfo
+from ..errors import BackendUnavailable, CheckpointError
+from ..sampling import SamplingParams
+from .weights import GROUP, MLX_FORMS, dense_array, holds_quantized, quantized_arrays
+
+DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
+QUANTIZE_GROUP = 64  # mlx-lm's default group for quantizing float checkpoints at load
+
+
+def pick_dtype(dtype: str) -> mx.Dtype:
+    if dtype == "auto":
+        # On the CPU f32 is exact (and what the tests hold to); on Metal bf16 halves the
+        # bytes read per token and keeps f32's range, as the torch backend does on GPUs.
+        return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    if dtype not in DTYPES:
+        raise BackendUnavailable(f"unknown dtype '{dtype}' (use auto, f32, f16 or bf16)")
+    return DTYPES[dtype]
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """mlx-lm's module tree for `config`, NoPE layers exactly as config.rope_layers says."""
+    args = dict(
+        model_type=config.architecture,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        intermediate_size=config.intermediate_size,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.context_length,
+        rope_theta=config.rope_theta,
+        rope_scaling=config.rope_scaling,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+    if config.architecture == "smollm3":
+        model = smollm3.Model(smollm3.ModelArgs(**args, no_rope_layers=[int(r) for r in config.rope_layers]))
+    else:  # llama (SmolLM2): config.rope_layers is all True
+        model = llama.Model(llama.ModelArgs(**args))
+    check_rope(model, config)
+    return model
+
+
+def check_rope(model: nn.Module, config: ModelConfig) -> None:
+    """mlx-lm builds RoPE (and YaRN) from rope_scaling itself: make sure it rotates by our config's
+    frequencies and scale. At position 1 a unit vector turns by exactly inv_freq, so a probe
+    reads both back for any rope module."""
+    inv_freq, attention_factor = config.rope_inv_freq()
+    half = config.head_dim // 2
+    probe = mx.concatenate([mx.ones((1, 1, 1, half)), mx.zeros((1, 1, 1, half))], axis=-1)
+    for layer, uses_rope in zip(model.layers, config.rope_layers):
+        if not uses_rope:
+            continue
+        out = np.array(layer.self_attn.rope(probe, offset=1)).reshape(2, half)
+        angle, scale = np.arctan2(out[1], out[0]), np.hypot(out[0], out[1])
+        if not (np.allclose(angle, inv_freq, rtol=1e-5, atol=0) and np.allclose(scale, attention_factor, rtol=1e-5)):
+            raise CheckpointError(f"mlx-lm computes rope scaling {config.rope_scaling} differently from this config")
+        return  # every RoPE layer shares the same arguments
+
+
+def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint, dtype: mx.Dtype) -> None:
+    """Each tensor as MLX arrays: GGML types quantized (module swapped to its quantized
+    class with the tensor's bits), float tensors dense; the file's pages released as we go."""
+    pairs: list[tuple[str, mx.array]] = []
+    quantized: dict[str, dict] = {}  # module path -> to_quantized() arguments
+    for name, raw in model.sanitize(dict(ckpt.tensors)).items():
+        if holds_quantized(raw):
+            module = name.removesuffix(".weight")
+            arrays = quantized_arrays(raw, dtype)
+            quantized[module] = {"group_size": GROUP, "bits": MLX_FORMS[raw.ggml_type].bits}
+            pairs += zip((name, f"{module}.scales", f"{module}.biases"), arrays)
+        else:
+            arrays = (dense_array(raw, dtype),)
+            pairs.append((name, arrays[0]))
+        mx.eval(arrays)
+        ckpt.release(name)
+    nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))
+    model.load_weights(pairs)  # strict: every parameter, each with its shape
+
+
+def quantize_float_layers(model: nn.Module, bits: int) -> None:
+    """Quantize the layers still in floats (all of a safetensors checkpoint) to `bits`, group 64."""
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise BackendUnavailable(f"cannot quantize to {bits} bits (MLX supports 2, 3, 4, 5, 6 and 8)")
+
+    def still_float(_, m):
+        return isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % QUANTIZE_GROUP == 0
+
+    nn.quantize(model, QUANTIZE_GROUP, bits, class_predicate=still_float)
+
+
+class MLXEngine(Engine):
+    def __init__(self, ckpt: Checkpoint, tokenizer, chat_template, dtype: str = "auto", quantize: int | None = None):
+        mx_dtype = pick_dtype(dtype)
+        name = {v: k for k, v in DTYPES.items()}[mx_dtype]
+        info = EngineInfo("mlx", str(mx.default_device()), name, ckpt.path.name, ckpt.weight_type)
+        super().__init__(ckpt, tokenizer, chat_template, info)
+        self.model = build_model(ckpt.config)
+        load_checkpoint_weights(self.model, ckpt, mx_dtype)
+        if quantize is not None:
+            quantize_float_layers(self.model, quantize)
+        mx.eval(self.model.parameters())
+        self.cache = make_prompt_cache(self.model)
+        self.key = mx.random.key(0)
+
+    def forward(self, ids: list[int], pos: int, last_only: bool) -> mx.array:
+        cached = self.cache[0].offset
+        if pos > cached:
+            raise ValueError(f"forward from position {pos}, but the KV cache holds only {cached} tokens")
+        trim_prompt_cache(self.cache, cached - pos)  # the shared prefill reuses a prefix: drop the rest
+        hidden = self.model.model(mx.array(ids)[None], cache=self.cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        if self.config.tie_word_embeddings:
+            logits = self.model.model.embed_tokens.as_linear(hidden)
+        else:
+            logits = self.model.lm_head(hidden)
+        mx.eval(logits)  # MLX is lazy: compute here, so that timings and trace spans are the forward's
+        return logits[0]
+
+    def to_numpy(self, logits: mx.array) -> np.ndarray:
+        return np.array(logits.astype(mx.float32))
+
+    def reset_rng(self, seed: int | None) -> None:
+        self.key = mx.random.key(secrets.randbits(63) if seed is None else seed)
+
+    def sample(self, logits: mx.array, history: list[int], params: SamplingParams) -> int:
+        logits = logits[-1:].astype(mx.float32)
+        if params.repeat_penalty != 1.0 and params.repeat_last_n > 0 and history:
+            # Divides positive logits and multiplies negative ones, as llama.cpp and candle.
+            penalize = make_repetition_penalty(params.repeat_penalty, params.repeat_last_n)
+            logits = penalize(mx.array(history), logits)
+        if params.greedy:
+            return int(mx.argmax(logits, axis=-1).item())
+        logprobs = nn.log_softmax(logits / params.temperature, axis=-1)
+        if params.top_k is not None and params.top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, params.top_k)
+        if params.top_p is not None and params.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, params.top_p)  # renormalizes over what top-k kept
+        self.key, key = mx.random.split(self.key)
+        return int(mx.random.categorical(logprobs, key=key).item())
