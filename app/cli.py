@@ -127,6 +127,11 @@ def run_prompt(args: argparse.Namespace, engine: backends.Engine, use_template: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # `smollm3 bench ...`: load and speed figures, like llama-bench
+        from .bench import bench_main
+
+        return bench_main(argv[1:])
     tracer = Tracer()
     args = None
     try:
