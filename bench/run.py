@@ -1,0 +1,237 @@
+"""Our torch backend against llama.cpp and transformers on the same GGUF files, in one command.
+
+    python bench/run.py                                   # everything, then bench/runs/<time>.json
+    python bench/run.py --models 135m --engines ours,llamacpp -p 32,128 --results bench/RESULTS.md
+
+Each (model, engine, prompt length) is measured by app.bench's loop in its own fresh process,
+one after another (never in parallel: the machine has 2 cores). llama-cpp-python is
+pip-installed into bench/.deps by the harness itself, in the background while our engine
+runs; the 3B-shaped files are made once into bench/models/ (see make_models.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path[:0] = [str(ROOT), str(BENCH)]
+
+from app.bench import (  # noqa: E402
+    BenchError, Spec, child_env, format_table, machine_info, parse_lengths, prompt_ids_for, run_in_subprocess, summarize,
+)
+from llamacpp import llamacpp_env, start_install, wait_install  # noqa: E402
+
+MODELS = {"135m": None, "3b-q4km": "Q4_K_M", "3b-q8": "Q8_0", "3b-f16": "F16"}  # None: the SmolLM2 file
+ENGINES = ("ours", "llamacpp", "transformers")
+KV_BYTES = 4  # our CPU engine keeps keys and values in f32
+
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def smollm2_path() -> Path:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_smollm2.py")], capture_output=True,
+                         text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def model_dims(path: Path) -> dict:
+    from backends.checkpoint import open_checkpoint
+
+    c = open_checkpoint(path).config
+    return {"layers": c.num_layers, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim}
+
+
+def kv_cache_mb(dims: dict, tokens: int) -> float:
+    return 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * tokens * KV_BYTES / 2**20
+
+
+def measure_engine(engine: str, model: Path, ids: list[int], lengths: list[int], args) -> dict:
+    samples = []
+    for length in lengths:
+        spec = Spec(engine, str(model), ids, length, lengths[0], args.n_gen, args.reps, args.threads)
+        log(f"{engine} on {model.name}: prompt {length} + {args.n_gen} tokens, {args.reps} reps after a warm-up")
+        if engine == "ours":  # exactly what `smollm3 bench` runs
+            cmd = [sys.executable, "-m", "app.bench", "--worker"]
+        else:
+            cmd = [sys.executable, str(BENCH / "engines.py")]
+        env = llamacpp_env() if engine == "llamacpp" else child_env()
+        t0 = time.perf_counter()
+        sample = run_in_subprocess(cmd, spec, args.timeout, env=env)
+        log(f"  load {sample['load_s']:.2f} s, TTFT {sample['ttft_s']:.3f} s, prefill {sample['prefill_tok_s']:.1f} "
+            f"tok/s, decode {sample['decode_tok_s']:.2f} tok/s, peak RSS {sample['peak_rss_mb']:.0f} MB, load avg "
+            f"{sample['loadavg'][0]:.2f} ({time.perf_counter() - t0:.0f} s)")
+        samples.append(sample)
+    return {"samples": samples, "summary": summarize(samples)}
+
+
+def ratios(ours: dict, peer: dict) -> dict:
+    """ours / peer for every headline metric and every prompt length."""
+    out = {k: ours[k] / peer[k] for k in ("load_s", "load_first_token_s", "peak_rss_mb")}
+    for p, t in ours["tests"].items():
+        if p in peer["tests"]:
+            for k in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
+                out[f"{k}@{p}"] = t[k] / peer["tests"][p][k]
+    return out
+
+
+def check_targets(key: str, model: dict, ours: dict, peer: dict) -> list[tuple[str, str, str, bool]]:
+    """(metric, target, what we got, met) rows; prefill at the longest prompt, decode at the shortest."""
+    tests = sorted(ours["tests"], key=int)
+    longest, shortest = tests[-1], tests[0]
+    r = ratios(ours, peer)
+    prefill_bound = 1.5 if key == "135m" else 1.0
+    budget = model["size_mb"] + model["kv_mb"] + 512
+    rows = [
+        (f"decode tok/s (p={shortest})", ">= 1.00x", f"{r[f'decode_tok_s@{shortest}']:.2f}x",
+         r[f"decode_tok_s@{shortest}"] >= 1.0),
+        (f"prefill tok/s (p={longest})", f">= {prefill_bound:.2f}x", f"{r[f'prefill_tok_s@{longest}']:.2f}x",
+         r[f"prefill_tok_s@{longest}"] >= prefill_bound),
+        ("peak RSS", f"<= {budget:.0f} MB (file {model['size_mb']:.0f} + KV {model['kv_mb']:.0f} + 512)",
+         f"{ours['peak_rss_mb']:.0f} MB", ours["peak_rss_mb"] <= budget),
+        ("load + first token", f"<= {peer['load_first_token_s']:.2f} s (llama.cpp)",
+         f"{ours['load_first_token_s']:.2f} s ({r['load_first_token_s']:.2f}x)", r["load_first_token_s"] <= 1.0),
+    ]
+    return rows
+
+
+def report_markdown(run: dict) -> str:
+    m = run["machine"]
+    v = run["versions"]
+    lines = [
+        "# Benchmark: our torch backend vs llama.cpp and transformers",
+        "",
+        f"Generated by `python bench/run.py {' '.join(run['argv'])}` on {run['started']} "
+        f"({run['wall_s'] / 60:.0f} min).",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']:.0f} GB RAM, {m['platform']}, Python {m['python']}",
+        f"- Versions: smollm3 {v.get('ours')}, torch {v.get('torch')}, llama-cpp-python {v.get('llamacpp')}, "
+        f"transformers {v.get('transformers')}",
+        f"- Protocol: {run['threads']} threads, greedy, EOS ignored; prompt lengths {run['lengths']} of real text "
+        f"(the same token ids for every engine), {run['n_gen']} generated tokens; each prompt length in a fresh "
+        f"process: load, a cold first token on the {run['lengths'][0]}-token prompt, a warm-up run, then the median "
+        f"of {run['reps']} runs. Load and load + first token are medians over those processes; peak RSS is the "
+        "largest VmHWM.",
+        f"- Load average (1 min) seen by the measuring processes: min {min(run['loadavgs']):.2f}, max "
+        f"{max(run['loadavgs']):.2f} (2 cores: above ~1 means someone else was running too).",
+        "",
+        "## Results",
+        "",
+    ]
+    rows = [(r["model"], r["engine"], r["summary"]) for r in run["results"]]
+    lines += [format_table(rows), ""]
+    for key, model in run["models"].items():
+        if not model.get("ratios"):
+            continue
+        lines += [f"### {key}: {model['file']} ({model['size_mb']:.0f} MB), ours / llama.cpp", "",
+                  "| metric | target | ours | met |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {'yes' if ok else '**no**'} |" for a, b, c, ok in model["targets"]]
+        lines += ["", "All ratios (ours / llama.cpp; speeds: higher is better, times and RSS: lower is better): "
+                  + ", ".join(f"{k} {x:.2f}" for k, x in model["ratios"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_results(path: Path, markdown: str) -> None:
+    """Replace the generated part of RESULTS.md; keep everything from a `## Notes` heading on."""
+    notes = ""
+    if path.exists():
+        text = path.read_text()
+        if (i := text.find("\n## Notes")) >= 0:
+            notes = text[i:]
+    path.write_text(markdown.rstrip() + "\n" + notes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="135m,3b-q4km,3b-q8", help=f"from {', '.join(MODELS)} (default: the first three)")
+    p.add_argument("--engines", default=",".join(ENGINES), help="ours, llamacpp, transformers (default: all)")
+    p.add_argument("-p", "--prompt-lengths", default="32,128,512", help="default: 32,128,512")
+    p.add_argument("-n", "--n-gen", type=int, default=32, help="generated tokens per run (default: 32)")
+    p.add_argument("-r", "--reps", type=int, default=3, help="timed runs per test after a warm-up (default: 3)")
+    p.add_argument("-t", "--threads", type=int, default=2, help="threads for every engine (default: 2)")
+    p.add_argument("--transformers-on-3b", action="store_true", help="also run transformers on the 3B files (slow)")
+    p.add_argument("--out", type=Path, help="raw results JSON (default: bench/runs/<time>.json)")
+    p.add_argument("--results", type=Path, help="write the Markdown report here too (e.g. bench/RESULTS.md)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measuring process")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if bad := [m for m in models if m not in MODELS] + [e for e in engines if e not in ENGINES]:
+        raise BenchError(f"unknown model or engine: {', '.join(bad)}")
+    lengths = parse_lengths(args.prompt_lengths)
+    started, t_start = datetime.now(), time.perf_counter()
+    need_llamacpp = "llamacpp" in engines or any(MODELS[m] for m in models)
+    install = start_install() if need_llamacpp else None
+    if install is not None:
+        log("installing llama-cpp-python into bench/.deps in the background (builds llama.cpp: minutes)")
+    smollm2 = smollm2_path()
+    run = {"argv": argv, "started": f"{started:%Y-%m-%d %H:%M}", "machine": machine_info(), "lengths": lengths,
+           "n_gen": args.n_gen, "reps": args.reps, "threads": args.threads, "models": {}, "results": [],
+           "versions": {}, "loadavgs": []}
+    for key in models:
+        if MODELS[key] is None:
+            path = smollm2
+        else:
+            if install is not None:
+                log("waiting for the llama-cpp-python install (its quantizer makes the 3B files)")
+                wait_install(install)
+                install = None
+            from make_models import ensure_models
+
+            path = ensure_models([MODELS[key]], smollm2, args.threads, log=log)[MODELS[key]]
+        ids = prompt_ids_for(str(path), lengths[-1])
+        dims = model_dims(path)
+        model = {"file": path.name, "path": str(path), "size_mb": path.stat().st_size / 2**20,
+                 "kv_mb": kv_cache_mb(dims, lengths[-1] + args.n_gen)}
+        run["models"][key] = model
+        summaries = {}
+        for engine in engines:
+            if engine == "transformers" and key != "135m" and not args.transformers_on_3b:
+                continue
+            if engine == "llamacpp" and install is not None:
+                log("waiting for the llama-cpp-python install")
+                wait_install(install)
+                install = None
+            result = measure_engine(engine, path, ids, lengths, args)
+            summaries[engine] = result["summary"]
+            info = result["summary"]["engine_info"]
+            run["versions"][engine] = info.get("version")
+            if engine in ("ours", "transformers") and info.get("torch"):
+                run["versions"]["torch"] = info["torch"]
+            run["loadavgs"] += [s["loadavg"][0] for s in result["samples"]]
+            run["results"].append({"model": key, "engine": engine, **result})
+        if "ours" in summaries and "llamacpp" in summaries:
+            model["ratios"] = ratios(summaries["ours"], summaries["llamacpp"])
+            model["targets"] = check_targets(key, model, summaries["ours"], summaries["llamacpp"])
+    run["wall_s"] = time.perf_counter() - t_start
+    out = args.out or BENCH / "runs" / f"{started:%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(run, indent=1))
+    markdown = report_markdown(run)
+    print(markdown)
+    if args.results:
+        write_results(args.results, markdown)
+    log(f"raw results in {out}" + (f", report in {args.results}" if args.results else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (BenchError, RuntimeError, subprocess.SubprocessError) as e:
+        print(f"bench/run.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
