@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..engine import Engine, EngineInfo
 from ..errors import BackendUnavailable, CheckpointError
 from ..sampling import SamplingParams
-from .weights import GROUP, MLX_FORMS, dense_array, holds_quantized, quantized_arrays
+from .weights import one_torch_thread, tensor_arrays
 
 DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 QUANTIZE_GROUP = 64  # mlx-lm's default group for quantizing float checkpoints at load
@@ -84,25 +84,17 @@ def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint, dtype: mx.Dtype)
     class with the tensor's bits), float tensors dense; the file's pages released as we go."""
     pairs: list[tuple[str, mx.array]] = []
     quantized: dict[str, dict] = {}  # module path -> to_quantized() arguments
-    for name, raw in model.sanitize(dict(ckpt.tensors)).items():
-        if holds_quantized(raw):
-            module = name.removesuffix(".weight")
-            arrays = quantized_arrays(raw, dtype)
-            quantized[module] = {"group_size": GROUP, "bits": MLX_FORMS[raw.ggml_type].bits}
-            pairs += zip((name, f"{module}.scales", f"{module}.biases"), arrays)
-        else:
-            arrays = (dense_array(raw, dtype),)
-            pairs.append((name, arrays[0]))
-        mx.eval(arrays)
-        ckpt.release(name)
+    with one_torch_thread():
+        for name, raw in model.sanitize(dict(ckpt.tensors)).items():
+            arrays, quantized[name.removesuffix(".weight")] = tensor_arrays(name, raw, dtype)
+            pairs += arrays
+            ckpt.release(name)
     nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))
     model.load_weights(pairs)  # strict: every parameter, each with its shape
 
 
 def quantize_float_layers(model: nn.Module, bits: int) -> None:
     """Quantize the layers still in floats (all of a safetensors checkpoint) to `bits`, group 64."""
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise BackendUnavailable(f"cannot quantize to {bits} bits (MLX supports 2, 3, 4, 5, 6 and 8)")
 
     def still_float(_, m):
         return isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % QUANTIZE_GROUP == 0
@@ -113,6 +105,8 @@ def quantize_float_layers(model: nn.Module, bits: int) -> None:
 class MLXEngine(Engine):
     def __init__(self, ckpt: Checkpoint, tokenizer, chat_template, dtype: str = "auto", quantize: int | None = None):
         mx_dtype = pick_dtype(dtype)
+        if quantize not in (None, 2, 3, 4, 5, 6, 8):
+            raise BackendUnavailable(f"cannot quantize to {quantize} bits (MLX supports 2, 3, 4, 5, 6 and 8)")
         name = {v: k for k, v in DTYPES.items()}[mx_dtype]
         info = EngineInfo("mlx", str(mx.default_device()), name, ckpt.path.name, ckpt.weight_type)
         super().__init__(ckpt, tokenizer, chat_template, info)

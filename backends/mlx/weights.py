@@ -16,6 +16,8 @@ Every GGML type is scale * (q - zero) + offset per block (`backends.quants.Affin
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -69,8 +71,22 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(packed).reshape(rows, -1).view(np.uint32)
 
 
+def requantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 [rows, n] -> (packed, scale, bias) by each group's min and max, so that no weight
+    moves more than half a step, (max - min) / (2**bits - 1) / 2. (mx.quantize keeps the
+    larger-magnitude end exact instead and moves others by up to a whole step.)"""
+    rows = w.shape[0]
+    groups = w.reshape(rows, -1, GROUP)
+    lo, hi = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
+    scale = (hi - lo) / (2**bits - 1)
+    q = np.rint((groups - lo) / np.where(scale > 0, scale, 1)).clip(0, 2**bits - 1).astype(np.uint8)
+    return pack_bits(q.reshape(rows, -1), bits), scale.reshape(rows, -1), lo.reshape(rows, -1)
+
+
 def _torch_rows(raw: RawTensor) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(raw.data))
+    with warnings.catch_warnings():  # the mapped file is read-only; nothing writes through this
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(raw.data))
 
 
 def dense_array(raw: RawTensor, dtype: mx.Dtype) -> mx.array:
@@ -90,10 +106,9 @@ def quantized_arrays(raw: RawTensor, dtype: mx.Dtype) -> tuple[mx.array, mx.arra
     form = MLX_FORMS[raw.ggml_type]
     if len(raw.shape) != 2 or raw.shape[1] % GROUP:
         raise CheckpointError(f"tensor '{raw.name}' of shape {raw.shape} cannot be held in groups of {GROUP}")
-    if not form.exact:  # re-quantize the exact f32 weights; round scales only afterwards
-        weights = mx.array(dequantize(_torch_rows(raw), raw.ggml_type).numpy())
-        packed, scales, biases = mx.quantize(weights, group_size=GROUP, bits=form.bits)
-        return packed, scales.astype(dtype), biases.astype(dtype)
+    if not form.exact:
+        packed, scale, bias = requantize(dequantize(_torch_rows(raw), raw.ggml_type).numpy(), form.bits)
+        return mx.array(packed), mx.array(scale).astype(dtype), mx.array(bias).astype(dtype)
     a = affine_rows(_torch_rows(raw), raw.ggml_type, raw.name)
     q = a.q.numpy()
     scale = a.scale.numpy()
@@ -117,3 +132,29 @@ def holds_quantized(raw: RawTensor) -> bool:
         return False
     ggml_format(raw.ggml_type, raw.name)  # unknown types: UnsupportedTensorType naming the tensor
     return raw.ggml_type in MLX_FORMS and len(raw.shape) == 2
+
+
+def tensor_arrays(name: str, raw: RawTensor, dtype: mx.Dtype) -> tuple[list[tuple[str, mx.array]], dict | bool]:
+    """A checkpoint tensor as (parameter name, array) pairs, and the arguments nn.quantize
+    gives its module (False: it stays dense). Evaluated now, so the file's pages can go."""
+    if not holds_quantized(raw):
+        arrays, quantization = [(name, dense_array(raw, dtype))], False
+    else:
+        module = name.removesuffix(".weight")
+        parts = (name, f"{module}.scales", f"{module}.biases")
+        arrays = list(zip(parts, quantized_arrays(raw, dtype)))
+        quantization = {"group_size": GROUP, "bits": MLX_FORMS[raw.ggml_type].bits}
+    mx.eval([a for _, a in arrays])
+    return arrays, quantization
+
+
+@contextmanager
+def one_torch_thread():
+    """Block decoding (backends/quants.py) runs in torch, tensor by tensor: a second thread
+    gains little there, and on a busy CPU its spinning made SmolLM2's load 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
