@@ -45,6 +45,8 @@ PROMPT_TEXT = (
 class BenchAdapter(Protocol):
     """One engine under test. `generate` feeds `ids` from an empty cache and makes exactly `n` tokens."""
 
+    tokens: list[int]  # what the last `generate` made
+
     def load(self) -> None: ...
 
     def generate(self, ids: list[int], n: int) -> tuple[float, float, int]:
@@ -90,6 +92,7 @@ class Sample:
     decode_all: list[float] = field(default_factory=list)
     loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
     engine_info: dict = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)  # the last run's output: engines should agree
 
 
 def rss_mb() -> tuple[float, float]:
@@ -128,7 +131,7 @@ def measure(adapter: BenchAdapter, spec: Spec, import_s: float) -> Sample:
         first_token_s=first_token_s, ttft_s=ttft, prefill_tok_s=spec.prompt_len / ttft,
         decode_tok_s=statistics.median(decode_rates), decode_steps=steps,
         rss_after_load_mb=rss_after_load, peak_rss_mb=peak, ttft_all=ttfts, decode_all=decode_rates,
-        loadavg=os.getloadavg(), engine_info=adapter.describe(),
+        loadavg=os.getloadavg(), engine_info=adapter.describe(), tokens=list(adapter.tokens),
     )
 
 
@@ -136,6 +139,7 @@ class OursAdapter:
     def __init__(self, spec: Spec):
         self.spec = spec
         self.engine = None
+        self.tokens: list[int] = []
 
     def load(self) -> None:
         import dataclasses
@@ -153,10 +157,11 @@ class OursAdapter:
 
         engine = self.engine
         engine.cached_ids = []  # no KV reuse between repetitions: every run prefills all of `ids`
-        produced = sum(1 for _ in engine.generate(list(ids), n, GREEDY))
+        self.tokens = list(engine.generate(list(ids), n, GREEDY))
         s = engine.stats
-        if produced != n or s.prefilled_tokens != len(ids):
-            raise RuntimeError(f"expected {len(ids)} prefilled and {n} generated, got {s.prefilled_tokens}, {produced}")
+        if len(self.tokens) != n or s.prefilled_tokens != len(ids):
+            raise RuntimeError(f"expected {len(ids)} prefilled and {n} generated tokens, "
+                               f"got {s.prefilled_tokens} and {len(self.tokens)}")
         return s.prefill_s, s.decode_s, s.decode_steps
 
     def describe(self) -> dict:

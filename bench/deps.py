@@ -1,8 +1,12 @@
-"""The harness's own llama-cpp-python: pip-installed into bench/.deps, never into the project's venv.
+"""The harness's own packages: pip-installed into bench/.deps, never into the project's venv.
 
-It builds llama.cpp from source (minutes on 2 cores), so `start_install` runs pip in the
-background and the harness does other work (the SmolLM2 fetch, our engine's runs) meanwhile.
-Processes that import it get the directory on PYTHONPATH through `llamacpp_env`.
+- llama-cpp-python 0.3.36 (the peer, and the quantizer that makes the 3B files). It builds
+  llama.cpp from source, minutes on 2 cores, so the harness starts it first and does other
+  work meanwhile.
+- accelerate, which transformers requires to load a GGUF file.
+
+Each lands in its own directory; a process that imports one gets it on PYTHONPATH through
+`env_with`. The project's venv supplies their other dependencies (numpy, jinja2, torch...).
 """
 
 from __future__ import annotations
@@ -12,42 +16,49 @@ import subprocess
 import sys
 from pathlib import Path
 
-VERSION = "0.3.36"
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-DEPS = BENCH / ".deps" / f"llama-cpp-python-{VERSION}"
-LOG = BENCH / ".deps" / f"llama-cpp-python-{VERSION}.log"
+DEPS_DIR = BENCH / ".deps"
+
+# name -> (pip requirements installed with --no-deps, a file that exists once installed)
+PACKAGES = {
+    "llamacpp": (["llama-cpp-python==0.3.36", "diskcache"], "llama_cpp/lib/libllama.so"),
+    "accelerate": (["accelerate==1.15.0"], "accelerate/__init__.py"),
+}
 
 
-def installed() -> bool:
-    return (DEPS / "llama_cpp" / "__init__.py").exists() and any((DEPS / "llama_cpp" / "lib").glob("libllama*"))
+def target(name: str) -> Path:
+    return DEPS_DIR / f"{name}-{PACKAGES[name][0][0].split('==')[1]}"
 
 
-def start_install() -> subprocess.Popen | None:
-    """Start `pip install llama-cpp-python==VERSION` into DEPS unless it is there; None when it is."""
-    if installed():
+def installed(name: str) -> bool:
+    return (target(name) / PACKAGES[name][1]).exists()
+
+
+def start_install(name: str) -> subprocess.Popen | None:
+    """Start pip for `name` in the background; None when it is already there."""
+    if installed(name):
         return None
-    DEPS.parent.mkdir(parents=True, exist_ok=True)
-    # numpy, jinja2 and typing-extensions come from the venv; diskcache is the one missing runtime dep.
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--target", str(DEPS),
-           f"llama-cpp-python=={VERSION}", "diskcache"]
-    return subprocess.Popen(cmd, stdout=open(LOG, "w"), stderr=subprocess.STDOUT)
+    DEPS_DIR.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--target", str(target(name)),
+           *PACKAGES[name][0]]
+    return subprocess.Popen(cmd, stdout=open(target(name).with_suffix(".log"), "w"), stderr=subprocess.STDOUT)
 
 
-def wait_install(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.wait() != 0:
-        raise RuntimeError(f"installing llama-cpp-python=={VERSION} failed; see {LOG}")
-    if not installed():
-        raise RuntimeError(f"llama-cpp-python=={VERSION} is not in {DEPS}; see {LOG}")
+def wait_install(name: str, proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.wait() != 0 or not installed(name):
+        raise RuntimeError(f"installing {' '.join(PACKAGES[name][0])} failed; see {target(name).with_suffix('.log')}")
 
 
-def llamacpp_env() -> dict:
+def env_with(*names: str) -> dict:
+    """os.environ with the checkout and the named packages on PYTHONPATH."""
     env = dict(os.environ)
-    paths = [str(DEPS), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    paths = [str(target(n)) for n in names] + [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
-if __name__ == "__main__":  # python bench/llamacpp.py: install (or check) and say where
-    wait_install(start_install())
-    print(DEPS)
+if __name__ == "__main__":  # python bench/deps.py [llamacpp accelerate]: install, print where
+    for name in sys.argv[1:] or list(PACKAGES):
+        wait_install(name, start_install(name))
+        print(target(name))

@@ -24,6 +24,7 @@ class LlamaCppAdapter:
     def __init__(self, spec: Spec):
         self.spec = spec
         self.llm = None
+        self.tokens: list[int] = []
         self.n_ctx = 256 * -(-(len(spec.prompt_ids) + spec.n_gen + 16) // 256)
 
     def load(self) -> None:
@@ -44,11 +45,12 @@ class LlamaCppAdapter:
         llm.reset()  # n_tokens = 0: eval drops the cached keys and values from there
         t0 = time.perf_counter()
         llm.eval(ids)
-        token = self._argmax_last()
+        tokens = [self._argmax_last()]
         t1 = time.perf_counter()
         for _ in range(n - 1):
-            llm.eval([token])
-            token = self._argmax_last()
+            llm.eval(tokens[-1:])
+            tokens.append(self._argmax_last())
+        self.tokens = tokens
         return t1 - t0, time.perf_counter() - t1, n - 1
 
     def describe(self) -> dict:
@@ -65,6 +67,7 @@ class TransformersAdapter:
     def __init__(self, spec: Spec):
         self.spec = spec
         self.model = None
+        self.tokens: list[int] = []
 
     def load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,9 +94,10 @@ class TransformersAdapter:
         stamps = Stamps()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 max_new_tokens=n, min_new_tokens=n, do_sample=False, temperature=None, top_p=None,
                                 top_k=None, streamer=stamps, pad_token_id=self.tokenizer.eos_token_id)
+        self.tokens = out[0, len(ids) :].tolist()
         first, last = stamps.times[1], stamps.times[-1]
         return first - t0, last - first, len(stamps.times) - 2
 

@@ -136,7 +136,7 @@ def _add_field(w, key: str, value) -> None:
 
 
 def quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
-    """llama.cpp's quantizer; runs in a child with bench/llamacpp.py's environment, where llama_cpp imports."""
+    """llama.cpp's quantizer; runs in a child with bench/deps.py's environment, where llama_cpp imports."""
     import ctypes
 
     import llama_cpp
@@ -152,29 +152,35 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
     part.rename(dst)
 
 
+def ensure_f16(smollm2_gguf: Path, log=print) -> Path:
+    f16 = MODELS_DIR / F16_NAME
+    if not f16.exists():
+        MODELS_DIR.mkdir(exist_ok=True)
+        log(f"writing {f16.name} (6 GB of seeded random F16 weights) ...")
+        t0 = time.perf_counter()
+        write_f16(f16, smollm2_gguf)
+        log(f"  {time.perf_counter() - t0:.0f} s")
+    return f16
+
+
 def ensure_models(qtypes: list[str], smollm2_gguf: Path, threads: int = 2, log=print) -> dict[str, Path]:
     """The 3B-shaped files for `qtypes` (Q4_K_M, Q8_0, F16), made once and cached in bench/models/."""
     import subprocess
 
-    from llamacpp import llamacpp_env
+    from deps import env_with
 
-    MODELS_DIR.mkdir(exist_ok=True)
-    f16 = MODELS_DIR / F16_NAME
     out = {}
     for qtype in qtypes:
         dst = MODELS_DIR / F16_NAME.replace("F16", qtype)
         if not dst.exists():
-            if not f16.exists():
-                log(f"writing {f16.name} (6 GB of seeded random F16 weights) ...")
-                t0 = time.perf_counter()
-                write_f16(f16, smollm2_gguf)
-                log(f"  {time.perf_counter() - t0:.0f} s")
-            if qtype != "F16":
-                log(f"quantizing to {dst.name} with llama.cpp ...")
-                t0 = time.perf_counter()
+            f16 = ensure_f16(smollm2_gguf, log)
+            log(f"quantizing to {dst.name} with llama.cpp ...")
+            t0 = time.perf_counter()
+            with open(dst.with_suffix(".log"), "w") as log_file:  # llama.cpp lists every tensor
                 subprocess.run([sys.executable, str(Path(__file__)), "quantize", str(f16), str(dst),
-                                str(QUANT_FTYPES[qtype]), str(threads)], check=True, env=llamacpp_env())
-                log(f"  {time.perf_counter() - t0:.0f} s")
+                                str(QUANT_FTYPES[qtype]), str(threads)], check=True, env=env_with("llamacpp"),
+                               stdout=log_file, stderr=subprocess.STDOUT)
+            log(f"  {time.perf_counter() - t0:.0f} s")
         out[qtype] = dst
     return out
 

@@ -5,8 +5,9 @@
 
 Each (model, engine, prompt length) is measured by app.bench's loop in its own fresh process,
 one after another (never in parallel: the machine has 2 cores). llama-cpp-python is
-pip-installed into bench/.deps by the harness itself, in the background while our engine
-runs; the 3B-shaped files are made once into bench/models/ (see make_models.py).
+pip-installed into bench/.deps by the harness itself, in the background while the 3B F16
+file is written; the 3B-shaped files are made once into bench/models/ (see make_models.py).
+No measurement starts before the preparation is done.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
 from app.bench import (  # noqa: E402
-    BenchError, Spec, child_env, format_table, machine_info, parse_lengths, prompt_ids_for, run_in_subprocess, summarize,
+    BenchError, Spec, child_env, format_table, machine_info, parse_lengths, prompt_ids_for, run_in_subprocess,
+    summarize,
 )
-from llamacpp import llamacpp_env, start_install, wait_install  # noqa: E402
+from deps import env_with, start_install, wait_install  # noqa: E402
 
 MODELS = {"135m": None, "3b-q4km": "Q4_K_M", "3b-q8": "Q8_0", "3b-f16": "F16"}  # None: the SmolLM2 file
 ENGINES = ("ours", "llamacpp", "transformers")
+PEER_DEPS = {"llamacpp": "llamacpp", "transformers": "accelerate"}  # bench/deps.py packages each peer imports
 KV_BYTES = 4  # our CPU engine keeps keys and values in f32
 
 
@@ -65,7 +68,7 @@ def measure_engine(engine: str, model: Path, ids: list[int], lengths: list[int],
             cmd = [sys.executable, "-m", "app.bench", "--worker"]
         else:
             cmd = [sys.executable, str(BENCH / "engines.py")]
-        env = llamacpp_env() if engine == "llamacpp" else child_env()
+        env = child_env() if engine == "ours" else env_with(PEER_DEPS[engine])
         t0 = time.perf_counter()
         sample = run_in_subprocess(cmd, spec, args.timeout, env=env)
         log(f"  load {sample['load_s']:.2f} s, TTFT {sample['ttft_s']:.3f} s, prefill {sample['prefill_tok_s']:.1f} "
@@ -107,7 +110,8 @@ def check_targets(key: str, model: dict, ours: dict, peer: dict) -> list[tuple[s
 
 def report_markdown(run: dict) -> str:
     m = run["machine"]
-    v = run["versions"]
+    v = {**run["versions"], "llamacpp": run["versions"].get("llamacpp", "-"),
+         "transformers": run["versions"].get("transformers", "-")}
     lines = [
         "# Benchmark: our torch backend vs llama.cpp and transformers",
         "",
@@ -115,8 +119,8 @@ def report_markdown(run: dict) -> str:
         f"({run['wall_s'] / 60:.0f} min).",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']:.0f} GB RAM, {m['platform']}, Python {m['python']}",
-        f"- Versions: smollm3 {v.get('ours')}, torch {v.get('torch')}, llama-cpp-python {v.get('llamacpp')}, "
-        f"transformers {v.get('transformers')}",
+        f"- Versions: smollm3 {v.get('ours')}, torch {v.get('torch')}, llama-cpp-python {v['llamacpp']}, "
+        f"transformers {v['transformers']}",
         f"- Protocol: {run['threads']} threads, greedy, EOS ignored; prompt lengths {run['lengths']} of real text "
         f"(the same token ids for every engine), {run['n_gen']} generated tokens; each prompt length in a fresh "
         f"process: load, a cold first token on the {run['lengths'][0]}-token prompt, a warm-up run, then the median "
@@ -153,7 +157,8 @@ def write_results(path: Path, markdown: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="135m,3b-q4km,3b-q8", help=f"from {', '.join(MODELS)} (default: the first three)")
+    p.add_argument("--models", default="135m,3b-q4km,3b-q8",
+                   help=f"from {', '.join(MODELS)} (default: the first three)")
     p.add_argument("--engines", default=",".join(ENGINES), help="ours, llamacpp, transformers (default: all)")
     p.add_argument("-p", "--prompt-lengths", default="32,128,512", help="default: 32,128,512")
     p.add_argument("-n", "--n-gen", type=int, default=32, help="generated tokens per run (default: 32)")
@@ -174,25 +179,34 @@ def main(argv: list[str]) -> int:
         raise BenchError(f"unknown model or engine: {', '.join(bad)}")
     lengths = parse_lengths(args.prompt_lengths)
     started, t_start = datetime.now(), time.perf_counter()
-    need_llamacpp = "llamacpp" in engines or any(MODELS[m] for m in models)
-    install = start_install() if need_llamacpp else None
-    if install is not None:
-        log("installing llama-cpp-python into bench/.deps in the background (builds llama.cpp: minutes)")
+    with_transformers = "transformers" in engines and ("135m" in models or args.transformers_on_3b)
+    needed = ["llamacpp"] * ("llamacpp" in engines or any(MODELS[m] for m in models))
+    needed += ["accelerate"] * with_transformers
+    installs = {name: start_install(name) for name in needed}
+    if installs.get("llamacpp"):
+        log("installing llama-cpp-python into bench/.deps in the background (it builds llama.cpp: minutes)")
+
+    # Preparation first, measurements after: nothing else of ours runs while an engine is timed.
     smollm2 = smollm2_path()
+    paths = {key: smollm2 for key in models if MODELS[key] is None}
+    quantized = [MODELS[key] for key in models if MODELS[key]]
+    if quantized:
+        from make_models import ensure_f16, ensure_models
+
+        ensure_f16(smollm2, log=log)  # needs no llama.cpp: overlaps its build
+    for name, proc in installs.items():
+        if proc is not None:
+            log(f"waiting for the {name} install")
+        wait_install(name, proc)
+    if quantized:
+        made = ensure_models(quantized, smollm2, args.threads, log=log)
+        paths.update({key: made[MODELS[key]] for key in models if MODELS[key]})
+
     run = {"argv": argv, "started": f"{started:%Y-%m-%d %H:%M}", "machine": machine_info(), "lengths": lengths,
            "n_gen": args.n_gen, "reps": args.reps, "threads": args.threads, "models": {}, "results": [],
            "versions": {}, "loadavgs": []}
     for key in models:
-        if MODELS[key] is None:
-            path = smollm2
-        else:
-            if install is not None:
-                log("waiting for the llama-cpp-python install (its quantizer makes the 3B files)")
-                wait_install(install)
-                install = None
-            from make_models import ensure_models
-
-            path = ensure_models([MODELS[key]], smollm2, args.threads, log=log)[MODELS[key]]
+        path = paths[key]
         ids = prompt_ids_for(str(path), lengths[-1])
         dims = model_dims(path)
         model = {"file": path.name, "path": str(path), "size_mb": path.stat().st_size / 2**20,
@@ -202,10 +216,6 @@ def main(argv: list[str]) -> int:
         for engine in engines:
             if engine == "transformers" and key != "135m" and not args.transformers_on_3b:
                 continue
-            if engine == "llamacpp" and install is not None:
-                log("waiting for the llama-cpp-python install")
-                wait_install(install)
-                install = None
             result = measure_engine(engine, path, ids, lengths, args)
             summaries[engine] = result["summary"]
             info = result["summary"]["engine_info"]

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.bench import PROMPT_TEXT, BenchError, bench_main, format_table, parse_lengths, prompt_ids_for, rss_mb, summarize
+from app.bench import (
+    PROMPT_TEXT, BenchError, bench_main, format_table, parse_lengths, prompt_ids_for, rss_mb, summarize,
+)
 from backends.tokenizer import tokenizer_from_gguf
 from conftest import SMOLLM3_META, tiny_gguf
 
