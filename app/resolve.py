@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.errors import ResolutionError
-from backends.hub import download_file, download_repo, list_repo_files
+from backends.hub import FileNotOnHub, download_file, download_repo, list_repo_files
 
 QUANTIZATIONS = ("q4_k_m", "q8_0", "f16")
 
@@ -76,9 +76,29 @@ def resolve(model: str, model_type: str, quantization: str, model_path: str | No
     repo, filename = gguf_location(model, quantization)
     try:
         return Resolved(download_file(repo, filename), variant.chat, f"{repo}/{filename}")
-    except ResolutionError as e:
+    except FileNotOnHub:
         files = list_repo_files(repo)
-        if files is not None and filename not in files:
-            available = sorted(f for f in files if f.endswith(".gguf"))
-            raise ResolutionError(f"{repo} has no {filename}; it has: {', '.join(available) or 'no GGUF files'}") from None
-        raise e
+        if files is None:
+            raise
+    # The repository renamed or dropped the file: take the same name in another case, else say what it has.
+    same = [f for f in files if f.lower() == filename.lower()]
+    if len(same) == 1:
+        return Resolved(download_file(repo, same[0]), variant.chat, f"{repo}/{same[0]}")
+    raise ResolutionError(missing_quantization_message(model, quantization, repo, filename, files))
+
+
+def quantizations_in(model: str, files: list[str]) -> list[str]:
+    """The --quantization values whose GGUF file the repository (with these files) has."""
+    variant = MODELS[model]
+    names = {f.lower() for f in files}
+    return [q for q, spelled in variant.gguf_quant_names.items()
+            if variant.gguf_file.format(quant=spelled).lower() in names]
+
+
+def missing_quantization_message(model: str, quantization: str, repo: str, filename: str, files: list[str]) -> str:
+    ggufs = sorted(f for f in files if f.lower().endswith(".gguf"))
+    have = quantizations_in(model, files)
+    choices = f"--quantization {' or '.join(have)}" if have else "no --quantization choice"
+    listing = ", ".join(ggufs) if ggufs else "no GGUF files at all"
+    return (f"{repo} has no {filename} (--quantization {quantization}); it offers {choices}. "
+            f"Its GGUF files: {listing}")
