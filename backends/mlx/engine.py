@@ -7,6 +7,7 @@ weights load in the compute dtype, or quantized at load with `quantize=4|8`.
 
 from __future__ import annotations
 
+import json
 import secrets
 
 import mlx.core as mx
@@ -14,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import llama, smollm3
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.utils import infer_quant_config
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_repetition_penalty
 
 from ..checkpoint import Checkpoint
@@ -80,17 +82,33 @@ def check_rope(model: nn.Module, config: ModelConfig) -> None:
 
 
 def load_checkpoint_weights(model: nn.Module, ckpt: Checkpoint, dtype: mx.Dtype) -> None:
-    """Each tensor as MLX arrays: GGML types quantized (module swapped to its quantized
-    class with the tensor's bits), float tensors dense; the file's pages released as we go."""
-    pairs: list[tuple[str, mx.array]] = []
-    quantized: dict[str, dict] = {}  # module path -> to_quantized() arguments
+    """Each tensor as MLX arrays, the file's pages released as we go; then each module takes
+    the quantized class its tensors need: a GGML type's bits (group 32), or, in an MLX
+    checkpoint (weight packed as U32 beside .scales and .biases), what mlx-lm reads there."""
+    weights: dict[str, mx.array] = {}
+    from_gguf: dict[str, dict | bool] = {}  # module path -> to_quantized() arguments
     with one_torch_thread():
         for name, raw in model.sanitize(dict(ckpt.tensors)).items():
-            arrays, quantized[name.removesuffix(".weight")] = tensor_arrays(name, raw, dtype)
-            pairs += arrays
+            arrays, from_gguf[name.removesuffix(".weight")] = tensor_arrays(name, raw, dtype)
+            weights.update(arrays)
             ckpt.release(name)
-    nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))
-    model.load_weights(pairs)  # strict: every parameter, each with its shape
+    per_module = mlx_quantization(ckpt)
+
+    def quantization(path: str, module: nn.Module) -> dict | bool:
+        if f"{path}.scales" in weights and not from_gguf.get(path):
+            return per_module.get(path) or infer_quant_config(path, module, weights)
+        return from_gguf.get(path, False)
+
+    nn.quantize(model, class_predicate=quantization)
+    model.load_weights(list(weights.items()))  # strict: every parameter, each with its shape
+
+
+def mlx_quantization(ckpt: Checkpoint) -> dict:
+    """config.json's `quantization` in an MLX checkpoint: per-module entries, where present."""
+    if ckpt.hf_dir is None:
+        return {}
+    config = json.loads((ckpt.hf_dir / "config.json").read_text())
+    return {k: v for k, v in (config.get("quantization") or {}).items() if isinstance(v, dict)}
 
 
 def quantize_float_layers(model: nn.Module, bits: int) -> None:
