@@ -92,7 +92,8 @@ def download_repo(repo: str) -> Path:
     try:  # every blob is here: this records refs/main and the tree listing offline mode checks against
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo, allow_patterns=HF_DIR_PATTERNS, ignore_patterns=HF_DIR_IGNORE))
+        return Path(snapshot_download(repo, allow_patterns=HF_DIR_PATTERNS, ignore_patterns=HF_DIR_IGNORE,
+                                      tqdm_class=_silent_tqdm()))  # nothing left to show progress for
     except Exception as e:
         _raise_if_definite(e, repo, repo)
         raise ResolutionError(f"{repo}: {_reason(e)}") from None
@@ -161,8 +162,10 @@ def _stream_into(partial: Path, source: str, headers: dict, size: int | None, la
 
     done = partial.stat().st_size if partial.exists() else 0
     failures = 0
+    # disable=None: a bar on a terminal only, like the CLI's other progress chatter (and off with
+    # HF_HUB_DISABLE_PROGRESS_BARS=1).
     with hf_tqdm(total=size, initial=done, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-                 name="huggingface_hub.http_get") as bar:
+                 disable=None, name="huggingface_hub.http_get") as bar:
         while size is None or done < size:
             request_headers = {**headers, "Range": f"bytes={done}-"} if done else headers
             try:
@@ -204,6 +207,16 @@ def _verify(what: str, partial: Path, meta) -> None:
     if problem:
         partial.unlink()
         raise ResolutionError(f"{what}: the download is corrupt ({problem}); it was deleted, run again to download it anew")
+
+
+def _silent_tqdm():
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class Silent(hf_tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    return Silent
 
 
 # --- the cache ----------------------------------------------------------------------------------

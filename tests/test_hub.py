@@ -162,3 +162,31 @@ def test_repository_without_safetensors_is_refused(tmp_path, monkeypatch):
 def test_list_repo_files(hub):
     assert GGUF_NAME in list_repo_files(GGUF_REPO)
     assert list_repo_files("nobody/nothing") is None
+
+
+class Terminal:
+    """A stderr that says it is a terminal, keeping what is written to it."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_only(hub, monkeypatch, capsys):
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    download_file(GGUF_REPO, GGUF_NAME)
+    assert f"{GGUF_NAME}: 100%" in terminal.text and "3.66M/3.66M" in terminal.text
+
+
+def test_no_progress_bar_in_a_pipe(hub, capsys):
+    download_file(GGUF_REPO, GGUF_NAME)
+    assert capsys.readouterr().err == ""
