@@ -15,8 +15,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import llama, smollm3
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-from mlx_lm.utils import infer_quant_config
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_repetition_penalty
+from mlx_lm.utils import infer_quant_config
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig

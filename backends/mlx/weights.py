@@ -68,9 +68,9 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
     as mx.quantize packs them: a little-endian bit stream."""
     rows, n = q.shape
     if bits == 8:
-        packed = q.astype(np.uint8)
+        packed = q.astype(np.uint8, copy=False)
     elif bits == 4:
-        pairs = q.astype(np.uint8).reshape(rows, n // 2, 2)
+        pairs = q.astype(np.uint8, copy=False).reshape(rows, n // 2, 2)
         packed = pairs[..., 0] | (pairs[..., 1] << 4)
     else:  # 8 codes fill `bits` bytes exactly: build them in a uint64 and keep its low bytes
         eights = q.astype(np.uint64).reshape(rows, n // 8, 8) << (np.arange(8, dtype=np.uint64) * bits)
@@ -79,14 +79,16 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
 
 
 def requantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 [rows, n] -> (packed, scale, bias) by each group's min and max, so that no weight
-    moves more than half a step, (max - min) / (2**bits - 1) / 2. (mx.quantize keeps the
-    larger-magnitude end exact instead and moves others by up to a whole step.)"""
+    """float32 [rows, n] (overwritten) -> (packed, scale, bias) by each group's min and max, so
+    that no weight moves more than half a step, (max - min) / (2**bits - 1) / 2. (mx.quantize
+    keeps the larger-magnitude end exact instead and moves others by up to a whole step.)"""
     rows = w.shape[0]
     groups = w.reshape(rows, -1, GROUP)
     lo, hi = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
     scale = (hi - lo) / (2**bits - 1)
-    q = np.rint((groups - lo) / np.where(scale > 0, scale, 1)).clip(0, 2**bits - 1).astype(np.uint8)
+    groups -= lo
+    groups *= np.divide(1, scale, out=np.zeros_like(scale), where=scale > 0)
+    q = np.rint(groups, out=groups).astype(np.uint8)  # within [0, 2**bits - 1] up to rounding
     return pack_bits(q.reshape(rows, -1), bits), scale.reshape(rows, -1), lo.reshape(rows, -1)
 
 
@@ -112,11 +114,15 @@ def dense_array(raw: RawTensor, dtype: mx.Dtype) -> mx.array:
 def quantized_arrays(raw: RawTensor, dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
     """(weight uint32, scales, biases) for an nn.QuantizedLinear/QuantizedEmbedding with group 32
     and MLX_FORMS[type].bits; scales and biases in `dtype`."""
-    if len(raw.shape) != 2 or raw.shape[1] % GROUP:
+    rows, cols = raw.shape if len(raw.shape) == 2 else (0, 1)
+    if len(raw.shape) != 2 or cols % GROUP:
         raise CheckpointError(f"tensor '{raw.name}' of shape {raw.shape} cannot be held in groups of {GROUP}")
-    step = max(1, SLICE_ELEMS // raw.shape[1])
-    slices = [_repack_rows(raw, raw.data[i : i + step]) for i in range(0, raw.shape[0], step)]
-    packed, scale, bias = (np.concatenate(parts) for parts in zip(*slices))
+    bits = MLX_FORMS[raw.ggml_type].bits
+    packed = np.empty((rows, cols * bits // 32), np.uint32)
+    scale, bias = np.empty((rows, cols // GROUP), np.float32), np.empty((rows, cols // GROUP), np.float32)
+    step = max(1, SLICE_ELEMS // cols)
+    for i in range(0, rows, step):
+        packed[i : i + step], scale[i : i + step], bias[i : i + step] = _repack_rows(raw, raw.data[i : i + step])
     return mx.array(packed), mx.array(scale).astype(dtype), mx.array(bias).astype(dtype)
 
 
