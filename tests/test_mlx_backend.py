@@ -19,12 +19,13 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 import backends  # noqa: E402
 from backends.checkpoint import RawTensor, open_checkpoint  # noqa: E402
+from backends.config import config_from_hf  # noqa: E402
 from backends.errors import BackendUnavailable, CheckpointError  # noqa: E402
 from backends.mlx import weights  # noqa: E402
 from backends.mlx.engine import MLXEngine, build_model  # noqa: E402
 from backends.quants import GGML_FORMATS  # noqa: E402
 from backends.sampling import GREEDY, SamplingParams  # noqa: E402
-from conftest import FIXTURES, GGUF_TYPES, TINY, TINY_HF, tiny_gguf  # noqa: E402
+from conftest import FIXTURES, SMOLLM3_META, TINY, TINY_HF, tiny_gguf  # noqa: E402
 
 TOLERANCE = 2e-3  # the issue's bar for exact mappings; measured 2.5e-5 to 3.0e-5 in f32
 PROMPT = np.load(TINY / "prompt_ids.npy").tolist()
@@ -170,6 +171,10 @@ def test_yarn_as_mlx_lm_computes_it_matches_the_config():
     config = open_checkpoint(TINY_HF).config
     yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}
     build_model(dataclasses.replace(config, rope_scaling=yarn))  # check_rope raises on a mismatch
+    build_model(dataclasses.replace(config, rope_scaling={"rope_type": "yarn", "factor": 4.0}))  # our defaults
+    # SmolLM3-3B's 128k setting (facts.md): factor 2 over its 65536 positions
+    real = config_from_hf(json.loads((SMOLLM3_META / "config.json").read_text()))
+    build_model(dataclasses.replace(real, rope_scaling=yarn | {"original_max_position_embeddings": 65536}))
     with pytest.raises(CheckpointError, match="rope scaling"):  # mlx-lm ignores attention_factor
         build_model(dataclasses.replace(config, rope_scaling=yarn | {"attention_factor": 1.5}))
 
@@ -242,6 +247,16 @@ def test_prefix_reuse_gives_the_logits_of_a_fresh_run():
     engine.prefill(PROMPT)
     split = engine.to_numpy(engine.prefill(other, split_prompt=True))[-1]
     assert np.abs(split - fresh).max() < 1e-4
+
+
+def test_generates_on_threads_other_than_the_loading_one():
+    """As the TUI does: load on one worker thread, generate on others (MLX streams are per thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = SamplingParams(temperature=1.0, seed=3)
+    engine = ThreadPoolExecutor(1).submit(backends.load, tiny_gguf("Q4_K_M"), backend="mlx").result()
+    runs = [ThreadPoolExecutor(1).submit(lambda: list(engine.generate(PROMPT, 6, params))).result() for _ in range(2)]
+    assert runs[0] == runs[1] == list(engine.generate(PROMPT, 6, params))
 
 
 def test_seeded_sampling_is_reproducible():

@@ -53,7 +53,7 @@ def build_model(config: ModelConfig) -> nn.Module:
         vocab_size=config.vocab_size,
         max_position_embeddings=config.context_length,
         rope_theta=config.rope_theta,
-        rope_scaling=config.rope_scaling,
+        rope_scaling=yarn_defaults_explicit(config),
         tie_word_embeddings=config.tie_word_embeddings,
     )
     if config.architecture == "smollm3":
@@ -62,6 +62,17 @@ def build_model(config: ModelConfig) -> nn.Module:
         model = llama.Model(llama.ModelArgs(**args))
     check_rope(model, config)
     return model
+
+
+def yarn_defaults_explicit(config: ModelConfig) -> dict | None:
+    """rope_scaling with YaRN's defaults as backends/config.py takes them (mlx-lm's differ:
+    original context 4096, factor required)."""
+    scaling = dict(config.rope_scaling or {}) or None
+    if scaling and (scaling.get("rope_type") or scaling.get("type")) == "yarn":
+        original = scaling.get("original_max_position_embeddings") or config.context_length
+        factor = scaling.get("factor") or config.context_length / original
+        scaling |= {"original_max_position_embeddings": original, "factor": factor}
+    return scaling
 
 
 def check_rope(model: nn.Module, config: ModelConfig) -> None:
@@ -134,7 +145,7 @@ class MLXEngine(Engine):
             quantize_float_layers(self.model, quantize)
         mx.eval(self.model.parameters())
         self.cache = make_prompt_cache(self.model)
-        self.key = mx.random.key(0)
+        self.reset_rng(0)
 
     def forward(self, ids: list[int], pos: int, last_only: bool) -> mx.array:
         cached = self.cache[0].offset
@@ -156,6 +167,9 @@ class MLXEngine(Engine):
 
     def reset_rng(self, seed: int | None) -> None:
         self.key = mx.random.key(secrets.randbits(63) if seed is None else seed)
+        # Evaluated here: MLX streams are per thread (MLX >= 0.31.2), and the TUI loads and
+        # generates on different worker threads, so no lazy array may cross between them.
+        mx.eval(self.key)
 
     def sample(self, logits: mx.array, history: list[int], params: SamplingParams) -> int:
         logits = logits[-1:].astype(mx.float32)
