@@ -26,7 +26,7 @@ ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
 from app.bench import (  # noqa: E402
-    QUIET_CORES, BenchError, Spec, child_env, format_table, machine_info, parse_lengths, prompt_ids_for,
+    QUIET_CORES, BenchError, CpuMeter, Spec, child_env, format_table, machine_info, parse_lengths, prompt_ids_for,
     run_in_subprocess, summarize,
 )
 from deps import env_with, start_install, wait_install  # noqa: E402
@@ -59,9 +59,21 @@ def kv_cache_mb(dims: dict, tokens: int) -> float:
     return 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * tokens * KV_BYTES / 2**20
 
 
+def wait_for_quiet(max_s: float) -> float:
+    """Wait (up to max_s) until other processes use under QUIET_CORES for 3 s; return the last reading."""
+    deadline = time.perf_counter() + max_s
+    while True:
+        with CpuMeter() as meter:
+            time.sleep(3)
+        if meter.others_cores < QUIET_CORES or time.perf_counter() > deadline:
+            return meter.others_cores
+
+
 def measure_engine(engine: str, model: Path, ids: list[int], lengths: list[int], args) -> dict:
     samples = []
     for length in lengths:
+        if args.wait_quiet > 0 and (busy := wait_for_quiet(args.wait_quiet)) >= QUIET_CORES:
+            log(f"  still {busy:.2f} cores busy elsewhere after waiting {args.wait_quiet:.0f} s: measuring anyway")
         spec = Spec(engine, str(model), ids, length, lengths[0], args.n_gen, args.reps, args.threads)
         log(f"{engine} on {model.name}: prompt {length} + {args.n_gen} tokens, {args.reps} reps after a warm-up")
         if engine == "ours":  # exactly what `smollm3 bench` runs
@@ -174,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="raw results JSON (default: bench/runs/<time>.json)")
     p.add_argument("--results", type=Path, help="write the Markdown report here too (e.g. bench/RESULTS.md)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measuring process")
+    p.add_argument("--wait-quiet", type=float, default=120,
+                   help="before each measuring process, wait up to this many seconds for other processes to go "
+                        "quiet (default: 120; 0: never wait)")
     return p
 
 
