@@ -189,9 +189,9 @@ def test_q4_k_m_holds_quantized_weights_near_the_file_size():
     params = sum(v.nbytes for _, v in tree_flatten(engine.model.parameters()))
     n_weights = sum(np.prod(t.shape) for t in open_checkpoint(tiny_gguf("Q4_K_M")).tensors.values())
     # 4 bits + f16 scale and bias = 5 bits a weight where Q4_K has 4.5; Q6_K's 6.56 become 9:
-    # measured 1.23x the file, 0.81 bytes a weight (float16 would be 2).
-    assert params < 1.3 * tiny_gguf("Q4_K_M").stat().st_size
-    assert params < 1.0 * n_weights
+    # measured 1.16x the file, 0.77 bytes a weight (float16 would be 2).
+    assert params < 1.25 * tiny_gguf("Q4_K_M").stat().st_size
+    assert params < 0.85 * n_weights
 
 
 def test_quantize_at_load():
@@ -330,7 +330,8 @@ def test_smollm2_greedy_parity_with_torch(smollm2_gguf, smollm2_mlx, monkeypatch
 
 
 def test_smollm2_holds_q4_1_at_the_file_size(smollm2_gguf, smollm2_mlx):
-    """Q4_1 is 20 bytes per 32 weights; MLX 4 bits with f32 scale and bias 24 (measured 1.19x)."""
+    """Q4_1 is 20 bytes per 32 weights; MLX 4 bits with f32 scale and bias 24 (measured 1.17x the
+    file; with f16 scales, as on Metal, 1.00x)."""
     params = sum(v.nbytes for _, v in tree_flatten(smollm2_mlx.model.parameters()))
     assert params < 1.25 * smollm2_gguf.stat().st_size
 
