@@ -2,13 +2,12 @@
 
 huggingface_hub 2.4 downloads into a process-unique temporary file that it deletes when the
 transfer fails, so after Ctrl-C or a dropped connection the next run starts from zero. We
-fetch each blob ourselves, with huggingface_hub's `http_get` (its progress bar, its retries
-within a run), into `blobs/<etag>.incomplete`: that file outlives an interruption and the
-next run resumes it with a Range request. The blob gets its final name only once its size,
-and its sha256 for LFS files, are right; huggingface_hub then links it into the snapshot and
-writes the refs as usual, so `hf cache` and offline mode see an ordinary cache. Offline
-(HF_HUB_OFFLINE=1) everything comes from the cache without a single request.
-"""
+fetch each blob ourselves, through huggingface_hub's HTTP session and with its progress bar,
+into `blobs/<etag>.incomplete`: that file outlives an interruption, and a dropped connection
+(in this run) or the next run resumes it with a Range request. The blob gets its final name
+only once its size, and its sha256 for LFS files, are right; huggingface_hub then links it
+into the snapshot and writes the refs as usual, so `hf cache` and offline mode see an ordinary
+cache. Offline (HF_HUB_OFFLINE=1) everything comes from the cache without a single request."""
 
 from __future__ import annotations
 
@@ -41,15 +40,20 @@ def download_file(repo: str, filename: str, revision: str | None = None) -> Path
 
     what = f"{repo}/{filename}"
     if is_offline_mode():
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
         try:
             return Path(hf_hub_download(repo, filename, revision=revision))
-        except Exception:
+        except LocalEntryNotFoundError:
             raise ResolutionError(_offline_missing(what, f"hf download {repo} {filename}")) from None
+        except Exception as e:
+            raise ResolutionError(f"{what}: {_reason(e)}") from None
     url = hf_hub_url(repo, filename, revision=revision)
     try:
         meta = get_hf_file_metadata(url)  # one HEAD, no retries
         if meta.commit_hash is None or meta.etag is None:
-            raise ResolutionError(f"{_endpoint()} does not answer like the Hugging Face Hub (no X-Repo-Commit or ETag); check HF_ENDPOINT")
+            raise ResolutionError(f"{_endpoint()} does not answer like the Hugging Face Hub "
+                                  "(no X-Repo-Commit or ETag); check HF_ENDPOINT")
     except ResolutionError:
         raise
     except Exception as e:
@@ -57,7 +61,7 @@ def download_file(repo: str, filename: str, revision: str | None = None) -> Path
         cached = _cached_file(repo, filename, revision)
         if cached is not None:  # the Hub is down or unreachable, but we have the file
             return cached
-        raise ResolutionError(f"{what}: {_reason(e)}, and it is not in the Hugging Face cache ({_cache_dir()})") from None
+        raise ResolutionError(_unreachable_and_not_cached(what, e)) from None
     # Without a redirect to a CDN, fetch by commit: the bytes cannot change under a moving branch.
     source = hf_hub_url(repo, filename, revision=meta.commit_hash) if meta.location == url else meta.location
     _fetch_blob(what, repo, meta, source)
@@ -82,7 +86,7 @@ def download_repo(repo: str) -> Path:
         try:
             return _cached_snapshot(repo, offline=False)
         except ResolutionError:
-            raise ResolutionError(f"{repo}: {_reason(e)}, and it is not in the Hugging Face cache ({_cache_dir()})") from None
+            raise ResolutionError(_unreachable_and_not_cached(repo, e)) from None
     siblings = [s.rfilename for s in info.siblings or []]
     names = list(filter_repo_objects(siblings, allow_patterns=HF_DIR_PATTERNS, ignore_patterns=HF_DIR_IGNORE))
     if not any(name.endswith(".safetensors") for name in names):
@@ -206,7 +210,8 @@ def _verify(what: str, partial: Path, meta) -> None:
             problem = f"its sha256 is {h.hexdigest()[:12]}..., the Hub says {meta.etag[:12]}..."
     if problem:
         partial.unlink()
-        raise ResolutionError(f"{what}: the download is corrupt ({problem}); it was deleted, run again to download it anew")
+        raise ResolutionError(f"{what}: the download is corrupt ({problem}); "
+                              "it was deleted, run again to download it anew")
 
 
 def _silent_tqdm():
@@ -265,6 +270,10 @@ def _cached_snapshot(repo: str, offline: bool) -> Path:
         raise ResolutionError(f"{repo} is not in the Hugging Face cache ({_cache_dir()})") from None
 
 
+def _unreachable_and_not_cached(what: str, e: Exception) -> str:
+    return f"{what}: {_reason(e)}, and it is not in the Hugging Face cache ({_cache_dir()})"
+
+
 def _offline_missing(what: str, command: str) -> str:
     return (f"{what} is not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE=1 forbids downloading it; "
             f"run once without HF_HUB_OFFLINE to download it (or `{command}` on a connected machine, "
@@ -292,7 +301,8 @@ def _raise_if_definite(e: Exception, repo: str, what: str) -> None:
     if isinstance(e, EntryNotFoundError) and _status(e) == 404:
         raise FileNotOnHub(f"{what}: no such file in the repository") from None
     if _status(e) in (401, 403):
-        raise ResolutionError(f"{what}: access denied by the Hub ({_reason(e)}); check your token (`hf auth login`)") from None
+        raise ResolutionError(f"{what}: access denied by the Hub ({_reason(e)}); "
+                              "check your token (`hf auth login`)") from None
 
 
 def _status(e: Exception) -> int | None:

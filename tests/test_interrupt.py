@@ -71,7 +71,8 @@ class Child:
             threading.Thread(target=self._collect_err, daemon=True),
         ]
         if stdout_fd is None:
-            self._threads.append(threading.Thread(target=self._collect_out, args=(self.proc.stdout.fileno(),), daemon=True))
+            stdout = self.proc.stdout.fileno()
+            self._threads.append(threading.Thread(target=self._collect_out, args=(stdout,), daemon=True))
         for t in self._threads:
             t.start()
 
@@ -110,7 +111,8 @@ class Child:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.proc.poll() is not None:
-                raise AssertionError(f"the CLI exited ({self.proc.returncode}) before {what}: {self.err.decode()[-2000:]}")
+                err = self.err.decode()[-2000:]
+                raise AssertionError(f"the CLI exited ({self.proc.returncode}) before {what}: {err}")
             if time.monotonic() > deadline:
                 self.proc.kill()
                 raise AssertionError(f"no {what} within {timeout} s; phases so far: {self.phases[-5:]}")

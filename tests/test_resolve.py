@@ -24,7 +24,9 @@ def hub(tmp_path, monkeypatch):
 
 def run_cli(env_vars: dict, *args, timeout=300):
     env = {**os.environ, **env_vars}
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_quantized_resolves_to_the_repos_gguf(hub):
@@ -58,7 +60,8 @@ def test_a_file_renamed_only_in_case_is_still_found(tmp_path, monkeypatch):
 def test_repo_without_any_of_our_quantizations(tmp_path, monkeypatch):
     with FakeHub({GGUF_REPO: {"SmolLM3-3B-IQ2_XXS.gguf": b"GGUF", "README.md": b"hi"}}) as hub:
         point_huggingface_hub_at(hub, tmp_path / "hf", monkeypatch)
-        with pytest.raises(ResolutionError, match=r"it offers no --quantization choice\. Its GGUF files: SmolLM3-3B-IQ2_XXS\.gguf$"):
+        expected = r"it offers no --quantization choice\. Its GGUF files: SmolLM3-3B-IQ2_XXS\.gguf$"
+        with pytest.raises(ResolutionError, match=expected):
             resolve("3b", "quantized", "q8_0", None)
 
 
@@ -70,7 +73,9 @@ def test_quantizations_in_matches_each_models_spelling():
 
 
 def test_base_model_has_no_gguf(hub):
-    with pytest.raises(ResolutionError, match=r"^no quantized GGUF of HuggingFaceTB/SmolLM3-3B-Base is published; use --model-type full --model 3b-base"):
+    expected = (r"^no quantized GGUF of HuggingFaceTB/SmolLM3-3B-Base is published; "
+                r"use --model-type full --model 3b-base")
+    with pytest.raises(ResolutionError, match=expected):
         resolve("3b-base", "quantized", "q8_0", None)
     assert hub.requests == []
 
@@ -120,7 +125,8 @@ def test_cli_offline_without_a_cache(hub):
     r = run_cli(offline, "--quantization", "q4_k_m", "--prompt", "hi", "-n", "3")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        f"smollm3: error: {GGUF_REPO}/{GGUF_NAME} is not in the Hugging Face cache ({hub.env_vars['HF_HUB_CACHE']}) and "
+        f"smollm3: error: {GGUF_REPO}/{GGUF_NAME} is not in the Hugging Face cache "
+        f"({hub.env_vars['HF_HUB_CACHE']}) and "
         "HF_HUB_OFFLINE=1 forbids downloading it; run once without HF_HUB_OFFLINE to download it "
         f"(or `hf download {GGUF_REPO} {GGUF_NAME}` on a connected machine, then copy the cache over)"
     ]
