@@ -158,8 +158,9 @@ _ST_DTYPES = {
     "F32": GGMLQuantizationType.F32,
     "F16": GGMLQuantizationType.F16,
     "BF16": GGMLQuantizationType.BF16,
+    "U32": GGMLQuantizationType.I32,  # MLX-quantized checkpoints' packed codes, carried as bytes
 }
-_ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+_ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
 
 
 def read_safetensors(path: Path) -> dict[str, RawTensor]:
@@ -187,7 +188,7 @@ def read_safetensors(path: Path) -> dict[str, RawTensor]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path.name}: corrupt safetensors entry for '{name}'") from None
         if dtype not in _ST_DTYPES:
-            raise UnsupportedTensorType(f"tensor '{name}' in {path.name} has dtype {dtype} (supported: F32, F16, BF16)")
+            raise UnsupportedTensorType(f"tensor '{name}' in {path.name} has dtype {dtype} (supported: {', '.join(_ST_DTYPES)})")
         nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]  # Python ints: a hostile shape cannot wrap around
         if not (0 <= begin <= end <= size - data_start) or end - begin != nbytes or any(d < 0 for d in shape):
             raise CheckpointError(f"{path.name}: tensor '{name}' lies outside the file or has the wrong size")
@@ -255,5 +256,7 @@ def _check_complete(path: Path, config: ModelConfig, tensors: dict[str, RawTenso
     for name, shape in expected_shapes(config).items():
         if name not in tensors:
             raise CheckpointError(f"{path.name}: tensor '{name}' is missing")
+        if tensors[name].ggml_type == GGMLQuantizationType.I32:
+            continue  # MLX-packed codes: [out, in * bits / 32]; the MLX backend checks them
         if tensors[name].shape != shape:
             raise CheckpointError(f"{path.name}: tensor '{name}' has shape {tensors[name].shape}, expected {shape}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from ..checkpoint import Checkpoint
 from ..engine import Engine, EngineInfo
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, CheckpointError
 from ..sampling import SamplingParams
 from .model import Transformer
 
@@ -43,6 +44,8 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class TorchEngine(Engine):
     def __init__(self, ckpt: Checkpoint, tokenizer, chat_template, device: str | None = None, dtype: str = "auto"):
+        if any(t.ggml_type == GGMLQuantizationType.I32 for t in ckpt.tensors.values()):
+            raise CheckpointError(f"{ckpt.path.name} is an MLX-quantized checkpoint: run it with --backend mlx")
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
         name = {v: k for k, v in DTYPES.items()}[torch_dtype]
