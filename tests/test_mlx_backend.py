@@ -205,20 +205,14 @@ def test_quantize_at_load():
         MLXEngine(open_checkpoint(TINY_HF), None, None, quantize=7)
 
 
-def test_mlx_checkpoint_loads_as_mlx_lm_loads_it(tmp_path, monkeypatch):
+def test_mlx_checkpoint_loads_as_mlx_lm_loads_it(tmp_path):
     """An mlx-community-style checkpoint (U32 packed weights, .scales/.biases, config.json
-    `quantization`), made by mlx_lm.convert. backends/checkpoint.py does not read U32 yet: the
-    patch below is the change it needs (U32 carried as I32; packed shapes not checked)."""
+    `quantization`), made by mlx_lm.convert; the torch backend says to use MLX for it."""
     import mlx_lm
 
-    from backends import checkpoint
-
     mlx_lm.convert(str(TINY_HF), mlx_path=str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=64)
-    with pytest.raises(CheckpointError, match="U32"):
-        open_checkpoint(tmp_path / "q4")
-    monkeypatch.setitem(checkpoint._ST_DTYPES, "U32", T.I32)
-    monkeypatch.setitem(checkpoint._ST_ITEMSIZE, "U32", 4)
-    monkeypatch.setattr(checkpoint, "_check_complete", lambda *args: None)
+    with pytest.raises(CheckpointError, match="--backend mlx"):
+        backends.load(tmp_path / "q4", backend="torch")
     engine = backends.load(tmp_path / "q4", backend="mlx", dtype="bf16")
     assert (engine.model.layers[0].mlp.up_proj.bits, engine.model.model.embed_tokens.group_size) == (4, 64)
 
