@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", help="a tokenizer.json (or directory) to use instead of the checkpoint's own")
     m.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
                    help="compute dtype (auto: bf16 on CUDA/MPS, f32 on CPU)")
+    m.add_argument("--quantize", type=int, choices=(4, 8),
+                   help="MLX backend: quantize a full-precision checkpoint to 4 or 8 bits at load")
     m.add_argument("--backend", choices=backends.BACKENDS, default="auto", help="auto: MLX on Apple Silicon, else torch")
     m.add_argument("--device", help="torch device: cpu, cuda, cuda:N, mps (default: the best available)")
 
@@ -85,7 +87,7 @@ def load_engine(args: argparse.Namespace, tracer: Tracer) -> tuple[backends.Engi
     resolved = resolve(args.model, args.model_type, args.quantization or DEFAULT_QUANTIZATION, args.model_path)
     t0 = time.perf_counter()
     engine = backends.load(resolved.path, backend=args.backend, device=args.device, dtype=args.dtype,
-                           tokenizer_path=args.tokenizer, tracer=tracer)
+                           tokenizer_path=args.tokenizer, tracer=tracer, quantize=args.quantize)
     i = engine.info
     if sys.stderr.isatty():  # progress chatter only for a person watching; errors stay one line
         print(f"loaded {i.checkpoint} ({i.weight_type}) on {i.backend} {i.device} {i.dtype} in "

@@ -80,6 +80,7 @@ def load(
     dtype: str = "auto",
     tokenizer_path: str | Path | None = None,
     tracer: Tracer | None = None,
+    quantize: int | None = None,
 ) -> Engine:
     """An engine for a local .gguf file or HF directory, or a Hub repo id (downloaded into the HF cache)."""
     tracer = tracer or NullTracer()
@@ -96,8 +97,10 @@ def load(
         if name == "mlx":
             from .mlx.engine import MLXEngine
 
-            engine: Engine = MLXEngine(ckpt, tokenizer, template, dtype=dtype)
+            engine: Engine = MLXEngine(ckpt, tokenizer, template, dtype=dtype, quantize=quantize)
         else:
+            if quantize is not None:
+                raise BackendUnavailable("--quantize (quantizing a full checkpoint at load) needs --backend mlx")
             from .torch.engine import TorchEngine
 
             engine = TorchEngine(ckpt, tokenizer, template, device=device, dtype=dtype)
