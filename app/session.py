@@ -2,16 +2,23 @@
 
 One-shot mode and the TUI both drive an engine through this, so prompt building and
 thinking handling live in one place.
+
+Every turn renders the whole conversation and tokenizes it; the engine reuses its KV cache
+for the longest common token prefix. An assistant message keeps the text exactly as
+generated (in /think mode with its `<think>...</think>` block), so that the next turn's
+prompt starts with the tokens the cache already holds and only the new turn is prefilled.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from backends import Engine, SamplingParams
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+StopCheck = Callable[[], bool]
 
 
 @dataclass
@@ -20,38 +27,167 @@ class ChatSession:
     thinking: bool = False
     use_template: bool = True
     system_prompt: str | None = None
+    # {"role": "user" | "assistant", "content": str}; callers may keep their own keys (an id, a
+    # status) in these dicts: only role and content reach the template.
     messages: list[dict] = field(default_factory=list)
+    # Why the last reply ended: the engine's "eos" | "length" | "context", or "stopped" when the
+    # caller stopped it (should_stop, or closing the stream early).
+    last_stop_reason: str = ""
 
-    def render(self, add_generation_prompt: bool = True) -> str:
+    # --- prompts ---
+
+    def render(self, add_generation_prompt: bool = True, messages: list[dict] | None = None) -> str:
+        messages = self.messages if messages is None else messages
         if not self.use_template or self.engine.chat_template is None:
             # Raw mode: the conversation is the concatenated text, as a base model expects.
-            return "".join(m["content"] for m in self.messages)
-        messages = list(self.messages)
+            return "".join(m["content"] for m in messages)
+        turns = [{"role": m["role"], "content": self._template_content(m)} for m in messages]
         if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
+            turns.insert(0, {"role": "system", "content": self.system_prompt})
         return self.engine.chat_template.render(
-            messages, add_generation_prompt=add_generation_prompt, enable_thinking=self.thinking
+            turns, add_generation_prompt=add_generation_prompt, enable_thinking=self.thinking
         )
+
+    def _template_content(self, message: dict) -> str:
+        if message["role"] == "assistant" and not self.thinking:
+            # A /no_think prompt gives every assistant turn an empty think block of its own; a
+            # reasoning kept from a /think turn would sit after it as answer text.
+            return split_thinking(message["content"])[1]
+        return message["content"]
 
     def prompt_ids(self) -> list[int]:
         return self.engine.tokenizer.encode(self.render())
 
-    def reply(self, user_text: str, max_new_tokens: int, sampling: SamplingParams, split_prompt: bool = False) -> Iterator[str]:
-        """Add a user turn and stream the assistant's text; the finished reply is added as a turn."""
+    def context_tokens(self) -> int:
+        """Tokens the conversation takes now, without a generation prompt (0 when empty)."""
+        if not self.messages:
+            return 0
+        return len(self.engine.tokenizer.encode(self.render(add_generation_prompt=False)))
+
+    @property
+    def supports_thinking(self) -> bool:
+        template = self.engine.chat_template
+        return self.use_template and template is not None and "enable_thinking" in template.source
+
+    # --- replies ---
+
+    def reply(
+        self,
+        user_text: str,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        split_prompt: bool = False,
+        should_stop: StopCheck | None = None,
+    ) -> Iterator[str]:
+        """Add a user turn and stream the assistant's text; the reply is added as a turn."""
         self.messages.append({"role": "user", "content": user_text})
+        return self.generate(max_new_tokens, sampling, split_prompt=split_prompt, should_stop=should_stop)
+
+    def generate(
+        self,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        split_prompt: bool = False,
+        should_stop: StopCheck | None = None,
+    ) -> Iterator[str]:
+        """Stream a new assistant turn answering the conversation as it stands.
+
+        The turn is appended to `messages` when the first token is about to be computed and its
+        content grows as text streams, so a stopped or failed reply keeps what was generated.
+        """
         ids = self.prompt_ids()
+        message = {"role": "assistant", "content": ""}
+        return self._stream(ids, message, max_new_tokens, sampling, split_prompt, should_stop, append=True)
+
+    def continue_reply(
+        self,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        should_stop: StopCheck | None = None,
+    ) -> Iterator[str]:
+        """Stream more of the last assistant message (one that was stopped), extending its content."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("there is no assistant message to continue")
+        message = self.messages[-1]
+        if not self.thinking and has_open_think(message["content"]):
+            # Stopped while reasoning, continued without: close the block so the rest is an answer.
+            message["content"] += "\n" + THINK_CLOSE + "\n"
+        if not self.use_template or self.engine.chat_template is None:
+            text = self.render()
+        else:
+            # The start of the assistant turn as the template writes it, then the text so far.
+            text = self.render(messages=self.messages[:-1]) + self._template_content(message).lstrip("\n")
+        ids = self.engine.tokenizer.encode(text)
+        return self._stream(ids, message, max_new_tokens, sampling, False, should_stop, append=False)
+
+    def _stream(self, ids, message, max_new_tokens, sampling, split_prompt, should_stop, append) -> Iterator[str]:
+        self.last_stop_reason = ""
+        tokens = self.engine.generate(ids, max_new_tokens, sampling, split_prompt=split_prompt)
         detok = self.engine.tokenizer.detokenizer()
-        parts: list[str] = []
+        reason = "stopped"
+
+        def add(text: str) -> None:
+            nonlocal append
+            if append:  # on the first token, or at the end: a failed prefill leaves no empty turn
+                self.messages.append(message)
+                append = False
+            message["content"] += text
+
         try:
-            for token in self.engine.generate(ids, max_new_tokens, sampling, split_prompt=split_prompt):
-                if text := detok.add(token):
-                    parts.append(text)
+            for token in tokens:
+                text = detok.add(token)
+                add(text)
+                if text:
                     yield text
-            if text := detok.flush():
-                parts.append(text)
+                if should_stop is not None and should_stop():
+                    break
+            else:
+                reason = self.engine.stats.stop_reason
+            text = detok.flush()
+            add(text)
+            if text:
                 yield text
+        except GeneratorExit:
+            # Closed early by the caller: keep the text of the tokens already generated.
+            add(detok.flush())
+            raise
+        except BaseException:
+            reason = "error"
+            raise
         finally:
-            self.messages.append({"role": "assistant", "content": "".join(parts)})
+            tokens.close()
+            if reason == "stopped":
+                self.engine.stats.stop_reason = "stopped"
+            self.last_stop_reason = reason
+
+    # --- editing the conversation ---
+
+    def drop_oldest_turn(self) -> list[dict]:
+        """Remove the oldest user turn and the replies to it; never the last user message.
+
+        Returns the removed messages ([] when nothing can go).
+        """
+        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        if len(users) < 2:
+            return []
+        removed, self.messages = self.messages[: users[1]], self.messages[users[1] :]
+        return removed
+
+    def clear(self) -> None:
+        self.messages = []
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """The reasoning and the answer of an assistant message, tags removed."""
+    splitter = ThinkingSplitter()
+    parts = {"think": [], "answer": []}
+    for kind, piece in splitter.feed(text) + splitter.flush():
+        parts[kind].append(piece)
+    return "".join(parts["think"]), "".join(parts["answer"])
+
+
+def has_open_think(text: str) -> bool:
+    return text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE)
 
 
 class ThinkingSplitter:

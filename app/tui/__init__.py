@@ -1,0 +1,38 @@
+"""The chat TUI (`smollm3` without --prompt)."""
+
+from __future__ import annotations
+
+from backends import SamplingParams
+
+from .app import ChatApp, EngineFactory
+
+__all__ = ["ChatApp", "run_tui"]
+
+
+def run_tui(
+    engine_factory: EngineFactory,
+    *,
+    thinking: bool,
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    resume: bool,
+    model_label: str,
+    use_template: bool = True,
+) -> int:
+    """Run the chat app until the user quits; the exit status (2 when the model failed to load).
+
+    engine_factory(progress) loads the model inside the app (in a worker thread, with a loading
+    screen); it may call progress("...") with a line to show, and returns an Engine or
+    (Engine, use_template). SmolLMError it raises is shown in the UI with what to do.
+    """
+    app = ChatApp(
+        engine_factory,
+        thinking=thinking,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        resume=resume,
+        model_label=model_label,
+        use_template=use_template,
+    )
+    code = app.run()
+    return code if isinstance(code, int) else 0

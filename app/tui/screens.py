@@ -1,0 +1,415 @@
+"""Screens: model loading (and load errors), settings, system prompt, chat history, small dialogs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from textual import events, on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, DataTable, Footer, Input, Label, LoadingIndicator, OptionList, Static, TextArea
+
+from backends import SamplingParams
+from backends.errors import (
+    BackendUnavailable,
+    CheckpointError,
+    ContextOverflow,
+    ResolutionError,
+    TemplateError,
+    TokenizerError,
+)
+
+from .store import ChatStore
+
+
+def error_hint(error: BaseException) -> str:
+    """What the user can do about a load error."""
+    if isinstance(error, ResolutionError):
+        return (
+            "Check the model name or --model-path. Downloads go to the Hugging Face cache "
+            "(~/.cache/huggingface); without network, only models already there can be used."
+        )
+    if isinstance(error, CheckpointError):
+        return (
+            "The checkpoint could not be used: if it was downloaded, delete it from the Hugging Face "
+            "cache and run again; otherwise pick another file with --model-path."
+        )
+    if isinstance(error, (TokenizerError, TemplateError)):
+        return "Pass a working tokenizer with --tokenizer, or --no-chat-template for a raw prompt."
+    if isinstance(error, BackendUnavailable):
+        return "Pick another --backend or --device (smollm3 --help lists them)."
+    if isinstance(error, ContextOverflow):
+        return "Start a new chat or drop the oldest turns."
+    return "Run `smollm3 --prompt ...` with SMOLLM3_DEBUG=1 for a traceback, and report it."
+
+
+class LoadingScreen(Screen[None]):
+    """Shown while the engine loads: the latest progress line (including download progress the
+    Hub client prints) and the time spent; on failure, the error and what to do about it."""
+
+    BINDINGS = [Binding("q", "quit_app", "Quit", show=False), Binding("escape", "quit_app", "Quit", show=False)]
+
+    def __init__(self, model_label: str):
+        super().__init__()
+        self.model_label = model_label
+        self.started = time.monotonic()
+        self.failed = False
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="loading-box"):
+            yield Label(f"Loading {self.model_label}", id="loading-title")
+            yield LoadingIndicator(id="loading-indicator")
+            yield Static("", id="loading-step", markup=False)
+            yield Static("", id="loading-error", markup=False)
+            yield Static("", id="loading-hint", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#loading-error").display = False
+        self.query_one("#loading-hint").display = False
+        self.app.begin_capture_print(self, stdout=True, stderr=True)
+        self._ticker = self.set_interval(0.5, self._tick)
+
+    def on_unmount(self) -> None:
+        try:
+            self.app.end_capture_print(self)
+        except KeyError:
+            pass
+
+    def on_print(self, event: events.Print) -> None:
+        # tqdm redraws its bar with "\r": the last non-empty segment is the current state.
+        text = event.text.replace("\r", "\n").strip()
+        if text:
+            self.progress(text.splitlines()[-1])
+
+    def progress(self, text: str) -> None:
+        if not self.failed:
+            self.query_one("#loading-step", Static).update(text)
+
+    def _tick(self) -> None:
+        if not self.failed:
+            self.query_one("#loading-title", Label).update(
+                f"Loading {self.model_label} ({time.monotonic() - self.started:.0f} s)"
+            )
+
+    def show_error(self, message: str, hint: str) -> None:
+        self.failed = True
+        self._ticker.stop()
+        self.query_one("#loading-title", Label).update(f"Could not load {self.model_label}")
+        self.query_one(LoadingIndicator).display = False
+        self.query_one("#loading-step").display = False
+        error = self.query_one("#loading-error", Static)
+        error.update(message)
+        error.display = True
+        hint_widget = self.query_one("#loading-hint", Static)
+        hint_widget.update(f"{hint}\n\nPress q to quit.")
+        hint_widget.display = True
+
+    def action_quit_app(self) -> None:
+        if self.failed:
+            self.app.exit(2)
+        else:
+            self.app.exit(130)
+
+
+@dataclass(frozen=True)
+class Settings:
+    sampling: SamplingParams
+    max_new_tokens: int
+
+
+class SettingsScreen(ModalScreen[Settings | None]):
+    """Temperature, top-p, top-k and the most tokens per answer; blank top-p/top-k turn them off."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.settings = settings
+
+    def compose(self) -> ComposeResult:
+        s = self.settings.sampling
+        with Vertical(id="settings-box", classes="dialog"):
+            yield Label("Settings", classes="dialog-title")
+            for key, label, value, hint in (
+                ("temperature", "Temperature", s.temperature, "0 is greedy"),
+                ("top_p", "Top-p", s.top_p, "(0, 1], blank: off"),
+                ("top_k", "Top-k", s.top_k, "1 or more, blank: off"),
+                ("max_new_tokens", "Max tokens", self.settings.max_new_tokens, "per answer"),
+            ):
+                with Horizontal(classes="field"):
+                    yield Label(label, classes="field-label")
+                    yield Input("" if value is None else str(value), id=key, classes="field-input")
+                    yield Label(hint, classes="field-hint")
+            yield Static("", id="settings-error", markup=False)
+            with Horizontal(classes="buttons"):
+                yield Button("Save", variant="primary", id="save")
+                yield Button("Cancel", id="cancel")
+        yield Footer()
+
+    def parse(self) -> Settings:
+        def value(key: str) -> str:
+            return self.query_one(f"#{key}", Input).value.strip()
+
+        def number(key: str, kind, name: str, optional: bool = False):
+            text = value(key)
+            if not text and optional:
+                return None
+            try:
+                return kind(text)
+            except ValueError:
+                raise ValueError(f"{name}: '{text}' is not a{'n integer' if kind is int else ' number'}") from None
+
+        temperature = number("temperature", float, "Temperature")
+        if temperature < 0:
+            raise ValueError("Temperature must be 0 or more")
+        max_new_tokens = number("max_new_tokens", int, "Max tokens")
+        if max_new_tokens < 1:
+            raise ValueError("Max tokens must be at least 1")
+        sampling = SamplingParams(
+            temperature=temperature,
+            top_p=number("top_p", float, "Top-p", optional=True),
+            top_k=number("top_k", int, "Top-k", optional=True),
+            repeat_penalty=self.settings.sampling.repeat_penalty,
+            repeat_last_n=self.settings.sampling.repeat_last_n,
+            seed=self.settings.sampling.seed,
+        ).validate()
+        return Settings(sampling, max_new_tokens)
+
+    def action_save(self) -> None:
+        try:
+            self.dismiss(self.parse())
+        except ValueError as e:
+            self.query_one("#settings-error", Static).update(str(e).replace("--top-p", "Top-p").replace("--top-k", "Top-k"))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Input.Submitted)
+    def _submitted(self) -> None:
+        self.action_save()
+
+    @on(Button.Pressed, "#save")
+    def _save(self) -> None:
+        self.action_save()
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.action_cancel()
+
+
+class SystemPromptScreen(ModalScreen[str | None]):
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+
+    def __init__(self, text: str | None):
+        super().__init__()
+        self.text = text or ""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="system-box", classes="dialog"):
+            yield Label("System prompt", classes="dialog-title")
+            yield Static(
+                "Instructions for this chat; empty for the model's default. Changing it changes the start "
+                "of the prompt, so the next answer prefills the whole conversation again.",
+                classes="dialog-help",
+            )
+            yield TextArea(self.text, id="system-text", soft_wrap=True)
+            with Horizontal(classes="buttons"):
+                yield Button("Save", variant="primary", id="save")
+                yield Button("Cancel", id="cancel")
+        yield Footer()
+
+    def action_save(self) -> None:
+        self.dismiss(self.query_one("#system-text", TextArea).text.strip())
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#save")
+    def _save(self) -> None:
+        self.action_save()
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.action_cancel()
+
+
+class InputScreen(ModalScreen[str | None]):
+    """One line of text (a chat's new title, a file to export to)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, title: str, value: str = ""):
+        super().__init__()
+        self.title_text = title
+        self.value = value
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog small"):
+            yield Label(self.title_text, classes="dialog-title")
+            yield Input(self.value, id="value")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ChoiceScreen(ModalScreen[str | None]):
+    """A question with a few answers, each with a key."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, title: str, text: str, choices: list[tuple[str, str, str]]):
+        """choices: (id, label, key)."""
+        super().__init__()
+        self.title_text = title
+        self.text = text
+        self.choices = choices
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog small"):
+            yield Label(self.title_text, classes="dialog-title")
+            yield Static(self.text, classes="dialog-help", markup=False)
+            with Horizontal(classes="buttons"):
+                for i, (choice, label, key) in enumerate(self.choices):
+                    yield Button(f"{label} [{key}]", id=f"choice-{choice}", variant="primary" if i == 0 else "default")
+
+    def on_key(self, event: events.Key) -> None:
+        for choice, _, key in self.choices:
+            if event.key == key:
+                event.stop()
+                self.dismiss(choice)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id.removeprefix("choice-"))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class CodeBlockScreen(ModalScreen[str | None]):
+    """Pick one of an answer's code blocks to copy."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, blocks: list[str]):
+        super().__init__()
+        self.blocks = blocks
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Copy which code block?", classes="dialog-title")
+            yield OptionList(*(self._preview(i, b) for i, b in enumerate(self.blocks)), id="blocks")
+
+    @staticmethod
+    def _preview(i: int, block: str) -> str:
+        first = block.strip().splitlines()[0] if block.strip() else ""
+        lines = block.count("\n")
+        return f"{i + 1}. {first[:60]}  ({lines} line{'s' if lines != 1 else ''})"
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(self.blocks[event.option_index])
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class HistoryScreen(ModalScreen[int | None]):
+    """Stored chats, newest first: open, rename, delete, export. Dismisses with the chat to open."""
+
+    BINDINGS = [
+        Binding("escape", "cancel", "Back"),
+        Binding("enter", "open", "Open", show=True, priority=True),
+        Binding("r", "rename", "Rename"),
+        Binding("d", "delete", "Delete"),
+        Binding("e", "export", "Export"),
+    ]
+
+    def __init__(self, store: ChatStore, current: int | None = None):
+        super().__init__()
+        self.store = store
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="history-box", classes="dialog"):
+            yield Label("Chats", classes="dialog-title")
+            yield DataTable(id="chats", cursor_type="row", zebra_stripes=True)
+            yield Static("", id="history-empty")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_column("Title", key="title")
+        table.add_column("Messages", key="messages")
+        table.add_column("Last used", key="updated")
+        self.reload()
+
+    def reload(self) -> None:
+        table = self.query_one(DataTable)
+        table.clear()
+        chats = self.store.chats()
+        for chat in chats:
+            marker = "● " if chat.id == self.current else ""
+            updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(chat.updated))
+            table.add_row(marker + chat.title, str(chat.messages), updated, key=str(chat.id))
+        self.query_one("#history-empty", Static).update("" if chats else "No stored chats yet.")
+
+    def selected(self) -> int | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
+        return int(key.value)
+
+    def action_open(self) -> None:
+        if (chat := self.selected()) is not None:
+            self.dismiss(chat)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open()
+
+    def action_rename(self) -> None:
+        chat = self.selected()
+        if chat is None:
+            return
+        title = self.store.load_chat(chat).title
+
+        def done(new: str | None) -> None:
+            if new:
+                self.store.rename_chat(chat, new)
+                self.app.chat_renamed(chat, new)
+                self.reload()
+
+        self.app.push_screen(InputScreen("Rename chat", title), done)
+
+    def action_delete(self) -> None:
+        chat = self.selected()
+        if chat is None:
+            return
+        if chat == self.current and self.app.generating:
+            self.notify("This chat is answering: stop it (Esc) before deleting it", severity="warning")
+            return
+        title = self.store.load_chat(chat).title
+
+        def done(choice: str | None) -> None:
+            if choice == "delete":
+                self.store.delete_chat(chat)
+                self.app.chat_deleted(chat)
+                self.reload()
+
+        self.app.push_screen(
+            ChoiceScreen("Delete chat", f"Delete “{title}” and all its messages?", [("delete", "Delete", "y"), ("keep", "Keep", "n")]),
+            done,
+        )
+
+    def action_export(self) -> None:
+        if (chat := self.selected()) is not None:
+            self.app.export_chat(chat)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
