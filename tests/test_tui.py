@@ -1,0 +1,506 @@
+"""The chat TUI driven headless with Pilot: against the tiny random SmolLM3 (real generation,
+gibberish text), a scripted engine where the text must be known, and SmolLM2-135M once."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import backends
+from app.tui.app import ChatApp, status_text
+from app.tui.screens import ChoiceScreen, HistoryScreen, InputScreen, LoadingScreen, Settings, SettingsScreen, SystemPromptScreen
+from app.tui.store import ChatStore
+from app.tui.widgets import AssistantMessage, PromptInput, UserMessage
+from backends import SamplingParams
+from backends.errors import ResolutionError
+from backends.sampling import GREEDY
+from test_tui_support import GenerateSpy, ScriptedEngine, ready, send, settle, tiny_engine, wait_for
+
+SIZE = (100, 32)
+THOUGHT_AND_CODE = (
+    "<think>\nThe user wants a loop.\n</think>\nHere is **one**:\n\n```python\nfor i in range(3):\n    print(i)\n```\n\nDone."
+)
+
+
+def make_app(tmp_path, engine=None, **kwargs) -> ChatApp:
+    engine = engine or tiny_engine()
+    kwargs.setdefault("sampling", GREEDY)
+    kwargs.setdefault("max_new_tokens", 6)
+    kwargs.setdefault("model_label", "tiny")
+    return ChatApp(lambda progress: engine, store=ChatStore(tmp_path / "chats.sqlite3"), **kwargs)
+
+
+def rows(tmp_path, sql="SELECT role, content, status, in_context FROM messages ORDER BY id"):
+    with sqlite3.connect(tmp_path / "chats.sqlite3") as db:
+        return db.execute(sql).fetchall()
+
+
+def answers(app) -> list[AssistantMessage]:
+    return list(app.query(AssistantMessage))
+
+
+async def test_send_streams_the_reply_and_stores_both_messages(tmp_path, monkeypatch):
+    bursts = []
+    real_add = AssistantMessage.add_pieces
+
+    async def add_pieces(self, pieces):
+        bursts.append(pieces)
+        await real_add(self, pieces)
+
+    monkeypatch.setattr(AssistantMessage, "add_pieces", add_pieces)
+    app = make_app(tmp_path, max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Hello")
+        (widget,) = answers(app)
+        content = app.session.messages[-1]["content"]
+        assert len(bursts) >= 2, "the reply arrived in one piece, not streamed"
+        assert "".join(text for burst in bursts for _, text in burst) == content
+        assert widget.answer_text == content and widget.answer.source == content.strip()
+        assert [w.text for w in app.query(UserMessage)] == ["Hello"]
+        assert rows(tmp_path) == [("user", "Hello", "done", 1), ("assistant", content, "length", 1)]
+        status = str(app.query_one("#status").render())
+        stats = app.engine.stats
+        assert f"prefilled {stats.prefilled_tokens} of {stats.prompt_tokens} tok" in status
+        assert f"ctx {stats.prompt_tokens + 8}/4096" in status and "tiny-smollm3-F16 · torch cpu" in status
+
+
+async def test_thinking_toggle_changes_the_next_prompt_and_costs_one_fresh_prefill(tmp_path, monkeypatch):
+    engine = tiny_engine()
+    spy = GenerateSpy(engine, monkeypatch)
+    app = make_app(tmp_path, max_new_tokens=3, thinking=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert str(app.query_one("#mode").render()) == "think off"
+        await send(pilot, "Hi")
+        assert "Reasoning Mode: /no_think" in spy.prompt_text()
+        assert spy.prompt_text().endswith("<|im_start|>assistant\n<think>\n\n</think>\n")
+
+        await pilot.press("ctrl+t")
+        assert str(app.query_one("#mode").render()) == "THINK ON" and app.session.thinking
+        await send(pilot, "Again")
+        think = spy.prompt_text()
+        assert "Reasoning Mode: /think" in think and think.endswith("<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n")
+        mode_at = len(engine.tokenizer.encode(think[: think.index("Reasoning Mode: /") + 17]))
+        assert engine.stats.prefilled_tokens >= engine.stats.prompt_tokens - mode_at  # from the metadata on
+        assert f"prefilled {engine.stats.prefilled_tokens} of {engine.stats.prompt_tokens}" in str(app.query_one("#status").render())
+
+        await send(pilot, "/no_think", wait=False)
+        await pilot.pause()
+        assert not app.session.thinking and app.query_prompt().text == "" and len(spy.calls) == 2
+        await send(pilot, "Third")
+        assert "Reasoning Mode: /no_think" in spy.prompt_text()
+        first_tokens = len(spy.calls[0][0])
+        await send(pilot, "Fourth")  # same mode: a normal turn reuses the cache
+        assert engine.stats.prefilled_tokens < engine.stats.prompt_tokens - first_tokens
+
+
+async def test_escape_stops_mid_answer_and_ctrl_r_continues_it(tmp_path):
+    app = make_app(tmp_path, max_new_tokens=400)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Tell me a long story", wait=False)
+        await wait_for(pilot, lambda: answers(app) and len(answers(app)[0].answer_text) > 20, what="some answer text")
+        await pilot.press("escape")
+        await settle(pilot)
+        (widget,) = answers(app)
+        message = app.session.messages[-1]
+        partial = message["content"]
+        assert message["status"] == "stopped" and widget.has_class("-stopped")
+        assert "stopped" in str(widget.note.render()) and app.engine.stats.generated_tokens < 400
+        assert rows(tmp_path)[-1] == ("assistant", partial, "stopped", 1)
+        first_prompt = app.engine.stats.prompt_tokens
+
+        app.settings = Settings(GREEDY, 4)
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        assert len(answers(app)) == 1 and len(app.session.messages) == 2
+        assert message["content"].startswith(partial) and len(message["content"]) > len(partial)
+        assert message["status"] == "length" and widget.answer_text == message["content"]
+        assert rows(tmp_path)[-1] == ("assistant", message["content"], "length", 1)
+        # The cache held the prompt and the answer so far (a random model's text may tokenize back
+        # differently, so some of the answer may be prefilled again).
+        assert app.engine.stats.prefilled_tokens <= app.engine.stats.prompt_tokens - first_prompt
+
+
+async def test_new_chat_starts_empty_and_is_stored_apart(tmp_path):
+    app = make_app(tmp_path, max_new_tokens=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "First chat")
+        first = app.chat_id
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert app.session.messages == [] and app.chat_id is None
+        assert not answers(app) and not list(app.query(UserMessage))
+        assert "ctx 0/4096" in str(app.query_one("#status").render())
+        await send(pilot, "Second chat")
+        assert app.chat_id != first and len(answers(app)) == 1
+    assert rows(tmp_path, "SELECT title FROM chats ORDER BY id") == [("First chat",), ("Second chat",)]
+
+
+KILLED_APP = """
+import sys
+sys.path.insert(0, {tests!r})
+from app.tui.app import ChatApp
+from app.tui.store import ChatStore
+from backends.sampling import GREEDY
+from test_tui_support import tiny_engine
+
+async def auto_pilot(pilot):
+    while pilot.app.engine is None:
+        await pilot.pause(0.05)
+    await pilot.pause(0.2)
+    prompt = pilot.app.query_prompt()
+    prompt.load_text("Remember this question")
+    await pilot.press("enter")
+    while True:
+        await pilot.pause(0.1)
+
+engine = tiny_engine()
+app = ChatApp(lambda progress: engine, store=ChatStore({db!r}), sampling=GREEDY, max_new_tokens=2000)
+app.run(headless=True, auto_pilot=auto_pilot)
+"""
+
+
+async def test_resume_after_the_app_is_killed_mid_answer(tmp_path):
+    db = tmp_path / "chats.sqlite3"
+    script = KILLED_APP.format(tests=str(Path(__file__).parent), db=str(db))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 120
+        saved = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if db.exists():
+                try:
+                    saved = rows(tmp_path, "SELECT content FROM messages WHERE role = 'assistant' AND content != ''")
+                except sqlite3.OperationalError:
+                    saved = []  # the schema is being created
+            if saved:
+                break
+        assert saved, f"no partial answer was saved (exit code {proc.poll()})"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    (user,), (assistant,) = rows(tmp_path, "SELECT content, status FROM messages WHERE role = 'user'"), rows(
+        tmp_path, "SELECT content, status FROM messages WHERE role = 'assistant'"
+    )
+    assert user == ("Remember this question", "done") and assistant[1] == "streaming" and assistant[0]
+
+    app = make_app(tmp_path, resume=True, max_new_tokens=3)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await wait_for(pilot, lambda: answers(app), what="the resumed chat")
+        assert [w.text for w in app.query(UserMessage)] == ["Remember this question"]
+        (widget,) = answers(app)
+        assert widget.answer_text == assistant[0] and "interrupted" in str(widget.note.render())
+        assert [m["content"] for m in app.session.messages] == ["Remember this question", assistant[0]]
+        assert app.query_prompt().inputs[-1] == "Remember this question"  # Up recalls it
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        assert app.session.messages[-1]["content"].startswith(assistant[0])
+        assert rows(tmp_path)[-1][2] == "length"
+
+
+async def test_markdown_export_of_a_chat(tmp_path):
+    engine = ScriptedEngine([THOUGHT_AND_CODE])
+    app = make_app(tmp_path, engine, thinking=True, max_new_tokens=100)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        app.set_system_prompt("Be brief.")
+        await send(pilot, "Show me a loop")
+        out = tmp_path / "loop.md"
+        await send(pilot, f"/export {out}")
+    assert out.read_text() == textwrap.dedent(
+        """\
+        # Show me a loop
+
+        **System prompt:**
+
+        > Be brief.
+
+        ## You
+
+        Show me a loop
+
+        ## SmolLM
+
+        <details><summary>Thinking</summary>
+
+        The user wants a loop.
+
+        </details>
+
+        Here is **one**:
+
+        ```python
+        for i in range(3):
+            print(i)
+        ```
+
+        Done.
+        """
+    )
+
+
+async def test_thinking_streams_into_its_own_block_folded_when_the_answer_starts(tmp_path):
+    engine = ScriptedEngine([THOUGHT_AND_CODE, "<think>\n\n</think>\nNo thought."], delay=0.05)
+    app = make_app(tmp_path, engine, thinking=True, max_new_tokens=100)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Show me a loop", wait=False)
+        await wait_for(pilot, lambda: answers(app) and answers(app)[0].thinking_block is not None, what="the thinking block")
+        block = answers(app)[0].thinking_block
+        assert not block.collapsed and block.title == "Thinking…"
+        await wait_for(pilot, lambda: answers(app)[0].answer_text.strip(), what="the answer")
+        assert block.collapsed and block.title == "Thought"
+        await settle(pilot)
+        widget = answers(app)[0]
+        assert widget.thinking_block.body.source == "The user wants a loop."
+        # The fence is whole after the final render.
+        assert widget.answer.source.endswith("```python\nfor i in range(3):\n    print(i)\n```\n\nDone.")
+        assert widget.query("MarkdownFence")
+
+        await send(pilot, "Again")  # an empty think block is not shown
+        assert answers(app)[1].thinking_block is None and answers(app)[1].answer_text.strip() == "No thought."
+
+
+async def test_copy_message_and_code_blocks(tmp_path):
+    two = "Two blocks:\n\n```sh\nls\n```\n\nand\n\n```python\nprint(2)\n```\n"
+    engine = ScriptedEngine([THOUGHT_AND_CODE, two])
+    app = make_app(tmp_path, engine, max_new_tokens=100)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Loop?")
+        answers(app)[0].focus()
+        await pilot.press("b")
+        assert app.clipboard == "for i in range(3):\n    print(i)\n"
+        await pilot.press("c")
+        assert app.clipboard.startswith("Here is **one**:") and "<think>" not in app.clipboard
+        await send(pilot, "More")
+        await pilot.press("ctrl+b")
+        await pilot.pause()
+        assert app.screen.__class__.__name__ == "CodeBlockScreen"
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        assert app.clipboard == "print(2)\n"
+
+
+async def test_context_full_offers_to_drop_the_oldest_turns(tmp_path):
+    engine = ScriptedEngine(["Short answer."])
+    app = make_app(tmp_path, engine, max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "One")
+        await send(pilot, "Two")
+        engine.config = type(engine.config)(**{**engine.config.__dict__, "context_length": len(app.session.prompt_ids()) + 4})
+        await send(pilot, "Three is a longer message than the room left")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the context-full dialog")
+        assert "Context full" in str(app.screen.query_one(".dialog-title").render())
+        assert len(answers(app)) == 2  # the empty answer was removed, the user's message kept
+        await pilot.press("d")
+        await settle(pilot)
+        assert [m["content"] for m in app.session.messages][-2:] == ["Three is a longer message than the room left", "Short answer."]
+        dropped = [w for w in app.query(".dropped")]
+        assert dropped and all(w.border_subtitle == "not in context" for w in dropped)
+        assert ("user", "One", "done", 0) in rows(tmp_path)
+        assert rows(tmp_path)[-1] == ("assistant", "Short answer.", "done", 1)
+
+
+async def test_context_full_mid_answer_stops_it_and_says_so(tmp_path):
+    engine = ScriptedEngine(["word " * 50])
+    app = make_app(tmp_path, engine, max_new_tokens=100)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        prompt = engine.tokenizer.encode(app.session.render(messages=[{"role": "user", "content": "Hi"}]))
+        engine.config = type(engine.config)(**{**engine.config.__dict__, "context_length": len(prompt) + 10})
+        await send(pilot, "Hi")
+        assert app.last_stats.generated_tokens == 10
+        assert app.session.messages[-1]["status"] == "context"
+        assert "context is full" in str(answers(app)[0].note.render())
+        assert isinstance(app.screen, ChoiceScreen)
+        await pilot.press("c")
+        await pilot.pause()
+        assert not isinstance(app.screen, ChoiceScreen)
+
+
+async def test_load_errors_are_shown_with_what_to_do(tmp_path):
+    def fail(progress):
+        progress("downloading…")
+        raise ResolutionError("unsloth/SmolLM3-3B-GGUF/SmolLM3-3B-Q8_0.gguf is not in the Hugging Face cache and the Hub cannot be reached (offline?)")
+
+    app = ChatApp(fail, store=ChatStore(tmp_path / "chats.sqlite3"), model_label="3b q8_0")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen) and app.screen.failed, what="the error")
+        screen = app.screen
+        assert "Could not load 3b q8_0" in str(screen.query_one("#loading-title").render())
+        assert "Hub cannot be reached" in str(screen.query_one("#loading-error").render())
+        assert "--model-path" in str(screen.query_one("#loading-hint").render())
+        await pilot.press("q")
+    assert app.return_value == 2
+
+    app = ChatApp(lambda p: 1 / 0, store=ChatStore(tmp_path / "chats.sqlite3"))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen) and app.screen.failed, what="the error")
+        assert "internal error: ZeroDivisionError" in str(app.screen.query_one("#loading-error").render())
+
+
+async def test_settings_screen_validates_and_applies_to_the_next_answer(tmp_path, monkeypatch):
+    spy = GenerateSpy(tiny_engine(), monkeypatch)
+    app = make_app(tmp_path, sampling=SamplingParams(temperature=0.8, seed=5), max_new_tokens=3)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, SettingsScreen)
+        app.screen.query_one("#temperature").value = "hot"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "Temperature: 'hot' is not a number" in str(app.screen.query_one("#settings-error").render())
+        app.screen.query_one("#temperature").value = "0.3"
+        app.screen.query_one("#top_p").value = "1.5"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "Top-p must be in (0, 1]" in str(app.screen.query_one("#settings-error").render())
+        app.screen.query_one("#top_p").value = "0.9"
+        app.screen.query_one("#top_k").value = "40"
+        app.screen.query_one("#max_new_tokens").value = "2"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert not isinstance(app.screen, SettingsScreen)
+        await send(pilot, "Hi")
+        _, max_new_tokens, sampling = spy.calls[-1]
+        assert max_new_tokens == 2 and sampling == SamplingParams(temperature=0.3, top_p=0.9, top_k=40, seed=5)
+
+
+async def test_system_prompt_can_be_edited_at_any_time(tmp_path, monkeypatch):
+    spy = GenerateSpy(tiny_engine(), monkeypatch)
+    app = make_app(tmp_path, max_new_tokens=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Hi")
+        await pilot.press("ctrl+g")
+        await pilot.pause()
+        assert isinstance(app.screen, SystemPromptScreen)
+        app.screen.query_one("#system-text").load_text("Answer in French.")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert str(app.query_one("#system-view").render()) == "Answer in French."
+        await send(pilot, "Again")
+        assert "## Custom Instructions\n\nAnswer in French." in spy.prompt_text()
+        # The system block changed: the conversation is prefilled again from the change on.
+        text = spy.prompt_text()
+        unchanged = len(app.engine.tokenizer.encode(text[: text.index("Answer in French.")]))
+        # (+1: cutting the text there may split what is one token in the whole prompt)
+        assert app.engine.stats.prefilled_tokens + 1 >= app.engine.stats.prompt_tokens - unchanged
+    assert rows(tmp_path, "SELECT system_prompt FROM chats") == [("Answer in French.",)]
+
+
+async def test_history_screen_opens_renames_and_deletes_chats(tmp_path):
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    a = store.create_chat("About cats")
+    store.add_message(a, "user", "Cats?")
+    store.add_message(a, "assistant", "Cats are **great**.")
+    b = store.create_chat("About dogs")
+    store.add_message(b, "user", "Dogs?")
+    store.close()
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        assert isinstance(app.screen, HistoryScreen)
+        table = app.screen.query_one("#chats")
+        assert table.row_count == 2 and table.get_row_at(0)[0] == "About dogs"
+        await pilot.press("r")
+        await pilot.pause()
+        assert isinstance(app.screen, InputScreen)
+        app.screen.query_one("#value").value = "Dogs, renamed"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert table.get_row_at(0)[0] == "Dogs, renamed"
+        await pilot.press("d")
+        await pilot.pause()
+        await pilot.press("y")
+        await pilot.pause()
+        assert table.row_count == 1
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: answers(app), what="the opened chat")
+        assert app.chat_id == a and [m["content"] for m in app.session.messages] == ["Cats?", "Cats are **great**."]
+        assert answers(app)[0].answer.source == "Cats are **great**."
+    assert rows(tmp_path, "SELECT title FROM chats") == [("About cats",)]
+
+
+async def test_multiline_input_and_input_history(tmp_path):
+    app = make_app(tmp_path, max_new_tokens=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        prompt = app.query_one(PromptInput)
+        await pilot.press("a", "shift+enter", "b", "ctrl+j", "c")
+        assert prompt.text == "a\nb\nc" and not app.session.messages
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.session.messages[0]["content"] == "a\nb\nc" and prompt.text == ""
+        await send(pilot, "second")
+        await pilot.press("x")
+        await pilot.press("up")
+        assert prompt.text == "second"
+        await pilot.press("up")
+        assert prompt.text == "a\nb\nc" and prompt.cursor_location[0] == 0
+        await pilot.press("down")  # from the first line of three: moves the cursor, not the history
+        assert prompt.text == "a\nb\nc"
+        await pilot.press("down", "down")
+        assert prompt.text == "second"
+        await pilot.press("down")
+        assert prompt.text == "x"  # the draft is back
+
+
+async def test_command_palette_toggles_thinking(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert not app.session.thinking
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Toggle thinking")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.session.thinking, what="thinking on")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for title in ("New chat", "Continue the answer", "Chats", "Settings", "Edit system prompt", "Export chat as Markdown", "Copy code block"):
+            assert title in titles
+
+
+def test_status_text_names_model_backend_context_and_speeds():
+    engine = ScriptedEngine(["x"])
+    stats = backends.GenerationStats(prompt_tokens=400, prefilled_tokens=12, prefill_s=0.1, generated_tokens=30, decode_steps=29, decode_s=2.0)
+    assert status_text(engine, 430, stats) == (
+        "ctx 430/4096 · prefilled 12 of 400 tok, 120 tok/s · generated 30, 14.5 tok/s · SmolLM3-3B-Q4_K_M · torch cpu"
+    )
+    assert status_text(None, 0, None) == "loading the model…"
+
+
+async def test_smollm2_answers_and_the_second_turn_prefills_only_the_new_turn(tmp_path, smollm2_gguf):
+    engine = backends.load(smollm2_gguf)
+    app = make_app(tmp_path, engine, max_new_tokens=12)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "What is the capital of France?", timeout=300)
+        assert "Paris" in answers(app)[0].answer.source
+        first = app.last_stats
+        assert first.stop_reason == "eos" and app.session.messages[-1]["status"] == "done"
+        app.settings = Settings(GREEDY, 3)
+        await send(pilot, "And of Italy?", timeout=300)
+        second = app.last_stats
+        new_turn = engine.tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n")
+        assert second.prefilled_tokens == len(new_turn) == second.prompt_tokens - first.prompt_tokens - first.generated_tokens
+        assert f"prefilled {len(new_turn)} of {second.prompt_tokens} tok" in str(app.query_one("#status").render())
