@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", help="generate one answer to this prompt and exit (without it: the chat TUI)")
+    g.add_argument("--resume", action="store_true", help="chat TUI: reopen the last chat")
     g.add_argument("-n", "--sample-len", type=int, default=1000, help="most tokens to generate (default: 1000)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: 0.8)")
     g.add_argument("--top-p", type=float, help="nucleus sampling cutoff")
@@ -84,13 +85,13 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
         raise UsageError(str(e)) from None
 
 
-def load_engine(args: argparse.Namespace, tracer: Tracer) -> tuple[backends.Engine, bool]:
+def load_engine(args: argparse.Namespace, tracer: Tracer, chatter: bool = True) -> tuple[backends.Engine, bool]:
     resolved = resolve(args.model, args.model_type, args.quantization or DEFAULT_QUANTIZATION, args.model_path)
     t0 = time.perf_counter()
     engine = backends.load(resolved.path, backend=args.backend, device=args.device, dtype=args.dtype,
                            tokenizer_path=args.tokenizer, tracer=tracer, quantize=args.quantize)
     i = engine.info
-    if sys.stderr.isatty():  # progress chatter only for a person watching; errors stay one line
+    if chatter and sys.stderr.isatty():  # progress chatter only for a person watching; errors stay one line
         print(f"loaded {i.checkpoint} ({i.weight_type}) on {i.backend} {i.device} {i.dtype} in "
               f"{time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return engine, resolved.chat and not args.no_chat_template
@@ -130,6 +131,21 @@ def run_prompt(args: argparse.Namespace, engine: backends.Engine, use_template: 
     return 0
 
 
+def run_chat(args: argparse.Namespace, tracer: Tracer) -> int:
+    from .tui import run_tui  # Textual loads only for the chat
+
+    def engine_factory(progress):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # stderr belongs to the TUI now
+        progress(f"loading {args.model_path or 'SmolLM ' + args.model}...")
+        return load_engine(args, tracer, chatter=False)
+
+    label = os.path.basename(args.model_path.rstrip("/")) if args.model_path else f"SmolLM {args.model}"
+    return run_tui(engine_factory, thinking=args.thinking, sampling=sampling_from(args),
+                   max_new_tokens=args.sample_len, resume=args.resume, model_label=label)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # `smollm3 bench ...`: load and speed figures, like llama-bench
@@ -143,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         check_flags(args)
         sampling_from(args)
         if args.prompt is None:
-            raise UsageError("the chat TUI is not built yet: pass --prompt \"...\" for one-shot mode")
+            return run_chat(args, tracer)
+        if args.resume:
+            raise UsageError("--resume opens the chat TUI: drop --prompt")
         engine, use_template = load_engine(args, tracer)
         return run_prompt(args, engine, use_template)
     except SmolLMError as e:
