@@ -1,12 +1,14 @@
 """torch modules over checkpoint tensors: one handler per way of holding a weight.
 
 - `DenseLinear`: float weights (safetensors), in the compute dtype.
-- `Int4Linear`: Q4_0, Q4_1, Q4_K repacked for torch's int4 weight-only matmul
-  (`_weight_int4pack_mm*`). The mapping is exact: w = (q - 8) * scale + zero per group of 32,
-  with scale and zero rounded to bf16 (the kernel's dtype), at most 0.26% of max|w| for Q4_K.
-- `GroupedLinear`: every other GGML type as int8 codes with a float32 scale (and offset) per
-  group, exact. Decoding one token runs a fused, compiled dequantize-and-reduce that reads
-  each weight byte once; longer inputs dequantize row slices into a GEMM.
+- `Int4Linear`: the types with groups of 32 on torch's int4 weight-only matmul
+  (`_weight_int4pack_mm*`, no compiler needed): Q4_0, Q4_1, Q4_K as one plane of 4-bit codes,
+  Q8_0 and Q5_x as two planes (high and low nibbles) that sum to the weights. The codes map
+  exactly (w = (q - 8) * scale + zero per group of 32); scales, zeros, activations and outputs
+  are bf16, the kernel's dtype (at most 0.26% of max|w| for Q4_K's scales).
+- `GroupedLinear`: the group-16 types (Q6_K, Q3_K, Q2_K) as int8 codes with a float scale (and
+  offset) per group, exact. Decoding one token runs a fused, compiled dequantize-and-reduce
+  that reads each weight byte once; longer inputs dequantize row slices into a GEMM.
 - `GGMLLinear`: the raw blocks, dequantized per call. The reference path, and the fallback
   where the others are unavailable (`SMOLLM3_KERNELS=reference`).
 
@@ -32,7 +34,6 @@ from ..quants import Affine, affine_rows, dequantize, ggml_format
 # pages, which is most of the cost (see backends/quants.py): 4M weights = 16 MB of float32.
 MAX_SLICE_ELEMS = 1 << 22
 DENSE_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-INT4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K)
 
 
 def kernels_mode() -> str:
@@ -228,11 +229,17 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tenso
     return torch.ops.aten._weight_int4pack_mm(x, packed, INT4_GROUP, scales_and_zeros)
 
 
-def int4_from_affine(a: Affine) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [N, K] and scales_and_zeros bf16 [K/32, N, 2] with w = (q - 8) * scale + zero."""
-    zero = (a.offset if a.offset is not None else torch.zeros_like(a.scale)) + (8 - a.zero) * a.scale
-    scales_and_zeros = torch.cat((a.scale, zero), -1).transpose(0, 1).to(torch.bfloat16).contiguous()
-    return a.q.reshape(a.q.shape[0], -1), scales_and_zeros
+def int4_planes(a: Affine, split: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Codes [N, K] and scales_and_zeros [N, K/32, 2] planes with w = (q - 8) * scale + zero,
+    summing to the weights exactly. Codes of up to 8 bits (Q8_0, Q5_x) split into two 4-bit
+    planes: with c = q - zero = 16 h + l, w = 16 s h + o (+) s l."""
+    offset = a.offset if a.offset is not None else torch.zeros_like(a.scale)
+    if not split:
+        return [(a.q.reshape(a.q.shape[0], -1), torch.cat((a.scale, offset + (8 - a.zero) * a.scale), -1))]
+    c = a.q.to(torch.int16) - a.zero
+    high = ((c >> 4) + 8).to(torch.uint8).reshape(c.shape[0], -1)  # arithmetic shift: -8..7
+    low = (c & 15).to(torch.uint8).reshape(c.shape[0], -1)
+    return [(high, torch.cat((16 * a.scale, offset), -1)), (low, torch.cat((a.scale, 8 * a.scale), -1))]
 
 
 @functools.cache
@@ -243,29 +250,69 @@ def int4_works(device_type: str) -> bool:
         q = torch.randint(0, 16, (64, 128), dtype=torch.uint8)
         scale, zero = torch.rand(64, 4, 1) / 8, torch.randn(64, 4, 1) / 8
         a = Affine(q.view(64, 4, 32), scale, 0, zero)
-        codes, sz = int4_from_affine(a)
+        ((codes, sz),) = int4_planes(a, split=False)
         x = torch.randn(2, 128, dtype=torch.bfloat16)
-        got = int4_mm(x.to(device), int4_pack(codes, device), sz.to(device)).float().cpu()
+        sz = sz.transpose(0, 1).to(torch.bfloat16).contiguous().to(device)
+        got = int4_mm(x.to(device), int4_pack(codes, device), sz).float().cpu()
         want = x.float() @ a.dequantize().t()
         return bool(torch.allclose(got, want, atol=0.05 * float(want.abs().max())))
     except Exception:  # op missing on this build or GPU generation (CUDA needs sm80+)
         return False
 
 
+# GGML types whose groups are 32 wide, as the int4 kernel's: 4-bit codes in one plane, wider in two.
+INT4_ONE_PLANE = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K)
+INT4_TWO_PLANES = (
+    GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.Q5_K,
+)
+
+
 class Int4Linear(nn.Module):
+    """Weights as one or two planes of torch's int4 matmul, stacked by rows and run as one call."""
+
     def __init__(self, raw: RawTensor, device: torch.device):
         super().__init__()
         self.ggml_type = raw.ggml_type
         self.out_features, self.in_features = raw.shape
-        codes, scales_and_zeros = int4_from_affine(affine_rows(raw_to_torch(raw, torch.device("cpu")), raw.ggml_type, raw.name))
-        self.register_buffer("packed", int4_pack(codes, device), persistent=False)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(device), persistent=False)
+        split = raw.ggml_type in INT4_TWO_PLANES
+        blocks = raw_to_torch(raw, torch.device("cpu"))
+        step = max(64, MAX_SLICE_ELEMS // self.in_features // 64 * 64)  # whole 64-row blocks of the layout
+        planes: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []] if split else [[]]
+        for start in range(0, self.out_features, step):  # slices keep the unpacking temporaries small
+            for plane, (codes, sz) in zip(planes, int4_planes(affine_rows(blocks[start : start + step], raw.ggml_type, raw.name), split)):
+                plane.append((int4_pack(codes, device), sz.to(torch.bfloat16)))
+        self.planes = len(planes)
+        packed = [p for plane in planes for p, _ in plane]
+        scales = [sz for plane in planes for _, sz in plane]
+        self.register_buffer("packed", torch.cat(packed), persistent=False)
+        self.register_buffer("scales_and_zeros", torch.cat(scales).transpose(0, 1).contiguous().to(device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_mm(x.to(torch.bfloat16), self.packed, self.scales_and_zeros).to(x.dtype)
+        y = int4_mm(x.to(torch.bfloat16), self.packed, self.scales_and_zeros)
+        if self.planes == 2:
+            y = y[:, : self.out_features].float() + y[:, self.out_features :].float()
+        return y.to(x.dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows (an embedding lookup), read out of the CPU kernel's blocked layout."""
+        w = self._plane_rows(ids)
+        if self.planes == 2:
+            w = w + self._plane_rows(ids + self.out_features)
+        return w.to(dtype)
+
+    def _plane_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        layout = self.packed.view(-1, self.in_features, 32)  # see _pack_cpu_blocked
+        block, within = rows // 64, rows % 64
+        pairs = layout[block, :, within % 32]  # [R, K]
+        codes = torch.where((within < 32).unsqueeze(-1), pairs & 15, pairs >> 4).float()
+        sz = self.scales_and_zeros[:, rows].float().repeat_interleave(INT4_GROUP, dim=0)  # [K, R, 2]
+        return (codes - 8) * sz[..., 0].t() + sz[..., 1].t()
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.ggml_type.name} as int4"
+        return f"{self.in_features}, {self.out_features}, {self.ggml_type.name} as {self.planes} int4 plane(s)"
 
 
 def linear(raw: RawTensor, dtype: torch.dtype, device: torch.device, keep_blocks: bool, embedding: bool = False) -> nn.Module:
@@ -276,7 +323,8 @@ def linear(raw: RawTensor, dtype: torch.dtype, device: torch.device, keep_blocks
     ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
     if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES:
         return GGMLLinear(raw, device)
-    if raw.ggml_type in INT4_TYPES and not embedding and int4_works(device.type):
+    rows_readable = device.type == "cpu" and raw.shape[0] % 64 == 0 and cpu_int4_layout_is_blocked()
+    if raw.ggml_type in INT4_ONE_PLANE + INT4_TWO_PLANES and (rows_readable or not embedding) and int4_works(device.type):
         try:
             return Int4Linear(raw, device)
         except RuntimeError:  # a shape this build's int4 packing rejects (CUDA tiles): stay exact instead
