@@ -211,6 +211,43 @@ async def test_resume_after_the_app_is_killed_mid_answer(tmp_path):
         assert rows(tmp_path)[-1][2] == "length"
 
 
+async def test_auto_scroll_follows_the_answer_only_while_the_view_is_at_the_bottom(tmp_path):
+    engine = ScriptedEngine(["line\n\n" * 60], delay=0.03)
+    app = make_app(tmp_path, engine, max_new_tokens=500)
+    async with app.run_test(size=(80, 20)) as pilot:
+        await ready(pilot)
+        await send(pilot, "Lines", wait=False)
+        log = app.log_view
+        await wait_for(pilot, lambda: log.max_scroll_y > 5, what="an answer taller than the view")
+        await pilot.pause(0.1)
+        assert log.scroll_y == log.max_scroll_y  # following
+        log.scroll_home(animate=False)  # the reader scrolls up
+        height = log.max_scroll_y
+        await wait_for(pilot, lambda: log.max_scroll_y > height + 5, what="more lines")
+        assert log.scroll_y == 0  # left where the reader put it
+        log.scroll_end(animate=False)  # back at the bottom: following again
+        await settle(pilot)
+        await pilot.pause(0.1)
+        assert log.max_scroll_y > height + 10 and log.scroll_y == log.max_scroll_y
+
+
+async def test_an_unanswered_message_in_a_resumed_chat_is_answered_on_ctrl_r(tmp_path):
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    chat = store.create_chat("Dangling")
+    store.add_message(chat, "user", "Sent, then the app died")
+    store.add_message(chat, "assistant", "", "streaming")  # killed before its first token
+    store.close()
+    app = make_app(tmp_path, ScriptedEngine(["Answered."]), resume=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await wait_for(pilot, lambda: list(app.query(UserMessage)), what="the resumed chat")
+        assert not answers(app) and app.session.messages[-1]["role"] == "user"
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        assert [m["content"] for m in app.session.messages] == ["Sent, then the app died", "Answered."]
+    assert rows(tmp_path) == [("user", "Sent, then the app died", "done", 1), ("assistant", "Answered.", "done", 1)]
+
+
 async def test_markdown_export_of_a_chat(tmp_path):
     engine = ScriptedEngine([THOUGHT_AND_CODE])
     app = make_app(tmp_path, engine, thinking=True, max_new_tokens=100)

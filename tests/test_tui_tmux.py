@@ -1,4 +1,4 @@
-"""The TUI in a real terminal: a scripted tmux session (skipped where tmux is absent)."""
+"""`smollm3` without --prompt in a real terminal: a scripted tmux session (skipped without tmux)."""
 
 import os
 import shlex
@@ -22,7 +22,9 @@ class Tmux:
         self.socket = f"smollm3-test-{os.getpid()}"  # a server of our own, never the user's
 
     def __call__(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True).stdout
+        done = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True)
+        assert done.returncode == 0, f"tmux {' '.join(args)}: {done.stderr.strip()}"
+        return done.stdout
 
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "chat")
@@ -44,8 +46,8 @@ def test_chat_in_a_real_terminal(tmp_path):
         # (the test process may carry COLUMNS/LINES from its own terminal: the pane's size counts)
         "unset COLUMNS LINES; "
         f"cd {shlex.quote(str(ROOT))} && SMOLLM3_DATA_DIR={shlex.quote(str(tmp_path))} "
-        f"{shlex.quote(sys.executable)} -m app.tui --model-path {shlex.quote(str(tiny_gguf('F16')))} "
-        f"-n 6 --temperature 0; echo $? > {shlex.quote(str(exit_file))}"
+        f"{shlex.quote(sys.executable)} -m app --model-path {shlex.quote(str(tiny_gguf('F16')))} "
+        f"-n 6 --temperature 0; echo $? > {shlex.quote(str(exit_file))}; sleep 60"  # (the pane stays for a look)
     )
     tmux("new-session", "-d", "-s", "chat", "-x", "120", "-y", "32", command)
     try:

@@ -35,4 +35,6 @@ def run_tui(
         use_template=use_template,
     )
     code = app.run()
+    if app.return_code:  # the app failed (Textual has printed why)
+        return app.return_code
     return code if isinstance(code, int) else 0

@@ -67,12 +67,6 @@ class EngineFailed(Message):
         self.error, self.hint = error, hint
 
 
-class LoadProgress(Message):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-
 class Pieces(Message):
     """A burst of ("think" | "answer", text) pieces of the message being generated."""
 
@@ -198,16 +192,20 @@ class ChatApp(App[int]):
         self.query_prompt().set_inputs(self.store.recent_inputs())
         if self.resume and (last := self.store.last_chat_id()) is not None:
             self.call_after_refresh(self.open_chat, last)
-        self.push_screen(LoadingScreen(self.model_label))
+        loading = LoadingScreen(self.model_label)
+        self.push_screen(loading)
+        # From now on, so that nothing the loader prints (download progress bars) is missed.
+        self.begin_capture_print(loading, stdout=True, stderr=True)
         self.update_mode()
         self._load_engine()
 
     @work(thread=True, group="load", exit_on_error=False)
     def _load_engine(self) -> None:
         def progress(text: str) -> None:
-            self.post_message(LoadProgress(text))
+            if screen := self._loading_screen():
+                screen.post_message(LoadingScreen.Progress(text))
 
-        progress("reading the checkpoint…")
+        progress("opening the checkpoint (a download shows its progress here)…")
         try:
             result = self.engine_factory(progress)
         except SmolLMError as e:
@@ -221,11 +219,6 @@ class ChatApp(App[int]):
 
     def _loading_screen(self) -> LoadingScreen | None:
         return next((s for s in self.screen_stack if isinstance(s, LoadingScreen)), None)
-
-    @on(LoadProgress)
-    def _load_progress(self, event: LoadProgress) -> None:
-        if screen := self._loading_screen():
-            screen.progress(event.text)
 
     @on(EngineFailed)
     def _engine_failed(self, event: EngineFailed) -> None:
@@ -278,8 +271,13 @@ class ChatApp(App[int]):
         if action == "stop":
             return self.generating
         if action == "continue":
-            return True if self._continuable() is not None and not self.generating else None
+            can = self._continuable() is not None or self._unanswered()
+            return True if can and not self.generating else None
         return True
+
+    def _unanswered(self) -> bool:
+        """The last message is the user's, without a reply (the app died before the first token)."""
+        return bool(self.session.messages) and self.session.messages[-1]["role"] == "user"
 
     def _continuable(self) -> dict | None:
         messages = self.session.messages
@@ -350,7 +348,7 @@ class ChatApp(App[int]):
         with self.engine_lock:
             splitter = ThinkingSplitter()
             pending: list[tuple[str, str]] = []
-            error = None
+            error, overflow = None, False
             try:
                 if continuing:
                     stream = session.continue_reply(settings.max_new_tokens, settings.sampling, should_stop=lambda: worker.is_cancelled)
@@ -372,14 +370,14 @@ class ChatApp(App[int]):
                     message = session.messages[-1]  # an empty answer (EOS first)
             except ContextOverflow as e:
                 self.post_message(ContextFull(str(e)))
-                error = str(e)
+                overflow = True
             except SmolLMError as e:
                 error = str(e)
             except Exception as e:  # a bug of ours, shown on the message rather than as a traceback
                 error = f"internal error: {type(e).__name__}: {e}"
             if pending and message is not None:
                 self.post_message(Pieces(message, merge_pieces(pending)))
-            reason = "error" if error else session.last_stop_reason
+            reason = "overflow" if overflow else "error" if error else session.last_stop_reason
             self.post_message(Finished(message, reason, dataclasses.replace(session.engine.stats), error))
 
     @on(Pieces)
@@ -409,7 +407,7 @@ class ChatApp(App[int]):
             # Nothing was generated (a prompt too long, an error before the first token).
             if widget is not None:
                 await widget.remove()
-            if event.error and not isinstance(self.screen, ChoiceScreen):
+            if event.error:
                 self.notify(event.error, title="Generation failed", severity="error", timeout=8)
         else:
             message["status"] = status
@@ -501,6 +499,9 @@ class ChatApp(App[int]):
 
     async def action_continue(self) -> None:
         if self._busy():
+            return
+        if self._unanswered():
+            await self._start(None)
             return
         message = self._continuable()
         widget = self.widgets_by_id.get(message.get("id")) if message else None

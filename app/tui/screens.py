@@ -9,6 +9,7 @@ from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Input, Label, LoadingIndicator, OptionList, Static, TextArea
 
@@ -52,6 +53,13 @@ class LoadingScreen(Screen[None]):
 
     BINDINGS = [Binding("q", "quit_app", "Quit", show=False), Binding("escape", "quit_app", "Quit", show=False)]
 
+    class Progress(Message):
+        """A line from the loader (posted here, so that it keeps its order with printed output)."""
+
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
     def __init__(self, model_label: str):
         super().__init__()
         self.model_label = model_label
@@ -69,7 +77,6 @@ class LoadingScreen(Screen[None]):
     def on_mount(self) -> None:
         self.query_one("#loading-error").display = False
         self.query_one("#loading-hint").display = False
-        self.app.begin_capture_print(self, stdout=True, stderr=True)
         self._ticker = self.set_interval(0.5, self._tick)
 
     def on_unmount(self) -> None:
@@ -83,6 +90,9 @@ class LoadingScreen(Screen[None]):
         text = event.text.replace("\r", "\n").strip()
         if text:
             self.progress(text.splitlines()[-1])
+
+    def on_loading_screen_progress(self, event: Progress) -> None:
+        self.progress(event.text)
 
     def progress(self, text: str) -> None:
         if not self.failed:
