@@ -138,3 +138,29 @@ def test_padded_tokenizer_keeps_smollm2_ids(smollm2_gguf):
     assert len(fields["tokenizer.ggml.tokens"]) == len(fields["tokenizer.ggml.token_type"]) == 128256
     paragraph = tokenizer_from_gguf(fields).encode(PROMPT_TEXT)
     assert paragraph == prompt_ids_for(str(smollm2_gguf), len(paragraph))
+
+
+def test_merge_replaces_only_the_remeasured_cells():
+    def result(model, engine, samples):
+        return {"model": model, "engine": engine, "samples": samples}
+
+    dims = {"layers": 2, "kv_heads": 1, "head_dim": 64}
+    machine = {"cpu": "x", "cores": 2, "ram_gb": 24.0, "platform": "linux", "python": "3.11"}
+    old = {"argv": ["--models", "135m"], "n_gen": 32, "lengths": [32, 512], "machine": machine, "wall_s": 60.0,
+           "started": "2026-01-01 10:00", "reps": 3, "threads": 2,
+           "models": {"135m": {"file": "f", "size_mb": 100.0, "dims": dims}},
+           "results": [result("135m", "ours", [_sample(32, 1.0, 0.5, 0.2, 12.0, 600), _sample(512, 1.0, 0.5, 9.0,
+                                                                                                1.0, 700)]),
+                       result("135m", "llamacpp", [_sample(32, 0.5, 0.2, 0.2, 10.0, 200),
+                                                   _sample(512, 0.5, 0.2, 4.0, 10.0, 200)])]}
+    new = {"argv": ["-p", "512"], "n_gen": 32, "lengths": [512], "machine": machine,
+           "models": {"135m": {"file": "f", "size_mb": 100.0, "dims": dims}},
+           "results": [result("135m", "ours", [_sample(512, 1.0, 0.5, 2.0, 11.0, 650)])]}
+    run = harness.merge_runs(old, new)
+    harness.complete(run)
+    ours = next(r for r in run["results"] if r["engine"] == "ours")
+    assert [s["ttft_s"] for s in ours["samples"]] == [0.2, 2.0]
+    assert run["lengths"] == [32, 512] and run["argv"] == [["--models", "135m"], ["-p", "512"]]
+    assert run["models"]["135m"]["ratios"]["prefill_tok_s@512"] == pytest.approx(2.0)
+    assert run["models"]["135m"]["kv_mb"] == pytest.approx(2 * 2 * 64 * 544 * 4 / 2**20)
+    assert "then `python bench/run.py -p 512`" in harness.report_markdown(run)
