@@ -370,6 +370,55 @@ async def test_context_full_mid_answer_stops_it_and_says_so(tmp_path):
         assert not isinstance(app.screen, ChoiceScreen)
 
 
+async def test_drop_command_takes_the_oldest_turn_out_of_the_prompt(tmp_path):
+    engine = ScriptedEngine(["First answer.", "Second answer.", "Third answer."])
+    app = make_app(tmp_path, engine, max_new_tokens=20)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Turn one")
+        await send(pilot, "Turn two")
+        await send(pilot, "/drop")
+        assert [m["content"] for m in app.session.messages] == ["Turn two", "Second answer."]
+        assert len(app.query(".dropped")) == 2
+        await send(pilot, "Turn three")
+        assert "Turn one" not in engine.prompt_text() and "Turn two" in engine.prompt_text()
+    assert [r[3] for r in rows(tmp_path)] == [0, 0, 1, 1, 1, 1]
+
+
+async def test_quitting_mid_answer_keeps_what_was_generated(tmp_path):
+    engine = ScriptedEngine(["word " * 200], delay=0.05)
+    app = make_app(tmp_path, engine, max_new_tokens=500)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Go on and on", wait=False)
+        await wait_for(pilot, lambda: answers(app) and len(answers(app)[0].answer_text) > 20, what="some answer text")
+        await pilot.press("ctrl+q")
+    content, status = rows(tmp_path, "SELECT content, status FROM messages WHERE role = 'assistant'")[0]
+    assert status == "stopped" and content.startswith("word word word") and app.return_value == 0
+
+
+async def test_loading_screen_shows_progress_lines_and_printed_download_bars(tmp_path):
+    import threading
+
+    go = threading.Event()
+
+    def factory(progress):
+        progress("loading SmolLM 3b...")
+        print("model.gguf:  10%|#         | 0.3G/3.2G\rmodel.gguf:  42%|####2     | 1.4G/3.2G\x1b[A", file=sys.stderr)
+        go.wait(30)
+        return tiny_engine()
+
+    app = ChatApp(factory, store=ChatStore(tmp_path / "chats.sqlite3"), model_label="SmolLM 3b")
+    async with app.run_test(size=SIZE) as pilot:
+        step = lambda: str(app.screen.query_one("#loading-step").render())  # noqa: E731
+        await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen) and "42%" in step(), what="the bar")
+        assert step() == "model.gguf:  42%|####2     | 1.4G/3.2G"
+        assert "Loading SmolLM 3b" in str(app.screen.query_one("#loading-title").render())
+        go.set()
+        await ready(pilot)
+        assert "ctx 0/4096" in str(app.query_one("#status").render())
+
+
 async def test_load_errors_are_shown_with_what_to_do(tmp_path):
     def fail(progress):
         progress("downloading…")

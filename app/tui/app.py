@@ -27,7 +27,7 @@ from textual.worker import get_current_worker
 from backends import Engine, GenerationStats, SamplingParams, SmolLMError
 from backends.errors import ContextOverflow
 
-from ..session import ChatSession, ThinkingSplitter
+from ..session import ChatSession, ThinkingSplitter, split_thinking
 from .export import chat_markdown
 from .screens import (
     ChoiceScreen,
@@ -165,7 +165,7 @@ class ChatApp(App[int]):
         self.engine_lock = threading.Lock()  # one generation at a time, even while a stopped one winds down
         self.last_stats: GenerationStats | None = None
         self.context_used: int | None = 0
-        self.widgets_by_id: dict[int, object] = {}
+        self.widgets_by_id: dict[int, UserMessage | AssistantMessage] = {}  # by message id in the store
         self._last_save = 0.0
 
     def compose(self) -> ComposeResult:
@@ -604,8 +604,6 @@ class ChatApp(App[int]):
         self.copy_code_from(last["content"] if last else "")
 
     def copy_code_from(self, text: str) -> None:
-        from ..session import split_thinking
-
         blocks = code_blocks(split_thinking(text)[1])
         if not blocks:
             self.notify("No code block in that answer", timeout=2)
@@ -626,8 +624,6 @@ class ChatApp(App[int]):
         if last is None:
             self.notify("No answer to copy yet", timeout=2)
             return
-        from ..session import split_thinking
-
         self.copy_to_clipboard(split_thinking(last["content"])[1].strip())
         self.notify("Answer copied", timeout=2)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,9 @@ from backends.errors import (
 )
 
 from .store import ChatStore
+
+
+_ANSI_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 def error_hint(error: BaseException) -> str:
@@ -86,8 +90,9 @@ class LoadingScreen(Screen[None]):
             pass
 
     def on_print(self, event: events.Print) -> None:
-        # tqdm redraws its bar with "\r": the last non-empty segment is the current state.
-        text = event.text.replace("\r", "\n").strip()
+        # tqdm redraws its bar with "\r" (and moves the cursor for nested bars): the last
+        # non-empty segment, without escape sequences, is the current state.
+        text = _ANSI_CSI.sub("", event.text).replace("\r", "\n").strip()
         if text:
             self.progress(text.splitlines()[-1])
 
