@@ -14,9 +14,9 @@ import pytest
 
 import backends
 from app.tui.app import ChatApp, status_text
-from app.tui.screens import ChoiceScreen, HistoryScreen, InputScreen, LoadingScreen, Settings, SettingsScreen, SystemPromptScreen
+from app.tui.screens import ChoiceScreen, HistoryScreen, InputScreen, Settings, SettingsScreen, SystemPromptScreen
 from app.tui.store import ChatStore
-from app.tui.widgets import AssistantMessage, PromptInput, UserMessage
+from app.tui.widgets import AssistantMessage, LoadingPanel, PromptInput, UserMessage
 from backends import SamplingParams
 from backends.errors import ResolutionError
 from backends.sampling import GREEDY
@@ -397,26 +397,34 @@ async def test_quitting_mid_answer_keeps_what_was_generated(tmp_path):
     assert status == "stopped" and content.startswith("word word word") and app.return_value == 0
 
 
-async def test_loading_screen_shows_progress_lines_and_printed_download_bars(tmp_path):
+async def test_loading_shows_progress_lines_and_printed_download_bars_and_a_message_can_wait(tmp_path):
     import threading
 
     go = threading.Event()
+    engine = ScriptedEngine(["Loaded and answered."])
 
     def factory(progress):
         progress("loading SmolLM 3b...")
         print("model.gguf:  10%|#         | 0.3G/3.2G\rmodel.gguf:  42%|####2     | 1.4G/3.2G\x1b[A", file=sys.stderr)
         go.wait(30)
-        return tiny_engine()
+        return engine
 
     app = ChatApp(factory, store=ChatStore(tmp_path / "chats.sqlite3"), model_label="SmolLM 3b")
     async with app.run_test(size=SIZE) as pilot:
-        step = lambda: str(app.screen.query_one("#loading-step").render())  # noqa: E731
-        await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen) and "42%" in step(), what="the bar")
+        panel = app.query_one(LoadingPanel)
+        step = lambda: str(panel.query_one("#loading-step").render())  # noqa: E731
+        await wait_for(pilot, lambda: "42%" in step(), what="the bar")
         assert step() == "model.gguf:  42%|####2     | 1.4G/3.2G"
-        assert "Loading SmolLM 3b" in str(app.screen.query_one("#loading-title").render())
+        assert "Loading SmolLM 3b" in str(panel.query_one("#loading-title").render())
+        await send(pilot, "Typed while loading", wait=False)  # kept, answered once loaded
+        await pilot.pause()
+        assert [w.text for w in app.query(UserMessage)] == ["Typed while loading"] and not answers(app)
+        assert rows(tmp_path) == [("user", "Typed while loading", "done", 1)]
         go.set()
         await ready(pilot)
-        assert "ctx 0/4096" in str(app.query_one("#status").render())
+        await settle(pilot)
+        assert app.session.messages[-1]["content"] == "Loaded and answered."
+        assert "ctx " in str(app.query_one("#status").render())
 
 
 async def test_load_errors_are_shown_with_what_to_do(tmp_path):
@@ -426,18 +434,20 @@ async def test_load_errors_are_shown_with_what_to_do(tmp_path):
 
     app = ChatApp(fail, store=ChatStore(tmp_path / "chats.sqlite3"), model_label="3b q8_0")
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen) and app.screen.failed, what="the error")
-        screen = app.screen
-        assert "Could not load 3b q8_0" in str(screen.query_one("#loading-title").render())
-        assert "Hub cannot be reached" in str(screen.query_one("#loading-error").render())
-        assert "--model-path" in str(screen.query_one("#loading-hint").render())
-        await pilot.press("q")
+        panel = app.query_one(LoadingPanel)
+        await wait_for(pilot, lambda: panel.failed, what="the error")
+        assert "Could not load 3b q8_0" in str(panel.query_one("#loading-title").render())
+        assert "Hub cannot be reached" in str(panel.query_one("#loading-error").render())
+        assert "--model-path" in str(panel.query_one("#loading-hint").render())
+        assert str(app.query_one("#status").render()) == "the model did not load"
+        await pilot.press("ctrl+q")
     assert app.return_value == 2
 
     app = ChatApp(lambda p: 1 / 0, store=ChatStore(tmp_path / "chats.sqlite3"))
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen) and app.screen.failed, what="the error")
-        assert "internal error: ZeroDivisionError" in str(app.screen.query_one("#loading-error").render())
+        panel = app.query_one(LoadingPanel)
+        await wait_for(pilot, lambda: panel.failed, what="the error")
+        assert "internal error: ZeroDivisionError" in str(panel.query_one("#loading-error").render())
 
 
 async def test_settings_screen_validates_and_applies_to_the_next_answer(tmp_path, monkeypatch):

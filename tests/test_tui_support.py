@@ -95,10 +95,10 @@ async def wait_for(pilot, condition, timeout: float = 60.0, what: str = "conditi
 
 async def ready(pilot) -> None:
     """Wait for the engine to load and the loading screen to go."""
-    from app.tui.screens import LoadingScreen
+    from app.tui.widgets import LoadingPanel
 
     app = pilot.app
-    await wait_for(pilot, lambda: app.engine is not None and not isinstance(app.screen, LoadingScreen), what="the engine")
+    await wait_for(pilot, lambda: app.engine is not None and not app.query_one(LoadingPanel).display, what="the engine")
     await pilot.pause()
 
 

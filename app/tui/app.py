@@ -34,14 +34,22 @@ from .screens import (
     CodeBlockScreen,
     HistoryScreen,
     InputScreen,
-    LoadingScreen,
     Settings,
     SettingsScreen,
     SystemPromptScreen,
     error_hint,
 )
 from .store import ChatStore, StoreError
-from .widgets import CONTINUABLE, AssistantMessage, PromptInput, StatusLine, SystemPromptView, UserMessage, code_blocks
+from .widgets import (
+    CONTINUABLE,
+    AssistantMessage,
+    LoadingPanel,
+    PromptInput,
+    StatusLine,
+    SystemPromptView,
+    UserMessage,
+    code_blocks,
+)
 
 BURST_S = 1 / 30  # tokens are posted to the UI at most this often, merged
 SAVE_EVERY_S = 1.0  # a streaming answer is checkpointed to the store this often
@@ -165,10 +173,13 @@ class ChatApp(App[int]):
         self.engine_lock = threading.Lock()  # one generation at a time, even while a stopped one winds down
         self.last_stats: GenerationStats | None = None
         self.context_used: int | None = 0
+        self.load_failed = False
+        self.waiting_for_engine = False  # a message was sent while the model loaded
         self.widgets_by_id: dict[int, UserMessage | AssistantMessage] = {}  # by message id in the store
         self._last_save = 0.0
 
     def compose(self) -> ComposeResult:
+        yield LoadingPanel(self.model_label, id="loading")
         with VerticalScroll(id="chat-log"):
             yield SystemPromptView("", id="system-view", markup=False)
         yield PromptInput(
@@ -192,18 +203,18 @@ class ChatApp(App[int]):
         self.query_prompt().set_inputs(self.store.recent_inputs())
         if self.resume and (last := self.store.last_chat_id()) is not None:
             self.call_after_refresh(self.open_chat, last)
-        loading = LoadingScreen(self.model_label)
-        self.push_screen(loading)
         # From now on, so that nothing the loader prints (download progress bars) is missed.
-        self.begin_capture_print(loading, stdout=True, stderr=True)
+        self.begin_capture_print(self.query_one(LoadingPanel), stdout=True, stderr=True)
         self.update_mode()
+        self.query_prompt().focus()
         self._load_engine()
 
     @work(thread=True, group="load", exit_on_error=False)
     def _load_engine(self) -> None:
+        panel = self.query_one(LoadingPanel)
+
         def progress(text: str) -> None:
-            if screen := self._loading_screen():
-                screen.post_message(LoadingScreen.Progress(text))
+            panel.post_message(LoadingPanel.Progress(text))
 
         progress("opening the checkpoint (a download shows its progress here)…")
         try:
@@ -217,25 +228,32 @@ class ChatApp(App[int]):
         engine, use_template = result if isinstance(result, tuple) else (result, self.use_template)
         self.post_message(EngineReady(engine, use_template))
 
-    def _loading_screen(self) -> LoadingScreen | None:
-        return next((s for s in self.screen_stack if isinstance(s, LoadingScreen)), None)
+    def _end_loading(self) -> LoadingPanel:
+        panel = self.query_one(LoadingPanel)
+        if panel in self._capture_print:
+            self.end_capture_print(panel)
+        return panel
 
     @on(EngineFailed)
     def _engine_failed(self, event: EngineFailed) -> None:
-        if screen := self._loading_screen():
-            screen.show_error(event.error, event.hint)
+        self.load_failed = True
+        self._end_loading().show_error(event.error, event.hint)
+        self.update_status()
 
     @on(EngineReady)
     async def _engine_ready(self, event: EngineReady) -> None:
         self.engine = event.engine
         self.session.engine = event.engine
         self.session.use_template = event.use_template
-        if self._loading_screen() is self.screen:
-            self.pop_screen()
+        self._end_loading().done()
         self.context_used = self.session.context_tokens()
         self.update_mode()
         self.update_status()
-        self.query_prompt().focus()
+        self.refresh_bindings()
+        if self._unanswered() and self.waiting_for_engine:
+            # Sent while the model loaded: answer it now.
+            self.waiting_for_engine = False
+            await self._start(None)
 
     # --- helpers ---
 
@@ -251,9 +269,8 @@ class ChatApp(App[int]):
         return self.chat_screen.query_one("#chat-log", VerticalScroll)
 
     def update_status(self) -> None:
-        self.chat_screen.query_one("#status", StatusLine).update(
-            status_text(self.engine, self.context_used, self.last_stats)
-        )
+        text = "the model did not load" if self.load_failed else status_text(self.engine, self.context_used, self.last_stats)
+        self.chat_screen.query_one("#status", StatusLine).update(text)
 
     def update_mode(self) -> None:
         mode = self.chat_screen.query_one("#mode", Static)
@@ -289,6 +306,9 @@ class ChatApp(App[int]):
         if self.generating:
             self.notify("An answer is being generated: press Esc to stop it first", severity="warning", timeout=3)
             return True
+        if self.load_failed:
+            self.notify("The model did not load (see above): Ctrl+Q quits", severity="error", timeout=5)
+            return True
         if self.engine is None:
             self.notify("The model is still loading", severity="warning", timeout=3)
             return True
@@ -306,7 +326,8 @@ class ChatApp(App[int]):
             prompt.remember(text)
             prompt.clear()
             return
-        if self._busy():
+        if self.generating or self.load_failed or self.waiting_for_engine:
+            self._busy()
             return
         prompt.remember(text)
         prompt.clear()
@@ -320,6 +341,11 @@ class ChatApp(App[int]):
         widget = UserMessage(text, message)
         self.widgets_by_id[message["id"]] = widget
         await self.log_view.mount(widget)
+        self.log_view.anchor()
+        if self.engine is None:
+            self.waiting_for_engine = True  # stored and shown; answered once the model is loaded
+            self.refresh_bindings()
+            return
         await self._start(None)
 
     def _ensure_chat(self, first_text: str) -> None:
@@ -663,7 +689,7 @@ class ChatApp(App[int]):
             self.workers.cancel_group(self, "generate")
             if "id" in message:
                 self.store.update_message(message["id"], message["content"], "stopped")
-        self.exit(0)
+        self.exit(2 if self.load_failed else 0)
 
     # --- slash commands and the command palette ---
 

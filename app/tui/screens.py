@@ -1,8 +1,7 @@
-"""Screens: model loading (and load errors), settings, system prompt, chat history, small dialogs."""
+"""Screens: settings, system prompt, chat history, small dialogs; what to do about a load error."""
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 
@@ -10,9 +9,8 @@ from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.message import Message
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, DataTable, Footer, Input, Label, LoadingIndicator, OptionList, Static, TextArea
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Footer, Input, Label, OptionList, Static, TextArea
 
 from backends import SamplingParams
 from backends.errors import (
@@ -25,9 +23,6 @@ from backends.errors import (
 )
 
 from .store import ChatStore
-
-
-_ANSI_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 def error_hint(error: BaseException) -> str:
@@ -49,84 +44,6 @@ def error_hint(error: BaseException) -> str:
     if isinstance(error, ContextOverflow):
         return "Start a new chat or drop the oldest turns."
     return "Run `smollm3 --prompt ...` with SMOLLM3_DEBUG=1 for a traceback, and report it."
-
-
-class LoadingScreen(Screen[None]):
-    """Shown while the engine loads: the latest progress line (including download progress the
-    Hub client prints) and the time spent; on failure, the error and what to do about it."""
-
-    BINDINGS = [Binding("q", "quit_app", "Quit", show=False), Binding("escape", "quit_app", "Quit", show=False)]
-
-    class Progress(Message):
-        """A line from the loader (posted here, so that it keeps its order with printed output)."""
-
-        def __init__(self, text: str):
-            super().__init__()
-            self.text = text
-
-    def __init__(self, model_label: str):
-        super().__init__()
-        self.model_label = model_label
-        self.started = time.monotonic()
-        self.failed = False
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="loading-box"):
-            yield Label(f"Loading {self.model_label}", id="loading-title")
-            yield LoadingIndicator(id="loading-indicator")
-            yield Static("", id="loading-step", markup=False)
-            yield Static("", id="loading-error", markup=False)
-            yield Static("", id="loading-hint", markup=False)
-
-    def on_mount(self) -> None:
-        self.query_one("#loading-error").display = False
-        self.query_one("#loading-hint").display = False
-        self._ticker = self.set_interval(0.5, self._tick)
-
-    def on_unmount(self) -> None:
-        try:
-            self.app.end_capture_print(self)
-        except KeyError:
-            pass
-
-    def on_print(self, event: events.Print) -> None:
-        # tqdm redraws its bar with "\r" (and moves the cursor for nested bars): the last
-        # non-empty segment, without escape sequences, is the current state.
-        text = _ANSI_CSI.sub("", event.text).replace("\r", "\n").strip()
-        if text:
-            self.progress(text.splitlines()[-1])
-
-    def on_loading_screen_progress(self, event: Progress) -> None:
-        self.progress(event.text)
-
-    def progress(self, text: str) -> None:
-        if not self.failed:
-            self.query_one("#loading-step", Static).update(text)
-
-    def _tick(self) -> None:
-        if not self.failed:
-            self.query_one("#loading-title", Label).update(
-                f"Loading {self.model_label} ({time.monotonic() - self.started:.0f} s)"
-            )
-
-    def show_error(self, message: str, hint: str) -> None:
-        self.failed = True
-        self._ticker.stop()
-        self.query_one("#loading-title", Label).update(f"Could not load {self.model_label}")
-        self.query_one(LoadingIndicator).display = False
-        self.query_one("#loading-step").display = False
-        error = self.query_one("#loading-error", Static)
-        error.update(message)
-        error.display = True
-        hint_widget = self.query_one("#loading-hint", Static)
-        hint_widget.update(f"{hint}\n\nPress q to quit.")
-        hint_widget.display = True
-
-    def action_quit_app(self) -> None:
-        if self.failed:
-            self.app.exit(2)
-        else:
-            self.app.exit(130)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 from markdown_it import MarkdownIt
 from textual import events
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Collapsible, Markdown, Static, TextArea
+from textual.widgets import Collapsible, Label, LoadingIndicator, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownStream
 
 from ..session import split_thinking
@@ -245,3 +248,75 @@ class AssistantMessage(Vertical, can_focus=True):
 
 class StatusLine(Static):
     pass
+
+
+_ANSI_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+class LoadingPanel(Vertical):
+    """Shown above the chat while the engine loads: the latest progress line (including the
+    download bars the Hub client prints, captured by the app) and the time spent; on failure,
+    the error and what to do. The input box stays usable: a message sent now waits for the model."""
+
+    class Progress(Message):
+        """A line from the loader (posted here, so that it keeps its order with printed output)."""
+
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    def __init__(self, model_label: str, **kwargs):
+        super().__init__(**kwargs)
+        self.model_label = model_label
+        self.started = time.monotonic()
+        self.failed = False
+
+    def compose(self):
+        yield Label(f"Loading {self.model_label}", id="loading-title")
+        yield LoadingIndicator(id="loading-indicator")
+        yield Static("", id="loading-step", markup=False)
+        yield Static("", id="loading-error", markup=False)
+        yield Static("", id="loading-hint", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#loading-error").display = False
+        self.query_one("#loading-hint").display = False
+        self._ticker = self.set_interval(0.5, self._tick)
+
+    def on_print(self, event: events.Print) -> None:
+        # tqdm redraws its bar with "\r" (and moves the cursor for nested bars): the last
+        # non-empty segment, without escape sequences, is the current state.
+        text = _ANSI_CSI.sub("", event.text).replace("\r", "\n").strip()
+        if text:
+            self.progress(text.splitlines()[-1])
+
+    def on_loading_panel_progress(self, event: Progress) -> None:
+        self.progress(event.text)
+
+    def progress(self, text: str) -> None:
+        if not self.failed:
+            self.query_one("#loading-step", Static).update(text)
+
+    def _tick(self) -> None:
+        if not self.failed:
+            self.query_one("#loading-title", Label).update(
+                f"Loading {self.model_label} ({time.monotonic() - self.started:.0f} s)"
+            )
+
+    def show_error(self, message: str, hint: str) -> None:
+        self.failed = True
+        self._ticker.stop()
+        self.add_class("-failed")
+        self.query_one("#loading-title", Label).update(f"Could not load {self.model_label}")
+        self.query_one(LoadingIndicator).display = False
+        self.query_one("#loading-step").display = False
+        error = self.query_one("#loading-error", Static)
+        error.update(message)
+        error.display = True
+        hint_widget = self.query_one("#loading-hint", Static)
+        hint_widget.update(f"{hint}\n\nCtrl+Q quits.")
+        hint_widget.display = True
+
+    def done(self) -> None:
+        self._ticker.stop()
+        self.display = False
