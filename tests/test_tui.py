@@ -1,7 +1,6 @@
 """The chat TUI driven headless with Pilot: against the tiny random SmolLM3 (real generation,
 gibberish text), a scripted engine where the text must be known, and SmolLM2-135M once."""
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -9,8 +8,6 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-
-import pytest
 
 import backends
 from app.tui.app import ChatApp, status_text

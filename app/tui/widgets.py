@@ -13,7 +13,7 @@ from textual.message import Message
 from textual.widgets import Collapsible, Label, LoadingIndicator, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownStream
 
-from ..session import split_thinking
+from ..session import has_open_think, split_thinking
 
 # What a stored status means to the reader, and whether ctrl+r can go on from it.
 STATUS_NOTES = {
@@ -234,9 +234,12 @@ class AssistantMessage(Vertical, can_focus=True):
         self.set_status(status, error)
 
     def resume_streaming(self) -> None:
-        """Continue: later pieces extend this message."""
+        """Continue: later pieces extend this message (a thought stopped midway opens again)."""
         self.streaming = True
         self.set_status("streaming-live")
+        if self.thinking_block is not None and self.message and has_open_think(self.message["content"]):
+            self.thinking_block.collapsed = False
+            self.thinking_block.title = "Thinking…"
 
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.answer_text.strip())
