@@ -483,7 +483,7 @@ class ChatApp(App[int]):
         size = self.engine.config.context_length
         room = min(self.settings.max_new_tokens, size // 4)
         dropped: list[dict] = []
-        while at_least_one and not dropped or len(self.session.prompt_ids()) + room > size:
+        while (at_least_one and not dropped) or len(self.session.prompt_ids()) + room > size:
             removed = self.session.drop_oldest_turn()
             if not removed:
                 break
