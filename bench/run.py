@@ -134,6 +134,8 @@ def merge_runs(old: dict, new: dict) -> dict:
                          for (m, e), by_len in cells.items()]
     merged["lengths"] = sorted({s["prompt_len"] for r in merged["results"] for s in r["samples"]})
     merged["wall_s"] = old.get("wall_s", 0.0)
+    merged.pop("partial", None)
+    merged["failures"] = new.get("failures", [])
     return merged
 
 
@@ -191,6 +193,7 @@ def report_markdown(run: dict) -> str:
     ]
     rows = [(r["model"], r["engine"], r["summary"]) for r in run["results"]]
     lines += [format_table(rows), ""]
+    lines += [f"Failed: {f}" for f in run.get("failures", [])] + ([""] if run.get("failures") else [])
     for key, model in run["models"].items():
         if not model.get("ratios"):
             continue
@@ -270,6 +273,8 @@ def main(argv: list[str]) -> int:
         made = ensure_models(quantized, smollm2, args.threads, log=log)
         paths.update({key: made[MODELS[key]] for key in models if MODELS[key]})
 
+    out = args.out or BENCH / "runs" / f"{started:%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     run = {"argv": argv, "started": f"{started:%Y-%m-%d %H:%M}", "machine": machine_info(), "lengths": lengths,
            "n_gen": args.n_gen, "reps": args.reps, "threads": args.threads, "models": {}, "results": []}
     for key in models:
@@ -280,14 +285,18 @@ def main(argv: list[str]) -> int:
         for engine in engines:
             if engine == "transformers" and key != "135m" and not args.transformers_on_3b:
                 continue
-            result = measure_engine(engine, path, ids, lengths, args)
+            try:
+                result = measure_engine(engine, path, ids, lengths, args)
+            except (BenchError, subprocess.TimeoutExpired) as e:  # keep the other engines' results
+                log(f"  {e}")
+                run.setdefault("failures", []).append(f"{engine} on {key}: {e}")
+                continue
             run["results"].append({"model": key, "engine": engine, "samples": result["samples"]})
+            out.write_text(json.dumps({**run, "partial": True}, indent=1))  # a stopped run keeps what it measured
     if old:
         run = merge_runs(old, run)
     complete(run)
     run["wall_s"] = run.get("wall_s", 0.0) + time.perf_counter() - t_start
-    out = args.out or BENCH / "runs" / f"{started:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(run, indent=1))
     markdown = report_markdown(run)
     print(markdown)
