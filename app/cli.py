@@ -134,10 +134,7 @@ def run_prompt(args: argparse.Namespace, engine: backends.Engine, use_template: 
 def run_chat(args: argparse.Namespace, tracer: Tracer) -> int:
     from .tui import run_tui  # Textual loads only for the chat
 
-    def engine_factory(progress):
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()  # stderr belongs to the TUI now
+    def engine_factory(progress):  # the app shows what loading prints (download bars) on its loading panel
         progress(f"loading {args.model_path or 'SmolLM ' + args.model}...")
         return load_engine(args, tracer, chatter=False)
 
