@@ -86,13 +86,13 @@ class Engine:
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """float32 [len, vocab] logits of a fresh forward pass from position 0."""
-        self._check_fits(len(token_ids), 0)
+        self._check_fits(len(token_ids))
         self.cached_ids = []
         out = self.to_numpy(self.forward(list(token_ids), 0, last_only=False))
         self.cached_ids = list(token_ids)
         return out
 
-    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+    def _check_fits(self, prompt_len: int) -> None:
         if prompt_len == 0:
             raise ContextOverflow("the prompt is empty")
         if prompt_len >= self.config.context_length:
@@ -128,7 +128,7 @@ class Engine:
         split_prompt: bool = False,
     ) -> Iterator[int]:
         """Yield generated token ids until an EOS id (not yielded), max_new_tokens, or a full context."""
-        self._check_fits(len(prompt_ids), max_new_tokens)
+        self._check_fits(len(prompt_ids))
         self.stats = GenerationStats()
         self.reset_rng(sampling.seed)
         history: list[int] = []  # the repeat penalty looks at generated tokens only, as the seed does
