@@ -47,6 +47,10 @@ class Checkpoint:
         if self.gguf_file is not None and name in self._gguf_names:
             self.gguf_file.release(self.gguf_file.tensors[self._gguf_names[name]])
 
+    def maps(self, address: int) -> bool:
+        """Whether memory at `address` is the checkpoint file itself (so must not be released)."""
+        return self.gguf_file is not None and self.gguf_file.maps(address)
+
     @cached_property
     def _gguf_names(self) -> dict[str, str]:
         return {hf_name_from_gguf(n): n for n in self.gguf_file.tensors} if self.gguf_file else {}

@@ -203,6 +203,11 @@ class GGUFFile:
         data = np.frombuffer(self._mmap, np.uint8, info.nbytes, info.offset)
         return data.reshape(rows, -1) if info.nbytes else data.reshape(rows, 0)
 
+    def maps(self, address: int) -> bool:
+        """Whether `address` lies in this file's mapping (a weight that is a view of the file)."""
+        base = np.frombuffer(self._mmap, np.uint8, 1).ctypes.data if self.size else 0
+        return base <= address < base + self.size
+
     def release(self, info: TensorInfo) -> None:
         """Drop the tensor's pages from this process's resident memory once it has been copied
         (the file stays mapped; touching the bytes again reads them back)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, RawTensor, concat_rows
 from ..config import ModelConfig
-from .weights import GGMLLinear, dense, linear, return_freed_memory
+from .weights import dense, linear, return_freed_memory
 
 
 class KVCache(nn.Module):
@@ -127,7 +127,7 @@ class Transformer(nn.Module):
         def lin(*names: str) -> nn.Module:
             raws = [tensors[name + ".weight"] for name in names]
             module = Projections(raws, make) if len(names) > 1 else make(raws[0], names[0] == "model.embed_tokens")
-            if not any(isinstance(m, GGMLLinear) for m in module.modules()):
+            if not any(ckpt.maps(b.data_ptr()) for b in module.buffers() if b is not None and b.numel()):
                 for name in names:  # the modules hold copies: the file's pages can go
                     ckpt.release(name + ".weight")
             return module

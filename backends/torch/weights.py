@@ -9,6 +9,8 @@
 - `GroupedLinear`: the group-16 types (Q6_K, Q3_K, Q2_K) as int8 codes with a float scale (and
   offset) per group, exact. Decoding one token runs a fused, compiled dequantize-and-reduce
   that reads each weight byte once; longer inputs dequantize row slices into a GEMM.
+- `NativeLinear`: the raw blocks on the CPU, multiplied by our C kernel (native.py): no repacking,
+  no second copy, the file's bytes per weight. Activations are int8 per block, as in llama.cpp.
 - `GGMLLinear`: the raw blocks, dequantized per call. The reference path, and the fallback
   where the others are unavailable (`SMOLLM3_KERNELS=reference`).
 
@@ -29,6 +31,7 @@ from torch import nn
 
 from ..checkpoint import RawTensor
 from ..quants import Affine, affine_rows, dequantize, ggml_format
+from . import native
 
 # Rows dequantized per slice: small slices reuse freed buffers instead of first-touching fresh
 # pages, which is most of the cost (see backends/quants.py): 4M weights = 16 MB of float32.
@@ -98,6 +101,18 @@ class GGMLLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.ggml_type.name}"
+
+
+class NativeLinear(GGMLLinear):
+    """The raw blocks (a view of the mapped file where the weight is not fused or permuted),
+    multiplied by the C kernel; row lookups (embeddings) dequantize as GGMLLinear does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = native.gguf_matmul(native.library(), self.ggml_type, self.blocks, x.reshape(-1, self.in_features), self.out_features)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + " (native)"
 
 
 # --- grouped int8: any quantized GGML type, exact ---
@@ -323,6 +338,8 @@ def linear(raw: RawTensor, dtype: torch.dtype, device: torch.device, keep_blocks
     ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
     if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES:
         return GGMLLinear(raw, device)
+    if device.type == "cpu" and native.supports(raw.ggml_type, raw.shape[1]):
+        return NativeLinear(raw, device)
     rows_readable = device.type == "cpu" and raw.shape[0] % 64 == 0 and cpu_int4_layout_is_blocked()
     if raw.ggml_type in INT4_ONE_PLANE + INT4_TWO_PLANES and (rows_readable or not embedding) and int4_works(device.type):
         try:

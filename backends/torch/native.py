@@ -1,0 +1,105 @@
+"""The C matmul over GGUF blocks (native/gguf_matmul.c): built once per machine, loaded with ctypes.
+
+Built with the system C compiler into the user cache (keyed by the source, the compiler and
+the CPU, since it is compiled for this CPU's instruction set) and loaded after torch, so its
+OpenMP calls run on torch's runtime and threads. Where there is no compiler, `library()` is
+None and the torch kernels in weights.py run instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType
+
+SOURCE = Path(__file__).with_name("native") / "gguf_matmul.c"
+TYPES = (
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q6_K,
+)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "smollm3" / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:  # -march=native code must not travel to another CPU through a shared home directory
+        flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "model name"))]
+        return "\n".join(flags[:2])
+    except OSError:
+        return platform.processor()
+
+
+def build(compiler: str, scalar: bool = False) -> Path:
+    """Compile (or find already compiled) the library; raises OSError/CalledProcessError on failure."""
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
+    flags += ["-DSMOLLM3_SCALAR"] if scalar else ["-march=native"]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_signature()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"gguf_matmul-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # atomic: a half-written .so is never loaded
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(out, target)
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.gguf_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
+    lib.gguf_matmul.restype = ctypes.c_int
+    lib.gguf_matmul_supports.argtypes = [ctypes.c_int]
+    lib.gguf_matmul_simd.restype = ctypes.c_int
+    return lib
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built library, or None (no C compiler or no OpenMP, or SMOLLM3_NATIVE=0)."""
+    if os.environ.get("SMOLLM3_NATIVE", "1") == "0" or (cc := compiler()) is None:
+        return None
+    try:
+        return load(build(cc))
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def activation_block(ggml_type: GGMLQuantizationType) -> int:
+    """Values per int8 activation block: a K-quant's super-block, else 32."""
+    return 256 if ggml_type in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K) else 32
+
+
+def supports(ggml_type: GGMLQuantizationType, in_features: int) -> bool:
+    return library() is not None and ggml_type in TYPES and in_features % activation_block(ggml_type) == 0
+
+
+def gguf_matmul(lib: ctypes.CDLL, ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] @ W^T for W [out_features, K] held as GGUF blocks; float32 out."""
+    x = x.float().contiguous()
+    M, K = x.shape
+    y = torch.empty(M, out_features)
+    status = lib.gguf_matmul(int(ggml_type), blocks.data_ptr(), x.data_ptr(), y.data_ptr(), M, out_features, K, torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"gguf_matmul failed ({status}) for type {ggml_type}, K={K}")
+    return y
