@@ -15,6 +15,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, RawTensor, concat_rows
 from ..config import ModelConfig
+from . import native
 from .weights import dense, linear, return_freed_memory
 
 
@@ -41,8 +42,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalized in f32 as transformers does, then scaled in the compute dtype.
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and (lib := native.library()) is not None:
+            return native.rms_norm(lib, x, self.weight, self.eps)
+        # Normalized in f32 as transformers does, then scaled in the compute dtype. Spelled out:
+        # F.rms_norm runs as a chain of composite ops on the CPU (measured 39 us vs 12 us here
+        # for one 576-wide token, 2 per layer per token).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

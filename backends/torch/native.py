@@ -65,6 +65,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.gguf_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
     lib.gguf_matmul.restype = ctypes.c_int
+    lib.gguf_dequantize_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
+    lib.gguf_dequantize_bf16.restype = ctypes.c_int
+    lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
+    lib.rms_norm_f32.restype = None
     lib.gguf_matmul_supports.argtypes = [ctypes.c_int]
     lib.gguf_matmul_simd.restype = ctypes.c_int
     return lib
@@ -96,10 +100,30 @@ def supports(ggml_type: GGMLQuantizationType, in_features: int) -> bool:
 
 def gguf_matmul(lib: ctypes.CDLL, ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
     """x [M, K] @ W^T for W [out_features, K] held as GGUF blocks; float32 out."""
-    x = x.float().contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous():  # (tests, not calls: a decoded token pays per op)
+        x = x.float().contiguous()
     M, K = x.shape
     y = torch.empty(M, out_features)
-    status = lib.gguf_matmul(int(ggml_type), blocks.data_ptr(), x.data_ptr(), y.data_ptr(), M, out_features, K, torch.get_num_threads())
+    status = lib.gguf_matmul(ggml_type, blocks.data_ptr(), x.data_ptr(), y.data_ptr(), M, out_features, K, torch.get_num_threads())
     if status:
         raise RuntimeError(f"gguf_matmul failed ({status}) for type {ggml_type}, K={K}")
+    return y
+
+
+def dequantize_bf16(lib: ctypes.CDLL, ggml_type: int, blocks: torch.Tensor, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of GGUF blocks [N, row_bytes] as bfloat16 [N, in_features] (into `out` if given)."""
+    blocks = blocks.contiguous()
+    N = blocks.shape[0]
+    out = torch.empty(N, in_features, dtype=torch.bfloat16) if out is None else out[:N]
+    status = lib.gguf_dequantize_bf16(int(ggml_type), blocks.data_ptr(), out.data_ptr(), N, in_features, torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"gguf_dequantize_bf16 failed ({status}) for type {ggml_type}, K={in_features}")
+    return out
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of float32 rows on the CPU (see rms_norm_f32)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib.rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return y

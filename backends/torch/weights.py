@@ -103,12 +103,35 @@ class GGMLLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.ggml_type.name}"
 
 
+# Inputs of at least this many tokens go through a bfloat16 GEMM (torch's, AVX512-BF16 where the
+# CPU has it) on weights dequantized a slice at a time; fewer through the int8 dot products.
+GEMM_MIN_ROWS = int(os.environ.get("SMOLLM3_GEMM_MIN_ROWS", "16"))
+
+
 class NativeLinear(GGMLLinear):
     """The raw blocks (a view of the mapped file where the weight is not fused or permuted),
     multiplied by the C kernel; row lookups (embeddings) dequantize as GGMLLinear does."""
 
+    def __init__(self, raw: RawTensor, device: torch.device):
+        super().__init__(raw, device)
+        self.type_id = int(raw.ggml_type)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = native.gguf_matmul(native.library(), self.ggml_type, self.blocks, x.reshape(-1, self.in_features), self.out_features)
+        lib = native.library()
+        if x.dim() == 2 and x.shape[0] < GEMM_MIN_ROWS:  # decode: the int8 dot products
+            y = native.gguf_matmul(lib, self.type_id, self.blocks, x, self.out_features)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] < GEMM_MIN_ROWS:
+            y = native.gguf_matmul(lib, self.type_id, self.blocks, x2, self.out_features)
+        else:  # prefill: compute-bound, so bfloat16 weights a slice at a time into torch's GEMM
+            xb = x2.to(torch.bfloat16)
+            step = max(1, MAX_SLICE_ELEMS // self.in_features)
+            buffer = torch.empty(min(step, self.out_features), self.in_features, dtype=torch.bfloat16)
+            y = torch.empty(x2.shape[0], self.out_features)
+            for i in range(0, self.out_features, step):
+                w = native.dequantize_bf16(lib, self.ggml_type, self.blocks[i : i + step], self.in_features, buffer)
+                y[:, i : i + w.shape[0]] = F.linear(xb, w)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

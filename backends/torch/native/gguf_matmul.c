@@ -112,22 +112,36 @@ static inline __m256i nibbles_32(const uint8_t *p) {
 }
 #endif
 
+// The 32-value formats: each block is a short dependent chain (dot, convert, multiply-add), so
+// four blocks go in flight at once on separate accumulators (measured 1.6x on one core).
+#ifdef USE_AVX2
+static inline __m256 q8_0_block(const uint8_t *w, const x_block32 *x, __m256 acc) {
+    __m256i q = _mm256_loadu_si256((const __m256i *)(w + 2));
+    __m256i xq = _mm256_loadu_si256((const __m256i *)x->q);
+    // |q| as unsigned times x with q's sign: a signed product on an unsigned-signed op
+    __m256i p = dot_u8_s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xq, q));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(read_u16(w)) * x->d), acc);
+}
+
+// Q4_0, Q4_1: the codes' part d dx sum(q xq); the offset part is added by the caller
+static inline __m256 q4_block(const uint8_t *codes, float d, const x_block32 *x, __m256 acc) {
+    __m256i p = dot_u8_s8(nibbles_32(codes), _mm256_loadu_si256((const __m256i *)x->q));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->d), acc);
+}
+#endif
+
 static float dot_q8_0(const uint8_t *w, const void *xv, int K) {
     const x_block32 *x = xv;
-    int nb = K / 32;
+    int nb = K / 32, b = 0;
 #ifdef USE_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++, w += 34) {
-        __m256i q = _mm256_loadu_si256((const __m256i *)(w + 2));
-        __m256i xq = _mm256_loadu_si256((const __m256i *)x[b].q);
-        // |q| as unsigned times x with q's sign: a signed product on an unsigned-signed op
-        __m256i p = dot_u8_s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xq, q));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(read_u16(w)) * x[b].d), acc);
-    }
-    return hsum_ps(acc);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; b + 3 < nb; b += 4, w += 4 * 34)
+        for (int u = 0; u < 4; u++) acc[u] = q8_0_block(w + 34 * u, x + b + u, acc[u]);
+    for (; b < nb; b++, w += 34) acc[0] = q8_0_block(w, x + b, acc[0]);
+    return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 #else
     float acc = 0;
-    for (int b = 0; b < nb; b++, w += 34) {
+    for (; b < nb; b++, w += 34) {
         const int8_t *q = (const int8_t *)(w + 2);
         int sum = 0;
         for (int j = 0; j < 32; j++) sum += q[j] * x[b].q[j];
@@ -140,30 +154,34 @@ static float dot_q8_0(const uint8_t *w, const void *xv, int K) {
 // Q4_0: w = d (q - 8); Q4_1: w = d q + m. Both: sum_j w_j x_j = d dx sum(q xq) + c sx.
 static float dot_q4_01(const uint8_t *w, const void *xv, int K, int with_min) {
     const x_block32 *x = xv;
-    int nb = K / 32, size = with_min ? 20 : 18, codes = with_min ? 4 : 2;
-    float offsets = 0;
+    int nb = K / 32, size = with_min ? 20 : 18, codes = with_min ? 4 : 2, b = 0;
+    float offsets[4] = {0, 0, 0, 0};
 #ifdef USE_AVX2
-    __m256 acc = _mm256_setzero_ps();
-#else
-    float acc = 0;
-#endif
-    for (int b = 0; b < nb; b++, w += size) {
-        float d = f16_to_f32(read_u16(w));
-        offsets += (with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d) * x[b].s;
-#ifdef USE_AVX2
-        __m256i p = dot_u8_s8(nibbles_32(w + codes), _mm256_loadu_si256((const __m256i *)x[b].q));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[b].d), acc);
-#else
-        int sum = 0;
-        for (int j = 0; j < 16; j++) sum += (w[codes + j] & 15) * x[b].q[j] + (w[codes + j] >> 4) * x[b].q[j + 16];
-        acc += d * x[b].d * sum;
-#endif
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; b + 3 < nb; b += 4) {
+        for (int u = 0; u < 4; u++, w += size) {
+            float d = f16_to_f32(read_u16(w));
+            offsets[u] += (with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d) * x[b + u].s;
+            acc[u] = q4_block(w + codes, d, x + b + u, acc[u]);
+        }
     }
-#ifdef USE_AVX2
-    return hsum_ps(acc) + offsets;
+    for (; b < nb; b++, w += size) {
+        float d = f16_to_f32(read_u16(w));
+        offsets[0] += (with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d) * x[b].s;
+        acc[0] = q4_block(w + codes, d, x + b, acc[0]);
+    }
+    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 #else
-    return acc + offsets;
+    float sum = 0;
+    for (; b < nb; b++, w += size) {
+        float d = f16_to_f32(read_u16(w));
+        offsets[0] += (with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d) * x[b].s;
+        int dot = 0;
+        for (int j = 0; j < 16; j++) dot += (w[codes + j] & 15) * x[b].q[j] + (w[codes + j] >> 4) * x[b].q[j + 16];
+        sum += d * x[b].d * dot;
+    }
 #endif
+    return sum + (offsets[0] + offsets[1]) + (offsets[2] + offsets[3]);
 }
 
 static float dot_q4_0(const uint8_t *w, const void *x, int K) { return dot_q4_01(w, x, K, 0); }
@@ -305,21 +323,86 @@ static float dot_q6_k(const uint8_t *w, const void *xv, int K) {
 #endif
 }
 
+// --- dequantization to bfloat16 (prefill: a few rows at a time, into a GEMM) ---
+
+static inline uint16_t bf16_round(float f) {  // round to nearest even; our values are finite
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+static void dequantize_q8_0(const uint8_t *w, uint16_t *out, int K) {
+    for (int b = 0; b < K / 32; b++, w += 34, out += 32) {
+        float d = f16_to_f32(read_u16(w));
+        for (int j = 0; j < 32; j++) out[j] = bf16_round(d * (int8_t)w[2 + j]);
+    }
+}
+
+static void dequantize_q4_01(const uint8_t *w, uint16_t *out, int K, int with_min) {
+    int size = with_min ? 20 : 18, codes = with_min ? 4 : 2;
+    for (int b = 0; b < K / 32; b++, w += size, out += 32) {
+        float d = f16_to_f32(read_u16(w)), m = with_min ? f16_to_f32(read_u16(w + 2)) : 0;
+        int zero = with_min ? 0 : 8;
+        for (int j = 0; j < 16; j++) {
+            out[j] = bf16_round(d * ((w[codes + j] & 15) - zero) + m);
+            out[j + 16] = bf16_round(d * ((w[codes + j] >> 4) - zero) + m);
+        }
+    }
+}
+
+static void dequantize_q4_0(const uint8_t *w, uint16_t *out, int K) { dequantize_q4_01(w, out, K, 0); }
+static void dequantize_q4_1(const uint8_t *w, uint16_t *out, int K) { dequantize_q4_01(w, out, K, 1); }
+
+static void dequantize_q4_k(const uint8_t *w, uint16_t *out, int K) {
+    for (int b = 0; b < K / 256; b++, w += 144) {
+        float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
+        uint32_t scw[2], mnw[2];
+        q4_k_scales(w + 4, scw, mnw);
+        const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw, *qs = w + 16;
+        for (int j = 0; j < 4; j++, qs += 32, out += 64) {
+            float d0 = d * sc[2 * j], m0 = dmin * mn[2 * j], d1 = d * sc[2 * j + 1], m1 = dmin * mn[2 * j + 1];
+            for (int l = 0; l < 32; l++) {
+                out[l] = bf16_round(d0 * (qs[l] & 15) - m0);
+                out[l + 32] = bf16_round(d1 * (qs[l] >> 4) - m1);
+            }
+        }
+    }
+}
+
+static void dequantize_q6_k(const uint8_t *w, uint16_t *out, int K) {
+    for (int b = 0; b < K / 256; b++, w += 210) {
+        const uint8_t *ql = w, *qh = w + 128;
+        const int8_t *sc = (const int8_t *)(w + 192);
+        float d = f16_to_f32(read_u16(w + 208));
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, out += 128) {
+            for (int l = 0; l < 32; l++) {
+                int g = l / 16;
+                out[l] = bf16_round(d * sc[g] * (((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32));
+                out[l + 32] = bf16_round(d * sc[g + 2] * (((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32));
+                out[l + 64] = bf16_round(d * sc[g + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32));
+                out[l + 96] = bf16_round(d * sc[g + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32));
+            }
+        }
+    }
+}
+
 // --- the matmul ---
 
 typedef float (*dot_fn)(const uint8_t *, const void *, int);
+typedef void (*dequantize_fn)(const uint8_t *, uint16_t *, int);
 
 typedef struct {
     int type, block, block_bytes, x_block, x_block_bytes;
     dot_fn dot;
+    dequantize_fn dequantize;
 } format;
 
 static const format FORMATS[] = {
-    {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), dot_q4_0},
-    {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), dot_q4_1},
-    {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), dot_q8_0},
-    {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), dot_q4_k},
-    {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), dot_q6_k},
+    {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), dot_q4_0, dequantize_q4_0},
+    {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), dot_q4_1, dequantize_q4_1},
+    {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), dot_q8_0, dequantize_q8_0},
+    {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), dot_q4_k, dequantize_q4_k},
+    {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), dot_q6_k, dequantize_q6_k},
 };
 
 static const format *find_format(int type) {
@@ -372,4 +455,25 @@ int gguf_matmul(int type, const uint8_t *w, const float *x, float *y, int M, int
     }
     free(xq);
     return 0;
+}
+
+// Rows [N, K] of GGUF blocks to bfloat16 [N, K]. Returns 0, or -1 for an unsupported type or K.
+int gguf_dequantize_bf16(int type, const uint8_t *w, uint16_t *out, int N, int K, int threads) {
+    const format *f = find_format(type);
+    if (!f || K % f->block) return -1;
+    size_t w_row = (size_t)(K / f->block) * f->block_bytes;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) f->dequantize(w + n * w_row, out + (size_t)n * K, K);
+    return 0;
+}
+
+// y = w * x / sqrt(mean(x^2) + eps) per row of K, in float32 as transformers computes it: one
+// call instead of the several torch ops (and their dispatch) a decoded token's norm costs.
+void rms_norm_f32(const float *x, const float *w, float *y, int M, int K, float eps) {
+    for (int m = 0; m < M; m++, x += K, y += K) {
+        float sum = 0;
+        for (int j = 0; j < K; j++) sum += x[j] * x[j];
+        float scale = 1 / sqrtf(sum / K + eps);
+        for (int j = 0; j < K; j++) y[j] = w[j] * (x[j] * scale);
+    }
 }
