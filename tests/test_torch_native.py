@@ -78,3 +78,30 @@ def test_dequantize_bf16_is_the_weights_rounded_to_bfloat16(lib, ggml_type):
     got = native.dequantize_bf16(lib, ggml_type, torch.from_numpy(raw), 512)
     want = dequantize(torch.from_numpy(raw), ggml_type).view(5, 512)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "nope"])
+@pytest.mark.parametrize("pos", [0, 37, 3000])  # 3000: long enough for the threaded path
+def test_attend_one_is_rope_cache_write_and_sdpa(rope, pos):
+    from backends.torch.model import apply_rope
+
+    H, KV, D, capacity = 8, 2, 64, 3072
+    g = torch.Generator().manual_seed(pos)
+    k_cache, v_cache = torch.randn(1, KV, capacity, D, generator=g), torch.randn(1, KV, capacity, D, generator=g)
+    q, k, v = torch.randn(1, H * D, generator=g), torch.randn(1, KV * D, generator=g), torch.randn(1, KV * D, generator=g)
+    angles = torch.rand(1, D // 2, generator=g) * 6
+    cos = torch.cat((angles.cos(), angles.cos()), -1)
+    sin = torch.cat((-angles.sin(), angles.sin()), -1)
+
+    heads = lambda t, n: t.view(1, n, D).transpose(0, 1).unsqueeze(0)  # noqa: E731
+    want_q, want_k = heads(q, H), heads(k, KV)
+    if rope:
+        want_q, want_k = apply_rope(want_q, cos, sin), apply_rope(want_k, cos, sin)
+    want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
+    want_k_cache[:, :, pos : pos + 1], want_v_cache[:, :, pos : pos + 1] = want_k, heads(v, KV)
+    keys, values = want_k_cache[:, :, : pos + 1], want_v_cache[:, :, : pos + 1]
+    want = torch.nn.functional.scaled_dot_product_attention(want_q, keys, values, enable_gqa=True)
+
+    got = native.attend_one(native.library(), q, k, v, k_cache, v_cache, pos, H, *((cos, sin) if rope else (None, None)))
+    torch.testing.assert_close(got, want.squeeze(0).transpose(0, 1).reshape(1, -1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_cache, want_k_cache) and torch.equal(v_cache, want_v_cache)

@@ -87,6 +87,11 @@ class Attention(nn.Module):
     def forward(self, x, pos: int, cos, sin, cache: KVCache, mask) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv(x)
+        if T == 1 and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32 and (lib := native.library()):
+            # one decoded token: RoPE, cache write and attention in one C call (a dozen torch ops
+            # cost ~45 us a layer, as much as a small model's matmuls)
+            rotate = (cos, sin) if self.use_rope else (None, None)
+            return self.o_proj(native.attend_one(lib, q, k, v, cache.k, cache.v, pos, self.num_heads, *rotate))
         q = q.view(T, self.num_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
         k = k.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
         v = v.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
@@ -200,4 +205,9 @@ class Transformer(nn.Module):
             x = layer(x, pos, cos, sin, cache, mask)
         if last_only:
             x = x[-1:]
-        return self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x)).float()
+        if T > 1 and self.device.type == "cpu":
+            # A prefill's temporaries are large and differ in size from one prompt to the next:
+            # handed back now, they do not fragment the heap into growth over a long chat.
+            return_freed_memory()
+        return logits

@@ -69,6 +69,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.gguf_dequantize_bf16.restype = ctypes.c_int
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.rms_norm_f32.restype = None
+    lib.attend_one_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    lib.attend_one_f32.restype = None
     lib.gguf_matmul_supports.argtypes = [ctypes.c_int]
     lib.gguf_matmul_simd.restype = ctypes.c_int
     return lib
@@ -127,3 +129,17 @@ def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float
     y = torch.empty_like(x)
     lib.rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return y
+
+
+def attend_one(lib, q, k, v, k_cache, v_cache, pos: int, heads: int, cos, signed_sin) -> torch.Tensor:
+    """Decode attention for one token (see attend_one_f32): q [1, H * D], k and v [1, KV * D]
+    (q and k are rotated in place), caches [1, KV, capacity, D]; returns [1, H * D]."""
+    _, kv_heads, capacity, head_dim = k_cache.shape
+    out = torch.empty(1, heads * head_dim)
+    rotate = cos is not None
+    lib.attend_one_f32(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), capacity, pos,
+        heads, kv_heads, head_dim, cos.data_ptr() if rotate else None, signed_sin.data_ptr() if rotate else None,
+        out.data_ptr(), torch.get_num_threads(),
+    )
+    return out

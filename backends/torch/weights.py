@@ -125,13 +125,17 @@ class NativeLinear(GGMLLinear):
         if x2.shape[0] < GEMM_MIN_ROWS:
             y = native.gguf_matmul(lib, self.type_id, self.blocks, x2, self.out_features)
         else:  # prefill: compute-bound, so bfloat16 weights a slice at a time into torch's GEMM
-            xb = x2.to(torch.bfloat16)
+            M = x2.shape[0]
+            # Rows padded to a multiple of 64: oneDNN keeps a compiled kernel per shape, and one
+            # per prompt length grew memory by ~0.1 MB a chat turn (tests/test_long_session.py).
+            xb = torch.zeros(-(-M // 64) * 64, self.in_features, dtype=torch.bfloat16)
+            xb[:M] = x2
             step = max(1, MAX_SLICE_ELEMS // self.in_features)
             buffer = torch.empty(min(step, self.out_features), self.in_features, dtype=torch.bfloat16)
-            y = torch.empty(x2.shape[0], self.out_features)
+            y = torch.empty(M, self.out_features)
             for i in range(0, self.out_features, step):
-                w = native.dequantize_bf16(lib, self.ggml_type, self.blocks[i : i + step], self.in_features, buffer)
-                y[:, i : i + w.shape[0]] = F.linear(xb, w)
+                w = native.dequantize_bf16(lib, self.type_id, self.blocks[i : i + step], self.in_features, buffer)
+                y[:, i : i + w.shape[0]] = F.linear(xb, w)[:M]
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -477,3 +477,60 @@ void rms_norm_f32(const float *x, const float *w, float *y, int M, int K, float 
         for (int j = 0; j < K; j++) y[j] = w[j] * (x[j] * scale);
     }
 }
+
+// RoPE in place on rows of `heads` heads of D floats (row r at x + r * row_stride), rotating the
+// two halves of each head as Hugging Face's rotate_half does: x * cos + (-x2, x1) * sin, with
+// signed_sin = (-sin, sin) per row (the tables model.py keeps).
+void rope_f32(float *x, long row_stride, int T, int heads, int D, const float *cos, const float *signed_sin) {
+    int half = D / 2;
+    for (int t = 0; t < T; t++, x += row_stride, cos += D, signed_sin += D) {
+        for (int h = 0; h < heads; h++) {
+            float *v = x + h * D;
+            for (int j = 0; j < half; j++) {
+                float a = v[j], b = v[j + half];
+                v[j] = a * cos[j] + b * signed_sin[j];
+                v[j + half] = b * cos[j + half] + a * signed_sin[j + half];
+            }
+        }
+    }
+}
+
+// Attention for one new token at position `pos` (decode), in one call instead of a dozen torch
+// ops: RoPE on q and the new key (unless cos is NULL: a NoPE layer), the new key and value
+// written into the caches [KV, capacity, D], then per query head softmax(q k / sqrt(D)) v over
+// positions 0..pos into out [H * D]. Query heads h share key/value head h / (H / KV) (GQA).
+void attend_one_f32(float *q, float *k_new, const float *v_new, float *k_cache, float *v_cache, int capacity, int pos,
+                    int H, int KV, int D, const float *cos, const float *signed_sin, float *out, int threads) {
+    if (cos) {
+        rope_f32(q, 0, 1, H, D, cos, signed_sin);
+        rope_f32(k_new, 0, 1, KV, D, cos, signed_sin);
+    }
+    for (int h = 0; h < KV; h++) {
+        memcpy(k_cache + ((size_t)h * capacity + pos) * D, k_new + h * D, D * sizeof(float));
+        memcpy(v_cache + ((size_t)h * capacity + pos) * D, v_new + h * D, D * sizeof(float));
+    }
+    int L = pos + 1, group = H / KV;
+    float scale = 1 / sqrtf((float)D);
+    // Threads only where the work outweighs waking them (long contexts).
+#pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)L * H * D > (1 << 16))
+    for (int h = 0; h < H; h++) {
+        const float *qh = q + h * D, *keys = k_cache + (size_t)(h / group) * capacity * D;
+        const float *values = v_cache + (size_t)(h / group) * capacity * D;
+        float *scores = malloc(L * sizeof(float)), top = -INFINITY, total = 0;
+        for (int l = 0; l < L; l++) {
+            float dot = 0;
+            for (int j = 0; j < D; j++) dot += qh[j] * keys[(size_t)l * D + j];
+            scores[l] = dot * scale;
+            top = fmaxf(top, scores[l]);
+        }
+        float *o = out + h * D;
+        for (int j = 0; j < D; j++) o[j] = 0;
+        for (int l = 0; l < L; l++) {
+            float p = expf(scores[l] - top);
+            total += p;
+            for (int j = 0; j < D; j++) o[j] += p * values[(size_t)l * D + j];
+        }
+        for (int j = 0; j < D; j++) o[j] /= total;
+        free(scores);
+    }
+}
