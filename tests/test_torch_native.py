@@ -41,7 +41,7 @@ def test_matmul_is_the_exact_sum_over_int8_activations(lib, ggml_type, M):
     blocks = torch.from_numpy(raw)
     w = dequantize(blocks, ggml_type).view(N, K).double()
     x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32))
-    got = native.gguf_matmul(lib, ggml_type, blocks, x, N).double()
+    got = native.gguf_matmul(lib, ggml_type, blocks, x).double()
     want = quantized_activations(x, block) @ w.t()
     scale = (x.double().abs() @ w.abs().t()).max()
     assert got.shape == (M, N)
@@ -49,18 +49,21 @@ def test_matmul_is_the_exact_sum_over_int8_activations(lib, ggml_type, M):
     # and what int8 activations cost against the float product (llama.cpp makes the same trade)
     exact = x.double() @ w.t()
     assert float((got - exact).norm() / exact.norm()) < 0.02
+    # the same rows held in three parts (fused q, k, v where they lie in the file)
+    parts = native.WeightParts([blocks[:10], blocks[10:30], blocks[30:]])
+    assert torch.equal(native.gguf_matmul(lib, ggml_type, parts, x).double(), got)
 
 
 def test_zero_activations_give_zero():
     raw = random_rows(T.Q4_K, 8, 1, np.random.default_rng(0))
-    y = native.gguf_matmul(native.library(), T.Q4_K, torch.from_numpy(raw), torch.zeros(2, 256), 8)
+    y = native.gguf_matmul(native.library(), T.Q4_K, torch.from_numpy(raw), torch.zeros(2, 256))
     assert torch.equal(y, torch.zeros(2, 8))
 
 
 def test_rejects_a_row_length_the_type_cannot_hold():
     raw = random_rows(T.Q4_K, 4, 1, np.random.default_rng(0))
     with pytest.raises(RuntimeError, match="gguf_matmul failed"):
-        native.gguf_matmul(native.library(), T.Q4_K, torch.from_numpy(raw), torch.zeros(1, 288), 4)
+        native.gguf_matmul(native.library(), T.Q4_K, torch.from_numpy(raw), torch.zeros(1, 288))
     assert not native.supports(T.Q4_K, 288) and native.supports(T.Q4_K, 512)
     assert not native.supports(T.Q5_K, 256)  # not (yet) a native type: weights.py picks a torch kernel
 

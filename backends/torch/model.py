@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint, RawTensor, concat_rows
+from ..checkpoint import Checkpoint, RawTensor
 from ..config import ModelConfig
 from . import native
 from .weights import dense, linear, return_freed_memory
@@ -62,7 +62,7 @@ class Projections(nn.Module):
     """Linear maps of one input (q, k, v; gate, up) as one matmul per run of same-typed weights:
     fewer, larger kernel calls, which is most of a small model's decode time."""
 
-    def __init__(self, raws: list[RawTensor], make: Callable[[RawTensor], nn.Module]):
+    def __init__(self, raws: list[RawTensor], make: Callable[[list[RawTensor]], nn.Module]):
         super().__init__()
         runs: list[list[RawTensor]] = []
         for raw in raws:
@@ -70,7 +70,7 @@ class Projections(nn.Module):
                 runs[-1].append(raw)
             else:
                 runs.append([raw])
-        self.parts = nn.ModuleList(make(concat_rows(run)) for run in runs)
+        self.parts = nn.ModuleList(make(run) for run in runs)
         self.splits = [[raw.shape[0] for raw in run] for run in runs]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -133,12 +133,12 @@ class Transformer(nn.Module):
         keep_blocks = ckpt.format == "gguf"
         tensors = ckpt.tensors
 
-        def make(raw: RawTensor, embedding: bool = False) -> nn.Module:
-            return linear(raw, dtype, device, keep_blocks, embedding)
+        def make(raws: list[RawTensor], embedding: bool = False) -> nn.Module:
+            return linear(raws, dtype, device, keep_blocks, embedding)
 
         def lin(*names: str) -> nn.Module:
             raws = [tensors[name + ".weight"] for name in names]
-            module = Projections(raws, make) if len(names) > 1 else make(raws[0], names[0] == "model.embed_tokens")
+            module = Projections(raws, make) if len(names) > 1 else make(raws, names[0] == "model.embed_tokens")
             if not any(ckpt.maps(b.data_ptr()) for b in module.buffers() if b is not None and b.numel()):
                 for name in names:  # the modules hold copies: the file's pages can go
                     ckpt.release(name + ".weight")

@@ -63,7 +63,7 @@ def build(compiler: str, scalar: bool = False) -> Path:
 
 def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.gguf_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
+    lib.gguf_matmul.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.gguf_matmul.restype = ctypes.c_int
     lib.gguf_dequantize_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
     lib.gguf_dequantize_bf16.restype = ctypes.c_int
@@ -100,13 +100,28 @@ def supports(ggml_type: GGMLQuantizationType, in_features: int) -> bool:
     return library() is not None and ggml_type in TYPES and in_features % activation_block(ggml_type) == 0
 
 
-def gguf_matmul(lib: ctypes.CDLL, ggml_type: int, blocks: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [M, K] @ W^T for W [out_features, K] held as GGUF blocks; float32 out."""
+class WeightParts:
+    """One weight's rows as one or more tensors of GGUF blocks (fused projections stay where they
+    lie in the file), with the pointer and row-count arrays the C side takes, built once."""
+
+    def __init__(self, blocks: list[torch.Tensor]):
+        self.blocks = blocks  # keeps the memory alive
+        self.rows = sum(b.shape[0] for b in blocks)
+        self.c_pointers = (ctypes.c_void_p * len(blocks))(*[b.data_ptr() for b in blocks])
+        self.c_rows = (ctypes.c_int * len(blocks))(*[b.shape[0] for b in blocks])
+
+
+def gguf_matmul(lib: ctypes.CDLL, ggml_type: int, weight: WeightParts | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W^T for W [N, K] held as GGUF blocks (one tensor, or parts stacked by rows); float32 [M, N]."""
+    if isinstance(weight, torch.Tensor):
+        weight = WeightParts([weight])
     if x.dtype != torch.float32 or not x.is_contiguous():  # (tests, not calls: a decoded token pays per op)
         x = x.float().contiguous()
     M, K = x.shape
-    y = torch.empty(M, out_features)
-    status = lib.gguf_matmul(ggml_type, blocks.data_ptr(), x.data_ptr(), y.data_ptr(), M, out_features, K, torch.get_num_threads())
+    y = torch.empty(M, weight.rows)
+    status = lib.gguf_matmul(
+        ggml_type, len(weight.blocks), weight.c_pointers, weight.c_rows, x.data_ptr(), y.data_ptr(), M, K, torch.get_num_threads()
+    )
     if status:
         raise RuntimeError(f"gguf_matmul failed ({status}) for type {ggml_type}, K={K}")
     return y

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from ..checkpoint import RawTensor
+from ..checkpoint import RawTensor, concat_rows
 from ..quants import Affine, affine_rows, dequantize, ggml_format
 from . import native
 
@@ -108,38 +108,55 @@ class GGMLLinear(nn.Module):
 GEMM_MIN_ROWS = int(os.environ.get("SMOLLM3_GEMM_MIN_ROWS", "16"))
 
 
-class NativeLinear(GGMLLinear):
-    """The raw blocks (a view of the mapped file where the weight is not fused or permuted),
-    multiplied by the C kernel; row lookups (embeddings) dequantize as GGMLLinear does."""
+class NativeLinear(nn.Module):
+    """The raw blocks, as views of the mapped file (fused projections as their parts, where they
+    lie), multiplied by the C kernels; row lookups (embeddings) dequantize as GGMLLinear does."""
 
-    def __init__(self, raw: RawTensor, device: torch.device):
-        super().__init__(raw, device)
-        self.type_id = int(raw.ggml_type)
+    def __init__(self, raws: list[RawTensor], device: torch.device):
+        super().__init__()
+        self.ggml_type, self.type_id = raws[0].ggml_type, int(raws[0].ggml_type)
+        self.in_features, self.out_features = raws[0].shape[1], sum(raw.shape[0] for raw in raws)
+        for i, raw in enumerate(raws):
+            self.register_buffer(f"blocks{i}", raw_to_torch(raw, device), persistent=False)
+        self.weight = native.WeightParts([getattr(self, f"blocks{i}") for i in range(len(raws))])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = native.library()
         if x.dim() == 2 and x.shape[0] < GEMM_MIN_ROWS:  # decode: the int8 dot products
-            y = native.gguf_matmul(lib, self.type_id, self.blocks, x, self.out_features)
+            y = native.gguf_matmul(lib, self.type_id, self.weight, x)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] < GEMM_MIN_ROWS:
-            y = native.gguf_matmul(lib, self.type_id, self.blocks, x2, self.out_features)
-        else:  # prefill: compute-bound, so bfloat16 weights a slice at a time into torch's GEMM
-            M = x2.shape[0]
-            # Rows padded to a multiple of 64: oneDNN keeps a compiled kernel per shape, and one
-            # per prompt length grew memory by ~0.1 MB a chat turn (tests/test_long_session.py).
-            xb = torch.zeros(-(-M // 64) * 64, self.in_features, dtype=torch.bfloat16)
-            xb[:M] = x2
-            step = max(1, MAX_SLICE_ELEMS // self.in_features)
-            buffer = torch.empty(min(step, self.out_features), self.in_features, dtype=torch.bfloat16)
-            y = torch.empty(M, self.out_features)
-            for i in range(0, self.out_features, step):
-                w = native.dequantize_bf16(lib, self.type_id, self.blocks[i : i + step], self.in_features, buffer)
-                y[:, i : i + w.shape[0]] = F.linear(xb, w)[:M]
+            y = native.gguf_matmul(lib, self.type_id, self.weight, x2)
+        else:
+            y = self._gemm(lib, x2)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
+    def _gemm(self, lib, x: torch.Tensor) -> torch.Tensor:
+        """Prefill: compute-bound, so bfloat16 weights a slice at a time into torch's GEMM."""
+        M = x.shape[0]
+        # Rows padded to a multiple of 64: oneDNN keeps a compiled kernel per shape, and one
+        # per prompt length grew memory by ~0.1 MB a chat turn (tests/test_long_session.py).
+        xb = torch.zeros(-(-M // 64) * 64, self.in_features, dtype=torch.bfloat16)
+        xb[:M] = x
+        step = max(1, MAX_SLICE_ELEMS // self.in_features)
+        buffer = torch.empty(min(step, self.out_features), self.in_features, dtype=torch.bfloat16)
+        y = torch.empty(M, self.out_features)
+        column = 0
+        for blocks in self.weight.blocks:
+            for i in range(0, blocks.shape[0], step):
+                w = native.dequantize_bf16(lib, self.type_id, blocks[i : i + step], self.in_features, buffer)
+                y[:, column : column + w.shape[0]] = F.linear(xb, w)[:M]
+                column += w.shape[0]
+        return y
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows `ids` of W: an embedding lookup that touches only those rows."""
+        blocks = self.weight.blocks[0] if len(self.weight.blocks) == 1 else torch.cat(self.weight.blocks)
+        return dequantize(blocks[ids], self.ggml_type, dtype)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + " (native)"
+        return f"{self.in_features}, {self.out_features}, {self.ggml_type.name} in {len(self.weight.blocks)} part(s), native"
 
 
 # --- grouped int8: any quantized GGML type, exact ---
@@ -357,16 +374,19 @@ class Int4Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.ggml_type.name} as {self.planes} int4 plane(s)"
 
 
-def linear(raw: RawTensor, dtype: torch.dtype, device: torch.device, keep_blocks: bool, embedding: bool = False) -> nn.Module:
-    """The handler for one weight. GGUF weights stay quantized (F16 too: no float copy);
-    safetensors become `dtype`. An embedding needs row lookups, which int4 packing lacks."""
+def linear(raws: list[RawTensor], dtype: torch.dtype, device: torch.device, keep_blocks: bool, embedding: bool = False) -> nn.Module:
+    """The handler for one weight, given as its row blocks (several for fused projections of one
+    type). GGUF weights stay quantized (F16 too: no float copy); safetensors become `dtype`. An
+    embedding needs row lookups, which int4 packing lacks."""
+    first = raws[0]
+    if keep_blocks and kernels_mode() == "fast" and device.type == "cpu" and native.supports(first.ggml_type, first.shape[1]):
+        return NativeLinear(raws, device)
+    raw = concat_rows(raws)
     if not keep_blocks and raw.ggml_type in DENSE_TYPES:
         return DenseLinear(dense(raw, dtype, device))
     ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
     if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES:
         return GGMLLinear(raw, device)
-    if device.type == "cpu" and native.supports(raw.ggml_type, raw.shape[1]):
-        return NativeLinear(raw, device)
     rows_readable = device.type == "cpu" and raw.shape[0] % 64 == 0 and cpu_int4_layout_is_blocked()
     if raw.ggml_type in INT4_ONE_PLANE + INT4_TWO_PLANES and (rows_readable or not embedding) and int4_works(device.type):
         try:

@@ -426,12 +426,16 @@ int gguf_matmul_simd(void) {
 // Input rows per pass: their codes (up to ~350 KB for K = 11008) stay in L2.
 #define INPUTS_PER_PASS 32
 
-// x [M, K] float32, w [N, K / block * block_bytes] raw GGUF rows, y [M, N] float32.
+// x [M, K] float32; the weight's N rows of raw GGUF blocks in `parts` pieces (q, k and v as they
+// lie in the file: fused without a copy), part p holding part_rows[p] rows at w[p]; y [M, N].
 // Returns 0, or -1 for an unsupported type or K, -2 when out of memory.
-int gguf_matmul(int type, const uint8_t *w, const float *x, float *y, int M, int N, int K, int threads) {
+int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_rows, const float *x, float *y, int M, int K,
+                int threads) {
     const format *f = find_format(type);
     if (!f || K % f->block || K % f->x_block) return -1;
     size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, w_row = (size_t)(K / f->block) * f->block_bytes;
+    int N = 0;
+    for (int p = 0; p < parts; p++) N += part_rows[p];
     uint8_t *xq = malloc(x_row * M);
     if (!xq) return -2;
     int tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
@@ -447,9 +451,12 @@ int gguf_matmul(int type, const uint8_t *w, const float *x, float *y, int M, int
             int n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
             for (int m0 = 0; m0 < M; m0 += INPUTS_PER_PASS) {
                 int m1 = m0 + INPUTS_PER_PASS < M ? m0 + INPUTS_PER_PASS : M;
-                for (int n = n0; n < n1; n++)
-                    for (int m = m0; m < m1; m++)
-                        y[(size_t)m * N + n] = f->dot(w + n * w_row, xq + m * x_row, K);
+                for (int n = n0; n < n1; n++) {
+                    int p = 0, r = n;
+                    while (p < parts - 1 && r >= part_rows[p]) r -= part_rows[p++];
+                    const uint8_t *row = w[p] + (size_t)r * w_row;
+                    for (int m = m0; m < m1; m++) y[(size_t)m * N + n] = f->dot(row, xq + m * x_row, K);
+                }
             }
         }
     }
