@@ -139,8 +139,11 @@ class Transformer(nn.Module):
         def lin(*names: str) -> nn.Module:
             raws = [tensors[name + ".weight"] for name in names]
             module = Projections(raws, make) if len(names) > 1 else make(raws, names[0] == "model.embed_tokens")
-            if not any(ckpt.maps(b.data_ptr()) for b in module.buffers() if b is not None and b.numel()):
-                for name in names:  # the modules hold copies: the file's pages can go
+            module_maps_file = any(ckpt.maps(b.data_ptr()) for b in module.buffers() if b is not None and b.numel())
+            for name, raw in zip(names, raws):
+                # Pages of the file nothing reads again can go: those the module copied, and
+                # those of tensors the checkpoint reader already copied (Q/K, un-permuted).
+                if not (module_maps_file and raw.data.size and ckpt.maps(raw.data.ctypes.data)):
                     ckpt.release(name + ".weight")
             return module
 
