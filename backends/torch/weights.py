@@ -135,9 +135,9 @@ class NativeLinear(nn.Module):
     def _gemm(self, lib, x: torch.Tensor) -> torch.Tensor:
         """Prefill: compute-bound, so bfloat16 weights a slice at a time into torch's GEMM."""
         M = x.shape[0]
-        # Rows padded to a multiple of 64: oneDNN keeps a compiled kernel per shape, and one
+        # Rows padded to a multiple of 32: oneDNN keeps a compiled kernel per shape, and one
         # per prompt length grew memory by ~0.1 MB a chat turn (tests/test_long_session.py).
-        xb = torch.zeros(-(-M // 64) * 64, self.in_features, dtype=torch.bfloat16)
+        xb = torch.zeros(-(-M // 32) * 32, self.in_features, dtype=torch.bfloat16)
         xb[:M] = x
         step = max(1, MAX_SLICE_ELEMS // self.in_features)
         buffer = torch.empty(min(step, self.out_features), self.in_features, dtype=torch.bfloat16)

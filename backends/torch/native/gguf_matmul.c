@@ -123,10 +123,19 @@ static inline __m256 q8_0_block(const uint8_t *w, const x_block32 *x, __m256 acc
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(read_u16(w)) * x->d), acc);
 }
 
-// Q4_0, Q4_1: the codes' part d dx sum(q xq); the offset part is added by the caller
-static inline __m256 q4_block(const uint8_t *codes, float d, const x_block32 *x, __m256 acc) {
+// Q4_0, Q4_1: [d dx, m sx] (Q4_1) or [d dx, d sx] (Q4_0) from one f16 conversion and one
+// multiply: the codes' scale in lane 0, the block's offset term (before Q4_0's -8) in lane 1.
+static inline __m128 q4_scales(const uint8_t *w, const x_block32 *x, int with_min) {
+    uint32_t bits;
+    if (with_min) memcpy(&bits, w, 4);
+    else bits = read_u16(w) * 0x10001u;
+    __m128 xs = _mm_castpd_ps(_mm_load_sd((const double *)&x->d));  // [dx, sx]: adjacent fields
+    return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)bits)), xs);
+}
+
+static inline __m256 q4_block(const uint8_t *codes, __m128 scales, const x_block32 *x, __m256 acc) {
     __m256i p = dot_u8_s8(nibbles_32(codes), _mm256_loadu_si256((const __m256i *)x->q));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->d), acc);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(scales), acc);
 }
 #endif
 
@@ -152,36 +161,37 @@ static float dot_q8_0(const uint8_t *w, const void *xv, int K) {
 }
 
 // Q4_0: w = d (q - 8); Q4_1: w = d q + m. Both: sum_j w_j x_j = d dx sum(q xq) + c sx.
-static float dot_q4_01(const uint8_t *w, const void *xv, int K, int with_min) {
+static inline float dot_q4_01(const uint8_t *w, const void *xv, int K, int with_min) {
     const x_block32 *x = xv;
     int nb = K / 32, size = with_min ? 20 : 18, codes = with_min ? 4 : 2, b = 0;
-    float offsets[4] = {0, 0, 0, 0};
 #ifdef USE_AVX2
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m128 offsets = _mm_setzero_ps();
     for (; b + 3 < nb; b += 4) {
         for (int u = 0; u < 4; u++, w += size) {
-            float d = f16_to_f32(read_u16(w));
-            offsets[u] += (with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d) * x[b + u].s;
-            acc[u] = q4_block(w + codes, d, x + b + u, acc[u]);
+            __m128 scales = q4_scales(w, x + b + u, with_min);
+            offsets = _mm_add_ps(offsets, scales);
+            acc[u] = q4_block(w + codes, scales, x + b + u, acc[u]);
         }
     }
     for (; b < nb; b++, w += size) {
-        float d = f16_to_f32(read_u16(w));
-        offsets[0] += (with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d) * x[b].s;
-        acc[0] = q4_block(w + codes, d, x + b, acc[0]);
+        __m128 scales = q4_scales(w, x + b, with_min);
+        offsets = _mm_add_ps(offsets, scales);
+        acc[0] = q4_block(w + codes, scales, x + b, acc[0]);
     }
-    float sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    float offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets, offsets, 1)) * (with_min ? 1 : -8);
+    return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + offset;
 #else
-    float sum = 0;
+    float sum = 0, offset = 0;
     for (; b < nb; b++, w += size) {
         float d = f16_to_f32(read_u16(w));
-        offsets[0] += (with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d) * x[b].s;
+        offset += (with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d) * x[b].s;
         int dot = 0;
         for (int j = 0; j < 16; j++) dot += (w[codes + j] & 15) * x[b].q[j] + (w[codes + j] >> 4) * x[b].q[j + 16];
         sum += d * x[b].d * dot;
     }
+    return sum + offset;
 #endif
-    return sum + (offsets[0] + offsets[1]) + (offsets[2] + offsets[3]);
 }
 
 static float dot_q4_0(const uint8_t *w, const void *x, int K) { return dot_q4_01(w, x, K, 0); }
