@@ -28,6 +28,11 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see smollm3 --help)")
 
 
+def one_line(text: str) -> str:
+    """An error as one printable line: a message may quote names read from a corrupt file."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="smollm3", description="Chat with SmolLM3 (or SmolLM2) locally, from GGUF or safetensors.")
     m = p.add_argument_group("model")
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         engine, use_template = load_engine(args, tracer)
         return run_prompt(args, engine, use_template)
     except SmolLMError as e:
-        print(f"smollm3: error: {e}", file=sys.stderr)
+        print(f"smollm3: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the way out
@@ -176,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours: still one line, with a way to get the traceback
         if os.environ.get("SMOLLM3_DEBUG"):
             raise
-        print(f"smollm3: internal error: {type(e).__name__}: {e} (set SMOLLM3_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(f"smollm3: internal error: {type(e).__name__}: {one_line(str(e))} (set SMOLLM3_DEBUG=1 for a traceback)",
+              file=sys.stderr)
         return 1
     finally:
         if args is not None and getattr(args, "tracing", False) and tracer.events:

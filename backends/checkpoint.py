@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, shown
 
 from .config import ModelConfig, config_from_gguf, config_from_hf
 from .errors import CheckpointError, UnsupportedTensorType
@@ -106,7 +106,7 @@ def unpermute_qk_rows(data: np.ndarray, n_head: int) -> np.ndarray:
     Whole rows move, so this works on raw quantized rows as well as on float rows.
     """
     rows = data.shape[0]
-    if rows % (2 * n_head):
+    if rows == 0 or rows % (2 * n_head):
         raise CheckpointError(f"a Q/K weight has {rows} rows, not a whole number of {n_head} heads")
     half = rows // n_head // 2
     return np.ascontiguousarray(data.reshape(n_head, half, 2, -1).swapaxes(1, 2).reshape(rows, -1))
@@ -141,7 +141,7 @@ def _open_gguf(path: Path) -> Checkpoint:
         if hf_name is None:
             continue  # e.g. rope_freqs: llama.cpp extras we compute ourselves
         if not isinstance(info.ggml_type, GGMLQuantizationType):
-            raise UnsupportedTensorType(f"tensor '{info.name}' has unknown GGML type id {info.ggml_type}")
+            raise UnsupportedTensorType(f"tensor {shown(info.name)} has unknown GGML type id {info.ggml_type}")
         shape = tuple(reversed(info.shape))  # GGML lists dims innermost first
         data = gguf.tensor_bytes(info)
         if info.name.endswith("attn_q.weight"):
@@ -167,7 +167,13 @@ _ST_DTYPES = {
 _ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
 
 
+def _is_ints(value, n: int | None = None) -> bool:
+    return isinstance(value, list) and (n is None or len(value) == n) and all(type(v) is int for v in value)
+
+
 def read_safetensors(path: Path) -> dict[str, RawTensor]:
+    """Checked as the safetensors library checks: a JSON object of entries whose data, one after
+    another, fill the rest of the file exactly (https://github.com/huggingface/safetensors)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -176,9 +182,16 @@ def read_safetensors(path: Path) -> dict[str, RawTensor]:
         header_len = int.from_bytes(head, "little")
         if header_len > min(size - 8, 100 << 20):
             raise CheckpointError(f"{path.name}: corrupt safetensors header (length {header_len})")
+        # The header is "{...}" padded with spaces: check its ends before reading (and decoding)
+        # what a corrupt length may make megabytes of tensor bytes.
+        first = f.read(1)
+        f.seek(8 + max(header_len - 8, 0))
+        if first != b"{" or not f.read(min(header_len, 8)).rstrip(b" ").endswith(b"}"):
+            raise CheckpointError(f"{path.name}: corrupt safetensors header (not a JSON object)")
+        f.seek(8)
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, numbers of 4300+ digits, deep nesting
             raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: corrupt safetensors header")
@@ -187,18 +200,29 @@ def read_safetensors(path: Path) -> dict[str, RawTensor]:
     blob = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else np.zeros(0, np.uint8)
     tensors = {}
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name}: corrupt safetensors entry for '{name}'") from None
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and _is_ints(info.get("shape"))
+                and _is_ints(info.get("data_offsets"), 2)):
+            raise CheckpointError(f"{path.name}: corrupt safetensors entry for {shown(name)}")
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         if dtype not in _ST_DTYPES:
-            raise UnsupportedTensorType(f"tensor '{name}' in {path.name} has dtype {dtype} (supported: {', '.join(_ST_DTYPES)})")
+            raise UnsupportedTensorType(
+                f"tensor {shown(name)} in {path.name} has dtype {shown(dtype)} (supported: {', '.join(_ST_DTYPES)})"
+            )
         nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]  # Python ints: a hostile shape cannot wrap around
         if not (0 <= begin <= end <= size - data_start) or end - begin != nbytes or any(d < 0 for d in shape):
-            raise CheckpointError(f"{path.name}: tensor '{name}' lies outside the file or has the wrong size")
+            raise CheckpointError(f"{path.name}: tensor {shown(name)} lies outside the file or has the wrong size")
         raw = blob[data_start + begin : data_start + end]
         rows = math.prod(shape[:-1])
         tensors[name] = RawTensor(name, _ST_DTYPES[dtype], shape, raw.reshape(rows, -1) if nbytes else raw.reshape(rows, 0))
+    # In offset order, each tensor's data starts where the last one's ends, and the last ends at the
+    # end of the file: a shifted header length or offset cannot pass for other tensors' bytes.
+    position = 0
+    for begin, end in sorted(info["data_offsets"] for info in header.values()):
+        if begin != position:
+            raise CheckpointError(f"{path.name}: corrupt safetensors header (tensor data overlaps or leaves a gap at byte {position})")
+        position = end
+    if position != size - data_start:
+        raise CheckpointError(f"{path.name}: corrupt safetensors header ({size - data_start - position} bytes after the last tensor)")
     return tensors
 
 
@@ -209,9 +233,12 @@ def _open_hf_dir(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path} holds GGUF files: pass one of them with --model-path")
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
     try:
-        config = config_from_hf(json.loads(config_path.read_text()))
-    except json.JSONDecodeError as e:
+        cfg = json.loads(config_path.read_text())
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{config_path}: not a JSON object")
+    config = config_from_hf(cfg)
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:

@@ -11,9 +11,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CheckpointError
+from .gguf_file import shown
 
 SUPPORTED_ARCHITECTURES = ("smollm3", "llama")
 NOPE_INTERVAL = 4
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: more is a corrupt count, not a model
+
+
+def _check_sizes(where: str, num_layers: int, num_heads: int, hidden: int) -> None:
+    """Before anything is sized by them (a corrupt layer count of 2^31 would build 2^31 flags)."""
+    if not 0 < num_layers <= MAX_LAYERS or num_heads <= 0 or hidden <= 0:
+        raise CheckpointError(f"{where}: {num_layers} layers of {num_heads} heads, hidden size {hidden}: corrupt")
 
 
 def smollm3_rope_layers(num_layers: int, interval: int = NOPE_INTERVAL) -> tuple[bool, ...]:
@@ -118,6 +126,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         num_layers = int(cfg["num_hidden_layers"])
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
+        _check_sizes("config.json", num_layers, num_heads, hidden)
         # transformers 5 moves rope_theta/rope_scaling into rope_parameters; older configs keep both on top.
         rope_params = dict(cfg.get("rope_parameters") or {})
         rope_scaling = cfg.get("rope_scaling") or None
@@ -151,7 +160,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_as_ids(cfg.get("eos_token_id")),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"config.json is missing or has a bad value for {e}") from None
 
 
@@ -160,7 +169,7 @@ def config_from_gguf(metadata: dict, has_output_tensor: bool) -> ModelConfig:
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
-            f"unknown architecture '{arch}' in GGUF (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"unknown architecture {shown(str(arch))} in GGUF (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
 
     def key(name, default=None):
@@ -173,6 +182,7 @@ def config_from_gguf(metadata: dict, has_output_tensor: bool) -> ModelConfig:
         num_layers = int(key("block_count"))
         num_heads = int(key("attention.head_count"))
         hidden = int(key("embedding_length"))
+        _check_sizes("GGUF metadata", num_layers, num_heads, hidden)
         vocab = metadata.get(f"{arch}.vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or ())
         head_dim = int(metadata.get(f"{arch}.attention.key_length") or hidden // num_heads)
         scaling = None
@@ -201,5 +211,5 @@ def config_from_gguf(metadata: dict, has_output_tensor: bool) -> ModelConfig:
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=_as_ids(metadata.get("tokenizer.ggml.eos_token_id")),
         )
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"GGUF metadata has a bad value: {e}") from None

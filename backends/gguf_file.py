@@ -5,7 +5,8 @@ numpy views for every item of every metadata array, which takes 2.3 s for SmolLM
 vocabulary (llama.cpp loads the whole model in 0.3 s); this reads it in tens of milliseconds.
 It also checks every count, length, offset and size against the file before trusting it, so
 a hostile or truncated file gives a CheckpointError instead of a huge allocation or a read
-outside the file, and it lets the caller drop a tensor's pages once repacked. The format:
+outside the file; it decodes strings and arrays only once the whole header has checked out;
+and it lets the caller drop a tensor's pages once repacked. The format:
 https://github.com/ggml-org/ggml/blob/master/docs/gguf.md. Constants come from `gguf`.
 """
 
@@ -23,6 +24,8 @@ from .errors import CheckpointError
 
 MAX_DIMS = 4
 DEFAULT_ALIGNMENT = 32
+MAX_KEY_BYTES = 65535  # the spec's limits on a metadata key and on a tensor name
+MAX_NAME_BYTES = 64
 
 _SCALARS = {
     GGUFValueType.UINT8: "<B",
@@ -40,6 +43,26 @@ _SCALARS = {
 _NUMPY = {t: np.dtype(f) for t, f in _SCALARS.items()}
 
 
+def shown(name: str, limit: int = 60) -> str:
+    """A name read from a file, quoted for a one-line message: a corrupt length makes "names" of
+    megabytes of tensor bytes, control characters included."""
+    cut = name[:limit]
+    text = cut if cut.isprintable() else ascii(cut)[1:-1]
+    return f"'{text}…'" if len(name) > limit else f"'{text}'"
+
+
+@dataclass(frozen=True)
+class _Later:
+    """A string or array value, located and bounds-checked, to be decoded once the whole header
+    has checked out: a corrupt length or count could otherwise turn megabytes of tensor data into
+    Python strings and numbers before the file is found corrupt."""
+
+    item_type: GGUFValueType  # STRING for a string, else the type of an array's items
+    start: int
+    count: int  # bytes of a string, items of an array
+    array: bool
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -47,6 +70,11 @@ class TensorInfo:
     shape: tuple[int, ...]  # GGML order: innermost dimension first
     offset: int  # from the start of the file
     nbytes: int
+
+
+def _decode(raw: bytes) -> str:
+    # llama.cpp vocabularies may hold byte tokens that are not valid UTF-8 alone.
+    return raw.decode("utf-8", errors="surrogateescape")
 
 
 class GGUFFile:
@@ -86,31 +114,39 @@ class GGUFFile:
     def _u64(self) -> int:
         return self._scalar(GGUFValueType.UINT64)
 
-    def _string(self) -> str:
+    def _string(self, limit: int, what: str) -> str:
         n = self._u64()
+        if n > limit:
+            raise self._fail(f"a {what} of {n} bytes (at most {limit})")
         start = self._take(n)
-        try:
-            return self._mmap[start : start + n].decode("utf-8")
-        except UnicodeDecodeError:
-            # llama.cpp vocabularies may hold byte tokens that are not valid UTF-8 alone.
-            return self._mmap[start : start + n].decode("utf-8", errors="surrogateescape")
+        return _decode(self._mmap[start : start + n])
 
-    def _string_array(self, count: int) -> list[str]:
+    def _string_items(self, count: int) -> int:
+        """Step over `count` strings (checking each length against the file); where they start."""
         # The vocabulary is 49k-128k strings: one tight loop, not a method call per string.
-        buf, pos, size, out = self._mmap, self._pos, self.size, []
+        buf, start, size = self._mmap, self._pos, self.size
         length = struct.Struct("<Q").unpack_from
-        for _ in range(count):
-            if pos + 8 > size:
-                break
-            (n,) = length(buf, pos)
-            end = pos + 8 + n
+        pos = start
+        for i in range(count):
+            end = pos + 8 + length(buf, pos)[0] if pos + 8 <= size else size + 1
             if end > size:
-                break
-            out.append(buf[pos + 8 : end].decode("utf-8", errors="surrogateescape"))
+                self._pos = pos
+                raise self._fail(f"string {i} of {count} runs past the end of the file")
             pos = end
         self._pos = pos
-        if len(out) != count:
-            raise self._fail(f"string {len(out)} of {count} runs past the end of the file")
+        return start
+
+    def _decoded(self, value: _Later):
+        buf, start = self._mmap, value.start
+        if not value.array:
+            return _decode(buf[start : start + value.count])
+        if value.item_type != GGUFValueType.STRING:
+            return np.frombuffer(buf, _NUMPY[value.item_type], value.count, start).tolist()
+        out, length = [], struct.Struct("<Q").unpack_from
+        for _ in range(value.count):
+            end = start + 8 + length(buf, start)[0]
+            out.append(_decode(buf[start + 8 : end]))
+            start = end
         return out
 
     def _value_type(self) -> GGUFValueType:
@@ -122,19 +158,18 @@ class GGUFFile:
 
     def _value(self, value_type: GGUFValueType):
         if value_type == GGUFValueType.STRING:
-            return self._string()
+            n = self._u64()
+            return _Later(value_type, self._take(n), n, array=False)
         if value_type != GGUFValueType.ARRAY:
             return self._scalar(value_type)
         item_type = self._value_type()
         count = self._u64()
         if item_type in _NUMPY:  # numbers: one bounds check, one copy
-            dtype = _NUMPY[item_type]
-            start = self._take(count * dtype.itemsize)
-            return np.frombuffer(self._mmap, dtype, count, start).tolist()
+            return _Later(item_type, self._take(count * _NUMPY[item_type].itemsize), count, array=True)
         if item_type == GGUFValueType.STRING:
             if count * 8 > self.size - self._pos:  # each string takes at least its 8-byte length
                 raise self._fail(f"string array of {count} items cannot fit")
-            return self._string_array(count)
+            return _Later(item_type, self._string_items(count), count, array=True)
         raise self._fail("nested metadata arrays")
 
     # --- structure ---
@@ -151,28 +186,44 @@ class GGUFFile:
         if n_tensors > self.size // 24 or n_kv > self.size // 12:
             raise self._fail(f"header claims {n_tensors} tensors and {n_kv} metadata keys")
         for _ in range(n_kv):
-            key = self._string()
+            key = self._string(MAX_KEY_BYTES, "metadata key")
             self.metadata[key] = self._value(self._value_type())
         infos = []
         for _ in range(n_tensors):
-            name = self._string()
+            name = self._string(MAX_NAME_BYTES, "tensor name")
             n_dims = self._u32()
             if not 1 <= n_dims <= MAX_DIMS:
-                raise self._fail(f"tensor '{name}' has {n_dims} dimensions")
+                raise self._fail(f"tensor {shown(name)} has {n_dims} dimensions")
             shape = tuple(self._u64() for _ in range(n_dims))
             type_id = self._u32()
             infos.append((name, shape, type_id, self._u64()))
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise self._fail(f"general.alignment {alignment!r} is not a power of two")
+            shown_alignment = alignment if isinstance(alignment, int) else "(not a number)"
+            raise self._fail(f"general.alignment {shown_alignment} is not a power of two")
         data_start = -(-self._pos // alignment) * alignment
         for name, shape, type_id, offset in infos:
             self.tensors[name] = self._tensor_info(name, shape, type_id, offset, data_start, alignment)
         self.data_start = data_start
+        # As llama.cpp requires: the tensors' data follow one another in the order listed, each
+        # padded to the alignment, so a corrupt offset cannot pass off other bytes as a tensor.
+        end = 0
+        for info in self.tensors.values():
+            if info.offset - data_start != end:
+                raise CheckpointError(
+                    f"{self.name}: tensor {shown(info.name)} is at offset {info.offset - data_start}, where the "
+                    f"tensor before it ends at {end}: corrupt"
+                )
+            if not isinstance(info.ggml_type, GGMLQuantizationType):
+                break  # its size is unknown (a backend names the type it cannot use)
+            end += -(-info.nbytes // alignment) * alignment
+        for key, value in self.metadata.items():
+            if isinstance(value, _Later):
+                self.metadata[key] = self._decoded(value)
 
     def _tensor_info(self, name, shape, type_id, offset, data_start, alignment) -> TensorInfo:
         if name in self.tensors:
-            raise self._fail(f"tensor '{name}' listed twice")
+            raise self._fail(f"tensor {shown(name)} listed twice")
         try:
             ggml_type: GGMLQuantizationType | int = GGMLQuantizationType(type_id)
             block_elems, block_bytes = GGML_QUANT_SIZES[ggml_type]
@@ -183,12 +234,14 @@ class GGUFFile:
         for d in shape:
             count *= d
         if shape[0] % block_elems:
-            raise CheckpointError(f"{self.name}: tensor '{name}' row length {shape[0]} is not whole {ggml_type.name} blocks")
+            raise CheckpointError(f"{self.name}: tensor {shown(name)} row length {shape[0]} is not whole {ggml_type.name} blocks")
         nbytes = count // block_elems * block_bytes
         begin = data_start + offset
-        if offset % alignment or begin + nbytes > self.size:
+        if offset % alignment:
+            raise CheckpointError(f"{self.name}: tensor {shown(name)} offset {offset} is not a multiple of {alignment}: corrupt")
+        if begin + nbytes > self.size:
             raise CheckpointError(
-                f"{self.name}: tensor '{name}' ({nbytes} bytes at offset {offset}) lies outside the file "
+                f"{self.name}: tensor {shown(name)} ({nbytes} bytes at offset {offset}) lies outside the file "
                 f"({self.size} bytes): truncated or corrupt"
             )
         return TensorInfo(name, ggml_type, shape, begin, nbytes)

@@ -115,6 +115,14 @@ HOSTILE_SAFETENSORS = {
     "huge shape": _safetensors({"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, bytes(8)),
     "missing fields": _safetensors({"w": {"dtype": "F32"}}),
     "truncated": b"\x01\x02",
+    "a list as dtype": _safetensors({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+    "float offsets": _safetensors({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}}, bytes(4)),
+    "gap between tensors": _safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                                         "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, bytes(12)),
+    "overlapping tensors": _safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                                         "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+    "bytes after the last tensor": _safetensors({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(8)),
+    "nested 100000 deep": struct.pack("<Q", 200_007) + b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
 }
 
 

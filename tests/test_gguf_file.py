@@ -71,6 +71,9 @@ HOSTILE = {
     "huge offset": _header(n_tensors=1) + _string(b"t") + struct.pack("<IQIQ", 1, 32, 0, 2**62) + bytes(32),
     "misaligned offset": _header(n_tensors=1) + _string(b"t") + struct.pack("<IQIQ", 1, 4, 0, 3) + bytes(64),
     "bad alignment": _header(n_kv=1) + _string(b"general.alignment") + struct.pack("<II", 4, 3) + bytes(16),
+    "tensor name of 65 bytes": _header(n_tensors=1) + _string(b"t" * 65) + struct.pack("<IQIQ", 1, 32, 0, 0) + bytes(64),
+    "overlapping tensors": _header(n_tensors=2) + _string(b"a") + struct.pack("<IQIQ", 1, 8, 0, 0)
+    + _string(b"b") + struct.pack("<IQIQ", 1, 8, 0, 0) + bytes(6 + 64),
 }
 
 
