@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,67 @@ def test_200_turns_keep_rss_flat():
     early, late = r["samples"]["60"], r["samples"]["199"]
     assert r["kv_capacity"] <= 4096  # the cache never outgrows the context
     assert late - early < 25, r  # MB: nothing but the (already full-size) KV cache grows with a chat
+
+
+TUI_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, ctypes, gc, json, sys
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    torch.set_num_threads(1)
+    from textual._styles_cache import StylesCache
+    from app.tui.app import ChatApp
+    from app.tui.store import ChatStore
+    from backends.sampling import SamplingParams
+    from test_tui_support import ready, send, tiny_engine
+
+    def measure():
+        # Textual keeps up to 1024 discarded widgets' render caches in an lru_cache: bounded,
+        # but full only after ~50 answers; cleared here so that both samples leave it out.
+        StylesCache.get_inner_outer.cache_clear()
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/status") as f:
+            rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+        return rss, len(gc.get_objects())
+
+    async def chat(db, turns):
+        engine = tiny_engine()
+        app = ChatApp(lambda progress: engine, store=ChatStore(db), max_new_tokens=8,
+                      sampling=SamplingParams(temperature=0.8, seed=1))
+        app.MAX_SHOWN_MESSAGES = 20  # the same trimming as at 100, reached sooner
+        samples = {}
+        async with app.run_test(size=(100, 32)) as pilot:
+            await ready(pilot)
+            # A first message of ~2200 tokens: the KV cache is at its full size (the context) from then on.
+            first = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(140))
+            for turn in range(turns):
+                if app.session.context_tokens() > engine.config.context_length - 100:
+                    while app.session.context_tokens() > engine.config.context_length // 2:
+                        await app.drop_to_fit(at_least_one=True)
+                await send(pilot, first if turn == 0 else f"Turn {turn}: what about {turn}?")
+                if turn in (10, turns - 1):
+                    samples[turn] = measure()
+            shown = len(app.query("UserMessage, AssistantMessage"))
+        print(json.dumps({"samples": samples, "kv_capacity": engine.model.capacity, "shown": shown}))
+
+    asyncio.run(chat(sys.argv[2], int(sys.argv[3])))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc, trims glibc's heap")
+def test_a_long_tui_chat_keeps_rss_flat(tmp_path):
+    """The same through the chat TUI (Pilot, real generation): 70 turns, the most a test can
+    afford here (~0.5 s a turn), with the KV cache full-size from the first turn. It found two
+    leaks: Textual's Footer kept every key it re-created (app/tui/widgets.py ChatFooter), and
+    every message stayed on screen (now the newest MAX_SHOWN_MESSAGES)."""
+    tests = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", TUI_SCRIPT, tests, str(tmp_path / "chats.sqlite3"), "70"],
+                         cwd=Path(tests).parent, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    (early_rss, early_objects), (late_rss, late_objects) = r["samples"]["10"], r["samples"]["69"]
+    assert r["kv_capacity"] == 4096 and r["shown"] == 20
+    assert late_rss - early_rss < 25, r  # MB, as above; the two leaks made ~0.7 MB a turn
+    assert late_objects - early_objects < 3000, r  # the session's messages and input history; the leaks made ~1000 a turn

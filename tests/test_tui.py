@@ -394,6 +394,112 @@ async def test_quitting_mid_answer_keeps_what_was_generated(tmp_path):
     assert status == "stopped" and content.startswith("word word word") and app.return_value == 0
 
 
+def notices(app) -> list[str]:
+    return [f"{n.title}: {n.message}" for n in app._notifications]
+
+
+async def test_ctrl_c_stops_the_answer_first_and_keeps_it(tmp_path):
+    engine = ScriptedEngine(["word " * 200], delay=0.05)
+    app = make_app(tmp_path, engine, max_new_tokens=500)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Go on and on", wait=False)
+        await wait_for(pilot, lambda: answers(app) and len(answers(app)[0].answer_text) > 20, what="some answer text")
+        await pilot.press("ctrl+c")
+        await settle(pilot)
+        message = app.session.messages[-1]
+        assert message["status"] == "stopped" and message["content"].startswith("word word word")
+        assert app.engine.stats.generated_tokens < 200 and answers(app)[0].has_class("-stopped")
+        assert rows(tmp_path)[-1] == ("assistant", message["content"], "stopped", 1)
+        assert app.return_value is None and "Stopped: Press Ctrl+C again to quit" in notices(app)
+        app.clear_notifications()
+        await pilot.press("ctrl+r")  # still running: the answer goes on
+        await wait_for(pilot, lambda: app.generating, what="the continued answer")
+        await pilot.press("escape")
+        await settle(pilot)
+    assert app.return_value is None
+
+
+async def test_ctrl_c_when_idle_quits_on_the_second_press(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["Sent and answered."]), max_new_tokens=20)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Keep this")
+        app.query_prompt().load_text("a draft")
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert app.return_value is None and app.is_running
+        assert notices(app) == [": Press Ctrl+C again to quit (the unsent text in the input box is not kept)"]
+        await pilot.press("ctrl+c")
+    assert app.return_value == 0
+    assert rows(tmp_path) == [("user", "Keep this", "done", 1), ("assistant", "Sent and answered.", "done", 1)]
+
+
+async def test_ctrl_c_after_the_window_is_a_first_press_again_and_copies_a_selection(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["x"]))
+    app.QUIT_WINDOW_S = 0.3
+    said = []
+    real_notify = app.notify
+    app.notify = lambda message, **kw: said.append(message) or real_notify(message, **kw)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+c")
+        await pilot.pause(0.5)  # past the window
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert app.return_value is None and app.is_running and said == ["Press Ctrl+C again to quit"] * 2
+        await pilot.pause(0.5)
+        prompt = app.query_prompt()
+        prompt.load_text("copy me")
+        prompt.select_all()
+        await pilot.press("ctrl+c")  # a selection is copied, as the input's own Ctrl+C did
+        assert app.clipboard == "copy me" and app.return_value is None
+        await pilot.press("ctrl+c")
+    assert app.return_value == 0
+
+
+async def test_only_the_newest_messages_stay_on_screen_and_the_chat_keeps_them_all(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]))
+    app.MAX_SHOWN_MESSAGES = 4
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        for turn in range(4):
+            await send(pilot, f"Question {turn}")
+        note = app.query_one("#hidden-note")
+        assert [w.text for w in app.query(UserMessage)] == ["Question 2", "Question 3"] and len(answers(app)) == 2
+        assert note.display and str(note.render()).startswith("4 earlier messages not shown")
+        assert len(app.widgets_by_id) == 4 and len(app.session.messages) == 8
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert not note.display
+    assert len(rows(tmp_path)) == 8
+
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]), resume=True)
+    app.MAX_SHOWN_MESSAGES = 3
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await wait_for(pilot, lambda: answers(app), what="the resumed chat")
+        assert [w.text for w in app.query(UserMessage)] == ["Question 3"] and len(answers(app)) == 2
+        assert str(app.query_one("#hidden-note").render()).startswith("5 earlier messages not shown")
+        assert len(app.session.messages) == 8  # all of them still in the context
+
+
+async def test_the_footer_does_not_keep_the_keys_it_replaces(tmp_path):
+    import gc
+
+    from textual.widgets._footer import FooterKey
+
+    app = make_app(tmp_path, ScriptedEngine(["x"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        for _ in range(20):  # as every answer does, twice
+            app.refresh_bindings()
+            await pilot.pause()
+        gc.collect()
+        alive = [o for o in gc.get_objects() if type(o) is FooterKey]
+        assert len(alive) == len(app.query(FooterKey))
+
+
 async def test_loading_shows_progress_lines_and_printed_download_bars_and_a_message_can_wait(tmp_path):
     import threading
 

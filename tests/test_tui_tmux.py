@@ -1,8 +1,9 @@
-"""`smollm3` without --prompt in a real terminal: a scripted tmux session (skipped without tmux)."""
+"""`smollm3` without --prompt in a real terminal: scripted tmux sessions (skipped without tmux)."""
 
 import os
 import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -70,3 +71,69 @@ def test_chat_in_a_real_terminal(tmp_path):
     with sqlite3.connect(tmp_path / "chats.sqlite3") as db:
         assert db.execute("SELECT role, status FROM messages ORDER BY id").fetchall() == [("user", "done"), ("assistant", "length")]
         assert db.execute("SELECT thinking FROM chats").fetchone() == (1,)
+
+
+def start_chat(tmux: Tmux, tmp_path: Path, *flags: str) -> dict[str, Path]:
+    """The chat in a tmux pane; files: pid (the app's), exit (its status, then "restored" when
+    the terminal's settings are as they were before it started)."""
+    files = {name: tmp_path / name for name in ("pid", "exit")}
+    app = (
+        f"echo $$ > {shlex.quote(str(files['pid']))}; exec {shlex.quote(sys.executable)} -m app "
+        f"--model-path {shlex.quote(str(tiny_gguf('F16')))} {' '.join(flags)}"
+    )
+    command = (
+        f"unset COLUMNS LINES; cd {shlex.quote(str(ROOT))}; before=$(stty -g); "
+        f"SMOLLM3_DATA_DIR={shlex.quote(str(tmp_path))} bash -c {shlex.quote(app)}; echo $? > {shlex.quote(str(files['exit']))}; "
+        f"[ \"$(stty -g)\" = \"$before\" ] && echo restored >> {shlex.quote(str(files['exit']))}; sleep 60"
+    )
+    tmux("new-session", "-d", "-s", "chat", "-x", "120", "-y", "32", command)
+    return files
+
+
+def wait_for_exit(files: dict[str, Path], timeout: float = 30) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while not (files["exit"].exists() and files["exit"].read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.3)  # the "restored" line
+    return files["exit"].read_text().split()
+
+
+def stored(tmp_path: Path) -> list[tuple]:
+    with sqlite3.connect(tmp_path / "chats.sqlite3") as db:
+        return db.execute("SELECT role, status, length(content) > 0 FROM messages ORDER BY id").fetchall()
+
+
+def test_ctrl_c_stops_the_answer_then_quits_in_a_real_terminal(tmp_path):
+    tmux = Tmux(tmp_path)
+    files = start_chat(tmux, tmp_path, "-n 3000", "--temperature 0")
+    try:
+        tmux.wait_for("ctx 0/4096")
+        assert "^c Quit" in tmux.screen()
+        tmux("send-keys", "-t", "chat", "Tell me a long story", "Enter")
+        tmux.wait_for("─ SmolLM ─")
+        time.sleep(1)
+        tmux("send-keys", "-t", "chat", "C-c")  # the key, not a signal: the terminal is in raw mode
+        screen = tmux.wait_for("Press Ctrl+C again to quit")
+        assert "Stopped" in screen and not files["exit"].exists()
+        tmux("send-keys", "-t", "chat", "C-c")  # within the 3 s window
+        assert wait_for_exit(files) == ["0", "restored"]
+        assert "Traceback" not in tmux.screen()
+    finally:
+        subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True)
+    assert stored(tmp_path) == [("user", "done", 1), ("assistant", "stopped", 1)]
+
+
+def test_sigint_mid_answer_quits_cleanly_keeping_the_answer(tmp_path):
+    tmux = Tmux(tmp_path)
+    files = start_chat(tmux, tmp_path, "-n 3000", "--temperature 0")
+    try:
+        tmux.wait_for("ctx 0/4096")
+        tmux("send-keys", "-t", "chat", "Tell me a long story", "Enter")
+        tmux.wait_for("─ SmolLM ─")
+        time.sleep(1.5)
+        os.kill(int(files["pid"].read_text()), signal.SIGINT)  # `kill -INT`: from outside, not the keyboard
+        assert wait_for_exit(files) == ["130", "restored"]
+        assert "Traceback" not in tmux.screen()
+    finally:
+        subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True)
+    assert stored(tmp_path) == [("user", "done", 1), ("assistant", "stopped", 1)]

@@ -19,7 +19,8 @@ def run_tui(
     model_label: str,
     use_template: bool = True,
 ) -> int:
-    """Run the chat app until the user quits; the exit status (2 when the model failed to load).
+    """Run the chat app until the user quits; the exit status (2 when the model failed to load,
+    130 after a SIGINT from outside: a partial answer is kept and the terminal restored).
 
     engine_factory(progress) loads the model inside the app (in a worker thread, with a loading
     screen); it may call progress("...") with a line to show, and returns an Engine or
@@ -33,6 +34,7 @@ def run_tui(
         resume=resume,
         model_label=model_label,
         use_template=use_template,
+        catch_sigint=True,
     )
     code = app.run()
     if app.return_code:  # the app failed (Textual has printed why)

@@ -8,8 +8,10 @@ with one `Finished`. Everything else (widgets, the SQLite store) happens on the 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 from textual.worker import get_current_worker
 
 from backends import Engine, GenerationStats, SamplingParams, SmolLMError
@@ -43,6 +45,7 @@ from .store import ChatStore, StoreError
 from .widgets import (
     CONTINUABLE,
     AssistantMessage,
+    ChatFooter,
     LoadingPanel,
     PromptInput,
     StatusLine,
@@ -53,11 +56,16 @@ from .widgets import (
 
 BURST_S = 1 / 30  # tokens are posted to the UI at most this often, merged
 SAVE_EVERY_S = 1.0  # a streaming answer is checkpointed to the store this often
+QUIT_WINDOW_S = 3.0  # a second Ctrl+C within this many seconds of the first quits
+# Messages on screen, the newest: each one costs memory and layout time, so a long chat would
+# grow and slow down; older ones stay in the stored chat (/export writes it whole).
+MAX_SHOWN_MESSAGES = 100
 
 EngineFactory = Callable[[Callable[[str], None]], "Engine | tuple[Engine, bool]"]
 
 HELP = """Commands: /think, /no_think (thinking for the next answers), /new, /system [text],
-/settings, /chats, /export [file.md], /continue, /drop (oldest turn), /help, /quit"""
+/settings, /chats, /export [file.md], /continue, /drop (oldest turn), /help, /quit
+Keys: Esc or Ctrl+C stops an answer; Ctrl+C twice (or Ctrl+Q) quits"""
 
 
 # --- messages from the worker threads ---
@@ -142,7 +150,11 @@ class ChatApp(App[int]):
         Binding("ctrl+s", "settings", "Settings"),
         Binding("ctrl+g", "system_prompt", "System"),
         Binding("ctrl+b", "copy_code", "Copy code", show=False),
+        # Priority: above the input's own Ctrl+C (copy), which action_interrupt still does.
+        Binding("ctrl+c", "interrupt", "Quit", priority=True),
     ]
+    QUIT_WINDOW_S = QUIT_WINDOW_S
+    MAX_SHOWN_MESSAGES = MAX_SHOWN_MESSAGES
 
     def __init__(
         self,
@@ -155,8 +167,10 @@ class ChatApp(App[int]):
         model_label: str = "the model",
         store: ChatStore | None = None,
         use_template: bool = True,
+        catch_sigint: bool = False,
     ):
         super().__init__()
+        self.catch_sigint = catch_sigint  # run_tui: a SIGINT from outside quits cleanly (tests keep pytest's)
         self.engine_factory = engine_factory
         self.settings = Settings(sampling, max_new_tokens)
         self.resume = resume
@@ -176,12 +190,15 @@ class ChatApp(App[int]):
         self.load_failed = False
         self.waiting_for_engine = False  # a message was sent while the model loaded
         self.widgets_by_id: dict[int, UserMessage | AssistantMessage] = {}  # by message id in the store
+        self.hidden_messages = 0  # older messages of this chat taken off the screen
         self._last_save = 0.0
+        self._interrupted_at: float | None = None  # the last Ctrl+C that did not quit
 
     def compose(self) -> ComposeResult:
         yield LoadingPanel(self.model_label, id="loading")
         with VerticalScroll(id="chat-log"):
             yield SystemPromptView("", id="system-view", markup=False)
+            yield Static("", id="hidden-note", markup=False)
         yield PromptInput(
             id="prompt",
             placeholder="Message SmolLM (Enter sends, Shift+Enter or Ctrl+J: new line, /help: commands)",
@@ -189,7 +206,7 @@ class ChatApp(App[int]):
         with Horizontal(id="bar"):
             yield Static("", id="mode")
             yield StatusLine("loading the model…", id="status", markup=False)
-        yield Footer()
+        yield ChatFooter()
 
     # --- start-up ---
 
@@ -207,6 +224,11 @@ class ChatApp(App[int]):
         self.begin_capture_print(self.query_one(LoadingPanel), stdout=True, stderr=True)
         self.update_mode()
         self.query_prompt().focus()
+        if self.catch_sigint:
+            try:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._sigint)
+            except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+                pass
         self._load_engine()
 
     @work(thread=True, group="load", exit_on_error=False)
@@ -304,7 +326,7 @@ class ChatApp(App[int]):
 
     def _busy(self) -> bool:
         if self.generating:
-            self.notify("An answer is being generated: press Esc to stop it first", severity="warning", timeout=3)
+            self.notify("An answer is being generated: press Esc or Ctrl+C to stop it first", severity="warning", timeout=3)
             return True
         if self.load_failed:
             self.notify("The model did not load (see above): Ctrl+Q quits", severity="error", timeout=5)
@@ -341,6 +363,7 @@ class ChatApp(App[int]):
         widget = UserMessage(text, message)
         self.widgets_by_id[message["id"]] = widget
         await self.log_view.mount(widget)
+        await self._trim_log()
         self.log_view.anchor()
         if self.engine is None:
             self.waiting_for_engine = True  # stored and shown; answered once the model is loaded
@@ -358,6 +381,7 @@ class ChatApp(App[int]):
         if continuing is None:
             self.current = AssistantMessage(streaming=True)
             await self.log_view.mount(self.current)
+            await self._trim_log()
         else:
             self.current = continuing
             continuing.resume_streaming()
@@ -457,6 +481,22 @@ class ChatApp(App[int]):
     def _context_full(self, event: ContextFull) -> None:
         self.offer_context_relief(f"The conversation does not fit the model's context ({event.text}).")
 
+    async def _trim_log(self, unmounted: int = 0) -> None:
+        """Take the oldest messages off the screen beyond MAX_SHOWN_MESSAGES (`unmounted`: more of
+        them that were never put on it), and say how many are not shown."""
+        shown = list(self.log_view.query_children("UserMessage, AssistantMessage"))
+        old = shown[: max(len(shown) - self.MAX_SHOWN_MESSAGES, 0)]
+        if not old and not unmounted:
+            return
+        for widget in old:
+            self.widgets_by_id.pop((widget.message or {}).get("id"), None)
+        self.hidden_messages += len(old) + unmounted
+        await self.log_view.remove_children(old)
+        note = self.chat_screen.query_one("#hidden-note", Static)
+        n = self.hidden_messages
+        note.update(f"{n} earlier message{'s' * (n != 1)} not shown: the chat keeps them (/export writes it whole)")
+        note.display = True
+
     # --- context ---
 
     def offer_context_relief(self, text: str) -> None:
@@ -508,6 +548,34 @@ class ChatApp(App[int]):
         if self.generating:
             self.workers.cancel_group(self, "generate")
 
+    async def action_interrupt(self) -> None:
+        """Ctrl+C: stop the answer being generated (or copy the selected text); quit when it is the
+        second press within QUIT_WINDOW_S. The chat is in the store already: only a draft is lost."""
+        now = time.monotonic()
+        if self._interrupted_at is not None and now - self._interrupted_at <= self.QUIT_WINDOW_S:
+            await self.action_quit()
+            return
+        self._interrupted_at = now
+        title = None
+        if self.generating:
+            self.action_stop()
+            title = "Stopped"
+        elif selection := self._selected_text():
+            self.copy_to_clipboard(selection)
+            title = "Copied"
+        draft = " (the unsent text in the input box is not kept)" if self.query_prompt().text.strip() else ""
+        self.notify(f"Press Ctrl+C again to quit{draft}", title=title or "", timeout=self.QUIT_WINDOW_S, markup=False)
+
+    def _selected_text(self) -> str | None:
+        focused = self.focused
+        return getattr(focused, "selected_text", None) or self.screen.get_selected_text()
+
+    def _sigint(self) -> None:
+        """SIGINT from outside (in the TUI, the terminal delivers Ctrl+C as a key): quit like
+        Ctrl+Q, keeping a partial answer, with the shell's status for an interrupt."""
+        self._keep_partial_answer()
+        self.exit(130)
+
     def action_toggle_thinking(self) -> None:
         self.set_thinking(not self.session.thinking)
 
@@ -543,6 +611,8 @@ class ChatApp(App[int]):
         self.widgets_by_id.clear()
         await self.log_view.remove_children(UserMessage)
         await self.log_view.remove_children(AssistantMessage)
+        self.hidden_messages = 0
+        self.chat_screen.query_one("#hidden-note", Static).display = False
         self.chat_screen.query_one(SystemPromptView).show(None)
         self.context_used, self.last_stats = 0, None
         self.update_status()
@@ -574,9 +644,11 @@ class ChatApp(App[int]):
                 widget.border_subtitle = "not in context"
             else:
                 self.session.messages.append(message)
-            self.widgets_by_id[m.id] = widget
             widgets.append(widget)
-        await self.log_view.mount_all(widgets)
+        shown = widgets[-self.MAX_SHOWN_MESSAGES :]
+        self.widgets_by_id.update((w.message["id"], w) for w in shown)
+        await self.log_view.mount_all(shown)
+        await self._trim_log(unmounted=len(widgets) - len(shown))
         self.log_view.anchor()
         self.context_used = self.session.context_tokens() if self.engine else None
         self.update_status()
@@ -684,12 +756,15 @@ class ChatApp(App[int]):
             await self.drop_to_fit(at_least_one=True)
 
     async def action_quit(self) -> None:
+        self._keep_partial_answer()
+        self.exit(2 if self.load_failed else 0)
+
+    def _keep_partial_answer(self) -> None:
         if self.generating and self.current is not None and (message := self.current.message) is not None:
             # Keep what was generated: the worker may not get to post its Finished before exit.
             self.workers.cancel_group(self, "generate")
             if "id" in message:
                 self.store.update_message(message["id"], message["content"], "stopped")
-        self.exit(2 if self.load_failed else 0)
 
     # --- slash commands and the command palette ---
 
@@ -734,7 +809,7 @@ class ChatApp(App[int]):
         yield SystemCommand("Toggle thinking", "Reason before answering, from the next answer (ctrl+t)", self.action_toggle_thinking)
         yield SystemCommand("New chat", "Start an empty conversation (ctrl+n)", self.action_new_chat)
         yield SystemCommand("Continue the answer", "Go on with a stopped answer (ctrl+r)", self.action_continue)
-        yield SystemCommand("Stop generating", "Keep what was generated so far (esc)", self.action_stop)
+        yield SystemCommand("Stop generating", "Keep what was generated so far (esc, ctrl+c)", self.action_stop)
         yield SystemCommand("Chats", "Browse, resume, rename and delete stored chats (ctrl+o)", self.action_history)
         yield SystemCommand("Settings", "Temperature, top-p, top-k, max tokens (ctrl+s)", self.action_settings)
         yield SystemCommand("Edit system prompt", "Instructions for this chat (ctrl+g)", self.action_system_prompt)
