@@ -108,3 +108,9 @@ def test_attend_one_is_rope_cache_write_and_sdpa(rope, pos):
     got = native.attend_one(native.library(), q, k, v, k_cache, v_cache, pos, H, *((cos, sin) if rope else (None, None)))
     torch.testing.assert_close(got, want.squeeze(0).transpose(0, 1).reshape(1, -1), rtol=1e-5, atol=1e-5)
     assert torch.equal(k_cache, want_k_cache) and torch.equal(v_cache, want_v_cache)
+
+
+def test_silu_mul_is_swiglu():
+    gate_up = torch.randn(3, 2 * 40) * 4
+    want = torch.nn.functional.silu(gate_up[:, :40]) * gate_up[:, 40:]
+    torch.testing.assert_close(native.silu_mul(native.library(), gate_up), want, rtol=1e-6, atol=1e-6)

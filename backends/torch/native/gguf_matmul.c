@@ -441,6 +441,11 @@ static const format FORMATS[] = {
     {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), dot_q6_k, dequantize_q6_k},
 };
 
+static void quantize_row(const format *f, const float *x, int K, uint8_t *out) {
+    if (f->x_block == 32) quantize_x32(x, K, (x_block32 *)out);
+    else quantize_x256(x, K, (x_block256 *)out);
+}
+
 static const format *find_format(int type) {
     for (size_t i = 0; i < sizeof(FORMATS) / sizeof(FORMATS[0]); i++)
         if (FORMATS[i].type == type) return &FORMATS[i];
@@ -475,12 +480,12 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
     uint8_t *xq = malloc(x_row * M);
     if (!xq) return -2;
     int tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    if (M == 1) quantize_row(f, x, K, xq);  // a decoded token: no parallel loop (and barrier) for one row
 #pragma omp parallel num_threads(threads)
     {
+        if (M > 1) {
 #pragma omp for schedule(static)
-        for (int m = 0; m < M; m++) {
-            if (f->x_block == 32) quantize_x32(x + (size_t)m * K, K, (x_block32 *)(xq + m * x_row));
-            else quantize_x256(x + (size_t)m * K, K, (x_block256 *)(xq + m * x_row));
+            for (int m = 0; m < M; m++) quantize_row(f, x + (size_t)m * K, K, xq + m * x_row);
         }
 #pragma omp for schedule(static)
         for (int t = 0; t < tasks; t++) {
@@ -576,4 +581,10 @@ void attend_one_f32(float *q, float *k_new, const float *v_new, float *k_cache, 
         for (int j = 0; j < D; j++) o[j] /= total;
         free(scores);
     }
+}
+
+// SwiGLU's silu(gate) * up for rows of [gate | up] (the fused gate/up projection's output).
+void silu_mul_f32(const float *gate_up, float *out, int M, int F) {
+    for (int m = 0; m < M; m++, gate_up += 2 * F, out += F)
+        for (int j = 0; j < F; j++) out[j] = gate_up[j] / (1 + expf(-gate_up[j])) * gate_up[F + j];
 }
