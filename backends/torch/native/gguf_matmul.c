@@ -566,8 +566,15 @@ void attend_one_f32(float *q, float *k_new, const float *v_new, float *k_cache, 
         const float *values = v_cache + (size_t)(h / group) * capacity * D;
         float *scores = malloc(L * sizeof(float)), top = -INFINITY, total = 0;
         for (int l = 0; l < L; l++) {
-            float dot = 0;
-            for (int j = 0; j < D; j++) dot += qh[j] * keys[(size_t)l * D + j];
+            // 8 partial sums: a float reduction the compiler may vectorize (it keeps a single
+            // sum's order otherwise, one multiply-add at a time: 3 ms a token at 512 positions)
+            float part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, dot = 0;
+            const float *key = keys + (size_t)l * D;
+            int j = 0;
+            for (; j + 7 < D; j += 8)
+                for (int u = 0; u < 8; u++) part[u] += qh[j + u] * key[j + u];
+            for (; j < D; j++) dot += qh[j] * key[j];
+            dot += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
             scores[l] = dot * scale;
             top = fmaxf(top, scores[l]);
         }
