@@ -79,6 +79,10 @@ class Engine:
     def to_numpy(self, logits: Any) -> np.ndarray:
         raise NotImplementedError
 
+    def reserve(self, positions: int) -> None:
+        """A generation will need this many cache positions: a backend may allocate them now
+        (once, at their size) instead of growing its cache as tokens come."""
+
     def reset_rng(self, seed: int | None) -> None:
         raise NotImplementedError
 
@@ -129,6 +133,7 @@ class Engine:
     ) -> Iterator[int]:
         """Yield generated token ids until an EOS id (not yielded), max_new_tokens, or a full context."""
         self._check_fits(len(prompt_ids))
+        self.reserve(min(len(prompt_ids) + max_new_tokens, self.config.context_length))
         self.stats = GenerationStats()
         self.reset_rng(sampling.seed)
         history: list[int] = []  # the repeat penalty looks at generated tokens only, as the seed does

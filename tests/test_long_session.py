@@ -110,6 +110,7 @@ def test_a_long_tui_chat_keeps_rss_flat(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     (early_rss, early_objects), (late_rss, late_objects) = r["samples"]["10"], r["samples"]["69"]
-    assert r["kv_capacity"] == 4096 and r["shown"] == 20
+    # a generation reserves its positions, in steps of 64: at most one step short of the context
+    assert 4096 - 64 <= r["kv_capacity"] <= 4096 and r["shown"] == 20
     assert late_rss - early_rss < 25, r  # MB, as above; the two leaks made ~0.7 MB a turn
     assert late_objects - early_objects < 3000, r  # the session's messages and input history; the leaks made ~1000 a turn

@@ -111,8 +111,9 @@ class MLP(nn.Module):
         self.gate_up, self.down_proj = gate_up, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.gate_up.parts) == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and (lib := native.library()):
-            return self.down_proj(native.silu_mul(lib, self.gate_up.parts[0](x)))  # one call, not three ops
+        if x.shape[0] == 1 and len(self.gate_up.parts) == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and (lib := native.library()):
+            # a decoded token: one call, not three ops (a prompt's rows: torch's threaded, vectorized ops)
+            return self.down_proj(native.silu_mul(lib, self.gate_up.parts[0](x)))
         gate, up = self.gate_up(x)
         return self.down_proj(F.silu(gate) * up)
 
@@ -175,13 +176,15 @@ class Transformer(nn.Module):
         self.caches = nn.ModuleList()
         self.capacity = 0
 
-    def ensure_capacity(self, needed: int) -> None:
+    def ensure_capacity(self, needed: int, exact: bool = False) -> None:
         """Grow the KV cache (and the RoPE table) to hold `needed` positions, keeping what it holds.
-        Growth doubles, in steps of 256, so a long generation reallocates a handful of times."""
+        Growth doubles, in steps of 256, so a long generation reallocates a handful of times;
+        `exact` (a generation that knows its length) grows to `needed` in steps of 64 only."""
         if needed <= self.capacity:
             return
-        capacity = min(max(needed, 2 * self.capacity, 256), self.config.context_length)
-        capacity = min(-(-capacity // 256) * 256, max(self.config.context_length, needed))
+        step = 64 if exact else 256
+        capacity = needed if exact else min(max(needed, 2 * self.capacity, 256), self.config.context_length)
+        capacity = min(-(-capacity // step) * step, max(self.config.context_length, needed))
         old = list(self.caches)
         self.caches = nn.ModuleList(KVCache(self.config, capacity, self.dtype, self.device) for _ in self.layers)
         for new, prev in zip(self.caches, old):
