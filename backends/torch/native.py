@@ -1,4 +1,5 @@
-"""The C matmul over GGUF blocks (native/gguf_matmul.c): built once per machine, loaded with ctypes.
+"""Our C kernels for the CPU (native/gguf_matmul.c): matmul and dequantization on GGUF blocks,
+plus RMSNorm, SwiGLU and decode attention; built once per machine, loaded with ctypes.
 
 Built with the system C compiler into the user cache (keyed by the source, the compiler and
 the CPU, since it is compiled for this CPU's instruction set) and loaded after torch, so its
@@ -70,7 +71,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.rms_norm_f32.restype = None
     lib.attend_one_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
-    lib.attend_one_f32.restype = None
+    lib.attend_one_f32.restype = ctypes.c_int
     lib.silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
     lib.silu_mul_f32.restype = None
     lib.gguf_matmul_supports.argtypes = [ctypes.c_int]
@@ -154,11 +155,13 @@ def attend_one(lib, q, k, v, k_cache, v_cache, pos: int, heads: int, cos, signed
     _, kv_heads, capacity, head_dim = k_cache.shape
     out = torch.empty(1, heads * head_dim)
     rotate = cos is not None
-    lib.attend_one_f32(
+    status = lib.attend_one_f32(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), capacity, pos,
         heads, kv_heads, head_dim, cos.data_ptr() if rotate else None, signed_sin.data_ptr() if rotate else None,
         out.data_ptr(), torch.get_num_threads(),
     )
+    if status:
+        raise MemoryError(f"attention scores for {pos + 1} positions")
     return out
 
 

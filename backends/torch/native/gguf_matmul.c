@@ -547,8 +547,9 @@ void rope_f32(float *x, long row_stride, int T, int heads, int D, const float *c
 // ops: RoPE on q and the new key (unless cos is NULL: a NoPE layer), the new key and value
 // written into the caches [KV, capacity, D], then per query head softmax(q k / sqrt(D)) v over
 // positions 0..pos into out [H * D]. Query heads h share key/value head h / (H / KV) (GQA).
-void attend_one_f32(float *q, float *k_new, const float *v_new, float *k_cache, float *v_cache, int capacity, int pos,
-                    int H, int KV, int D, const float *cos, const float *signed_sin, float *out, int threads) {
+// Returns 0, or -2 when out of memory.
+int attend_one_f32(float *q, float *k_new, const float *v_new, float *k_cache, float *v_cache, int capacity, int pos,
+                   int H, int KV, int D, const float *cos, const float *signed_sin, float *out, int threads) {
     if (cos) {
         rope_f32(q, 0, 1, H, D, cos, signed_sin);
         rope_f32(k_new, 0, 1, KV, D, cos, signed_sin);
@@ -558,13 +559,14 @@ void attend_one_f32(float *q, float *k_new, const float *v_new, float *k_cache, 
         memcpy(v_cache + ((size_t)h * capacity + pos) * D, v_new + h * D, D * sizeof(float));
     }
     int L = pos + 1, group = H / KV;
-    float scale = 1 / sqrtf((float)D);
+    float scale = 1 / sqrtf((float)D), *all_scores = malloc((size_t)H * L * sizeof(float));
+    if (!all_scores) return -2;
     // Threads only where the work outweighs waking them (long contexts).
 #pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)L * H * D > (1 << 16))
     for (int h = 0; h < H; h++) {
         const float *qh = q + h * D, *keys = k_cache + (size_t)(h / group) * capacity * D;
         const float *values = v_cache + (size_t)(h / group) * capacity * D;
-        float *scores = malloc(L * sizeof(float)), top = -INFINITY, total = 0;
+        float *scores = all_scores + (size_t)h * L, top = -INFINITY, total = 0;
         for (int l = 0; l < L; l++) {
             // 8 partial sums: a float reduction the compiler may vectorize (it keeps a single
             // sum's order otherwise, one multiply-add at a time: 3 ms a token at 512 positions)
@@ -586,8 +588,9 @@ void attend_one_f32(float *q, float *k_new, const float *v_new, float *k_cache, 
             for (int j = 0; j < D; j++) o[j] += p * values[(size_t)l * D + j];
         }
         for (int j = 0; j < D; j++) o[j] /= total;
-        free(scores);
     }
+    free(all_scores);
+    return 0;
 }
 
 // SwiGLU's silu(gate) * up for rows of [gate | up] (the fused gate/up projection's output).
