@@ -58,7 +58,7 @@ def load_tokenizer(ckpt: Checkpoint, tokenizer_path: str | Path | None = None) -
     if tokenizer_path is not None:
         return tokenizer_from_file(tokenizer_path)
     if ckpt.gguf_metadata is not None:
-        return tokenizer_from_gguf(ckpt.gguf_metadata)
+        return tokenizer_from_gguf(ckpt.gguf_metadata, ckpt.gguf_file.header_digest() if ckpt.gguf_file else None)
     return tokenizer_from_file(ckpt.hf_dir)
 
 

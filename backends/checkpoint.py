@@ -9,6 +9,7 @@ otherwise. Names are the Hugging Face ones (`model.layers.0.self_attn.q_proj.wei
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 import math
 import re
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class Checkpoint:
     format: str  # "gguf" | "safetensors"
     config: ModelConfig
     tensors: dict[str, RawTensor]
-    gguf_metadata: dict | None = None  # GGUF key -> value (tokenizer and chat template live here)
+    gguf_metadata: Mapping | None = None  # GGUF key -> value (tokenizer and chat template live here)
     hf_dir: Path | None = None
     gguf_file: GGUFFile | None = None
 

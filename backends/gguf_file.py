@@ -12,8 +12,10 @@ https://github.com/ggml-org/ggml/blob/master/docs/gguf.md. Constants come from `
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,27 @@ class TensorInfo:
     nbytes: int
 
 
+class Metadata(Mapping):
+    """GGUF metadata, key -> value. Strings and arrays, checked against the file while parsing,
+    are decoded on first use: a 49k-token vocabulary is 0.06 s of Python that a load with a
+    cached tokenizer never needs."""
+
+    def __init__(self, raw: dict, decode):
+        self._raw, self._decode = raw, decode
+
+    def __getitem__(self, key: str):
+        value = self._raw[key]
+        if isinstance(value, _Later):
+            value = self._raw[key] = self._decode(value)
+        return value
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
 def _decode(raw: bytes) -> str:
     # llama.cpp vocabularies may hold byte tokens that are not valid UTF-8 alone.
     return raw.decode("utf-8", errors="surrogateescape")
@@ -88,7 +111,7 @@ class GGUFFile:
             raise CheckpointError(f"{self.name}: empty file, not a GGUF") from None
         self.size = len(self._mmap)
         self._pos = 0
-        self.metadata: dict = {}
+        self.metadata: Mapping = {}  # a Metadata once parsed
         self.tensors: dict[str, TensorInfo] = {}
         self._parse()
 
@@ -217,9 +240,11 @@ class GGUFFile:
             if not isinstance(info.ggml_type, GGMLQuantizationType):
                 break  # its size is unknown (a backend names the type it cannot use)
             end += -(-info.nbytes // alignment) * alignment
-        for key, value in self.metadata.items():
-            if isinstance(value, _Later):
-                self.metadata[key] = self._decoded(value)
+        self.metadata = Metadata(self.metadata, self._decoded)
+
+    def header_digest(self) -> str:
+        """A digest of the header (metadata and tensor table): names what was built from it."""
+        return hashlib.blake2b(self._mmap[: self.data_start], digest_size=16).hexdigest()
 
     def _tensor_info(self, name, shape, type_id, offset, data_start, alignment) -> TensorInfo:
         if name in self.tensors:

@@ -316,8 +316,11 @@ def failure(code: int, out: str, err: str, elapsed: float, peak: int, valid_peak
 
 @pytest.fixture
 def quiet_process(monkeypatch):
-    """One torch thread (the machine is shared), SMOLLM3_DEBUG off, a watchdog on SIGALRM."""
+    """One torch thread (the machine is shared), SMOLLM3_DEBUG off, a watchdog on SIGALRM, and no
+    tokenizer cache: every load builds its tokenizer as a first load does, so a valid file's
+    memory is not measured on a cache hit that a corrupted header (another digest) cannot get."""
     monkeypatch.delenv("SMOLLM3_DEBUG", raising=False)
+    monkeypatch.setenv("SMOLLM3_TOKENIZER_CACHE", "0")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
@@ -397,6 +400,7 @@ def run_child(path: Path) -> tuple[int, str, float, int]:
     The peak is the child's own VmHWM (ru_maxrss would keep the forking test process's)."""
     read_fd, write_fd = os.pipe()
     env = {k: v for k, v in os.environ.items() if k != "SMOLLM3_DEBUG"}
+    env["SMOLLM3_TOKENIZER_CACHE"] = "0"  # a first load each time (see quiet_process)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CHILD, "--model-path", str(path), *ARGS], cwd=ROOT,
                           env={**env, "HWM_FD": str(write_fd)}, pass_fds=(write_fd,), capture_output=True,

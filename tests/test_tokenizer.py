@@ -233,3 +233,28 @@ def test_unknown_pre_tokenizer(tiny_metadata):
 def test_unknown_tokenizer_model(tiny_metadata):
     with pytest.raises(TokenizerError, match="'llama'"):
         tokenizer_from_gguf({**tiny_metadata, "tokenizer.ggml.model": "llama"})
+
+
+def test_gguf_tokenizer_cache_round_trip(smollm2_gguf, monkeypatch, tmp_path):
+    """A load builds the tokenizer once into the user cache; the next reads it back without
+    decoding the GGUF vocabulary, and tokenizes the same; a damaged entry is rebuilt."""
+    from backends.gguf_file import GGUFFile
+    from backends.tokenizer import tokenizer_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    text = "Hello, world! <|im_start|>user\nRésumé 😀 fib(10)<|im_end|>"
+    first_file = GGUFFile(smollm2_gguf)
+    key = first_file.header_digest()
+    built = tokenizer_from_gguf(first_file.metadata, key)
+    entry = tokenizer_cache_dir() / f"{key}.json"
+    assert entry.is_file()
+
+    second_file = GGUFFile(smollm2_gguf)
+    cached = tokenizer_from_gguf(second_file.metadata, second_file.header_digest())
+    assert not isinstance(second_file.metadata._raw["tokenizer.ggml.tokens"], list)  # never decoded
+    for tok in (cached, tokenizer_from_gguf(GGUFFile(smollm2_gguf).metadata)):
+        assert tok.encode(text) == built.encode(text)
+        assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.vocab_size) == (built.bos_id, built.eos_ids, built.add_bos, built.vocab_size)
+
+    entry.write_text("{ not json")
+    assert tokenizer_from_gguf(GGUFFile(smollm2_gguf).metadata, key).encode(text) == built.encode(text)
