@@ -5,6 +5,7 @@ GGUF tokenization follows llama.cpp (`src/llama-vocab.cpp`): the pre-tokenizer r
 by `tokenizer.ggml.pre`, and control / user-defined tokens are matched whole in the text.
 """
 
+import hashlib
 import json
 import os
 import tempfile
@@ -172,6 +173,11 @@ def tokenizer_from_file(path) -> Tokenizer:
     return Tokenizer(tok, bos_id, eos_ids, bool(add_bos))
 
 
+# The cache holds what this module builds: a change to it (pre-tokenizers, special tokens...)
+# must not be served from entries an older version wrote.
+_BUILDER_VERSION = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=6).hexdigest()
+
+
 def tokenizer_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "smollm3" / "tokenizers"
@@ -196,7 +202,7 @@ def tokenizer_from_gguf(metadata, cache_key: str | None = None) -> Tokenizer:
         )
     pre_tokenizer, ignore_merges, add_bos = PRE_TOKENIZERS[pre]
     use_cache = cache_key and os.environ.get("SMOLLM3_TOKENIZER_CACHE", "1") != "0"
-    cached = tokenizer_cache_dir() / f"{cache_key}.json" if use_cache else None
+    cached = tokenizer_cache_dir() / f"{cache_key}-{_BUILDER_VERSION}.json" if use_cache else None
     tok = None
     if cached is not None and cached.is_file():
         try:
