@@ -23,6 +23,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 SOURCE = Path(__file__).with_name("native") / "gguf_matmul.c"
+# The types the C side's table holds (tests check the two agree; supports() asks the library).
 TYPES = (
     GGMLQuantizationType.Q4_0,
     GGMLQuantizationType.Q4_1,
@@ -74,7 +75,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.attend_one_f32.restype = ctypes.c_int
     lib.silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
     lib.silu_mul_f32.restype = None
-    lib.gguf_matmul_supports.argtypes = [ctypes.c_int]
+    lib.gguf_matmul_supports.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.gguf_matmul_simd.restype = ctypes.c_int
     return lib
 
@@ -100,7 +101,8 @@ def activation_block(ggml_type: GGMLQuantizationType) -> int:
 
 
 def supports(ggml_type: GGMLQuantizationType, in_features: int) -> bool:
-    return library() is not None and ggml_type in TYPES and in_features % activation_block(ggml_type) == 0
+    lib = library()
+    return lib is not None and bool(lib.gguf_matmul_supports(int(ggml_type), in_features))
 
 
 class WeightParts:

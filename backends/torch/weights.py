@@ -121,16 +121,13 @@ class NativeLinear(nn.Module):
         self.weight = native.WeightParts([getattr(self, f"blocks{i}") for i in range(len(raws))])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in_features], as every handler here takes it."""
         lib = native.library()
-        if x.dim() == 2 and x.shape[0] < GEMM_MIN_ROWS:  # decode: the int8 dot products
+        if x.shape[0] < GEMM_MIN_ROWS:  # decode: the int8 dot products
             y = native.gguf_matmul(lib, self.type_id, self.weight, x)
-            return y if x.dtype == torch.float32 else y.to(x.dtype)
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] < GEMM_MIN_ROWS:
-            y = native.gguf_matmul(lib, self.type_id, self.weight, x2)
         else:
-            y = self._gemm(lib, x2)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            y = self._gemm(lib, x)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _gemm(self, lib, x: torch.Tensor) -> torch.Tensor:
         """Prefill: compute-bound, so bfloat16 weights a slice at a time into torch's GEMM."""

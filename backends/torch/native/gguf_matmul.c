@@ -452,7 +452,11 @@ static const format *find_format(int type) {
     return NULL;
 }
 
-int gguf_matmul_supports(int type) { return find_format(type) != NULL; }
+// Whether gguf_matmul takes this type with rows of K values (the one place that says so).
+int gguf_matmul_supports(int type, int K) {
+    const format *f = find_format(type);
+    return f && K > 0 && K % f->block == 0 && K % f->x_block == 0;
+}
 
 int gguf_matmul_simd(void) {
 #ifdef USE_AVX2
@@ -472,8 +476,8 @@ int gguf_matmul_simd(void) {
 // Returns 0, or -1 for an unsupported type or K, -2 when out of memory.
 int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_rows, const float *x, float *y, int M, int K,
                 int threads) {
+    if (!gguf_matmul_supports(type, K)) return -1;
     const format *f = find_format(type);
-    if (!f || K % f->block || K % f->x_block) return -1;
     size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, w_row = (size_t)(K / f->block) * f->block_bytes;
     int N = 0;
     for (int p = 0; p < parts; p++) N += part_rows[p];
