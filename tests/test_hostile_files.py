@@ -299,6 +299,13 @@ def run_cli(path: Path) -> tuple[int, str, str, float, int]:
     return code, out.getvalue(), err.getvalue(), elapsed, tracemalloc.get_traced_memory()[1] - before
 
 
+# Allocations that differ from run to run by a few KiB whatever the file (first-use caches such
+# as re's and functools', the timing of garbage collection): a case failing at a later step
+# than the valid baseline's peak once measured 2.6 MiB against 2.6 MiB. A hostile header that
+# allocates by its claims is MiBs over (16-35 MiB were found), far beyond this.
+MEMORY_SLACK = 64 * 2**10
+
+
 def failure(code: int, out: str, err: str, elapsed: float, peak: int, valid_peak: int) -> str | None:
     lines = err.splitlines()
     if "Traceback" in out + err:
@@ -309,8 +316,8 @@ def failure(code: int, out: str, err: str, elapsed: float, peak: int, valid_peak
         return "not exactly one error line"
     if elapsed > TIME_LIMIT_S:
         return f"{elapsed:.1f} s"
-    if peak > valid_peak:
-        return f"{peak / 2**20:.1f} MiB traced, more than the valid file's {valid_peak / 2**20:.1f} MiB"
+    if peak > valid_peak + MEMORY_SLACK:
+        return f"{peak / 2**10:.0f} KiB traced, more than the valid file's {valid_peak / 2**10:.0f} KiB"
     return None
 
 
