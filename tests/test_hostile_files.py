@@ -299,11 +299,12 @@ def run_cli(path: Path) -> tuple[int, str, str, float, int]:
     return code, out.getvalue(), err.getvalue(), elapsed, tracemalloc.get_traced_memory()[1] - before
 
 
-# Allocations that differ from run to run by a few KiB whatever the file (first-use caches such
-# as re's and functools', the timing of garbage collection): a case failing at a later step
-# than the valid baseline's peak once measured 2.6 MiB against 2.6 MiB. A hostile header that
-# allocates by its claims is MiBs over (16-35 MiB were found), far beyond this.
-MEMORY_SLACK = 64 * 2**10
+# The valid baseline is one in-process load, and what it allocates depends on what ran before
+# it in the process (first-use caches: re's, functools', imports, the timing of garbage
+# collection): measured 1.9 MiB after the rest of the suite, 2.6-3.0 MiB on its own, with cases
+# that fail late in the load at 2.6 MiB. A hostile header that allocates by its claims was found
+# at 5-10x the valid peak (16-35 MiB), far above this bound.
+MEMORY_FACTOR = 1.5
 
 
 def failure(code: int, out: str, err: str, elapsed: float, peak: int, valid_peak: int) -> str | None:
@@ -316,8 +317,8 @@ def failure(code: int, out: str, err: str, elapsed: float, peak: int, valid_peak
         return "not exactly one error line"
     if elapsed > TIME_LIMIT_S:
         return f"{elapsed:.1f} s"
-    if peak > valid_peak + MEMORY_SLACK:
-        return f"{peak / 2**10:.0f} KiB traced, more than the valid file's {valid_peak / 2**10:.0f} KiB"
+    if peak > MEMORY_FACTOR * valid_peak:
+        return f"{peak / 2**10:.0f} KiB traced, over {MEMORY_FACTOR}x the valid file's {valid_peak / 2**10:.0f} KiB"
     return None
 
 
