@@ -1,0 +1,35 @@
+"""A remote engine: chat with a model served over HTTP (OpenAI-compatible servers, Ollama)."""
+
+from .dialects import DIALECTS
+from .engine import RemoteEngine, RemoteStats, wire_messages
+from .errors import (
+    NotOpenAICompatible,
+    RemoteAuthError,
+    RemoteError,
+    RemoteModelNotFound,
+    RemoteRateLimited,
+    RemoteRequestError,
+    RemoteServerError,
+    RemoteStreamCut,
+    RemoteTimeout,
+    RemoteTLSError,
+    RemoteUnreachable,
+)
+
+__all__ = [
+    "DIALECTS",
+    "NotOpenAICompatible",
+    "RemoteAuthError",
+    "RemoteEngine",
+    "RemoteError",
+    "RemoteModelNotFound",
+    "RemoteRateLimited",
+    "RemoteRequestError",
+    "RemoteServerError",
+    "RemoteStats",
+    "RemoteStreamCut",
+    "RemoteTimeout",
+    "RemoteTLSError",
+    "RemoteUnreachable",
+    "wire_messages",
+]
