@@ -61,10 +61,10 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return "SSL" in str(exc) or "CERTIFICATE" in str(exc)
 
 
-def transport_error(exc: httpx.TransportError, host: str, started: bool) -> RemoteError:
+def transport_error(exc: httpx.TransportError, host: str, started: bool, timeout: httpx.Timeout) -> RemoteError:
     """The typed error for a failure below HTTP; `started` when part of an answer has arrived."""
     if isinstance(exc, httpx.ConnectTimeout):
-        return RemoteUnreachable(f"cannot reach {host}: no answer to the connection within {CONNECT_TIMEOUT_S:g} s")
+        return RemoteUnreachable(f"cannot reach {host}: no answer to the connection within {timeout.connect:g} s")
     if isinstance(exc, httpx.ConnectError):
         if _is_tls_failure(exc):
             return RemoteTLSError(f"TLS with {host} failed: {exc}")
@@ -72,8 +72,8 @@ def transport_error(exc: httpx.TransportError, host: str, started: bool) -> Remo
         return RemoteUnreachable(f"cannot reach {host}: {reason}")
     if isinstance(exc, httpx.ReadTimeout):
         if started:
-            return RemoteStreamCut(f"{host} stopped sending mid-answer (nothing for {READ_TIMEOUT_S:g} s)")
-        return RemoteTimeout(f"{host} sent no answer within {READ_TIMEOUT_S:g} s")
+            return RemoteStreamCut(f"{host} stopped sending mid-answer (nothing for {timeout.read:g} s)")
+        return RemoteTimeout(f"{host} sent no answer within {timeout.read:g} s")
     if started:
         return RemoteStreamCut(f"the connection to {host} broke mid-answer ({type(exc).__name__}: {exc})")
     return RemoteUnreachable(f"the connection to {host} failed ({type(exc).__name__}: {exc})")
@@ -91,9 +91,10 @@ class RemoteClient:
         self.root, self.api = split_endpoint(endpoint)
         self.host = host_of(self.api)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.http = httpx.Client(
             headers=headers,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            timeout=self.timeout,
             transport=httpx.HTTPTransport(retries=CONNECT_RETRIES, verify=verify),
         )
 
@@ -105,7 +106,7 @@ class RemoteClient:
         try:
             response = self.http.get(url)
         except httpx.TransportError as exc:
-            raise transport_error(exc, self.host, started=False) from exc
+            raise transport_error(exc, self.host, False, self.timeout) from exc
         try:
             return response.status_code, response.json(), response.content
         except ValueError:
@@ -145,7 +146,7 @@ class RemoteClient:
 
                 yield events()
         except httpx.TransportError as exc:
-            raise transport_error(exc, self.host, started) from exc
+            raise transport_error(exc, self.host, started, self.timeout) from exc
 
     def _sse_data(self, response: httpx.Response) -> Iterator[str]:
         try:
