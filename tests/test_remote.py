@@ -429,3 +429,24 @@ def test_wire_messages_drop_reasoning_from_assistant_turns():
         {"role": "user", "content": "Again"},
         {"role": "assistant", "content": ""},
     ]
+
+
+@pytest.mark.parametrize("kind", ["vllm", "ollama"])
+def test_cancel_from_another_thread_ends_a_wait_for_the_first_piece(serve, kind):
+    # The server is still "reading the prompt": nothing arrives for 5 s, so should_stop is never asked.
+    peer, engine = connect(serve, kind, Script(first_byte_delay_s=5))
+    threading.Timer(0.3, engine.cancel).start()
+    started = time.perf_counter()
+    assert list(engine.chat(HELLO, max_tokens=8)) == []
+    assert time.perf_counter() - started < 2
+    assert engine.stats.stop_reason == "stopped"
+    peer.script = Script()
+    assert answer(engine) == "Hello, world!"  # the next request is not cancelled
+
+
+def test_cancel_mid_answer(serve):
+    peer, engine = connect(serve, "llama-server", Script(content=["tok "] * 500, delay_s=0.01))
+    threading.Timer(0.3, engine.cancel).start()
+    received = list(engine.chat(HELLO, max_tokens=500))
+    assert 3 <= len(received) < 100 and engine.stats.stop_reason == "stopped"
+    assert peer.disconnected.wait(5)

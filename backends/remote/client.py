@@ -8,6 +8,7 @@ half-streamed answer is never restarted behind the caller's back.
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -97,9 +98,28 @@ class RemoteClient:
             timeout=self.timeout,
             transport=httpx.HTTPTransport(retries=CONNECT_RETRIES, verify=verify),
         )
+        self.interrupted = False  # set by interrupt(); the caller clears it before a request
+        self._response: httpx.Response | None = None  # the stream being read
 
     def close(self) -> None:
         self.http.close()
+
+    def interrupt(self) -> None:
+        """End the stream being read, from any thread.
+
+        Closing a socket does not wake a read blocked on it in another thread (on Linux), so
+        this shuts the socket down instead: the blocked read returns at once, even while the
+        server is still reading a long prompt and has sent nothing.
+        """
+        self.interrupted = True
+        response = self._response
+        network = response.extensions.get("network_stream") if response is not None else None
+        sock = network.get_extra_info("socket") if network is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
 
     def get_json(self, url: str) -> tuple[int, Any, bytes]:
         """(status, the body parsed, or None when it is not JSON, the body's bytes)."""
@@ -121,6 +141,9 @@ class RemoteClient:
         started = False
         try:
             with self.http.stream("POST", url, json=body) as response:
+                self._response = response
+                if self.interrupted:  # interrupted while connecting
+                    self.interrupt()
                 if response.status_code >= 400:
                     raise status_error(
                         response.status_code, response.read(), self.host, model, response.headers.get("retry-after")
@@ -147,6 +170,8 @@ class RemoteClient:
                 yield events()
         except httpx.TransportError as exc:
             raise transport_error(exc, self.host, started, self.timeout) from exc
+        finally:
+            self._response = None
 
     def _sse_data(self, response: httpx.Response) -> Iterator[str]:
         try:

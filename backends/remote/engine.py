@@ -72,6 +72,14 @@ class RemoteEngine:
     def close(self) -> None:
         self.client.close()
 
+    def cancel(self) -> None:
+        """Stop the answer being streamed, from any thread (the TUI's Esc, a Ctrl+C handler).
+
+        Unlike `should_stop`, which is asked between streamed pieces, this also ends a wait for
+        the first piece; the connection closes and the server stops generating.
+        """
+        self.client.interrupt()
+
     # --- what the server can do ---
 
     @property
@@ -145,6 +153,7 @@ class RemoteEngine:
 
     def _stream(self, url, body, sse, parse, should_stop) -> Iterator[str]:
         self.stats = stats = RemoteStats(stop_reason="stopped")
+        self.client.interrupted = False
         in_think = False
         pieces = 0
         finish: str | None = None
@@ -173,11 +182,14 @@ class RemoteEngine:
                         first = first or last
                         yield text
                     finish = chunk.finish_reason or finish
-                    if should_stop is not None and should_stop():
+                    if self.client.interrupted or (should_stop is not None and should_stop()):
                         return
                 if finish is None:
                     raise RemoteStreamCut(f"{self.client.host} ended the stream before the answer was complete")
                 stats.stop_reason = STOP_REASONS.get(finish, "eos")
+        except RemoteError:
+            if not self.client.interrupted:
+                raise
         finally:
             _fill_stats(stats, final, pieces, t0, first, last)
 
