@@ -168,7 +168,8 @@ class FakePeer:
             yield ": keepalive 21/21\n\n"
         async for piece in self._paced(self._pieces()):
             if piece is None:
-                yield f"data: {json.dumps({'error': {'message': 'the engine died', 'type': 'InternalServerError', 'code': 500}})}\n\n"
+                error = {"message": "the engine died", "type": "InternalServerError", "code": 500}
+                yield f"data: {json.dumps({'error': error})}\n\n"
                 return
             kind, text = piece
             yield self._chunk({field_name if kind == "reasoning" else "content": text})
@@ -178,7 +179,8 @@ class FakePeer:
                  "prompt_tokens_details": {"cached_tokens": self.script.cached_tokens}}
         wants_usage = (body.get("stream_options") or {}).get("include_usage") and self.script.send_usage
         if self.kind == "llama-server":
-            timings = {"cache_n": self.script.cached_tokens, "prompt_n": self.script.prompt_tokens - self.script.cached_tokens,
+            cached = self.script.cached_tokens
+            timings = {"cache_n": cached, "prompt_n": self.script.prompt_tokens - cached,
                        "prompt_ms": 32.0, "prompt_per_token_ms": 2.0, "prompt_per_second": 500.0,
                        "predicted_n": n, "predicted_ms": 250.0, "predicted_per_token_ms": 250.0 / n,
                        "predicted_per_second": n / 0.25}
@@ -186,7 +188,8 @@ class FakePeer:
         else:
             yield self._chunk({}, self.script.finish_reason)
             if wants_usage:
-                yield f"data: {json.dumps({'id': 'chatcmpl-1', 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+                last = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": usage}
+                yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
 
     # --- Ollama /api/chat (NDJSON) ---

@@ -1,7 +1,7 @@
 """A remote engine: chat with a model served over HTTP (OpenAI-compatible servers, Ollama)."""
 
 from .dialects import DIALECTS
-from .engine import RemoteEngine, RemoteStats, wire_messages
+from .engine import RemoteEngine, RemoteStats
 from .errors import (
     NotOpenAICompatible,
     RemoteAuthError,
@@ -31,5 +31,4 @@ __all__ = [
     "RemoteTimeout",
     "RemoteTLSError",
     "RemoteUnreachable",
-    "wire_messages",
 ]

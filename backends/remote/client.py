@@ -31,7 +31,7 @@ from .errors import (
 CONNECT_TIMEOUT_S = 10.0
 # Time allowed between two bytes of an answer: a long prompt's prefill on a busy server comes first.
 READ_TIMEOUT_S = 120.0
-CONNECT_RETRIES = 2
+CONNECT_RETRIES = 3  # httpx waits 0, 0.5, 1 s between them: a refused port fails within 2 s
 
 
 def split_endpoint(endpoint: str) -> tuple[str, str]:

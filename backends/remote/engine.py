@@ -154,7 +154,7 @@ class RemoteEngine:
     def _stream(self, url, body, sse, parse, should_stop) -> Iterator[str]:
         self.stats = stats = RemoteStats(stop_reason="stopped")
         self.client.interrupted = False
-        in_think = False
+        fold = ReasoningFold()
         pieces = 0
         finish: str | None = None
         final = Chunk()  # the last usage / timings the server sent
@@ -165,17 +165,10 @@ class RemoteEngine:
                 for event in events:
                     chunk = parse(event)
                     if chunk.error:
-                        raise RemoteStreamCut(f"{self.client.host} reported an error mid-answer: {server_message(chunk.error)}")
+                        message = server_message(chunk.error)
+                        raise RemoteStreamCut(f"{self.client.host} reported an error mid-answer: {message}")
                     _keep_counts(final, chunk)
-                    text = ""
-                    if chunk.reasoning:
-                        text += "" if in_think else THINK_OPEN
-                        text += chunk.reasoning
-                        in_think = True
-                    if chunk.content:
-                        text += THINK_CLOSE if in_think else ""
-                        text += chunk.content
-                        in_think = False
+                    text = fold.text(chunk)
                     if text:
                         pieces += 1
                         last = time.perf_counter()
@@ -194,15 +187,36 @@ class RemoteEngine:
             _fill_stats(stats, final, pieces, t0, first, last)
 
 
+class ReasoningFold:
+    """Reasoning sent in a field of its own, as the `<think>` ... `</think>` text a local engine writes."""
+
+    def __init__(self) -> None:
+        self.in_think = False
+
+    def text(self, chunk: Chunk) -> str:
+        text = ""
+        if chunk.reasoning:
+            text += ("" if self.in_think else THINK_OPEN) + chunk.reasoning
+            self.in_think = True
+        if chunk.content:
+            text += (THINK_CLOSE if self.in_think else "") + chunk.content
+            self.in_think = False
+        return text
+
+
+COUNTS = ("prompt_tokens", "cached_tokens", "completion_tokens", "prefilled_tokens", "prefill_s", "decoded_tokens",
+          "decode_s")
+
+
 def _keep_counts(final: Chunk, chunk: Chunk) -> None:
-    for name in ("prompt_tokens", "cached_tokens", "completion_tokens", "prefilled_tokens", "prefill_s",
-                 "decoded_tokens", "decode_s"):
+    for name in COUNTS:
         value = getattr(chunk, name)
         if value is not None:
             setattr(final, name, value)
 
 
-def _fill_stats(stats: RemoteStats, final: Chunk, pieces: int, t0: float, first: float | None, last: float | None) -> None:
+def _fill_stats(stats: RemoteStats, final: Chunk, pieces: int, t0: float, first: float | None,
+                last: float | None) -> None:
     if final.decoded_tokens is not None and final.decode_s is not None:
         # llama-server timings / Ollama durations: the server's own measure of each phase.
         stats.counted_by = "server"
@@ -226,16 +240,3 @@ def _fill_stats(stats: RemoteStats, final: Chunk, pieces: int, t0: float, first:
         stats.generated_tokens = pieces
     stats.decode_steps = max(stats.generated_tokens - 1, 0)
 
-
-def wire_messages(messages: list[dict], system_prompt: str | None = None) -> list[dict]:
-    """A session's messages as a server takes them: role and content only, assistant turns
-    without their `<think>` block (servers, like the SmolLM3 template, expect answers only)."""
-    out = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    for m in messages:
-        content = m["content"]
-        if m["role"] == "assistant" and THINK_CLOSE in content:
-            content = content[content.rindex(THINK_CLOSE) + len(THINK_CLOSE) :].lstrip("\n")
-        elif m["role"] == "assistant" and THINK_OPEN in content:
-            content = content[: content.index(THINK_OPEN)]  # stopped while reasoning: no answer yet
-        out.append({"role": m["role"], "content": content})
-    return out
