@@ -52,8 +52,9 @@ class Script:
 
 class FakePeer:
     def __init__(self, kind: str, model: str = "HuggingFaceTB/SmolLM3-3B", script: Script | None = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None, thinks: bool = True):
         self.kind = kind
+        self.thinks = thinks  # Ollama: the model has the "thinking" capability
         self.model = model
         self.script = script or Script()
         self.api_key = api_key
@@ -66,7 +67,8 @@ class FakePeer:
     def app(self) -> Starlette:
         routes = [Route("/v1/models", self.models), Route("/v1/chat/completions", self.chat, methods=["POST"])]
         if self.kind == "ollama":
-            routes += [Route("/api/version", self.version), Route("/api/chat", self.ollama_chat, methods=["POST"])]
+            routes += [Route("/api/version", self.version), Route("/api/chat", self.ollama_chat, methods=["POST"]),
+                       Route("/api/show", self.show, methods=["POST"])]
         return Starlette(routes=routes)
 
     def _refused(self, request: Request) -> Response | None:
@@ -76,6 +78,13 @@ class FakePeer:
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": "0.12.3"})
+
+    async def show(self, request: Request) -> Response:
+        body = await request.json()
+        if body.get("model") != self.model:
+            return self.error(404, f"model '{body.get('model')}' not found")
+        capabilities = ["completion", "thinking"] if self.thinks else ["completion"]
+        return JSONResponse({"modelfile": "", "details": {"family": "smollm3"}, "capabilities": capabilities})
 
     async def models(self, request: Request) -> Response:
         if refused := self._refused(request):
@@ -198,6 +207,8 @@ class FakePeer:
         body, refused = await self._check_chat(request)
         if refused:
             return refused
+        if body.get("think") and not self.thinks:
+            return self.error(400, f'"{self.model}" does not support thinking')
         return StreamingResponse(self._ndjson(), media_type="application/x-ndjson")
 
     async def _ndjson(self):

@@ -135,6 +135,18 @@ def test_ollama_thinking_switch_is_think(serve, thinking):
     assert body["messages"][0] == {"role": "system", "content": "/think" if thinking else "/no_think"}
 
 
+def test_ollama_model_without_thinking_gets_no_think_field(serve):
+    # Ollama answers 400 '"m" does not support thinking' to `think: true` for such a model.
+    peer = FakePeer("ollama", model="smollm3:3b", thinks=False)
+    engine = RemoteEngine(serve(peer.app()))
+    answer(engine, thinking=True)
+    assert "think" not in peer.requests[-1] and peer.requests[-1]["messages"][0]["content"] == "/think"
+    assert engine.supports_thinking  # through SmolLM3's system flag
+    peer = FakePeer("ollama", model="llama3.2", thinks=False)
+    engine = RemoteEngine(serve(peer.app()))
+    assert answer(engine, thinking=True) == "Hello, world!" and not engine.supports_thinking
+
+
 def test_plain_openai_gets_only_the_system_flag_and_only_for_smollm3(serve):
     peer, engine = connect(serve, "openai")
     answer(engine, thinking=False, sampling=SamplingParams(top_k=20, repeat_penalty=1.3))
@@ -208,6 +220,30 @@ def test_thinking_budget_where_the_server_takes_one(serve):
     answer(engine, thinking=True, thinking_budget=256)
     assert not engine.supports_thinking_budget
     assert not any("budget" in key for key in peer.requests[-1])
+
+
+STOPPED = [*HELLO, {"role": "assistant", "content": "Hello, wor"}]
+
+
+@pytest.mark.parametrize("kind, fields", [("vllm", {"continue_final_message": True, "add_generation_prompt": False}),
+                                          ("sglang", {"continue_final_message": True, "add_generation_prompt": False}),
+                                          ("llama-server", {}), ("ollama", {})])
+def test_continue_a_stopped_answer(serve, kind, fields):
+    peer, engine = connect(serve, kind)
+    assert engine.supports_continue
+    list(engine.chat(STOPPED, max_tokens=8, continue_last=True))
+    body = peer.requests[-1]
+    assert body["messages"][-1] == STOPPED[-1]
+    assert {key: body[key] for key in fields} == fields
+    assert "continue_final_message" not in body or fields
+
+
+def test_continue_where_the_server_cannot(serve):
+    peer, engine = connect(serve, "mlx-lm")
+    assert not engine.supports_continue
+    with pytest.raises(RemoteError, match="^the mlx-lm dialect cannot continue a stopped answer$"):
+        engine.chat(STOPPED, max_tokens=8, continue_last=True)
+    assert peer.requests == []
 
 
 # --- statistics ---
@@ -321,7 +357,7 @@ def test_connection_setup_is_retried():
     client = RemoteClient(server.url + "/v1")
     threading.Timer(0.2, lambda: (server.sock.listen(), server.start())).start()
     try:
-        status, models, _ = client.get_json(client.api + "/models")
+        status, models, _ = client.request_json("GET", client.api + "/models")
         assert status == 200 and models["data"][0]["owned_by"] == "vllm"
     finally:
         time.sleep(0.3)

@@ -121,10 +121,10 @@ class RemoteClient:
             except OSError:
                 pass  # already closed
 
-    def get_json(self, url: str) -> tuple[int, Any, bytes]:
+    def request_json(self, method: str, url: str, body: dict | None = None) -> tuple[int, Any, bytes]:
         """(status, the body parsed, or None when it is not JSON, the body's bytes)."""
         try:
-            response = self.http.get(url)
+            response = self.http.request(method, url, json=body)
         except httpx.TransportError as exc:
             raise transport_error(exc, self.host, False, self.timeout) from exc
         try:

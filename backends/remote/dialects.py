@@ -23,26 +23,34 @@ class Dialect:
     repeat_penalty: str | None = "repetition_penalty"  # the request field, None where there is none
     repeat_last_n: str | None = None
     thinking_budget: str | None = None  # a per-request cap on reasoning tokens
+    # Fields that make the server extend a final assistant message instead of starting a new
+    # one ({} where it does so by itself), None where it cannot.
+    continue_fields: dict | None = None
 
+
+CONTINUE_FINAL_MESSAGE = {"continue_final_message": True, "add_generation_prompt": False}  # vLLM, SGLang
 
 DIALECTS: dict[str, Dialect] = {
     d.name: d
     for d in (
         # vLLM >= 0.10 with --reasoning-config caps reasoning per request.
-        Dialect("vllm", thinking_budget="thinking_token_budget"),
+        Dialect("vllm", thinking_budget="thinking_token_budget", continue_fields=CONTINUE_FINAL_MESSAGE),
         # SGLang's budgets are template hints or server flags, none a plain request field.
-        Dialect("sglang"),
-        # llama-server's --reasoning-budget is a server flag, not a request field.
-        Dialect("llama-server", repeat_penalty="repeat_penalty", repeat_last_n="repeat_last_n"),
+        Dialect("sglang", continue_fields=CONTINUE_FINAL_MESSAGE),
+        # llama-server's --reasoning-budget is a server flag, not a request field; it extends a
+        # final assistant message by default (--prefill-assistant).
+        Dialect("llama-server", repeat_penalty="repeat_penalty", repeat_last_n="repeat_last_n", continue_fields={}),
         Dialect("mlx-lm", repeat_last_n="repetition_context_size"),
         Dialect(
             "smollm3",
             repeat_penalty="repeat_penalty",
             repeat_last_n="repeat_last_n",
             thinking_budget="thinking_budget",
+            continue_fields=CONTINUE_FINAL_MESSAGE,
         ),
+        # Ollama's /api/chat extends a final assistant message by itself.
         Dialect("ollama", protocol="ollama", template_kwargs=False, repeat_penalty="repeat_penalty",
-                repeat_last_n="repeat_last_n"),
+                repeat_last_n="repeat_last_n", continue_fields={}),
         # Any other server (OpenAI itself rejects unknown fields): the portable subset only.
         Dialect("openai", template_kwargs=False, top_k=False, repeat_penalty=None),
     )

@@ -60,6 +60,8 @@ class RemoteEngine:
         self.stats = RemoteStats()
         model, self.dialect = self._probe(served_model, DIALECTS[dialect] if dialect else None)
         self.model = model
+        # Ollama refuses `think: true` (400) for a model without the thinking capability.
+        self.ollama_thinks = self.dialect.protocol == "ollama" and self._ollama_can_think()
         self.info = EngineInfo(
             backend="remote",
             device=self.client.host,
@@ -85,17 +87,22 @@ class RemoteEngine:
     @property
     def supports_thinking(self) -> bool:
         """Whether a thinking on/off switch reaches the model on this server."""
-        return self.dialect.template_kwargs or self.dialect.protocol == "ollama" or is_smollm3(self.model)
+        return self.dialect.template_kwargs or self.ollama_thinks or is_smollm3(self.model)
 
     @property
     def supports_thinking_budget(self) -> bool:
         return self.dialect.thinking_budget is not None
 
+    @property
+    def supports_continue(self) -> bool:
+        """Whether the server can extend a stopped answer (`chat(..., continue_last=True)`)."""
+        return self.dialect.continue_fields is not None
+
     # --- probing ---
 
     def _probe(self, served_model: str | None, dialect: Dialect | None) -> tuple[str, Dialect]:
         """One look at the server: its models (reachability and the API key too) and its kind."""
-        status, models, raw = self.client.get_json(self.client.api + "/models")
+        status, models, raw = self.client.request_json("GET", self.client.api + "/models")
         if status in (401, 403, 429) or status >= 500:
             raise status_error(status, raw, self.client.host, served_model or "")
         if status != 200 or not isinstance(models, dict) or not isinstance(models.get("data"), list):
@@ -114,12 +121,16 @@ class RemoteEngine:
 
     def _ollama_version(self) -> str | None:
         try:
-            status, body, _ = self.client.get_json(self.client.root + "/api/version")
+            status, body, _ = self.client.request_json("GET", self.client.root + "/api/version")
         except RemoteError:
             return None
         if status == 200 and isinstance(body, dict) and "version" in body:
             return str(body["version"])
         return None
+
+    def _ollama_can_think(self) -> bool:
+        status, body, _ = self.client.request_json("POST", self.client.root + "/api/show", {"model": self.model})
+        return status == 200 and isinstance(body, dict) and "thinking" in (body.get("capabilities") or [])
 
     # --- chat ---
 
@@ -131,24 +142,31 @@ class RemoteEngine:
         thinking: bool | None = None,
         thinking_budget: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        continue_last: bool = False,
     ) -> Iterator[str]:
         """Stream the assistant's answer to OpenAI-style `messages` ({"role", "content"}).
 
-        `thinking` None leaves the server's default. Stopping (should_stop, or closing the
-        generator) closes the connection, which makes the server stop generating. A stream
-        cut mid-answer raises RemoteStreamCut after the text that did arrive was yielded.
+        `thinking` None leaves the server's default. `continue_last`: the last message is an
+        assistant answer that was stopped; stream its continuation. Stopping (should_stop,
+        cancel(), or closing the generator) closes the connection, which makes the server stop
+        generating. A stream cut mid-answer raises RemoteStreamCut after the text that did
+        arrive was yielded.
         """
+        if continue_last and not self.supports_continue:
+            raise RemoteError(f"the {self.dialect.name} dialect cannot continue a stopped answer")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         if thinking is not None and is_smollm3(self.model):
             messages = with_reasoning_flag(messages, thinking)
         if self.dialect.protocol == "ollama":
             url, sse = self.client.root + "/api/chat", False
-            body = ollama_request(self.model, messages, max_tokens, sampling, thinking)
+            body = ollama_request(self.model, messages, max_tokens, sampling, thinking if self.ollama_thinks else None)
             parse = parse_ollama_event
         else:
             url, sse = self.client.api + "/chat/completions", True
             body = openai_request(self.dialect, self.model, messages, max_tokens, sampling, thinking, thinking_budget)
             parse = parse_openai_event
+        if continue_last:
+            body.update(self.dialect.continue_fields)
         return self._stream(url, body, sse, parse, should_stop)
 
     def _stream(self, url, body, sse, parse, should_stop) -> Iterator[str]:
