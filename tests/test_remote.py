@@ -22,6 +22,7 @@ from backends.remote import (
     RemoteUnreachable,
 )
 from backends.remote.client import RemoteClient
+from backends.remote.errors import server_message
 from backends.sampling import GREEDY, SamplingParams
 from tests.remote_fakes import FakePeer, Script, ServerThread, free_port, html_site
 
@@ -420,12 +421,14 @@ def test_error_reported_mid_stream(serve, kind, message):
     assert "".join(received) == "Hello, world"
 
 
-def test_error_messages_are_one_line(serve):
-    peer, engine = connect(serve, "mlx-lm", Script(status=500))
-    peer.script.status = 500
-    with pytest.raises(RemoteServerError) as caught:
-        answer(engine)
-    assert "\n" not in str(caught.value)
+def test_server_text_becomes_one_bounded_printable_line():
+    traceback = b'{"error": "Traceback (most recent call last):\\n  File \\"x.py\\"\\n\\u001b[31mKeyError\\u001b[0m"}'
+    assert server_message(traceback) == 'Traceback (most recent call last): File "x.py" \\x1b[31mKeyError\\x1b[0m'
+    assert server_message(b"<html>\n<body>Bad Gateway</body>\n</html>") == "<html> <body>Bad Gateway</body> </html>"
+    long = server_message(b'{"detail": "' + b"x" * 500 + b'"}')
+    assert len(long) == 200 and long.endswith("...")
+    assert server_message(b'{"object": "error", "message": "m", "code": 400}') == "m"
+    assert server_message(b'{"error": {"message": "n", "type": "t"}}') == "n"
 
 
 # --- stopping ---

@@ -58,10 +58,14 @@ class RemoteEngine:
         self.client = RemoteClient(endpoint, api_key, connect_timeout, read_timeout, verify)
         self.endpoint = self.client.api
         self.stats = RemoteStats()
-        model, self.dialect = self._probe(served_model, DIALECTS[dialect] if dialect else None)
-        self.model = model
-        # Ollama refuses `think: true` (400) for a model without the thinking capability.
-        self.ollama_thinks = self.dialect.protocol == "ollama" and self._ollama_can_think()
+        try:
+            model, self.dialect = self._probe(served_model, DIALECTS[dialect] if dialect else None)
+            self.model = model
+            # Ollama refuses `think: true` (400) for a model without the thinking capability.
+            self.ollama_thinks = self.dialect.protocol == "ollama" and self._ollama_can_think()
+        except BaseException:
+            self.client.close()
+            raise
         self.info = EngineInfo(
             backend="remote",
             device=self.client.host,
