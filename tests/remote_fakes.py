@@ -187,7 +187,16 @@ class FakePeer:
                  "total_tokens": self.script.prompt_tokens + n,
                  "prompt_tokens_details": {"cached_tokens": self.script.cached_tokens}}
         wants_usage = (body.get("stream_options") or {}).get("include_usage") and self.script.send_usage
-        if self.kind == "llama-server":
+        if self.kind == "smollm3":
+            # smollm3 serve: llama-server's shape, the first token's time counted to the prompt.
+            prefilled = self.script.prompt_tokens - self.script.cached_tokens
+            timings = {"cache_n": self.script.cached_tokens, "prompt_n": prefilled, "prompt_ms": 40.0,
+                       "prompt_per_second": prefilled / 0.04, "predicted_n": n, "predicted_ms": 300.0, "predicted_per_second": (n - 1) / 0.3}
+            yield self._chunk({}, self.script.finish_reason, timings=timings)
+            if wants_usage:
+                last = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": usage}
+                yield f"data: {json.dumps(last)}\n\n"
+        elif self.kind == "llama-server":
             cached = self.script.cached_tokens
             timings = {"cache_n": cached, "prompt_n": self.script.prompt_tokens - cached,
                        "prompt_ms": 32.0, "prompt_per_token_ms": 2.0, "prompt_per_second": 500.0,

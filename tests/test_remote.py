@@ -239,6 +239,20 @@ def test_continue_a_stopped_answer(serve, kind, fields):
     assert "continue_final_message" not in body or fields
 
 
+def test_smollm3_serve_gets_reasoning_back_in_its_field(serve):
+    # It strips the newlines around the reasoning it streams and restores them around the
+    # reasoning_content it is sent: the resent turn renders as the model wrote it.
+    peer, engine = connect(serve, "smollm3", Script(reasoning=REASONING, content=ANSWER))
+    shown = answer(engine, thinking=True)
+    history = [*HELLO, {"role": "assistant", "content": shown}, {"role": "user", "content": "More"}]
+    list(engine.chat(history, max_tokens=8, thinking=True))
+    assert peer.requests[-1]["messages"][2] == {"role": "assistant", "content": "Hello, world!",
+                                                "reasoning_content": "Let me think."}
+    peer, engine = connect(serve, "vllm")
+    list(engine.chat(history, max_tokens=8, thinking=True))
+    assert peer.requests[-1]["messages"][2] == {"role": "assistant", "content": shown}
+
+
 def test_continue_where_the_server_cannot(serve):
     peer, engine = connect(serve, "mlx-lm")
     assert not engine.supports_continue
@@ -258,6 +272,14 @@ def test_llama_server_timings_are_the_stats(serve):
     assert counts == ("server", 21, 16, 4, 4)
     assert s.prefill_s == pytest.approx(0.032) and s.decode_s == pytest.approx(0.25)
     assert s.prefill_tok_s == pytest.approx(500.0) and s.decode_tok_s == pytest.approx(16.0)
+
+
+def test_smollm3_serve_rates_are_its_own(serve):
+    peer, engine = connect(serve, "smollm3", Script(prompt_tokens=21, cached_tokens=5))
+    answer(engine)
+    s = engine.stats
+    assert (s.counted_by, s.prompt_tokens, s.prefilled_tokens, s.generated_tokens) == ("server", 21, 16, 4)
+    assert s.prefill_tok_s == pytest.approx(16 / 0.04) and s.decode_tok_s == pytest.approx(3 / 0.3)
 
 
 def test_ollama_durations_are_the_stats(serve):

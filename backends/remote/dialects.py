@@ -26,6 +26,9 @@ class Dialect:
     # Fields that make the server extend a final assistant message instead of starting a new
     # one ({} where it does so by itself), None where it cannot.
     continue_fields: dict | None = None
+    # The message field the server reads an assistant turn's reasoning from, None where it is
+    # sent back in the content as the `<think>` block it was shown as.
+    history_reasoning: str | None = None
 
 
 CONTINUE_FINAL_MESSAGE = {"continue_final_message": True, "add_generation_prompt": False}  # vLLM, SGLang
@@ -46,7 +49,9 @@ DIALECTS: dict[str, Dialect] = {
             repeat_penalty="repeat_penalty",
             repeat_last_n="repeat_last_n",
             thinking_budget="thinking_budget",
-            continue_fields=CONTINUE_FINAL_MESSAGE,
+            # It strips the newlines around reasoning it sends and puts them back around the
+            # reasoning it is sent, so a resent turn renders as the model wrote it.
+            history_reasoning="reasoning_content",
         ),
         # Ollama's /api/chat extends a final assistant message by itself.
         Dialect("ollama", protocol="ollama", template_kwargs=False, repeat_penalty="repeat_penalty",
@@ -186,16 +191,25 @@ def parse_openai_event(data: dict[str, Any]) -> Chunk:
         chunk.completion_tokens = usage.get("completion_tokens")
         chunk.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     timings = data.get("timings") or {}
-    if timings.get("predicted_n") is not None:  # llama-server
+    if timings.get("predicted_n") is not None:  # llama-server, smollm3 serve
         chunk.prefilled_tokens = timings.get("prompt_n")
-        chunk.prefill_s = timings.get("prompt_ms", 0.0) / 1000
-        chunk.decoded_tokens = timings.get("predicted_n")
-        chunk.decode_s = timings.get("predicted_ms", 0.0) / 1000
+        chunk.decoded_tokens = timings["predicted_n"]
+        # Times that give the server's own rates: the servers differ in whether the first
+        # generated token counts to the prompt's time or the generation's.
+        chunk.prefill_s = _seconds(chunk.prefilled_tokens, timings.get("prompt_per_second"), timings.get("prompt_ms"))
+        decode_rate = timings.get("predicted_per_second")
+        chunk.decode_s = _seconds(chunk.decoded_tokens, decode_rate, timings.get("predicted_ms"))
         if chunk.prompt_tokens is None and chunk.prefilled_tokens is not None:
             chunk.prompt_tokens = chunk.prefilled_tokens + timings.get("cache_n", 0)
         if chunk.completion_tokens is None:
             chunk.completion_tokens = chunk.decoded_tokens
     return chunk
+
+
+def _seconds(tokens: int | None, per_second: float | None, ms: float | None) -> float:
+    if tokens and per_second:
+        return tokens / per_second
+    return (ms or 0.0) / 1000
 
 
 def parse_ollama_event(data: dict[str, Any]) -> Chunk:

@@ -158,7 +158,7 @@ class RemoteEngine:
         """
         if continue_last and not self.supports_continue:
             raise RemoteError(f"the {self.dialect.name} dialect cannot continue a stopped answer")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        messages = [self._wire_message(m) for m in messages]
         if thinking is not None and is_smollm3(self.model):
             messages = with_reasoning_flag(messages, thinking)
         if self.dialect.protocol == "ollama":
@@ -172,6 +172,16 @@ class RemoteEngine:
         if continue_last:
             body.update(self.dialect.continue_fields)
         return self._stream(url, body, sse, parse, should_stop)
+
+    def _wire_message(self, message: dict) -> dict:
+        """Role and content; an assistant turn's `<think>` block in the server's reasoning field
+        where it reads one there."""
+        content = message["content"]
+        field = self.dialect.history_reasoning
+        if field and message["role"] == "assistant" and content.startswith(THINK_OPEN) and THINK_CLOSE in content:
+            reasoning, _, answer = content[len(THINK_OPEN) :].partition(THINK_CLOSE)
+            return {"role": "assistant", "content": answer, field: reasoning}
+        return {"role": message["role"], "content": content}
 
     def _stream(self, url, body, sse, parse, should_stop) -> Iterator[str]:
         self.stats = stats = RemoteStats(stop_reason="stopped")
