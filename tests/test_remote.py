@@ -253,6 +253,14 @@ def test_smollm3_serve_gets_reasoning_back_in_its_field(serve):
     assert peer.requests[-1]["messages"][2] == {"role": "assistant", "content": shown}
 
 
+def test_continue_inside_a_think_block_does_not_open_another(serve):
+    peer, engine = connect(serve, "vllm", Script(reasoning=[" more", "."], content=["Done"]))
+    stopped = [*HELLO, {"role": "assistant", "content": "<think>Let me"}]
+    text = "".join(engine.chat(stopped, max_tokens=8, continue_last=True))
+    assert text == " more.</think>Done"
+    assert split_thinking("<think>Let me" + text) == ("Let me more.", "Done")
+
+
 def test_continue_where_the_server_cannot(serve):
     peer, engine = connect(serve, "mlx-lm")
     assert not engine.supports_continue

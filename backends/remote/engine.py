@@ -169,9 +169,12 @@ class RemoteEngine:
             url, sse = self.client.api + "/chat/completions", True
             body = openai_request(self.dialect, self.model, messages, max_tokens, sampling, thinking, thinking_budget)
             parse = parse_openai_event
+        open_think = False
         if continue_last:
             body.update(self.dialect.continue_fields)
-        return self._stream(url, body, sse, parse, should_stop)
+            last = messages[-1]["content"]
+            open_think = last.rfind(THINK_OPEN) > last.rfind(THINK_CLOSE)
+        return self._stream(url, body, sse, parse, should_stop, ReasoningFold(open_think))
 
     def _wire_message(self, message: dict) -> dict:
         """Role and content; an assistant turn's `<think>` block in the server's reasoning field
@@ -183,10 +186,9 @@ class RemoteEngine:
             return {"role": "assistant", "content": answer, field: reasoning}
         return {"role": message["role"], "content": content}
 
-    def _stream(self, url, body, sse, parse, should_stop) -> Iterator[str]:
+    def _stream(self, url, body, sse, parse, should_stop, fold: ReasoningFold) -> Iterator[str]:
         self.stats = stats = RemoteStats(stop_reason="stopped")
         self.client.interrupted = False
-        fold = ReasoningFold()
         pieces = 0
         finish: str | None = None
         final = Chunk()  # the last usage / timings the server sent
@@ -222,14 +224,16 @@ class RemoteEngine:
 class ReasoningFold:
     """Reasoning sent in a field of its own, as the `<think>` ... `</think>` text a local engine writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, open_think: bool = False) -> None:
+        # open_think: the text being continued ends inside a `<think>` block already.
+        self.open_think = open_think
         self.in_think = False
 
     def text(self, chunk: Chunk) -> str:
         text = ""
         if chunk.reasoning:
-            text += ("" if self.in_think else THINK_OPEN) + chunk.reasoning
-            self.in_think = True
+            text += ("" if self.in_think or self.open_think else THINK_OPEN) + chunk.reasoning
+            self.in_think, self.open_think = True, False
         if chunk.content:
             text += (THINK_CLOSE if self.in_think else "") + chunk.content
             self.in_think = False
