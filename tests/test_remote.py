@@ -1,4 +1,4 @@
-"""backends/remote against fake servers on 127.0.0.1 that speak each peer's dialect (tests/remote_fakes.py)."""
+"""backends/remote against fake servers on 127.0.0.1 that speak each peer's dialect (tests.fake_servers.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from backends.remote import (
 from backends.remote.client import RemoteClient
 from backends.remote.errors import server_message
 from backends.sampling import GREEDY, SamplingParams
-from tests.remote_fakes import FakePeer, Script, ServerThread, free_port, html_site
+from tests.fake_servers import FakePeer, Script, ServerThread, free_port, html_site
 
 KINDS = ["vllm", "sglang", "llama-server", "mlx-lm", "ollama", "openai", "smollm3"]
 HELLO = [{"role": "user", "content": "Hi"}]

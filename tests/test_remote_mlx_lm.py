@@ -1,6 +1,6 @@
 """backends/remote against a real peer: mlx_lm.server (MLX on the CPU) serving the tiny SmolLM3 fixture.
 
-The fakes in remote_fakes.py follow the peers' docs; this checks one peer's actual wire format
+The fakes in fake_servers.py follow the peers' docs; this checks one peer's actual wire format
 (its keepalive comments, models listed without an owner, usage chunk) and that the remote answer
 is token for token the one mlx_lm generates in-process from the same prompt.
 """
@@ -18,7 +18,7 @@ import pytest
 
 from backends.remote import RemoteEngine
 from backends.sampling import GREEDY
-from tests.remote_fakes import free_port
+from tests.fake_servers import free_port
 
 pytest.importorskip("mlx_lm")
 pytest.importorskip("mlx.core")

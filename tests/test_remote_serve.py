@@ -15,7 +15,7 @@ import pytest
 from app.session import ChatSession
 from backends.remote import RemoteEngine
 from backends.sampling import GREEDY
-from tests.remote_fakes import free_port
+from tests.fake_servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
