@@ -62,3 +62,12 @@ def test_the_wheel_declares_the_command_and_an_spdx_license(wheel_and_tree):
     assert "License-Expression: Apache-2.0" in metadata
     entry_points = z.read(info.replace("METADATA", "entry_points.txt")).decode()
     assert "smollm3 = app.cli:entry_point" in entry_points
+
+
+def test_the_smollm2_model_is_cached_with_the_apps_other_caches(tmp_path):
+    """scripts/fetch_smollm2.py (setup.sh, the tests): ~/.cache/smollm3/models, as XDG says."""
+    code = "import fetch_smollm2; print(fetch_smollm2.CACHE_DIR)"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "scripts", env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.strip() == str(tmp_path / "xdg" / "smollm3" / "models"), r.stderr
