@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,20 +150,25 @@ class CpuMeter:
         self.others_cores = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9)
 
 
-def measure(adapter: BenchAdapter, spec: Spec, import_s: float) -> Sample:
+def measure(adapter: BenchAdapter, spec: Spec, import_s: float, progress=lambda text: None) -> Sample:
+    """progress(text) is told each measurement as it ends (the parent shows it)."""
     with CpuMeter() as load_meter:
         t0 = time.perf_counter()
         adapter.load()
         load_s = time.perf_counter() - t0
         rss_after_load, _ = rss_mb()
         first_token_s, _, _ = adapter.generate(spec.prompt_ids[: spec.first_token_len], 1)
+    progress(f"load {load_s:.2f} s, first token {first_token_s:.3f} s")
     ids = spec.prompt_ids[: spec.prompt_len]
     adapter.generate(ids, spec.n_gen)  # warm-up: caches, compiled kernels, allocator
+    progress("warm-up done")
     runs = []  # (ttft, decode tok/s, others' cores); repeated while contended, up to twice the repetitions
     while len(runs) < 2 * spec.reps and sum(r[2] < QUIET_CORES for r in runs) < spec.reps:
         with CpuMeter() as meter:
             ttft, decode_s, steps = adapter.generate(ids, spec.n_gen)
         runs.append((ttft, steps / decode_s if decode_s > 0 else 0.0, meter.others_cores))
+        busy = "" if meter.others_cores < QUIET_CORES else f", contended ({meter.others_cores:.2f} cores busy elsewhere)"
+        progress(f"run {len(runs)}: TTFT {ttft:.3f} s, decode {runs[-1][1]:.1f} tok/s{busy}")
     quiet = [r for r in runs if r[2] < QUIET_CORES]
     used = quiet if len(quiet) >= max(1, spec.reps // 2) else runs
     ttft = statistics.median(r[0] for r in used)
@@ -259,9 +265,16 @@ def run_worker(spec_path: str, out_path: str) -> int:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     import_s = time.perf_counter() - t0
-    sample = measure(OursAdapter(spec), spec, import_s)
+    sample = measure(OursAdapter(spec), spec, import_s, progress=report_progress)
     Path(out_path).write_text(json.dumps(asdict(sample)))
     return 0
+
+
+PROGRESS = "@progress "  # a child's stderr line the parent shows as it comes
+
+
+def report_progress(text: str) -> None:
+    print(PROGRESS + text, file=sys.stderr, flush=True)
 
 
 # --- the parent: prompts, one process per measurement, the table ---
@@ -278,17 +291,37 @@ def prompt_ids_for(model_path: str, length: int, tokenizer_path: str | None = No
     return (paragraph * repeats)[:length]
 
 
-def run_in_subprocess(cmd: list[str], spec: Spec, timeout_s: float | None = None, env: dict | None = None) -> dict:
-    """Run `cmd + [spec.json, out.json]` in a fresh process; return its Sample dict."""
+def run_in_subprocess(cmd: list[str], spec: Spec, timeout_s: float | None = None, env: dict | None = None,
+                      on_progress=None) -> dict:
+    """Run `cmd + [spec.json, out.json]` in a fresh process; return its Sample dict.
+
+    on_progress(text) gets the child's progress lines (report_progress) as they come."""
     with tempfile.TemporaryDirectory(prefix="smollm3-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(asdict(spec)))
-        proc = subprocess.run([*cmd, str(spec_path), str(out_path)], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
-        if proc.returncode != 0 or not out_path.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+        with open(Path(tmp) / "stdout", "w+") as stdout:
+            proc = subprocess.Popen([*cmd, str(spec_path), str(out_path)], stdout=stdout, stderr=subprocess.PIPE,
+                                    text=True, env=env)
+            timer = threading.Timer(timeout_s, proc.kill) if timeout_s else None
+            if timer:
+                timer.start()
+            errors = []
+            for line in proc.stderr:
+                if line.startswith(PROGRESS):
+                    if on_progress:
+                        on_progress(line[len(PROGRESS):].rstrip("\n"))
+                else:
+                    errors.append(line)
+            code = proc.wait()
+            if timer:
+                timer.cancel()
+            stdout.seek(0)
+            output = "".join(errors) or stdout.read()
+        if code != 0 or not out_path.exists():
+            tail = output.strip().splitlines()[-8:]
+            killed = f"killed after {timeout_s:.0f} s" if timer and code < 0 else f"exit {code}"
             raise BenchError(f"{spec.engine} on {Path(spec.model_path).name} (p={spec.prompt_len}) failed "
-                             f"(exit {proc.returncode}): " + " | ".join(tail))
+                             f"({killed}): " + " | ".join(tail))
         return json.loads(out_path.read_text())
 
 
@@ -329,6 +362,24 @@ def format_table(rows: list[tuple[str, str, dict]]) -> str:
                      f"{t['peak_rss_mb']:.0f}", f"{t['others_cores']:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_summary(s: dict) -> str:
+    """One engine on one model for the terminal (fits 100 columns): load figures, then a table."""
+    lines = [f"load {s['load_s']:.2f} s, load + first token {s['load_first_token_s']:.2f} s "
+             f"(medians of {len(s['tests'])} processes); peak RSS {s['peak_rss_mb']:.0f} MiB", "",
+             "| prompt | TTFT s | prefill tok/s | decode tok/s | peak RSS MiB | busy elsewhere |",
+             "|--:|--:|--:|--:|--:|--:|"]
+    for p, t in sorted(s["tests"].items(), key=lambda kv: int(kv[0])):
+        cells = (str(p), f"{t['ttft_s']:.3f}", f"{t['prefill_tok_s']:.1f}", f"{t['decode_tok_s']:.2f}",
+                 f"{t['peak_rss_mb']:.0f}", f"{t['others_cores']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("busy elsewhere: CPU cores other processes used meanwhile (runs with more are repeated)")
+    return "\n".join(lines)
+
+
+def show_progress(text: str) -> None:
+    print(f"bench:   {text}", file=sys.stderr, flush=True)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -373,9 +424,10 @@ def bench_main(argv: list[str]) -> int:
         for length in lengths:
             spec = Spec("ours", str(model), ids, length, lengths[0], args.n_gen, args.repetitions, args.threads,
                         args.backend, args.device, args.dtype)
-            print(f"bench: {model.name} prompt {length} + {args.n_gen} tokens ...", file=sys.stderr, flush=True)
+            print(f"bench: prompt {length} + {args.n_gen} tokens, in a fresh process ({len(samples) + 1} of "
+                  f"{len(lengths)})", file=sys.stderr, flush=True)
             samples.append(run_in_subprocess([sys.executable, "-m", "app.bench", "--worker"], spec, args.timeout,
-                                             env=child_env()))
+                                             env=child_env(), on_progress=show_progress))
     except Exception as e:  # BenchError, SmolLMError from the tokenizer, a timeout: one line for the user
         print(f"smollm3 bench: error: {e}", file=sys.stderr)
         return 2
@@ -383,9 +435,9 @@ def bench_main(argv: list[str]) -> int:
     info = summary["engine_info"]
     engine = f"{info['backend']} {info['device']} {info['dtype']}"
     size_mb = _size_mb(model)
-    print(f"{model.name}: {info['weight_type']}, {size_mb:.0f} MiB; {engine}, {info['threads']} threads; "
-          f"smollm3 {info['version']}, torch {info['torch']}; load avg {os.getloadavg()[0]:.2f}")
-    print(format_table([(model.name, engine, summary)]))
+    print(f"{model.name}: {info['weight_type']}, {size_mb:.0f} MiB, on {engine} with {info['threads']} threads")
+    print(f"smollm3 {info['version']}, torch {info['torch']}; load average {os.getloadavg()[0]:.2f}")
+    print(format_summary(summary))
     if args.json_path:
         report = {"model": str(model), "size_mb": size_mb, "n_gen": args.n_gen, "repetitions": args.repetitions,
                   "machine": machine_info(), "summary": summary, "samples": samples}

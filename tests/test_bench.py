@@ -92,8 +92,15 @@ def test_bench_command_measures_each_prompt_length_in_its_own_process(tmp_path, 
         assert s["load_s"] > 0 and s["ttft_s"] > 0 and s["decode_tok_s"] > 0
         assert s["peak_rss_mb"] >= s["rss_after_load_mb"] > 0
         assert s["engine_info"]["weight_type"] == "Q8_0" and s["engine_info"]["threads"] == 1
-    table = capsys.readouterr().out
-    assert "| tiny-smollm3-Q8_0.gguf | torch cpu f32 |" in table
+    out, err = capsys.readouterr()
+    assert out.startswith("tiny-smollm3-Q8_0.gguf: Q8_0, ") and "on torch cpu f32 with 1 threads" in out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [int(r[0]) for r in rows] == [4, 8]
+    assert [float(r[3]) for r in rows] == [pytest.approx(s["decode_tok_s"], abs=0.01) for s in samples]
+    # progress: each measurement as it ends, the load and every timed run of each process
+    assert err.count("bench:   load ") == 2
+    assert err.count("bench:   run ") == sum(len(s["ttft_all"]) for s in samples)
 
 
 def test_bench_command_errors_are_one_line(capsys):
