@@ -151,8 +151,10 @@ def check_flags(args: argparse.Namespace) -> None:
 def read_prompt(args: argparse.Namespace) -> str | None:
     """The one-shot prompt: --prompt, or standard input for `--prompt -` and for piped input
     (as `llm` and `ollama run` do); None when the chat should open."""
-    piped = not sys.stdin.isatty()
+    piped = sys.stdin is not None and not sys.stdin.isatty()
     if args.prompt == "-" or (args.prompt is None and piped and not args.resume):
+        if sys.stdin is None:
+            raise UsageError("--prompt -: this process has no standard input")
         # The newline that echo and editors end input with is not part of the question.
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace").rstrip()
         if not prompt.strip():
@@ -163,10 +165,14 @@ def read_prompt(args: argparse.Namespace) -> str | None:
             raise UsageError("--prompt is empty")
         return args.prompt
     for stream, name in ((sys.stdin, "input"), (sys.stdout, "output"), (sys.stderr, "error output")):
-        if not stream.isatty():
+        if not is_terminal(stream):
             raise UsageError(f"the chat needs a terminal, and standard {name} is not one; "
                              "give --prompt TEXT, or pipe a prompt in")
     return None
+
+
+def is_terminal(stream) -> bool:
+    return stream is not None and stream.isatty()  # None: started without that stream (pythonw, some daemons)
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
@@ -196,7 +202,7 @@ def load_engine(args: argparse.Namespace, tracer: Tracer, chatter: bool = True) 
         limited = f", limited by free memory from {model_context}" if context < model_context and not args.ctx_size else ""
         print(f"loaded {i.checkpoint} ({i.weight_type}) on {i.backend} {i.device} {i.dtype} in "
               f"{time.perf_counter() - t0:.2f}s; context {context} tokens{limited}", file=sys.stderr)
-    return engine, resolved.chat and not args.no_chat_template
+    return engine, resolved.chat and not getattr(args, "no_chat_template", False)
 
 
 def context_for_memory(engine: backends.Engine) -> int:
