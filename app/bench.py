@@ -163,30 +163,36 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
+class BenchParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise BenchError(f"{message} (see smollm3 bench --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smollm3 bench", description=__doc__.split("\n\n")[0])
+    from .cli import number
+
+    p = BenchParser(prog="smollm3 bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", required=True, help="a local .gguf file or Hugging Face model directory")
     p.add_argument("--backend", choices=("auto", "torch", "mlx"), default="auto")
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:N, mps (default: the best available)")
     p.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto")
     p.add_argument("-p", "--n-prompt", default="32,128,512", help="prompt lengths in tokens (default: 32,128,512)")
-    p.add_argument("-n", "--n-gen", type=int, default=32, help="tokens to generate per run (default: 32)")
-    p.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs per test, after a warm-up (default: 3)")
-    p.add_argument("-t", "--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    # At least 2: a decode step needs a generated token before it.
+    p.add_argument("-n", "--n-gen", type=number(int, minimum=2), default=32,
+                   help="tokens to generate per run (default: 32)")
+    p.add_argument("-r", "--repetitions", type=number(int, minimum=1), default=3,
+                   help="timed runs per test, after a warm-up (default: 3)")
+    p.add_argument("-t", "--threads", type=number(int, minimum=1), help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measuring process")
+    p.add_argument("--timeout", type=number(float, above=0), default=3600,
+                   help="seconds allowed per measuring process (default: 3600)")
     return p
 
 
 def bench_main(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage or help
-        return int(e.code or 0)
-    try:
         lengths = parse_lengths(args.n_prompt)
-        if args.n_gen < 2 or args.repetitions < 1:
-            raise BenchError("-n must be at least 2 (a decode step needs a token before it) and -r at least 1")
         model = Path(args.model_path)
         if not model.exists():
             raise BenchError(f"no such file or directory: {model}")

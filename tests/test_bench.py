@@ -107,6 +107,15 @@ def test_bench_command_errors_are_one_line(capsys):
     assert bench_main(["--model-path", "/nonexistent.gguf"]) == 2
     assert capsys.readouterr().err.strip() == "smollm3 bench: error: no such file or directory: /nonexistent.gguf"
     assert bench_main(["--model-path", str(tiny_gguf("Q8_0")), "-p", "x"]) == 2
+    capsys.readouterr()
+    for bad, why in ((["-n", "1"], "argument -n/--n-gen: must be at least 2, got 1"),
+                     (["-t", "0"], "argument -t/--threads: must be at least 1, got 0"),
+                     (["--timeout", "nan"], "argument --timeout: must be a finite number, got nan"),
+                     (["-r", "x"], "argument -r/--repetitions: expected an integer, got 'x'"),
+                     ([], "the following arguments are required: --model-path")):
+        args = ["--model-path", str(tiny_gguf("Q8_0")), *bad] if bad else []
+        assert bench_main(args) == 2
+        assert capsys.readouterr().err == f"smollm3 bench: error: {why} (see smollm3 bench --help)\n"
 
 
 def test_3b_plan_has_the_real_parameter_count():
