@@ -148,10 +148,14 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--resume opens the chat TUI: drop --prompt")
 
 
+def is_terminal(stream) -> bool:
+    return stream is not None and stream.isatty()  # None: started without that stream (pythonw, some daemons)
+
+
 def read_prompt(args: argparse.Namespace) -> str | None:
     """The one-shot prompt: --prompt, or standard input for `--prompt -` and for piped input
     (as `llm` and `ollama run` do); None when the chat should open."""
-    piped = sys.stdin is not None and not sys.stdin.isatty()
+    piped = sys.stdin is not None and not is_terminal(sys.stdin)
     if args.prompt == "-" or (args.prompt is None and piped and not args.resume):
         if sys.stdin is None:
             raise UsageError("--prompt -: this process has no standard input")
@@ -169,10 +173,6 @@ def read_prompt(args: argparse.Namespace) -> str | None:
             raise UsageError(f"the chat needs a terminal, and standard {name} is not one; "
                              "give --prompt TEXT, or pipe a prompt in")
     return None
-
-
-def is_terminal(stream) -> bool:
-    return stream is not None and stream.isatty()  # None: started without that stream (pythonw, some daemons)
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
