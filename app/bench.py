@@ -10,8 +10,8 @@ Each prompt length runs in a fresh process, because load time and peak RSS are o
 in a process that has done nothing else; every such process also times a cold first token
 on the shortest prompt, so "load + first token" has as many samples as prompt lengths.
 
-The measuring loop (`measure`) takes any engine adapter, so the cross-engine harness in
-bench/ measures llama.cpp and transformers with the same code.
+The measuring loop (`measure`, in app/bench_measure.py) takes any engine adapter, so the
+cross-engine harness in bench/ measures llama.cpp and transformers with the same code.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+import threading
+from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
+
+from .bench_measure import (  # noqa: F401  (bench/ imports the measuring side from here)
+    PROGRESS, QUIET_CORES, BenchAdapter, CpuMeter, Sample, Spec, measure, rss_mb, run_worker,
+)
 
 # A public-domain paragraph (Darwin, On the Origin of Species, ch. III), repeated to the
 # prompt length: real text gives real token ids, unlike random ids.
@@ -45,225 +48,6 @@ PROMPT_TEXT = (
 )
 
 
-class BenchAdapter(Protocol):
-    """One engine under test. `generate` feeds `ids` from an empty cache and makes exactly `n` tokens."""
-
-    tokens: list[int]  # what the last `generate` made
-
-    def load(self) -> None: ...
-
-    def generate(self, ids: list[int], n: int) -> tuple[float, float, int]:
-        """(seconds to the first token incl. prefill, seconds for the decode steps, decode steps)."""
-        ...
-
-    def describe(self) -> dict: ...
-
-
-@dataclass
-class Spec:
-    """What one measuring process does (written as JSON for the child)."""
-
-    engine: str  # "ours" here; bench/ adds "llamacpp", "transformers"
-    model_path: str
-    prompt_ids: list[int]  # the longest prompt; shorter ones are its prefixes
-    prompt_len: int  # measured in this process
-    first_token_len: int  # the cold first token is timed on this (the shortest) prompt
-    n_gen: int
-    reps: int
-    threads: int | None = None
-    backend: str = "auto"
-    device: str | None = None
-    dtype: str = "auto"
-
-
-@dataclass
-class Sample:
-    """One process's results; times in seconds, sizes in MiB (the _mb fields)."""
-
-    prompt_len: int
-    n_gen: int
-    import_s: float
-    load_s: float
-    first_token_s: float  # cold: the first generate after load, on first_token_len tokens
-    ttft_s: float  # medians of the warm repetitions from here on
-    prefill_tok_s: float
-    decode_tok_s: float
-    decode_steps: int
-    rss_after_load_mb: float
-    peak_rss_mb: float
-    others_cores: float  # median CPU (in cores) other processes used during the runs that count
-    load_others_cores: float  # the same during load and the cold first token
-    best_prefill_tok_s: float  # the fastest run, contended or not
-    best_decode_tok_s: float
-    ttft_all: list[float] = field(default_factory=list)
-    decode_all: list[float] = field(default_factory=list)
-    others_cores_all: list[float] = field(default_factory=list)
-    loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    engine_info: dict = field(default_factory=dict)
-    tokens: list[int] = field(default_factory=list)  # the last run's output: engines should agree
-
-
-def rss_mb() -> tuple[float, float]:
-    """(current, peak) resident set of this process in MiB.
-
-    Linux's VmHWM is reset by exec; ru_maxrss is not (it keeps the pre-exec high-water mark of
-    the process that spawned us), so it is only the fallback elsewhere (macOS: bytes)."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, KeyError):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = peak / 2**20 if sys.platform == "darwin" else peak / 1024
-        return peak, peak
-
-
-QUIET_CORES = 0.25  # a run during which other processes used less CPU than this counts as quiet
-
-
-class CpuMeter:
-    """CPU used by other processes while a block runs, in cores (0: quiet; 1: one core busy elsewhere).
-
-    The machine is shared: a timing is only worth its name when nobody else was computing."""
-
-    def __init__(self):
-        self.others_cores = 0.0
-
-    @staticmethod
-    def _snapshot() -> tuple[float, float, float]:
-        own = sum(os.times()[:2])
-        try:
-            jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            busy = (sum(jiffies[:8]) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-        except (OSError, ValueError, IndexError):
-            busy = own  # no /proc: report quiet
-        return time.perf_counter(), busy, own
-
-    def __enter__(self):
-        self._start = self._snapshot()
-        return self
-
-    def __exit__(self, *exc):
-        (t0, busy0, own0), (t1, busy1, own1) = self._start, self._snapshot()
-        self.others_cores = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9)
-
-
-def measure(adapter: BenchAdapter, spec: Spec, import_s: float) -> Sample:
-    with CpuMeter() as load_meter:
-        t0 = time.perf_counter()
-        adapter.load()
-        load_s = time.perf_counter() - t0
-        rss_after_load, _ = rss_mb()
-        first_token_s, _, _ = adapter.generate(spec.prompt_ids[: spec.first_token_len], 1)
-    ids = spec.prompt_ids[: spec.prompt_len]
-    adapter.generate(ids, spec.n_gen)  # warm-up: caches, compiled kernels, allocator
-    runs = []  # (ttft, decode tok/s, others' cores); repeated while contended, up to twice the repetitions
-    while len(runs) < 2 * spec.reps and sum(r[2] < QUIET_CORES for r in runs) < spec.reps:
-        with CpuMeter() as meter:
-            ttft, decode_s, steps = adapter.generate(ids, spec.n_gen)
-        runs.append((ttft, steps / decode_s if decode_s > 0 else 0.0, meter.others_cores))
-    quiet = [r for r in runs if r[2] < QUIET_CORES]
-    used = quiet if len(quiet) >= max(1, spec.reps // 2) else runs
-    ttft = statistics.median(r[0] for r in used)
-    _, peak = rss_mb()
-    return Sample(
-        prompt_len=spec.prompt_len, n_gen=spec.n_gen, import_s=import_s, load_s=load_s,
-        first_token_s=first_token_s, ttft_s=ttft, prefill_tok_s=spec.prompt_len / ttft,
-        decode_tok_s=statistics.median(r[1] for r in used), decode_steps=steps,
-        rss_after_load_mb=rss_after_load, peak_rss_mb=peak, ttft_all=[r[0] for r in runs],
-        decode_all=[r[1] for r in runs], others_cores_all=[r[2] for r in runs],
-        others_cores=statistics.median(r[2] for r in used), load_others_cores=load_meter.others_cores,
-        best_prefill_tok_s=spec.prompt_len / min(r[0] for r in runs), best_decode_tok_s=max(r[1] for r in runs),
-        loadavg=os.getloadavg(), engine_info=adapter.describe(), tokens=list(adapter.tokens),
-    )
-
-
-class OursAdapter:
-    def __init__(self, spec: Spec):
-        self.spec = spec
-        self.engine = None
-        self.tokens: list[int] = []
-
-    def load(self) -> None:
-        import dataclasses
-
-        import backends
-
-        s = self.spec
-        self.engine = backends.load(s.model_path, backend=s.backend, device=s.device, dtype=s.dtype)
-        # As llama-bench: always generate n tokens, whatever the model says (random weights may pick EOS).
-        self.engine.tokenizer.eos_ids = []
-        self.engine.config = dataclasses.replace(self.engine.config, eos_token_ids=())
-
-    def generate(self, ids: list[int], n: int) -> tuple[float, float, int]:
-        from backends.sampling import GREEDY
-
-        engine = self.engine
-        engine.cached_ids = []  # no KV reuse between repetitions: every run prefills all of `ids`
-        self.tokens = list(engine.generate(list(ids), n, GREEDY))
-        s = engine.stats
-        if len(self.tokens) != n or s.prefilled_tokens != len(ids):
-            raise RuntimeError(f"expected {len(ids)} prefilled and {n} generated tokens, "
-                               f"got {s.prefilled_tokens} and {len(self.tokens)}")
-        return s.prefill_s, s.decode_s, s.decode_steps
-
-    def describe(self) -> dict:
-        import backends
-
-        i = self.engine.info
-        return {"engine": "ours", "backend": i.backend, "device": i.device, "dtype": i.dtype,
-                "weight_type": i.weight_type, "version": _our_version(), "torch": _torch_version(),
-                "threads": _torch_threads(), "kernels": os.environ.get("SMOLLM3_KERNELS", "fast"),
-                "backends_module": Path(backends.__file__).parent.name}
-
-
-def _our_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        v = version("smollm3")
-    except Exception:
-        v = "?"
-    try:
-        root = Path(__file__).resolve().parent.parent
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        if rev:
-            v += f"+{rev}" + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return v
-
-
-def _torch_version() -> str | None:
-    torch = sys.modules.get("torch")
-    return getattr(torch, "__version__", None)
-
-
-def _torch_threads() -> int | None:
-    torch = sys.modules.get("torch")
-    return torch.get_num_threads() if torch is not None else None
-
-
-def run_worker(spec_path: str, out_path: str) -> int:
-    """Child process: measure one prompt length of the `ours` engine, write a Sample as JSON."""
-    spec = Spec(**json.loads(Path(spec_path).read_text()))
-    t0 = time.perf_counter()
-    import torch
-
-    import backends  # noqa: F401
-
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    import_s = time.perf_counter() - t0
-    sample = measure(OursAdapter(spec), spec, import_s)
-    Path(out_path).write_text(json.dumps(asdict(sample)))
-    return 0
-
-
 # --- the parent: prompts, one process per measurement, the table ---
 
 
@@ -278,17 +62,37 @@ def prompt_ids_for(model_path: str, length: int, tokenizer_path: str | None = No
     return (paragraph * repeats)[:length]
 
 
-def run_in_subprocess(cmd: list[str], spec: Spec, timeout_s: float | None = None, env: dict | None = None) -> dict:
-    """Run `cmd + [spec.json, out.json]` in a fresh process; return its Sample dict."""
+def run_in_subprocess(cmd: list[str], spec: Spec, timeout_s: float | None = None, env: dict | None = None,
+                      on_progress=None) -> dict:
+    """Run `cmd + [spec.json, out.json]` in a fresh process; return its Sample dict.
+
+    on_progress(text) gets the child's progress lines (report_progress) as they come."""
     with tempfile.TemporaryDirectory(prefix="smollm3-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(asdict(spec)))
-        proc = subprocess.run([*cmd, str(spec_path), str(out_path)], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
-        if proc.returncode != 0 or not out_path.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+        with open(Path(tmp) / "stdout", "w+") as stdout:
+            proc = subprocess.Popen([*cmd, str(spec_path), str(out_path)], stdout=stdout, stderr=subprocess.PIPE,
+                                    text=True, env=env)
+            timer = threading.Timer(timeout_s, proc.kill) if timeout_s else None
+            if timer:
+                timer.start()
+            errors = []
+            for line in proc.stderr:
+                if line.startswith(PROGRESS):
+                    if on_progress:
+                        on_progress(line[len(PROGRESS):].rstrip("\n"))
+                else:
+                    errors.append(line)
+            code = proc.wait()
+            if timer:
+                timer.cancel()
+            stdout.seek(0)
+            output = "".join(errors) or stdout.read()
+        if code != 0 or not out_path.exists():
+            tail = output.strip().splitlines()[-8:]
+            killed = f"killed after {timeout_s:.0f} s" if timer and code < 0 else f"exit {code}"
             raise BenchError(f"{spec.engine} on {Path(spec.model_path).name} (p={spec.prompt_len}) failed "
-                             f"(exit {proc.returncode}): " + " | ".join(tail))
+                             f"({killed}): " + " | ".join(tail))
         return json.loads(out_path.read_text())
 
 
@@ -331,6 +135,24 @@ def format_table(rows: list[tuple[str, str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(s: dict) -> str:
+    """One engine on one model for the terminal (fits 100 columns): load figures, then a table."""
+    lines = [f"load {s['load_s']:.2f} s, load + first token {s['load_first_token_s']:.2f} s "
+             f"(medians of {len(s['tests'])} processes); peak RSS {s['peak_rss_mb']:.0f} MiB", "",
+             "| prompt | TTFT s | prefill tok/s | decode tok/s | peak RSS MiB | busy elsewhere |",
+             "|--:|--:|--:|--:|--:|--:|"]
+    for p, t in sorted(s["tests"].items(), key=lambda kv: int(kv[0])):
+        cells = (str(p), f"{t['ttft_s']:.3f}", f"{t['prefill_tok_s']:.1f}", f"{t['decode_tok_s']:.2f}",
+                 f"{t['peak_rss_mb']:.0f}", f"{t['others_cores']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("busy elsewhere: CPU cores other processes used meanwhile (runs with more are repeated)")
+    return "\n".join(lines)
+
+
+def show_progress(text: str) -> None:
+    print(f"bench:   {text}", file=sys.stderr, flush=True)
+
+
 def parse_lengths(text: str) -> list[int]:
     try:
         lengths = sorted({int(x) for x in text.split(",") if x.strip()})
@@ -341,30 +163,36 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
+class BenchParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise BenchError(f"{message} (see smollm3 bench --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smollm3 bench", description=__doc__.split("\n\n")[0])
+    from .cli import number
+
+    p = BenchParser(prog="smollm3 bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", required=True, help="a local .gguf file or Hugging Face model directory")
     p.add_argument("--backend", choices=("auto", "torch", "mlx"), default="auto")
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:N, mps (default: the best available)")
     p.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto")
     p.add_argument("-p", "--n-prompt", default="32,128,512", help="prompt lengths in tokens (default: 32,128,512)")
-    p.add_argument("-n", "--n-gen", type=int, default=32, help="tokens to generate per run (default: 32)")
-    p.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs per test, after a warm-up (default: 3)")
-    p.add_argument("-t", "--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    # At least 2: a decode step needs a generated token before it.
+    p.add_argument("-n", "--n-gen", type=number(int, minimum=2), default=32,
+                   help="tokens to generate per run (default: 32)")
+    p.add_argument("-r", "--repetitions", type=number(int, minimum=1), default=3,
+                   help="timed runs per test, after a warm-up (default: 3)")
+    p.add_argument("-t", "--threads", type=number(int, minimum=1), help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measuring process")
+    p.add_argument("--timeout", type=number(float, above=0), default=3600,
+                   help="seconds allowed per measuring process (default: 3600)")
     return p
 
 
 def bench_main(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage or help
-        return int(e.code or 0)
-    try:
         lengths = parse_lengths(args.n_prompt)
-        if args.n_gen < 2 or args.repetitions < 1:
-            raise BenchError("-n must be at least 2 (a decode step needs a token before it) and -r at least 1")
         model = Path(args.model_path)
         if not model.exists():
             raise BenchError(f"no such file or directory: {model}")
@@ -373,9 +201,10 @@ def bench_main(argv: list[str]) -> int:
         for length in lengths:
             spec = Spec("ours", str(model), ids, length, lengths[0], args.n_gen, args.repetitions, args.threads,
                         args.backend, args.device, args.dtype)
-            print(f"bench: {model.name} prompt {length} + {args.n_gen} tokens ...", file=sys.stderr, flush=True)
+            print(f"bench: prompt {length} + {args.n_gen} tokens, in a fresh process ({len(samples) + 1} of "
+                  f"{len(lengths)})", file=sys.stderr, flush=True)
             samples.append(run_in_subprocess([sys.executable, "-m", "app.bench", "--worker"], spec, args.timeout,
-                                             env=child_env()))
+                                             env=child_env(), on_progress=show_progress))
     except Exception as e:  # BenchError, SmolLMError from the tokenizer, a timeout: one line for the user
         print(f"smollm3 bench: error: {e}", file=sys.stderr)
         return 2
@@ -383,9 +212,9 @@ def bench_main(argv: list[str]) -> int:
     info = summary["engine_info"]
     engine = f"{info['backend']} {info['device']} {info['dtype']}"
     size_mb = _size_mb(model)
-    print(f"{model.name}: {info['weight_type']}, {size_mb:.0f} MiB; {engine}, {info['threads']} threads; "
-          f"smollm3 {info['version']}, torch {info['torch']}; load avg {os.getloadavg()[0]:.2f}")
-    print(format_table([(model.name, engine, summary)]))
+    print(f"{model.name}: {info['weight_type']}, {size_mb:.0f} MiB, on {engine} with {info['threads']} threads")
+    print(f"smollm3 {info['version']}, torch {info['torch']}; load average {os.getloadavg()[0]:.2f}")
+    print(format_summary(summary))
     if args.json_path:
         report = {"model": str(model), "size_mb": size_mb, "n_gen": args.n_gen, "repetitions": args.repetitions,
                   "machine": machine_info(), "summary": summary, "samples": samples}

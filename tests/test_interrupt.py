@@ -179,6 +179,11 @@ def test_ctrl_c_during_the_decode_keeps_what_was_streamed():
     assert "decode" in child.phases
     assert child.out.startswith(streamed) and child.out.endswith(b"\n")
     assert len(child.out.strip()) >= len(streamed.strip()) > 0
+    # The statistics of what was generated, as llama-cli prints them, before the last line.
+    stats = child.err.decode().splitlines()[-3:]
+    assert re.fullmatch(r" *\d+ prompt tokens processed: [\d.]+ token/s", stats[0]), stats
+    generated = re.fullmatch(r" *(\d+) tokens generated: [\d.]+ token/s", stats[1])
+    assert generated and int(generated.group(1)) >= 1, stats
 
 
 SGR = re.compile(rb"\x1b\[[0-9;]*m")
