@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"GGUF quantization to download (default: {DEFAULT_QUANTIZATION})")
     m.add_argument("--model-path", help="a local .gguf file or Hugging Face model directory (no download)")
     m.add_argument("--tokenizer", help="a tokenizer.json (or directory) to use instead of the checkpoint's own")
+    m.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the checkpoint's own")
     m.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
                    help="compute dtype (auto: bf16 on CUDA/MPS, f32 on CPU)")
     m.add_argument("--quantize", type=int, choices=(4, 8),
@@ -94,12 +95,16 @@ def load_engine(args: argparse.Namespace, tracer: Tracer, chatter: bool = True) 
     resolved = resolve(args.model, args.model_type, args.quantization or DEFAULT_QUANTIZATION, args.model_path)
     t0 = time.perf_counter()
     engine = backends.load(resolved.path, backend=args.backend, device=args.device, dtype=args.dtype,
-                           tokenizer_path=args.tokenizer, tracer=tracer, quantize=args.quantize)
+                           tokenizer_path=args.tokenizer, tracer=tracer, quantize=args.quantize,
+                           chat_template_path=args.chat_template)
+    use_template = resolved.chat and not args.no_chat_template
+    if use_template and engine.chat_template is not None and engine.chat_template.notice:
+        print(f"smollm3: {engine.chat_template.notice}", file=sys.stderr)
     i = engine.info
     if chatter and sys.stderr.isatty():  # progress chatter only for a person watching; errors stay one line
         print(f"loaded {i.checkpoint} ({i.weight_type}) on {i.backend} {i.device} {i.dtype} in "
               f"{time.perf_counter() - t0:.2f}s", file=sys.stderr)
-    return engine, resolved.chat and not args.no_chat_template
+    return engine, use_template
 
 
 def run_prompt(args: argparse.Namespace, engine: backends.Engine, use_template: bool) -> int:
