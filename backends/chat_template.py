@@ -2,45 +2,28 @@
 tokenize=False)`), without transformers: the same sandboxed jinja2 environment, globals and filters
 (transformers/utils/chat_template_utils.py), and the same preparation of the messages.
 
-A template comes from an untrusted checkpoint, so a render is bounded where transformers' is not:
-in time, in the size of its output, and in the size of every string, list and number it builds
-(checked before the operations that multiply sizes: `*`, `**`, `+`, `~`, `%`, join, replace,
-padding; and on every value a call, filter or namespace store produces). A breach is a
+A template comes from an untrusted checkpoint: it renders in template_sandbox's bounded
+environment (time, output, and the size of every value it builds), and a breach is a
 TemplateError like any other template failure.
 
 SmolLM3's and SmolLM2's official templates ship in `assets/templates/`, for checkpoints that carry
 none (`official_chat_template`).
 """
 
-import functools
 import importlib.resources
 import json
-import re
-import string
-import sys
-import time
 import traceback
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
 import jinja2.ext
-import jinja2.filters
 import jinja2.nodes
 import jinja2.utils
-from jinja2.compiler import CodeGenerator
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import template_sandbox
 from .errors import TemplateError
-
-# The rendered prompt: about a million tokens, far past any SmolLM context.
-MAX_RENDER_CHARS = 4 * 2**20
-# Any string's characters, or a list's items plus the sizes of what it holds (so that a list of one
-# long string repeated counts every repeat).
-MAX_VALUE_SIZE = 4 * 2**20
-MAX_INT_BITS = 2**16
-# The SmolLM3 template renders a conversation in milliseconds.
-RENDER_SECONDS = 1.0
+from .template_sandbox import BoundedEnvironment, LimitExceeded, bounded, bounded_join
 
 # Official templates by architecture: (file in assets/templates, model name).
 OFFICIAL_TEMPLATES = {"smollm3": ("smollm3.jinja", "SmolLM3"), "llama": ("smollm2.jinja", "SmolLM2")}
@@ -64,126 +47,6 @@ class _GenerationBlock(jinja2.ext.Extension):
         return caller()
 
 
-class _LimitExceeded(BaseException):
-    """A render went past a limit. A BaseException, so that no `except Exception` in jinja2's
-    runtime or in a filter can swallow it; ChatTemplate turns it into a TemplateError."""
-
-
-def _check(size: int, what: str = "a string or list") -> None:
-    if size > MAX_VALUE_SIZE:
-        raise _LimitExceeded(f"{what} of {size:,} characters or items (the limit is {MAX_VALUE_SIZE:,})")
-
-
-def _size(value) -> int:
-    """Characters and items in `value`, through lists, tuples and dicts; over the limit raises
-    as soon as the count passes it, without walking the rest."""
-    total, stack = 0, [value]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, str):
-            total += len(x)
-        elif isinstance(x, (list, tuple, set, frozenset, dict)):
-            total += len(x)
-            _check(total)
-            stack.extend(x.items() if isinstance(x, dict) else x)
-        elif isinstance(x, int) and x.bit_length() > MAX_INT_BITS:
-            raise _LimitExceeded(f"a number of {x.bit_length():,} bits (the limit is {MAX_INT_BITS:,})")
-        _check(total)
-    return total
-
-
-def _bounded(value):
-    _size(value)
-    return value
-
-
-def _check_repeat(left, right) -> None:
-    """`*`: a sequence repeated, or a product of integers."""
-    if isinstance(left, int) and isinstance(right, int):
-        if left.bit_length() + right.bit_length() > MAX_INT_BITS:
-            raise _LimitExceeded(f"a product of {left.bit_length() + right.bit_length():,} bits")
-        return
-    sequence, times = (left, right) if isinstance(right, int) else (right, left)
-    if isinstance(sequence, (str, list, tuple)) and isinstance(times, int):
-        _check(_size(sequence) * max(times, 0))
-
-
-def _check_power(base, exponent) -> None:
-    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
-        bits = (abs(base).bit_length() - 1) * exponent
-        if bits > MAX_INT_BITS:
-            raise _LimitExceeded(f"a power of at least {bits:,} bits (the limit is {MAX_INT_BITS:,})")
-
-
-_PRINTF_FIELD = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
-
-
-def _int_arguments(args) -> list[int]:
-    values = args.values() if isinstance(args, dict) else args if isinstance(args, (list, tuple)) else [args]
-    return [v for v in values if isinstance(v, int)]
-
-
-def _check_printf(fmt: str, args) -> None:
-    """`%` formatting: widths and precisions, written in the format or taken from the arguments (`*`)."""
-    total = len(fmt)
-    for match in _PRINTF_FIELD.finditer(fmt):
-        for number in match.groups():
-            if number == "*":
-                total += sum(abs(v) for v in _int_arguments(args))
-            elif number:
-                total += int(number)
-    _check(total, "a formatted string")
-
-
-def _check_format(fmt: str, args, kwargs) -> None:
-    """str.format: widths and precisions in the format specs, and nested ones (`{:{w}}`)."""
-    total = len(fmt)
-    for _, _, spec, _ in string.Formatter().parse(fmt):
-        if spec:
-            total += sum(int(n) for n in re.findall(r"\d+", spec))
-            if "{" in spec:
-                total += sum(abs(v) for v in _int_arguments(list(args) + list(kwargs.values())))
-    _check(total, "a formatted string")
-
-
-def _replaced_size(s: str, old: str, new: str, count=None) -> int:
-    n = s.count(old) if old else len(s) + 1
-    if isinstance(count, int) and count >= 0:
-        n = min(n, count)
-    return len(s) + n * (len(new) - len(old))
-
-
-def _bounded_join(separator: str, items) -> str:
-    """`separator.join(map(str, items))`, stopped as soon as the result would pass the limit."""
-    pieces, total = [], 0
-    for item in items:
-        piece = item if isinstance(item, str) else str(item)
-        total += len(piece) + len(separator)
-        _check(total, "a joined string")
-        pieces.append(piece)
-    return separator.join(pieces)
-
-
-def _check_str_method(s: str, name: str, args: tuple, kwargs: dict) -> tuple:
-    """Before a str method that can make a string far longer than its inputs; returns the
-    arguments to call it with (join's items, read once)."""
-    if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
-        _check(args[0])
-    elif name == "expandtabs":
-        tabsize = args[0] if args else kwargs.get("tabsize", 8)
-        if isinstance(tabsize, int):
-            _check(len(s) + s.count("\t") * tabsize)
-    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
-        _check(_replaced_size(s, *args[:3]))
-    elif name == "join" and len(args) == 1:
-        items = list(args[0])
-        _check(sum(len(item) if isinstance(item, str) else 0 for item in items) + len(s) * len(items), "a joined string")
-        return (items,)
-    elif name in ("format", "format_map"):
-        _check_format(s, args, kwargs)
-    return args
-
-
 def _raise_exception(message):
     raise TemplateError(message)
 
@@ -192,71 +55,7 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     # jinja2's own tojson escapes HTML characters; chat templates expect plain json.dumps. Written
     # piece by piece, so that an indent over a deep structure stops at the limit.
     encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    return _bounded_join("", encoder.iterencode(x))
-
-
-@jinja2.pass_eval_context
-def _join_filter(eval_ctx, value, d="", attribute=None):
-    if attribute is not None:
-        value = map(jinja2.filters.make_attrgetter(eval_ctx.environment, attribute), value)
-    return _bounded_join(str(d), value)
-
-
-@jinja2.pass_eval_context
-def _replace_filter(eval_ctx, s, old, new, count=None):
-    _check(_replaced_size(str(s), str(old), str(new), count))
-    return jinja2.filters.do_replace(eval_ctx, s, old, new, count)
-
-
-def _center_filter(value, width=80):
-    if isinstance(width, int):
-        _check(width)
-    return jinja2.filters.do_center(value, width)
-
-
-def _indent_filter(s, width=4, first=False, blank=False):
-    s = str(s)
-    _check(len(s) + (s.count("\n") + 1) * (width if isinstance(width, int) else len(str(width))))
-    return jinja2.filters.do_indent(s, width, first, blank)
-
-
-def _format_filter(value, *args, **kwargs):
-    _check_printf(str(value), kwargs or args)
-    return jinja2.filters.do_format(value, *args, **kwargs)
-
-
-def _counted(name: str, position: int, keyword: str):
-    """batch and slice: the count argument makes lists that long, or that many."""
-    original = jinja2.filters.FILTERS[name]
-
-    @functools.wraps(original)
-    def check_count(*args, **kwargs):
-        count = args[position] if len(args) > position else kwargs.get(keyword)
-        if isinstance(count, int):
-            _check(count)
-        return original(*args, **kwargs)
-
-    return check_count
-
-
-# Filters that can make a value much larger than their inputs, checked before they run.
-_CHECKED_FILTERS = {
-    "join": _join_filter,
-    "replace": _replace_filter,
-    "center": _center_filter,
-    "indent": _indent_filter,
-    "format": _format_filter,
-    "batch": _counted("batch", 1, "linecount"),
-    "slice": _counted("slice", 2, "slices"),  # (eval_ctx, value, slices)
-}
-
-
-def _bounded_filter(original):
-    @functools.wraps(original)  # keeps jinja2's pass_context / pass_eval_context mark
-    def filter_(*args, **kwargs):
-        return _bounded(original(*args, **kwargs))
-
-    return filter_
+    return bounded_join("", encoder.iterencode(x))
 
 
 def _strftime_now(fmt):
@@ -285,7 +84,7 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
     def __setitem__(self, name, value):
         _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, _bounded(value))
+        jinja2.utils.Namespace.__setitem__(self, name, bounded(value))
 
     @staticmethod
     def _check_name(name):
@@ -293,77 +92,9 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"cannot store underscore-prefixed attribute {name!r} on a namespace")
 
 
-class _OutputBuffer(list):
-    """Where a macro's, a block set's or a filter block's output gathers before it is joined:
-    counted as it grows, since a loop can append to it without building anything checked."""
-
-    size = 0
-
-    def append(self, piece):
-        self.size += len(piece)
-        _check(self.size, "a block's output")
-        super().append(piece)
-
-    def extend(self, pieces):
-        for piece in pieces:
-            self.append(piece)
-
-
-class _BoundedCodeGenerator(CodeGenerator):
-    def buffer(self, frame):
-        frame.buffer = self.temporary_identifier()
-        self.writeline(f"{frame.buffer} = environment.output_buffer()")
-
-    def visit_Concat(self, node, frame):
-        # `a ~ b ~ ...` joins its operands in one call, which jinja2 does not route through the
-        # environment: send it to _BoundedEnvironment.concat_operands (autoescape is off here).
-        self.write("environment.concat_operands((")
-        for operand in node.nodes:
-            self.visit(operand, frame)
-            self.write(", ")
-        self.write("))")
-
-
-class _BoundedEnvironment(ImmutableSandboxedEnvironment):
-    """The sandbox, with every operation that can build a large value checked (see the module
-    docstring). Jinja2 routes arithmetic operators listed in `intercepted_binops` through
-    call_binop, every call through call, and every buffer join through concat."""
-
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
-    code_generator_class = _BoundedCodeGenerator
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "*":
-            _check_repeat(left, right)
-        elif operator == "**":
-            _check_power(left, right)
-        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-            _check(_size(left) + _size(right))
-        elif operator == "%" and isinstance(left, str):
-            _check_printf(left, right)
-        return _bounded(super().call_binop(context, operator, left, right))
-
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
-        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
-        owner = getattr(method, "__self__", None)
-        if isinstance(owner, str):
-            args = _check_str_method(owner, getattr(method, "__name__", ""), args, kwargs)
-        return _bounded(super().call(__context, __obj, *args, **kwargs))
-
-    def concat(self, pieces) -> str:
-        return _bounded_join("", pieces)
-
-    output_buffer = _OutputBuffer
-
-    def concat_operands(self, operands) -> str:
-        return _bounded_join("", operands)
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = _BoundedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
-    )
-    env.filters = {name: _bounded_filter(_CHECKED_FILTERS.get(name, f)) for name, f in env.filters.items()}
+def _environment() -> BoundedEnvironment:
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters = template_sandbox.bound_filters(env.filters)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -424,7 +155,7 @@ class ChatTemplate:
             self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"{name}, line {exc.lineno}: {exc.message}") from exc
-        except _LimitExceeded as exc:  # jinja2 folds constant expressions while compiling
+        except LimitExceeded as exc:  # jinja2 folds constant expressions while compiling
             raise TemplateError(f"{name}: {exc}") from None
         except Exception as exc:
             raise TemplateError(f"{name}: {type(exc).__name__}: {exc}") from None
@@ -446,14 +177,15 @@ class ChatTemplate:
         if enable_thinking is not None:
             context["enable_thinking"] = enable_thinking
         try:
-            return self._render_bounded(
+            return template_sandbox.render(
+                self._template,
                 messages=_prepare_messages(messages),
                 tools=_plain(tools),
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **_plain(context),
             )
-        except _LimitExceeded as exc:
+        except LimitExceeded as exc:
             line = self._line_of(exc)
             where = f"{self.name}, line {line}" if line else self.name
             raise TemplateError(f"{where}: render stopped: {exc}") from None
@@ -469,30 +201,6 @@ class ChatTemplate:
         here, when the model loads, rather than when the chat sends its first message."""
         self.render([{"role": "user", "content": "Hi"}])
         return self
-
-    def _render_bounded(self, **context) -> str:
-        """The render, streamed: its output counted as it comes, and every line it runs (the
-        template's and the Python it calls) checked against the deadline by a trace function,
-        which catches loops that build or print nothing."""
-        deadline = time.perf_counter() + RENDER_SECONDS
-
-        def trace(frame, event, arg):
-            if time.perf_counter() > deadline:
-                raise _LimitExceeded(f"it took over {RENDER_SECONDS:g} s")
-            return trace
-
-        pieces, total = [], 0
-        previous = sys.gettrace()
-        sys.settrace(trace)
-        try:
-            for piece in self._template.generate(**context):
-                total += len(piece)
-                if total > MAX_RENDER_CHARS:
-                    raise _LimitExceeded(f"its output passed {MAX_RENDER_CHARS:,} characters")
-                pieces.append(piece)
-        finally:
-            sys.settrace(previous)
-        return "".join(pieces)
 
     def _line_of(self, exc: BaseException) -> int | None:
         # A BaseException passes jinja2's traceback rewriting: map the generated code's line back.
