@@ -233,13 +233,16 @@ class _OutputBuffer(list):
 
 
 class _BoundedCodeGenerator(CodeGenerator):
+    """jinja2's code generator, with two things it writes inline sent through the environment."""
+
     def buffer(self, frame):
+        # A macro's or block's output list: an _OutputBuffer, counted as it grows.
         frame.buffer = self.temporary_identifier()
         self.writeline(f"{frame.buffer} = environment.output_buffer()")
 
     def visit_Concat(self, node, frame):
         # `a ~ b ~ ...` joins its operands in one call, which jinja2 does not route through the
-        # environment: send it to _BoundedEnvironment.concat_operands (autoescape is off here).
+        # environment: send it to BoundedEnvironment.concat_operands (autoescape is off here).
         self.write("environment.concat_operands((")
         for operand in node.nodes:
             self.visit(operand, frame)
@@ -272,15 +275,13 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             args = _check_str_method(owner, getattr(method, "__name__", ""), args, kwargs)
         return bounded(super().call(__context, __obj, *args, **kwargs))
 
-    def concat(self, pieces) -> str:
-        return bounded_join("", pieces)
-
     output_buffer = _OutputBuffer
+
+    def concat(self, pieces) -> str:  # joins a macro's or block's output
+        return bounded_join("", pieces)
 
     def concat_operands(self, operands) -> str:
         return bounded_join("", operands)
-
-
 
 
 def bound_filters(filters: dict) -> dict:
