@@ -260,6 +260,19 @@ def test_gguf_without_template_renders_as_the_original(frozen_date, tmp_path, sm
     assert rendered >= len(CASES) - 1
 
 
+def test_hf_folder_without_template_renders_as_the_original(frozen_date, tmp_path):
+    for f in TINY_HF.iterdir():
+        if f.name != "chat_template.jinja":
+            (tmp_path / f.name).symlink_to(f)
+    templates = []
+    for folder in (TINY_HF, tmp_path):
+        ckpt = open_checkpoint(folder)
+        templates.append(load_chat_template(ckpt, load_tokenizer(ckpt)))
+    assert templates[1].notice.endswith("has no chat template: using SmolLM3's chat template (smollm3.jinja)")
+    for name, (messages, kwargs) in CASES.items():
+        assert templates[1].render(messages, **kwargs) == templates[0].render(messages, **kwargs), name
+
+
 def test_no_official_template_for_a_vocabulary_without_chatml(tmp_path):
     """A Llama-architecture GGUF that is not SmolLM (no <|im_start|> in its vocabulary) keeps raw mode."""
     ckpt = open_checkpoint(gguf_with_template(tiny_gguf("Q8_0"), tmp_path / "t.gguf", None))
