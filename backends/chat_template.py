@@ -156,7 +156,7 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"{name}, line {exc.lineno}: {exc.message}") from exc
         except LimitExceeded as exc:  # jinja2 folds constant expressions while compiling
-            raise TemplateError(f"{name}: {exc}") from None
+            raise TemplateError(f"{name}: stopped while compiling: {exc}") from None
         except Exception as exc:
             raise TemplateError(f"{name}: {type(exc).__name__}: {exc}") from None
 

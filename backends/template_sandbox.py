@@ -7,18 +7,23 @@ indents) and on every value a call, filter or namespace store produces. A breach
 LimitExceeded, which the caller turns into its own error.
 
 jinja2 routes the arithmetic operators named in `intercepted_binops` through `call_binop`, every
-call through `call`, and every join of a macro's or block's output through `concat`; `~` and the
-output buffers go through the code generator below.
+call through `call`, and every join of a macro's or block's output through `concat`; `for` loops'
+iterables, `~` and the output buffers go through the code generator below. Time is checked at
+each of these (every loop step, call, operator and filter): without a loop or a call, a template
+runs in time bounded by its length. The SmolLM3 template renders a 401-message conversation in
+12 ms this way, against 5 ms unbounded (measured on this project's x86 dev machine).
 """
 
 import functools
+import math
 import re
 import string
-import sys
+import threading
 import time
 
 import jinja2
 import jinja2.filters
+import jinja2.nodes
 from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -35,6 +40,23 @@ RENDER_SECONDS = 1.0
 class LimitExceeded(BaseException):
     """A render went past a limit. A BaseException, so that no `except Exception` in jinja2's
     runtime or in a filter can swallow it."""
+
+
+# The running render's deadline, per thread (a server renders for several requests at once).
+_deadline = threading.local()
+
+
+def _check_time() -> None:
+    if time.perf_counter() > getattr(_deadline, "at", math.inf):
+        raise LimitExceeded(f"it took over {RENDER_SECONDS:g} s")
+
+
+def _timed(items):
+    """What a template's `for` loops over: the deadline checked at every step, so that loops
+    that build or print nothing stop too."""
+    for item in items:
+        _check_time()
+        yield item
 
 
 def _check(size: int, what: str = "a string or list") -> None:
@@ -182,15 +204,16 @@ def _format_filter(value, *args, **kwargs):
     return jinja2.filters.do_format(value, *args, **kwargs)
 
 
-def _counted(name: str, position: int, keyword: str):
-    """batch and slice: the count argument makes lists that long, or that many."""
+def _counted(name: str, position: int, keyword: str, weight: int):
+    """batch and slice: the count argument makes a list that long (batch's padding), or that
+    many lists (slice: each weighs as 16 items, about its memory)."""
     original = jinja2.filters.FILTERS[name]
 
     @functools.wraps(original)
     def check_count(*args, **kwargs):
         count = args[position] if len(args) > position else kwargs.get(keyword)
         if isinstance(count, int):
-            _check(count)
+            _check(count * weight)
         return original(*args, **kwargs)
 
     return check_count
@@ -203,14 +226,15 @@ _CHECKED_FILTERS = {
     "center": _center_filter,
     "indent": _indent_filter,
     "format": _format_filter,
-    "batch": _counted("batch", 1, "linecount"),
-    "slice": _counted("slice", 2, "slices"),  # (eval_ctx, value, slices)
+    "batch": _counted("batch", 1, "linecount", 1),
+    "slice": _counted("slice", 2, "slices", 16),  # (eval_ctx, value, slices)
 }
 
 
 def _bounded_filter(original):
     @functools.wraps(original)  # keeps jinja2's pass_context / pass_eval_context mark
     def filter_(*args, **kwargs):
+        _check_time()
         return bounded(original(*args, **kwargs))
 
     return filter_
@@ -233,7 +257,14 @@ class _OutputBuffer(list):
 
 
 class _BoundedCodeGenerator(CodeGenerator):
-    """jinja2's code generator, with two things it writes inline sent through the environment."""
+    """jinja2's code generator, with what it writes inline sent through the environment: every
+    `for` loop's iterable, output buffers, and `~`."""
+
+    def visit_Template(self, node, frame=None):
+        for loop in node.find_all(jinja2.nodes.For):
+            timed = jinja2.nodes.EnvironmentAttribute("timed_iter", lineno=loop.iter.lineno)
+            loop.iter = jinja2.nodes.Call(timed, [loop.iter], [], None, None, lineno=loop.iter.lineno)
+        super().visit_Template(node, frame)
 
     def buffer(self, frame):
         # A macro's or block's output list: an _OutputBuffer, counted as it grows.
@@ -258,6 +289,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     code_generator_class = _BoundedCodeGenerator
 
     def call_binop(self, context, operator, left, right):
+        _check_time()
         if operator == "*":
             _check_repeat(left, right)
         elif operator == "**":
@@ -269,6 +301,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         return bounded(super().call_binop(context, operator, left, right))
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+        _check_time()  # a macro calling itself twice runs 2^depth calls without a loop
         method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         owner = getattr(method, "__self__", None)
         if isinstance(owner, str):
@@ -276,6 +309,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         return bounded(super().call(__context, __obj, *args, **kwargs))
 
     output_buffer = _OutputBuffer
+    timed_iter = staticmethod(_timed)
 
     def concat(self, pieces) -> str:  # joins a macro's or block's output
         return bounded_join("", pieces)
@@ -290,20 +324,11 @@ def bound_filters(filters: dict) -> dict:
 
 
 def render(template: jinja2.Template, **context) -> str:
-    """The render, streamed: its output counted as it comes, and every line it runs (the
-    template's and the Python it calls) checked against the deadline by a trace function, which
-    catches loops that build or print nothing. Costs about 5x an unbounded render (the SmolLM3
-    template over 101 messages: 20 ms, against 4 ms)."""
-    deadline = time.perf_counter() + RENDER_SECONDS
-
-    def trace(frame, event, arg):
-        if time.perf_counter() > deadline:
-            raise LimitExceeded(f"it took over {RENDER_SECONDS:g} s")
-        return trace
-
+    """The render, streamed, its output counted as it comes, within RENDER_SECONDS (checked at
+    every loop step, call, operator and filter)."""
+    outer = getattr(_deadline, "at", math.inf)
+    _deadline.at = min(outer, time.perf_counter() + RENDER_SECONDS)
     pieces, total = [], 0
-    previous = sys.gettrace()
-    sys.settrace(trace)
     try:
         for piece in template.generate(**context):
             total += len(piece)
@@ -311,5 +336,5 @@ def render(template: jinja2.Template, **context) -> str:
                 raise LimitExceeded(f"its output passed {MAX_RENDER_CHARS:,} characters")
             pieces.append(piece)
     finally:
-        sys.settrace(previous)
+        _deadline.at = outer
     return "".join(pieces)
