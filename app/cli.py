@@ -83,6 +83,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"GGUF quantization to download (default: {DEFAULT_QUANTIZATION})")
     m.add_argument("--model-path", help="a local .gguf file or Hugging Face model directory (no download)")
     m.add_argument("--tokenizer", help="a tokenizer.json (or directory) to use instead of the checkpoint's own")
+    m.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the checkpoint's own")
     m.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
                    help="compute dtype (auto: bf16 on CUDA/MPS, f32 on CPU)")
     m.add_argument("--quantize", type=int, choices=(4, 8),
@@ -191,7 +192,11 @@ def load_engine(args: argparse.Namespace, tracer: Tracer, chatter: bool = True) 
     resolved = resolve(args.model, args.model_type, args.quantization or DEFAULT_QUANTIZATION, args.model_path)
     t0 = time.perf_counter()
     engine = backends.load(resolved.path, backend=args.backend, device=args.device, dtype=args.dtype,
-                           tokenizer_path=args.tokenizer, tracer=tracer, quantize=args.quantize)
+                           tokenizer_path=args.tokenizer, tracer=tracer, quantize=args.quantize,
+                           chat_template_path=getattr(args, "chat_template", None))
+    use_template = resolved.chat and not getattr(args, "no_chat_template", False)
+    if use_template and engine.chat_template is not None and engine.chat_template.notice:
+        print(f"smollm3: {engine.chat_template.notice}", file=sys.stderr)
     model_context = engine.config.context_length
     if args.ctx_size is not None and args.ctx_size > model_context:
         raise UsageError(f"--ctx-size {args.ctx_size} is more than the model's context ({model_context} tokens)")
@@ -202,7 +207,7 @@ def load_engine(args: argparse.Namespace, tracer: Tracer, chatter: bool = True) 
         limited = f", limited by free memory from {model_context}" if context < model_context and not args.ctx_size else ""
         print(f"loaded {i.checkpoint} ({i.weight_type}) on {i.backend} {i.device} {i.dtype} in "
               f"{time.perf_counter() - t0:.2f}s; context {context} tokens{limited}", file=sys.stderr)
-    return engine, resolved.chat and not getattr(args, "no_chat_template", False)
+    return engine, use_template
 
 
 def context_for_memory(engine: backends.Engine) -> int:

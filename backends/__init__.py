@@ -10,7 +10,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .chat_template import ChatTemplate, chat_template_from_dir
+from .chat_template import ChatTemplate, chat_template_from_dir, chat_template_from_file, official_chat_template
 from .checkpoint import Checkpoint, open_checkpoint
 from .engine import Engine, GenerationStats
 from .errors import BackendUnavailable, CheckpointError, SmolLMError
@@ -62,15 +62,28 @@ def load_tokenizer(ckpt: Checkpoint, tokenizer_path: str | Path | None = None) -
     return tokenizer_from_file(ckpt.hf_dir)
 
 
-def load_chat_template(ckpt: Checkpoint, tokenizer: Tokenizer) -> ChatTemplate | None:
-    if ckpt.gguf_metadata is not None:
+def load_chat_template(
+    ckpt: Checkpoint, tokenizer: Tokenizer, chat_template_path: str | Path | None = None
+) -> ChatTemplate | None:
+    """The checkpoint's chat template, or the file given instead; when a SmolLM3 or SmolLM2
+    checkpoint has none (converters drop or rewrite them), the model's official one, with a
+    notice saying so. Rendered once here, so that a broken or runaway template fails at load."""
+    bos = tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else ""
+    eos = tokenizer.decode([tokenizer.eos_ids[0]]) if tokenizer.eos_ids else ""
+    if chat_template_path is not None:
+        template = chat_template_from_file(chat_template_path, bos_token=bos, eos_token=eos)
+    elif ckpt.gguf_metadata is not None:
         source = ckpt.gguf_metadata.get("tokenizer.chat_template")
-        if not source:
-            return None
-        bos = tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else ""
-        eos = tokenizer.decode([tokenizer.eos_ids[0]]) if tokenizer.eos_ids else ""
-        return ChatTemplate(source, bos_token=bos, eos_token=eos, name=f"{ckpt.path.name} chat template")
-    return chat_template_from_dir(ckpt.hf_dir)
+        template = ChatTemplate(source, bos, eos, name=f"{ckpt.path.name} chat template") if source else None
+    else:
+        template = chat_template_from_dir(ckpt.hf_dir)
+    # The official templates speak ChatML: only a vocabulary with its markers can use them.
+    chatml = tokenizer.token_to_id("<|im_start|>") is not None and tokenizer.token_to_id("<|im_end|>") is not None
+    if template is None and chatml:
+        template = official_chat_template(ckpt.config.architecture, bos_token=bos, eos_token=eos)
+        if template is not None:
+            template.notice = f"{ckpt.path.name} has no chat template: using {template.name}"
+    return template.check() if template is not None else None
 
 
 def load(
@@ -81,6 +94,7 @@ def load(
     tokenizer_path: str | Path | None = None,
     tracer: Tracer | None = None,
     quantize: int | None = None,
+    chat_template_path: str | Path | None = None,
 ) -> Engine:
     """An engine for a local .gguf file or HF directory, or a Hub repo id (downloaded into the HF cache)."""
     tracer = tracer or NullTracer()
@@ -92,7 +106,7 @@ def load(
             path = download_repo(str(path_or_repo))
         ckpt = open_checkpoint(path)
         tokenizer = load_tokenizer(ckpt, tokenizer_path)
-        template = load_chat_template(ckpt, tokenizer)
+        template = load_chat_template(ckpt, tokenizer, chat_template_path)
         name = select_backend(backend)
         if name == "mlx":
             from .mlx.engine import MLXEngine

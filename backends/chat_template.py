@@ -1,7 +1,16 @@
 """Chat templates rendered exactly as transformers 5.24 renders them (`apply_chat_template(...,
 tokenize=False)`), without transformers: the same sandboxed jinja2 environment, globals and filters
-(transformers/utils/chat_template_utils.py), and the same preparation of the messages."""
+(transformers/utils/chat_template_utils.py), and the same preparation of the messages.
 
+A template comes from an untrusted checkpoint: it renders in template_sandbox's bounded
+environment (time, output, and the size of every value it builds), and a breach is a
+TemplateError like any other template failure.
+
+SmolLM3's and SmolLM2's official templates ship in `assets/templates/`, for checkpoints that carry
+none (`official_chat_template`).
+"""
+
+import importlib.resources
 import json
 import traceback
 from datetime import datetime
@@ -11,9 +20,13 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import template_sandbox
 from .errors import TemplateError
+from .template_sandbox import BoundedEnvironment, LimitExceeded, bounded, bounded_join
+
+# Official templates by architecture: (file in assets/templates, model name).
+OFFICIAL_TEMPLATES = {"smollm3": ("smollm3.jinja", "SmolLM3"), "llama": ("smollm2.jinja", "SmolLM2")}
 
 # The names a message's reasoning travels under; transformers copies it to all of them.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -39,8 +52,10 @@ def _raise_exception(message):
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # jinja2's own tojson escapes HTML characters; chat templates expect plain json.dumps.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    # jinja2's own tojson escapes HTML characters; chat templates expect plain json.dumps. Written
+    # piece by piece, so that an indent over a deep structure stops at the limit.
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return bounded_join("", encoder.iterencode(x))
 
 
 def _strftime_now(fmt):
@@ -69,7 +84,7 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
     def __setitem__(self, name, value):
         _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
+        jinja2.utils.Namespace.__setitem__(self, name, bounded(value))
 
     @staticmethod
     def _check_name(name):
@@ -77,10 +92,9 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"cannot store underscore-prefixed attribute {name!r} on a namespace")
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
-    )
+def _environment() -> BoundedEnvironment:
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters = template_sandbox.bound_filters(env.filters)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -130,15 +144,21 @@ def _template_line(exc: BaseException) -> int | None:
 
 
 class ChatTemplate:
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", name: str = "chat template"):
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", name: str = "chat template",
+                 notice: str = ""):
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.name = name
+        self.notice = notice  # a line for the user when this is not the checkpoint's own template
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"{name}, line {exc.lineno}: {exc.message}") from exc
+        except LimitExceeded as exc:  # jinja2 folds constant expressions while compiling
+            raise TemplateError(f"{name}: stopped while compiling: {exc}") from None
+        except Exception as exc:
+            raise TemplateError(f"{name}: {type(exc).__name__}: {exc}") from None
 
     def render(
         self,
@@ -157,19 +177,60 @@ class ChatTemplate:
         if enable_thinking is not None:
             context["enable_thinking"] = enable_thinking
         try:
-            return self._template.render(
+            return template_sandbox.render(
+                self._template,
                 messages=_prepare_messages(messages),
                 tools=_plain(tools),
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **_plain(context),
             )
+        except LimitExceeded as exc:
+            line = self._line_of(exc)
+            where = f"{self.name}, line {line}" if line else self.name
+            raise TemplateError(f"{where}: render stopped: {exc}") from None
         except TemplateError as exc:
             line = _template_line(exc)
             raise TemplateError(f"{self.name}, line {line}: {exc}") from exc
         except Exception as exc:
             line = _template_line(exc)
             raise TemplateError(f"{self.name}, line {line}: {type(exc).__name__}: {exc}") from exc
+
+    def check(self) -> "ChatTemplate":
+        """Render a first turn as the app does: a template that fails, or breaks a limit, fails
+        here, when the model loads, rather than when the chat sends its first message."""
+        self.render([{"role": "user", "content": "Hi"}])
+        return self
+
+    def _line_of(self, exc: BaseException) -> int | None:
+        # A BaseException passes jinja2's traceback rewriting: map the generated code's line back.
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<template>"]
+        return self._template.get_corresponding_lineno(frames[-1].lineno) if frames else None
+
+
+def templates_dir():
+    """assets/templates: beside backends/ in a checkout, and in site-packages once installed (the
+    wheel ships assets/ as the package `assets`); importlib.resources finds it wherever else."""
+    here = Path(__file__).resolve().parent.parent / "assets" / "templates"
+    return here if here.is_dir() else importlib.resources.files("assets") / "templates"
+
+
+def official_chat_template(architecture: str, bos_token: str = "", eos_token: str = "") -> ChatTemplate | None:
+    """SmolLM3's template for arch `smollm3`, SmolLM2's for `llama`, as published with the models."""
+    if architecture not in OFFICIAL_TEMPLATES:
+        return None
+    file, model = OFFICIAL_TEMPLATES[architecture]
+    source = (templates_dir() / file).read_text(encoding="utf-8")
+    return ChatTemplate(source, bos_token, eos_token, name=f"{model}'s chat template ({file})")
+
+
+def chat_template_from_file(path, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+    path = Path(path)
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"cannot read the chat template {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return ChatTemplate(source, bos_token, eos_token, name=str(path))
 
 
 def chat_template_from_dir(hf_dir) -> ChatTemplate | None:

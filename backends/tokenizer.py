@@ -2,7 +2,10 @@
 from GGUF metadata, with a streaming detokenizer for generation.
 
 GGUF tokenization follows llama.cpp (`src/llama-vocab.cpp`): the pre-tokenizer regexes are chosen
-by `tokenizer.ggml.pre`, and control / user-defined tokens are matched whole in the text.
+by `tokenizer.ggml.pre`, and control / user-defined tokens are matched whole in the text. Llama 3's
+vocabulary (`llama3`, `llama-bpe`, and `smaug-bpe`, which llama.cpp's converter writes for SmolLM3)
+is the exception: it is tokenized as its own Hugging Face tokenizer.json does, which the model was
+trained with (see PRE_TOKENIZERS).
 """
 
 import hashlib
@@ -16,8 +19,10 @@ import tokenizers
 from .errors import TokenizerError
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# Llama 3's tokenizer.json pattern. llama.cpp spells the contractions out ('[sS]) where this one is
+# case-insensitive, so that "'ſ" (long s, which folds to s) is a contraction here and not there.
 LLAMA3_REGEX = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
@@ -37,14 +42,18 @@ def _sequence(*steps: dict) -> dict:
 _LLAMA3 = _sequence(_split(LLAMA3_REGEX), _byte_level(False))
 
 # tokenizer.ggml.pre -> (pre-tokenizer, ignore_merges, add_bos unless the file says otherwise),
-# as llama.cpp's llama_vocab::impl::load sets them.
+# as llama.cpp's llama_vocab::impl::load sets them, except ignore_merges for `smaug-bpe`: Llama 3's
+# tokenizer.json (SmolLM3's too) looks a whole pre-token up in the vocabulary before merging, and
+# llama.cpp does so only for `llama3`/`llama-bpe`. Merges alone split 588 of Llama 3's 128000 tokens
+# (non-English words: " Việt" is 101798, not " Vi" "ệ" "t"), so the model would read them split
+# in a way it never saw in training.
 PRE_TOKENIZERS = {
     "smollm": (_sequence({"type": "Digits", "individual_digits": True}, _byte_level(True)), False, False),
     "gpt2": (_byte_level(True), False, False),
     "gpt-2": (_byte_level(True), False, False),
     "llama3": (_LLAMA3, True, True),
     "llama-bpe": (_LLAMA3, True, True),
-    "smaug-bpe": (_LLAMA3, False, False),
+    "smaug-bpe": (_LLAMA3, True, False),
     "dbrx": (_LLAMA3, False, False),
     # llama.cpp's "default" is not plain GPT-2: punctuation runs and 3-digit groups split first.
     "default": (

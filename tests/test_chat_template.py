@@ -1,14 +1,20 @@
+import contextlib
+import io
 import json
 import os
+import re
 from datetime import datetime
+from pathlib import Path
 
 import gguf
 import pytest
 
 from backends import chat_template as chat_template_module
-from backends.chat_template import ChatTemplate, chat_template_from_dir
+from backends import load_chat_template, load_tokenizer
+from backends.chat_template import ChatTemplate, chat_template_from_dir, official_chat_template, templates_dir
+from backends.checkpoint import open_checkpoint
 from backends.errors import TemplateError
-from conftest import SMOLLM3_META, TINY_HF
+from conftest import SMOLLM3_META, TINY_HF, tiny_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local paths only: never reach the Hub
 
@@ -192,3 +198,130 @@ def test_chat_template_from_tokenizer_config(tmp_path):
     assert template.render([USER]) == "<|im_end|>What is 2+2?"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "plain"}))
     assert chat_template_from_dir(tmp_path).render([USER]) == "plain"
+
+
+# --- the official templates, for checkpoints that carry none ---
+
+
+def gguf_with_template(source: Path, target: Path, template: str | None) -> Path:
+    """A copy of a GGUF with its chat template replaced, or removed (None), written by gguf's
+    writer as its gguf_new_metadata script does."""
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(target, arch=reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name in ("general.architecture", "tokenizer.chat_template") or field.name.startswith("GGUF."):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    if template is not None:
+        writer.add_chat_template(template)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data)
+    writer.close()
+    return target
+
+
+def test_official_templates_are_the_published_ones(smollm2_gguf):
+    assert (templates_dir() / "smollm3.jinja").read_bytes() == (SMOLLM3_META / "chat_template.jinja").read_bytes()
+    published = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.chat_template"].contents()
+    assert (templates_dir() / "smollm2.jinja").read_text(encoding="utf-8") == published
+    assert official_chat_template("llama").source == published
+    assert official_chat_template("qwen2") is None
+
+
+@pytest.mark.parametrize("model", ["tiny SmolLM3", "SmolLM2-135M"])
+def test_gguf_without_template_renders_as_the_original(frozen_date, tmp_path, smollm2_gguf, model):
+    original = tiny_gguf("Q8_0") if model == "tiny SmolLM3" else smollm2_gguf
+    stripped = gguf_with_template(original, tmp_path / "no-template.gguf", None)
+    assert "tokenizer.chat_template" not in gguf.GGUFReader(stripped).fields
+    templates, tokenizers = [], []
+    for path in (original, stripped):
+        ckpt = open_checkpoint(path)
+        tokenizers.append(load_tokenizer(ckpt))
+        templates.append(load_chat_template(ckpt, tokenizers[-1]))
+    assert templates[0].notice == ""
+    assert templates[1].notice.startswith("no-template.gguf has no chat template: using SmolLM")
+    rendered = 0
+    for name, (messages, kwargs) in CASES.items():
+        try:
+            prompt = templates[0].render(messages, **kwargs)
+        except TemplateError as exc:  # SmolLM2's template needs every message's content
+            with pytest.raises(TemplateError, match=re.escape(str(exc).split(": ", 1)[1])):
+                templates[1].render(messages, **kwargs)
+            continue
+        assert templates[1].render(messages, **kwargs) == prompt, name
+        assert tokenizers[1].encode(prompt) == tokenizers[0].encode(prompt)
+        rendered += 1
+    assert rendered >= len(CASES) - 1
+
+
+def test_hf_folder_without_template_renders_as_the_original(frozen_date, tmp_path):
+    for f in TINY_HF.iterdir():
+        if f.name != "chat_template.jinja":
+            (tmp_path / f.name).symlink_to(f)
+    templates = []
+    for folder in (TINY_HF, tmp_path):
+        ckpt = open_checkpoint(folder)
+        templates.append(load_chat_template(ckpt, load_tokenizer(ckpt)))
+    assert templates[1].notice.endswith("has no chat template: using SmolLM3's chat template (smollm3.jinja)")
+    for name, (messages, kwargs) in CASES.items():
+        assert templates[1].render(messages, **kwargs) == templates[0].render(messages, **kwargs), name
+
+
+def test_no_official_template_for_a_vocabulary_without_chatml(tmp_path):
+    """A Llama-architecture GGUF that is not SmolLM (no <|im_start|> in its vocabulary) keeps raw mode."""
+    ckpt = open_checkpoint(gguf_with_template(tiny_gguf("Q8_0"), tmp_path / "t.gguf", None))
+    tokenizer = load_tokenizer(ckpt)
+    tokenizer.token_to_id = lambda token: None
+    assert load_chat_template(ckpt, tokenizer) is None
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    from app.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_says_when_it_uses_the_official_template(tmp_path):
+    stripped = gguf_with_template(tiny_gguf("Q4_0"), tmp_path / "no-template.gguf", None)
+    code, out, err = run_cli("--model-path", str(stripped), "--prompt", "Hi", "-n", "1", "--temperature", "0")
+    assert code == 0, err
+    notices = [line for line in err.splitlines() if "chat template" in line]
+    assert notices == ["smollm3: no-template.gguf has no chat template: using SmolLM3's chat template (smollm3.jinja)"]
+    code, out, err = run_cli("--model-path", str(tiny_gguf("Q4_0")), "--prompt", "Hi", "-n", "1", "--temperature", "0")
+    assert code == 0 and "chat template" not in err
+
+
+def test_chat_template_flag_overrides_the_checkpoints(tmp_path):
+    (tmp_path / "raw.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    for path in (tiny_gguf("Q4_0"), TINY_HF):
+        ckpt = open_checkpoint(path)
+        template = load_chat_template(ckpt, load_tokenizer(ckpt), tmp_path / "raw.jinja")
+        assert template.render([USER]) == "What is 2+2?"
+
+    def prompt_tokens(*extra):
+        code, out, err = run_cli("--model-path", str(tiny_gguf("Q4_0")), "--prompt", "Hi", "-n", "1", *extra)
+        assert code == 0, err
+        return int(re.search(r"(\d+) prompt tokens", err).group(1))
+
+    raw = prompt_tokens("--no-chat-template")  # "Hi" alone
+    assert prompt_tokens("--chat-template", str(tmp_path / "raw.jinja")) == raw
+    assert prompt_tokens() > raw + 100  # SmolLM3's system block
+    code, out, err = run_cli("--model-path", str(tiny_gguf("Q4_0")), "--prompt", "Hi", "--chat-template",
+                             str(tmp_path / "missing.jinja"))
+    assert code == 2 and err.startswith("smollm3: error: cannot read the chat template") and len(err.splitlines()) == 1
+
+
+def test_a_runaway_template_fails_at_load(tmp_path):
+    hostile = gguf_with_template(tiny_gguf("Q4_0"), tmp_path / "hostile.gguf", "{{ 'x' * (10**10) }}")
+    ckpt = open_checkpoint(hostile)
+    with pytest.raises(TemplateError, match=r"hostile.gguf chat template, line 1: render stopped: a string"):
+        load_chat_template(ckpt, load_tokenizer(ckpt))

@@ -13,6 +13,7 @@ test_checkpoint.py; their hand-made hostile headers are part of this corpus.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -34,7 +35,9 @@ import torch
 from app.cli import main
 from backends.gguf_file import _SCALARS, GGUFFile
 from conftest import TINY_HF, tiny_gguf
+from test_chat_template import gguf_with_template
 from test_checkpoint import HOSTILE_SAFETENSORS
+from test_template_sandbox import HOSTILE_TEMPLATES
 from test_gguf_file import HOSTILE as HOSTILE_GGUF
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -350,6 +353,9 @@ def test_every_hostile_file_gives_one_line_and_exit_2_in_bounded_time_and_memory
     valid_peak = {}
     for source in (*GGUF_SOURCES, "safetensors"):
         run_cli(valid_path(source))  # warm: imports, compiled kernels, caches
+        # The warm run's cyclic garbage (compiled chat templates, among others), collected now:
+        # collected during the measured run, it would hide that run's own allocations from its peak.
+        gc.collect()
         code, out, err, elapsed, valid_peak[source] = run_cli(valid_path(source))
         assert code == 0 and out.strip(), err
 
@@ -438,3 +444,30 @@ def test_a_sample_as_real_processes_uses_no_more_memory_than_a_valid_file(tmp_pa
         # (the child's start-up, a Python and the app's imports, counts against the 5 s too)
         assert elapsed < TIME_LIMIT_S, (case.name, elapsed)
         assert 0 < hwm <= valid[case.source], (case.name, hwm, valid[case.source])
+
+
+# --- chat templates that would run until killed, or until memory runs out ---
+
+TEMPLATE_CASES = (
+    "a string repeated 10^10 times",
+    "99,999 x 99,999 nested loops",
+    "nested loops that print nothing",
+    "a huge join",
+    "~ doubling in a loop",
+    "+ doubling in a loop",
+    "a block set's buffer",
+    "an output of 100 MB",
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="the watchdog needs SIGALRM")
+@pytest.mark.parametrize("name", TEMPLATE_CASES)
+def test_hostile_chat_template_gives_one_line_and_exit_2_in_bounded_time_and_memory(tmp_path, quiet_process, name):
+    """The template is rendered once at load: the error comes before any chat or prompt."""
+    path = gguf_with_template(tiny_gguf("Q4_0"), tmp_path / "hostile.gguf", HOSTILE_TEMPLATES[name])
+    code, out, err, elapsed, peak = run_cli(path)
+    lines = err.splitlines()
+    assert code == 2 and not out and len(lines) == 1, err
+    assert lines[0].startswith("smollm3: error: hostile.gguf chat template") and "render stopped" in lines[0], err
+    assert elapsed < TIME_LIMIT_S, elapsed
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB traced"

@@ -7,7 +7,7 @@ import tokenizers
 
 from backends.chat_template import ChatTemplate
 from backends.errors import TokenizerError
-from backends.tokenizer import GPT2_REGEX, LLAMA3_REGEX, tokenizer_from_file, tokenizer_from_gguf
+from backends.tokenizer import GPT2_REGEX, LLAMA3_REGEX, PRE_TOKENIZERS, tokenizer_from_file, tokenizer_from_gguf
 from conftest import FIXTURES, TINY_HF, tiny_gguf
 
 CORPUS = [
@@ -257,3 +257,70 @@ def test_gguf_tokenizer_cache_round_trip(smollm2_gguf, monkeypatch, tmp_path):
 
     entry.write_text("{ not json")
     assert tokenizer_from_gguf(GGUFFile(smollm2_gguf).metadata, key).encode(text) == built.encode(text)
+
+
+# Llama 3's vocabulary (SmolLM3's), cut to what a multilingual corpus needs, with the real ids and
+# the ids transformers gives on the full tokenizer.json (scripts/make_llama3_tokenizer_fixture.py).
+LLAMA3 = json.loads((FIXTURES / "llama3-tokenizer-subset.json").read_text(encoding="utf-8"))
+
+
+def llama3_metadata(pre: str) -> dict:
+    """The GGUF tokenizer keys as llama.cpp's converter writes Llama 3's vocabulary; the ids the
+    fixture leaves out are empty tokens, which the loader renames as llama.cpp does."""
+    size = LLAMA3["vocab_size"]
+    tokens, types = [""] * size, [1] * size
+    for i, token in LLAMA3["tokens"].items():
+        tokens[int(i)] = token
+    for i, token in LLAMA3["special_tokens"].items():
+        tokens[int(i)], types[int(i)] = token, 3
+    merges = [" ".join(pair) for pair in LLAMA3["merges"]]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+
+
+@pytest.mark.parametrize("pre", ["smaug-bpe", "llama-bpe", "llama3"])
+def test_llama3_vocabulary_tokenizes_as_transformers(pre):
+    tok = tokenizer_from_gguf(llama3_metadata(pre))
+    assert tok.encode(" Việt") == [101798]
+    assert len(LLAMA3["corpus"]) == 32
+    mismatches = [c["text"][:40] for c in LLAMA3["corpus"] if tok.encode(c["text"]) != c["ids"]]
+    assert mismatches == []
+    assert all(tok.decode(c["ids"]) == c["text"] for c in LLAMA3["corpus"])
+
+
+def test_llama3_pre_tokenizer_is_the_tokenizer_json_one():
+    for pre in ("smaug-bpe", "llama-bpe", "llama3"):
+        pre_tokenizer, ignore_merges, _ = PRE_TOKENIZERS[pre]
+        assert (pre_tokenizer, ignore_merges) == (LLAMA3["pre_tokenizer"], True)
+
+
+def test_llama3_merges_alone_split_the_corpus_as_llama_cpp_does():
+    """The fixture holds the effect: merges alone (llama.cpp's `smaug-bpe`, and `dbrx` here) give
+    other ids on 23 of its texts: every one of the 588 vocabulary words it affects, and ` Việt`."""
+    merges_only = tokenizer_from_gguf(llama3_metadata("dbrx"))
+    assert [merges_only.decode([i]) for i in merges_only.encode(" Việt")] == [" Vi", "ệ", "t"]
+    changed = [c for c in LLAMA3["corpus"] if "merges_only_ids" in c]
+    assert len(changed) == 23
+    assert all(merges_only.encode(c["text"]) == c["merges_only_ids"] for c in changed)
+
+
+def test_llama3_fixture_ids_are_transformers_own(tmp_path):
+    """transformers, given the fixture as a tokenizer.json shaped as Llama 3's (its pre-tokenizer,
+    `ignore_merges`, the special tokens at their ids), gives the recorded ids."""
+    transformers = pytest.importorskip("transformers")
+    tokens = {int(i): t for i, t in LLAMA3["tokens"].items()}
+    vocab = {tokens.get(i, f"<unused {i}>"): i for i in range(128000)}
+    added = [{"id": int(i), "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, t in LLAMA3["special_tokens"].items()]
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": LLAMA3["pre_tokenizer"], "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": vocab, "merges": LLAMA3["merges"]},
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for case in LLAMA3["corpus"]:
+        assert reference.encode(case["text"], add_special_tokens=False) == case["ids"], case["text"][:40]
