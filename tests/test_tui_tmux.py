@@ -55,10 +55,10 @@ def test_chat_in_a_real_terminal(tmp_path):
         screen = tmux.wait_for("ctx 0/4096")
         assert "think off" in screen and "^t Thinking" in screen and "Message SmolLM" in screen
         tmux("send-keys", "-t", "chat", "Hello from tmux", "Enter")
-        screen = tmux.wait_for("prefilled")
+        screen = tmux.wait_for("prefill")
         assert "─ You ─" in screen and "Hello from tmux" in screen and "─ SmolLM ─" in screen
         screen = tmux.wait_for("reached the token limit")
-        assert "generated 6, " in screen
+        assert " 6 tok " in screen
         tmux("send-keys", "-t", "chat", "C-t")
         tmux.wait_for("THINK ON")
         tmux("send-keys", "-t", "chat", "C-q")

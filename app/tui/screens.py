@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
+from textual.widget import Widget
 from textual.widgets import Button, DataTable, Footer, Input, Label, OptionList, Static, TextArea
 
 from backends import SamplingParams
@@ -22,7 +22,9 @@ from backends.errors import (
     TokenizerError,
 )
 
-from .store import ChatStore
+from ..session import split_thinking
+from .markdown import code_blocks
+from .worker import Settings
 
 
 def error_hint(error: BaseException) -> str:
@@ -44,12 +46,6 @@ def error_hint(error: BaseException) -> str:
     if isinstance(error, ContextOverflow):
         return "Start a new chat or drop the oldest turns."
     return "Run `smollm3 --prompt ...` with SMOLLM3_DEBUG=1 for a traceback, and report it."
-
-
-@dataclass(frozen=True)
-class Settings:
-    sampling: SamplingParams
-    max_new_tokens: int
 
 
 class SettingsScreen(ModalScreen[Settings | None]):
@@ -262,10 +258,11 @@ class HistoryScreen(ModalScreen[int | None]):
         Binding("e", "export", "Export"),
     ]
 
-    def __init__(self, store: ChatStore, current: int | None = None):
+    def __init__(self, chat_screen):
         super().__init__()
-        self.store = store
-        self.current = current
+        self.chat_screen = chat_screen  # the ChatScreen that opened this one
+        self.store = chat_screen.store
+        self.current = chat_screen.chat_id
 
     def compose(self) -> ComposeResult:
         with Vertical(id="history-box", classes="dialog"):
@@ -314,7 +311,7 @@ class HistoryScreen(ModalScreen[int | None]):
         def done(new: str | None) -> None:
             if new:
                 self.store.rename_chat(chat, new)
-                self.app.chat_renamed(chat, new)
+                self.chat_screen.chat_renamed(chat, new)
                 self.reload()
 
         self.app.push_screen(InputScreen("Rename chat", title), done)
@@ -323,7 +320,7 @@ class HistoryScreen(ModalScreen[int | None]):
         chat = self.selected()
         if chat is None:
             return
-        if chat == self.current and self.app.generating:
+        if chat == self.current and self.chat_screen.generating:
             self.notify("This chat is answering: stop it (Esc) before deleting it", severity="warning")
             return
         title = self.store.load_chat(chat).title
@@ -331,7 +328,7 @@ class HistoryScreen(ModalScreen[int | None]):
         def done(choice: str | None) -> None:
             if choice == "delete":
                 self.store.delete_chat(chat)
-                self.app.chat_deleted(chat)
+                self.chat_screen.chat_deleted(chat)
                 self.reload()
 
         self.app.push_screen(
@@ -341,7 +338,27 @@ class HistoryScreen(ModalScreen[int | None]):
 
     def action_export(self) -> None:
         if (chat := self.selected()) is not None:
-            self.app.export_chat(chat)
+            from .commands import export_chat  # (commands opens this screen)
+
+            export_chat(self.chat_screen, chat)
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+def copy_code_block(widget: Widget, text: str) -> None:
+    """Copy the code block of an answer; with several, ask which."""
+    blocks = code_blocks(split_thinking(text)[1])
+    if not blocks:
+        widget.notify("No code block in that answer", timeout=2)
+    elif len(blocks) == 1:
+        widget.app.copy_to_clipboard(blocks[0])
+        widget.notify("Code block copied", timeout=2)
+    else:
+
+        def chosen(block: str | None) -> None:
+            if block is not None:
+                widget.app.copy_to_clipboard(block)
+                widget.notify("Code block copied", timeout=2)
+
+        widget.app.push_screen(CodeBlockScreen(blocks), chosen)

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..session import ChatMessage
+
 DB_NAME = "chats.sqlite3"
 
 MIGRATIONS = [
@@ -65,15 +67,6 @@ def default_db_path() -> Path:
 
 
 @dataclass
-class StoredMessage:
-    id: int
-    role: str
-    content: str
-    status: str = "done"
-    in_context: bool = True
-
-
-@dataclass
 class ChatSummary:
     id: int
     title: str
@@ -87,7 +80,7 @@ class StoredChat:
     title: str
     system_prompt: str | None
     thinking: bool
-    messages: list[StoredMessage] = field(default_factory=list)
+    messages: list[ChatMessage] = field(default_factory=list)
 
 
 class StoreError(Exception):
@@ -157,7 +150,7 @@ class ChatStore:
         for mid, role, content, status, in_context in self.db.execute(
             "SELECT id, role, content, status, in_context FROM messages WHERE chat_id = ? ORDER BY id", (chat_id,)
         ):
-            chat.messages.append(StoredMessage(mid, role, content, status, bool(in_context)))
+            chat.messages.append(ChatMessage(role, content, status, mid, bool(in_context)))
         return chat
 
     def rename_chat(self, chat_id: int, title: str) -> None:
@@ -174,25 +167,27 @@ class ChatStore:
 
     # --- messages ---
 
-    def add_message(self, chat_id: int, role: str, content: str, status: str = "done") -> int:
+    def add_message(self, chat_id: int, message: ChatMessage) -> int:
+        """Store a new message; sets and returns its id."""
         now = time.time()
         with self._transaction():  # the message and the chat's time together
             cur = self.db.execute(
-                "INSERT INTO messages (chat_id, role, content, status, created) VALUES (?, ?, ?, ?, ?)",
-                (chat_id, role, content, status, now),
+                "INSERT INTO messages (chat_id, role, content, status, in_context, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (chat_id, message.role, message.content, message.status, int(message.in_context), now),
             )
             self.db.execute("UPDATE chats SET updated = ? WHERE id = ?", (now, chat_id))
-        return cur.lastrowid
+        message.id = cur.lastrowid
+        return message.id
 
-    def update_message(self, message_id: int, content: str, status: str) -> None:
-        self.db.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?", (content, status, message_id))
+    def update_message(self, message: ChatMessage) -> None:
+        self.db.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?", (message.content, message.status, message.id))
 
     def delete_message(self, message_id: int) -> None:
         self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
-    def drop_from_context(self, message_ids: list[int]) -> None:
+    def drop_from_context(self, messages: list[ChatMessage]) -> None:
         with self._transaction():
-            self.db.executemany("UPDATE messages SET in_context = 0 WHERE id = ?", [(i,) for i in message_ids])
+            self.db.executemany("UPDATE messages SET in_context = 0 WHERE id = ?", [(m.id,) for m in messages if m.id is not None])
 
     def recent_inputs(self, limit: int = 200) -> list[str]:
         """The user's last messages over all chats, oldest first (the input box's history)."""

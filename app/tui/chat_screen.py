@@ -1,0 +1,438 @@
+"""The chat screen: the messages over the input box, the mode and status line, the footer; the
+key bindings and slash commands; sending, and the UI side of generation.
+
+State lives in reactive attributes: the status line is bound to them, and bindings refresh
+when `generating` changes. The generation itself runs in `worker.generate_reply`, in a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.reactive import var
+from textual.screen import Screen
+from textual.widgets import Static
+from textual.worker import get_current_worker
+
+from backends import Engine, GenerationStats
+
+from ..session import ChatMessage, ChatSession, split_thinking
+from .commands import export_chat, run_command
+from .messages import ContextFull, Finished, Pieces
+from .chat_log import ChatLog
+from .screens import ChoiceScreen, HistoryScreen, copy_code_block, SettingsScreen, SystemPromptScreen
+from .status import StatusLine
+from .store import ChatStore
+from .textual_compat import ChatFooter
+from .widgets import CONTINUABLE, AssistantMessage, LoadingPanel, PromptInput, UserMessage
+from .worker import Settings, generate_reply
+
+SAVE_EVERY_S = 1.0  # a streaming answer is checkpointed to the store this often
+
+def chat_title(text: str) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "New chat")
+    return line if len(line) <= 60 else line[:59] + "…"
+
+
+class ChatScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+t", "toggle_thinking", "Thinking"),
+        Binding("ctrl+r", "continue", "Continue"),
+        Binding("ctrl+n", "new_chat", "New"),
+        Binding("ctrl+o", "history", "Chats"),
+        Binding("ctrl+s", "settings", "Settings"),
+        Binding("ctrl+g", "system_prompt", "System"),
+        Binding("ctrl+b", "copy_code", "Copy code", show=False),
+    ]
+
+    engine: var[Engine | None] = var(None)
+    load_failed = var(False, bindings=True)
+    generating = var(False, bindings=True)
+    thinking = var(False)
+    context_used: var[int | None] = var(0)
+    stats: var[GenerationStats | None] = var(None)
+    settings: var[Settings | None] = var(None)
+    live = var("")  # the answer's progress while it is generated
+
+    def __init__(self, store: ChatStore, settings: Settings, thinking: bool, model_label: str, use_template: bool):
+        super().__init__()
+        self.store = store
+        self.model_label = model_label
+        # The engine arrives later; until then the session holds the conversation only.
+        self.session = ChatSession(engine=None, thinking=thinking, use_template=use_template)  # type: ignore[arg-type]
+        self.set_reactive(ChatScreen.settings, settings)
+        self.set_reactive(ChatScreen.thinking, thinking)
+        self.chat_id: int | None = None
+        self.title_text = "New chat"
+        self.current: AssistantMessage | None = None  # the answer being generated
+        self.engine_lock = threading.Lock()  # one generation at a time, even while a stopped one winds down
+        self._last_save = 0.0
+
+    def compose(self) -> ComposeResult:
+        yield LoadingPanel(self.model_label, id="loading")
+        yield ChatLog(id="chat-log")
+        yield PromptInput(
+            id="prompt",
+            placeholder="Message SmolLM (Enter sends, Shift+Enter or Ctrl+J: new line, /help: commands)",
+        )
+        with Horizontal(id="bar"):
+            yield Static("", id="mode")
+            yield StatusLine(id="status", markup=False).data_bind(
+                ChatScreen.engine, ChatScreen.load_failed, ChatScreen.context_used,
+                ChatScreen.stats, ChatScreen.settings, ChatScreen.live,
+            )
+        yield ChatFooter()
+
+    def on_mount(self) -> None:
+        self.query_prompt().set_inputs(self.store.recent_inputs())
+        self.watch_thinking(self.thinking)
+        self.query_prompt().focus()
+        self.app.chat_mounted()
+
+    # --- state ---
+
+    def query_prompt(self) -> PromptInput:
+        return self.query_one("#prompt", PromptInput)
+
+    @property
+    def log_view(self) -> ChatLog:
+        return self.query_one(ChatLog)
+
+    def engine_ready(self, engine: Engine, use_template: bool) -> None:
+        self.session.engine = engine
+        self.session.use_template = use_template
+        self.query_one(LoadingPanel).done()
+        self.context_used = self.session.context_tokens()
+        self.engine = engine
+        if self.unanswered():
+            # Sent while the model loaded: answer it now.
+            self.call_later(self._start, None)
+
+    def engine_failed(self, error: str, hint: str) -> None:
+        self.load_failed = True
+        self.query_one(LoadingPanel).show_error(error, hint)
+
+    def watch_thinking(self, thinking: bool) -> None:
+        self.session.thinking = thinking
+        mode = self.query_one("#mode", Static)
+        mode.update("THINK ON" if thinking else "think off")
+        mode.set_class(thinking, "-on")
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "stop":
+            return self.generating
+        if action == "continue":
+            can = self._continuable() is not None or self.unanswered()
+            return True if can and not self.generating else None
+        return True
+
+    def unanswered(self) -> bool:
+        """The last message is the user's, without a reply (sent while the model loaded, or the
+        app died before the first token)."""
+        return bool(self.session.messages) and self.session.messages[-1].role == "user"
+
+    def _continuable(self) -> ChatMessage | None:
+        messages = self.session.messages
+        if messages and messages[-1].role == "assistant" and messages[-1].status in CONTINUABLE:
+            return messages[-1]
+        return None
+
+    def busy(self) -> bool:
+        """Whether a new answer cannot start now (and say why)."""
+        if self.generating:
+            self.notify("An answer is being generated: press Esc or Ctrl+C to stop it first", severity="warning", timeout=3)
+        elif self.load_failed:
+            self.notify("The model did not load (see above): Ctrl+Q quits", severity="error", timeout=5)
+        elif self.engine is None:
+            self.notify("The model is still loading", severity="warning", timeout=3)
+        else:
+            return False
+        return True
+
+    # --- sending ---
+
+    @on(PromptInput.Submitted)
+    async def _submitted(self, event: PromptInput.Submitted) -> None:
+        text = event.text
+        if not text.strip():
+            return
+        prompt = self.query_prompt()
+        if text.startswith("/") and await run_command(self, text.strip()):
+            prompt.remember(text)
+            prompt.clear()
+            return
+        if self.generating or self.load_failed or (self.engine is None and self.unanswered()):
+            self.busy()
+            return
+        prompt.remember(text)
+        prompt.clear()
+        await self.send(text)
+
+    async def send(self, text: str) -> None:
+        self._ensure_chat(text)
+        message = ChatMessage("user", text)
+        self.store.add_message(self.chat_id, message)
+        self.session.messages.append(message)
+        await self.log_view.add(UserMessage(message))
+        self.refresh_bindings()
+        if self.engine is not None:  # else stored and shown; answered once the model is loaded
+            await self._start(None)
+
+    def _ensure_chat(self, first_text: str) -> None:
+        if self.chat_id is None:
+            self.title_text = chat_title(first_text)
+            model = self.engine.info.checkpoint if self.engine else ""
+            self.chat_id = self.store.create_chat(self.title_text, self.session.system_prompt, self.session.thinking, model)
+
+    async def _start(self, continuing: AssistantMessage | None) -> None:
+        if continuing is None:
+            self.current = AssistantMessage(streaming=True)
+            await self.log_view.add(self.current)
+        else:
+            self.current = continuing
+            continuing.resume_streaming()
+            continuing.message.status = "streaming"
+        self.log_view.anchor()
+        self.generating = True
+        self._last_save = time.monotonic()
+        self._generate(continuing is not None)
+
+    @work(thread=True, group="generate", exit_on_error=False)
+    def _generate(self, continuing: bool) -> None:
+        worker = get_current_worker()
+        with self.engine_lock:
+            generate_reply(self.session, self.settings, continuing, self.post_message, lambda: worker.is_cancelled)
+
+    @on(Pieces)
+    async def _pieces(self, event: Pieces) -> None:
+        widget = self.current
+        if widget is None:
+            return
+        message = event.message
+        if widget.message is None:
+            widget.message = message
+        if message.id is None:
+            self.store.add_message(self.chat_id, message)
+            self.log_view.track(widget)
+        await widget.add_pieces(event.pieces)
+        now = time.monotonic()
+        if now - self._last_save >= SAVE_EVERY_S:
+            self.store.update_message(message)
+            self._last_save = now
+
+    @on(Finished)
+    async def _finished(self, event: Finished) -> None:
+        widget, self.current = self.current, None
+        message = event.message
+        if message is None:
+            # Nothing was generated (a prompt too long, an error before the first token).
+            if widget is not None:
+                await widget.remove()
+            if event.error:
+                self.notify(event.error, title="Generation failed", severity="error", timeout=8)
+        else:
+            if message.status == "streaming":  # the worker ended before the session did
+                message.status = "stopped"
+            if message.id is None:
+                self.store.add_message(self.chat_id, message)
+            else:
+                self.store.update_message(message)
+            if widget is not None:
+                widget.message = message
+                self.log_view.track(widget)
+                await widget.finish(message.content, message.status, event.error)
+        self.stats = event.stats
+        if event.stats.prompt_tokens:
+            self.context_used = event.stats.prompt_tokens + event.stats.generated_tokens
+        self.generating = False
+        if event.reason == "context":
+            self.offer_context_relief("The context is full: the answer was stopped.")
+
+    @on(ContextFull)
+    def _context_full(self, event: ContextFull) -> None:
+        self.offer_context_relief(f"The conversation does not fit the model's context ({event.text}).")
+
+    # --- context ---
+
+    def offer_context_relief(self, text: str) -> None:
+        def chosen(choice: str | None) -> None:
+            if choice == "drop":
+                self.run_worker(self.drop_to_fit(), group="ui", exclusive=True)
+            elif choice == "new":
+                pending = self.session.messages[-1].content if self.unanswered() else ""
+                self.run_worker(self.new_chat(), group="ui")
+                if pending:
+                    self.query_prompt().load_text(pending)
+
+        self.app.push_screen(
+            ChoiceScreen(
+                "Context full",
+                f"{text}\nDrop the oldest turns (they stay in the history, dimmed) or start a new chat.",
+                [("drop", "Drop oldest turns", "d"), ("new", "New chat", "n"), ("keep", "Cancel", "c")],
+            ),
+            chosen,
+        )
+
+    async def drop_to_fit(self, at_least_one: bool = False) -> None:
+        """Drop the oldest turns until the prompt leaves room for an answer, then go on."""
+        size = self.engine.config.context_length
+        room = min(self.settings.max_new_tokens, size // 4)
+        dropped: list[ChatMessage] = []
+        while (at_least_one and not dropped) or len(self.session.prompt_ids()) + room > size:
+            removed = self.session.drop_oldest_turn()
+            if not removed:
+                break
+            dropped += removed
+        if not dropped:
+            self.notify("Nothing left to drop: only the last message is in the context", severity="warning")
+            return
+        self.store.drop_from_context(dropped)
+        self.log_view.mark_dropped(dropped)
+        self.context_used = self.session.context_tokens()
+        self.notify(f"Dropped {len(dropped)} message{'s' * (len(dropped) != 1)} from the context", timeout=3)
+        if self.unanswered() and not self.generating:
+            await self._start(None)
+
+    # --- chats ---
+
+    async def new_chat(self) -> None:
+        self.session.clear()
+        self.session.system_prompt = None
+        self.chat_id, self.title_text = None, "New chat"
+        await self.log_view.clear()
+        self.log_view.show_system_prompt(None)
+        self.context_used, self.stats = 0, None
+        self.refresh_bindings()
+
+    async def open_chat(self, chat_id: int) -> None:
+        chat = self.store.load_chat(chat_id)
+        for m in chat.messages:
+            if m.role == "assistant" and m.status == "streaming" and not m.content:
+                self.store.delete_message(m.id)  # killed before its first token: nothing to keep
+        chat = self.store.load_chat(chat_id)
+        await self.new_chat()
+        self.chat_id, self.title_text = chat.id, chat.title
+        self.session.system_prompt = chat.system_prompt
+        self.log_view.show_system_prompt(chat.system_prompt)
+        self.session.messages = [m for m in chat.messages if m.in_context]
+        await self.log_view.show(chat.messages)
+        self.context_used = self.session.context_tokens() if self.engine else None
+        self.refresh_bindings()
+
+    def chat_renamed(self, chat_id: int, title: str) -> None:
+        if chat_id == self.chat_id:
+            self.title_text = title
+
+    def chat_deleted(self, chat_id: int) -> None:
+        if chat_id == self.chat_id:
+            self.run_worker(self.new_chat(), group="ui")
+
+    def set_thinking(self, on_: bool) -> None:
+        if self.engine is not None and not self.session.supports_thinking:
+            self.notify("This model's chat template has no thinking mode", severity="warning", timeout=3)
+        changed = on_ != self.thinking
+        self.thinking = on_
+        if self.chat_id is not None:
+            self.store.set_thinking(self.chat_id, on_)
+        if changed:
+            when = "the next answer" + (" prefills the conversation again" if self.session.messages else "")
+            self.notify(f"Thinking {'on' if on_ else 'off'}: {when}", timeout=3)
+
+    def set_system_prompt(self, text: str | None) -> None:
+        if text == self.session.system_prompt:
+            return
+        self.session.system_prompt = text
+        if self.chat_id is not None:
+            self.store.set_system_prompt(self.chat_id, text)
+        self.log_view.show_system_prompt(text)
+        self.notify("System prompt " + ("set" if text else "cleared") + ": the next answer prefills the conversation again", timeout=3)
+
+    # --- actions ---
+
+    def action_stop(self) -> None:
+        if self.generating:
+            self.workers.cancel_group(self, "generate")
+
+    def action_toggle_thinking(self) -> None:
+        self.set_thinking(not self.thinking)
+
+    async def action_continue(self) -> None:
+        if self.busy():
+            return
+        if self.unanswered():
+            await self._start(None)
+            return
+        widget = self.log_view.widget_for(self._continuable())
+        if not isinstance(widget, AssistantMessage):
+            self.notify("There is no stopped answer to continue", timeout=3)
+            return
+        await self._start(widget)
+
+    async def action_new_chat(self) -> None:
+        if not self.generating:
+            await self.new_chat()
+            self.query_prompt().focus()
+        else:
+            self.busy()
+
+    def action_history(self) -> None:
+        def chosen(chat_id: int | None) -> None:
+            if chat_id is None:
+                return
+            if self.generating:
+                self.busy()
+                return
+            self.run_worker(self.open_chat(chat_id), group="ui")
+
+        self.app.push_screen(HistoryScreen(self), chosen)
+
+    def action_settings(self) -> None:
+        def saved(settings: Settings | None) -> None:
+            if settings is not None:
+                self.settings = settings
+                self.notify("Settings saved: they apply from the next answer", timeout=3)
+
+        self.app.push_screen(SettingsScreen(self.settings), saved)
+
+    def action_system_prompt(self) -> None:
+        def saved(text: str | None) -> None:
+            if text is not None:
+                self.set_system_prompt(text or None)
+
+        self.app.push_screen(SystemPromptScreen(self.session.system_prompt), saved)
+
+    def action_copy_code(self) -> None:
+        last = self.session.last_answer()
+        copy_code_block(self, last.content if last else "")
+
+    def action_copy_answer(self) -> None:
+        last = self.session.last_answer()
+        if last is None:
+            self.notify("No answer to copy yet", timeout=2)
+            return
+        self.app.copy_to_clipboard(split_thinking(last.content)[1].strip())
+        self.notify("Answer copied", timeout=2)
+
+    def action_export(self) -> None:
+        if self.chat_id is None:
+            self.notify("Nothing to export yet", timeout=2)
+            return
+        export_chat(self, self.chat_id)
+
+    async def action_drop_oldest(self) -> None:
+        if not self.busy():
+            await self.drop_to_fit(at_least_one=True)
+
+    def keep_partial_answer(self) -> None:
+        """Store what was generated: on quitting, the worker may not get to post its Finished."""
+        if self.generating and self.current is not None and (message := self.current.message) is not None:
+            self.workers.cancel_group(self, "generate")
+            if message.id is not None:
+                message.status = "stopped"
+                self.store.update_message(message)

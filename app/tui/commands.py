@@ -1,0 +1,118 @@
+"""The slash commands (one table runs them and /help lists them), the command palette's
+entries, and the chat's copy and export actions."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
+
+from textual.app import SystemCommand
+
+from .export import chat_markdown
+from .screens import InputScreen
+
+if TYPE_CHECKING:
+    from .chat_screen import ChatScreen
+
+HELP = """Commands: /think, /no_think (thinking for the next answers), /new, /system [text],
+/settings, /chats, /export [file.md], /continue, /drop (oldest turn), /help, /quit
+Keys: Esc or Ctrl+C stops an answer; Ctrl+C twice (or Ctrl+Q) quits"""
+
+
+@dataclass(frozen=True)
+class Command:
+    usage: str  # as /help shows it
+    help: str
+    run: Callable[["ChatScreen", str], Awaitable[None] | None]  # given the text after the name
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.usage.split()[0]
+
+
+def _system(screen: ChatScreen, arg: str) -> None:
+    if arg:
+        screen.set_system_prompt(arg)
+    else:
+        screen.action_system_prompt()
+
+
+def _export(screen: ChatScreen, arg: str) -> None:
+    if screen.chat_id is None:
+        screen.notify("Nothing to export yet", timeout=2)
+    else:
+        export_chat(screen, screen.chat_id, arg or None)
+
+
+COMMANDS = [
+    Command("/think", "thinking on, from the next answer", lambda s, a: s.set_thinking(True)),
+    Command("/no_think", "thinking off, from the next answer", lambda s, a: s.set_thinking(False)),
+    Command("/new", "start a new chat", lambda s, a: s.action_new_chat(), ("/clear",)),
+    Command("/system [text]", "set this chat's system prompt (without text: edit it)", _system),
+    Command("/settings", "temperature, top-p, top-k, max tokens", lambda s, a: s.action_settings()),
+    Command("/chats", "stored chats: open, rename, delete, export", lambda s, a: s.action_history(), ("/history",)),
+    Command("/export [file.md]", "write this chat as Markdown", _export),
+    Command("/continue", "go on with a stopped answer", lambda s, a: s.action_continue()),
+    Command("/drop", "take the oldest turn out of the context", lambda s, a: s.action_drop_oldest()),
+    Command("/help", "this list", lambda s, a: s.notify(HELP, title="Commands", timeout=10)),
+    Command("/quit", "quit", lambda s, a: s.app.action_quit()),
+]
+
+
+def find_command(name: str) -> Command | None:
+    return next((c for c in COMMANDS if name == c.name or name in c.aliases), None)
+
+
+async def run_command(screen: ChatScreen, text: str) -> bool:
+    """Run a /command; False when it is not one (the text is then sent as a message)."""
+    name, _, arg = text.partition(" ")
+    command = find_command(name)
+    if command is None:
+        return False
+    result = command.run(screen, arg.strip())
+    if result is not None:
+        await result
+    return True
+
+
+def system_commands(screen: ChatScreen) -> Iterable[SystemCommand]:
+    """The command palette's entries for the chat."""
+    yield SystemCommand("Toggle thinking", "Reason before answering, from the next answer (ctrl+t)", screen.action_toggle_thinking)
+    yield SystemCommand("New chat", "Start an empty conversation (ctrl+n)", screen.action_new_chat)
+    yield SystemCommand("Continue the answer", "Go on with a stopped answer (ctrl+r)", screen.action_continue)
+    yield SystemCommand("Stop generating", "Keep what was generated so far (esc, ctrl+c)", screen.action_stop)
+    yield SystemCommand("Chats", "Browse, resume, rename and delete stored chats (ctrl+o)", screen.action_history)
+    yield SystemCommand("Settings", "Temperature, top-p, top-k, max tokens (ctrl+s)", screen.action_settings)
+    yield SystemCommand("Edit system prompt", "Instructions for this chat (ctrl+g)", screen.action_system_prompt)
+    yield SystemCommand("Export chat as Markdown", "Write this chat to a .md file", screen.action_export)
+    yield SystemCommand("Copy last answer", "To the clipboard", screen.action_copy_answer)
+    yield SystemCommand("Copy code block", "From the last answer (ctrl+b)", screen.action_copy_code)
+    yield SystemCommand("Drop oldest turn", "Free context: the turn stays in the history", screen.action_drop_oldest)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40].strip("-")
+
+
+def export_chat(screen: ChatScreen, chat_id: int, path: str | None = None) -> None:
+    chat = screen.store.load_chat(chat_id)
+
+    def write(target: str | None) -> None:
+        if not target:
+            return
+        file = Path(target).expanduser()
+        try:
+            file.write_text(chat_markdown(chat), encoding="utf-8")
+        except OSError as e:
+            screen.notify(f"Cannot write {file}: {e.strerror or e}", severity="error")
+            return
+        screen.notify(f"Exported to {file}", timeout=4)
+
+    if path is not None:
+        write(path)
+    else:
+        default = str(Path.cwd() / f"{slug(chat.title) or f'chat-{chat.id}'}.md")
+        screen.app.push_screen(InputScreen("Export chat as Markdown to", default), write)
