@@ -351,6 +351,7 @@ async def test_context_full_offers_to_drop_the_oldest_turns(tmp_path):
         await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the context-full dialog")
         assert "Context full" in str(app.screen.query_one(".dialog-title").render())
         assert len(answers(app)) == 2  # the empty answer was removed, the user's message kept
+        await pilot.pause(ChoiceScreen.ARM_S)
         await pilot.press("d")
         await settle(pilot)
         assert [m.content for m in app.chat.session.messages][-2:] == ["Three is a longer message than the room left", "Short answer."]
@@ -372,6 +373,7 @@ async def test_context_full_mid_answer_stops_it_and_says_so(tmp_path):
         assert app.chat.session.messages[-1].status == "context"
         assert "context is full" in str(answers(app)[0].note.render())
         assert isinstance(app.screen, ChoiceScreen)
+        await pilot.pause(ChoiceScreen.ARM_S)
         await pilot.press("c")
         await pilot.pause()
         assert not isinstance(app.screen, ChoiceScreen)
@@ -638,7 +640,7 @@ async def test_history_screen_opens_renames_and_deletes_chats(tmp_path):
         await pilot.pause()
         assert table.get_row_at(0)[0] == "Dogs, renamed"
         await pilot.press("d")
-        await pilot.pause()
+        await pilot.pause(ChoiceScreen.ARM_S)
         await pilot.press("y")
         await pilot.pause()
         assert table.row_count == 1
@@ -713,3 +715,110 @@ async def test_smollm2_answers_and_the_second_turn_prefills_only_the_new_turn(tm
         new_turn = engine.tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n")
         assert second.prefilled_tokens == len(new_turn) == second.prompt_tokens - first.prompt_tokens - first.generated_tokens
         assert f"prefilled {len(new_turn)} of {second.prompt_tokens} tok" in full_status(app)
+
+
+# --- issue 10's defects ---
+
+POEM = "The sea is wide,\nthe sea is deep,\nit sings by day\nand rocks to sleep."
+
+
+def shown_lines(markdown) -> list[str]:
+    """The lines the Markdown widget's paragraphs show."""
+    return [line for p in markdown.query("MarkdownParagraph") for line in str(p.render()).splitlines()]
+
+
+async def test_line_breaks_are_kept_while_streaming_and_after(tmp_path):
+    engine = ScriptedEngine([POEM + "\n\n```\nkeep\n  as is\n```"], delay=0.1)
+    app = make_app(tmp_path, engine, max_new_tokens=100)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Write a short poem about the sea, four lines.", wait=False)
+        await wait_for(pilot, lambda: answers(app) and "it sings" in answers(app)[0].answer_text, what="three lines")
+        await pilot.pause(0.2)
+        assert shown_lines(answers(app)[0].answer)[:2] == ["The sea is wide,", "the sea is deep,"]
+        await settle(pilot)
+        widget = answers(app)[0]
+        assert shown_lines(widget.answer) == POEM.splitlines()
+        assert widget.query_one("MarkdownFence")._highlighted_code.plain == "keep\n  as is"
+
+
+async def test_an_answer_stopped_inside_a_code_fence_is_closed_on_screen_and_in_the_export(tmp_path):
+    engine = ScriptedEngine(["Here:\n\n```python\nprint(1)\n"])
+    app = make_app(tmp_path, engine, max_new_tokens=100)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Code?")
+        assert answers(app)[0].answer.source == "Here:\n\n```python\nprint(1)\n```"
+        out = tmp_path / "chat.md"
+        await send(pilot, f"/export {out}")
+    assert "```python\nprint(1)\n```\n" in out.read_text()
+
+
+async def test_a_dialog_that_opens_while_the_user_types_keeps_the_keys_for_the_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(ChoiceScreen, "ARM_S", 3.0)  # a loaded test machine types slower than a person
+    engine = ScriptedEngine(["Short answer."])
+    app = make_app(tmp_path, engine, max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "One")
+        chat = app.chat.chat_id
+        engine.config = type(engine.config)(**{**engine.config.__dict__, "context_length": len(app.chat.session.prompt_ids()) + 4})
+        await send(pilot, "A longer message than the room left", wait=False)
+        await pilot.press(*"Hello again")  # typing on as the dialog opens
+        await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the context-full dialog")
+        await pilot.press(*" and more", "enter")
+        await settle(pilot)
+        assert isinstance(app.screen, ChoiceScreen) and app.chat.chat_id == chat
+        labels = [str(b.label) for b in app.screen.query("Button")]
+        assert labels == ["Drop oldest turns [d]", "New chat [n]", "Cancel [c]"]
+        assert app.chat.query_prompt().text == "Hello again and more"
+        await pilot.pause(ChoiceScreen.ARM_S)
+        await pilot.press("n")  # now it is a choice: the message that did not fit moves to a new chat
+        await wait_for(pilot, lambda: app.chat.chat_id is None, what="the new chat")
+        assert app.chat.query_prompt().text == "A longer message than the room left\nHello again and more"
+    assert [r[1] for r in rows(tmp_path)] == ["One", "Short answer.", "A longer message than the room left"]
+
+
+async def test_the_status_line_never_shows_another_chats_numbers(tmp_path):
+    engine = ScriptedEngine(["Short answer."])
+    app = make_app(tmp_path, engine, max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "One")
+        await pilot.press("ctrl+n")
+        engine.config = type(engine.config)(**{**engine.config.__dict__, "context_length": 40})
+        await send(pilot, "A message that does not fit the tiny context of forty tokens at all")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the context-full dialog")
+        assert app.chat.stats is None and "prefilled" not in full_status(app)
+        assert app.chat.context_used == app.chat.session.context_tokens() > 40
+        assert f"ctx {app.chat.context_used}/40" in full_status(app)
+
+
+async def test_help_is_a_screen_that_stays_until_closed(tmp_path):
+    from app.tui.screens import HelpScreen
+
+    app = make_app(tmp_path, ScriptedEngine(["x"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "/help")
+        assert isinstance(app.screen, HelpScreen)
+        text = str(app.screen.query_one("#help-text").render())
+        for shown in ("/system [text]", "/export [file.md]", "Ctrl+T", "thinking on or off", "Ctrl+O", "Shift+Enter"):
+            assert shown in text
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, HelpScreen) and not app._notifications
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_thinking_on_a_model_without_thinking_mode_says_so_once(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["x"]), use_template=False, thinking=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert notices(app) == [": This model has no thinking mode (its chat template has none): it answers directly"]
+        assert not app.chat.thinking and str(app.query_one("#mode").render()) == "no thinking mode"
+        app.clear_notifications()
+        await pilot.press("ctrl+t")
+        await pilot.pause()
+        assert len(notices(app)) == 1 and "no thinking mode" in notices(app)[0]
+        assert not app.chat.thinking and "THINK ON" not in str(app.query_one("#mode").render())

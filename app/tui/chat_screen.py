@@ -41,14 +41,14 @@ def chat_title(text: str) -> str:
 
 class ChatScreen(Screen):
     BINDINGS = [
-        Binding("escape", "stop", "Stop"),
-        Binding("ctrl+t", "toggle_thinking", "Thinking"),
-        Binding("ctrl+r", "continue", "Continue"),
-        Binding("ctrl+n", "new_chat", "New"),
-        Binding("ctrl+o", "history", "Chats"),
-        Binding("ctrl+s", "settings", "Settings"),
-        Binding("ctrl+g", "system_prompt", "System"),
-        Binding("ctrl+b", "copy_code", "Copy code", show=False),
+        Binding("escape", "stop", "Stop", tooltip="stop the answer, keeping it"),
+        Binding("ctrl+t", "toggle_thinking", "Thinking", tooltip="thinking on or off, from the next answer"),
+        Binding("ctrl+r", "continue", "Continue", tooltip="go on with a stopped answer"),
+        Binding("ctrl+n", "new_chat", "New", tooltip="new chat"),
+        Binding("ctrl+o", "history", "Chats", tooltip="stored chats"),
+        Binding("ctrl+s", "settings", "Settings", tooltip="temperature, top-p, top-k, max tokens"),
+        Binding("ctrl+g", "system_prompt", "System", tooltip="this chat's system prompt"),
+        Binding("ctrl+b", "copy_code", "Copy code", show=False, tooltip="copy a code block of the last answer"),
     ]
 
     engine: var[Engine | None] = var(None)
@@ -110,6 +110,9 @@ class ChatScreen(Screen):
         self.query_one(LoadingPanel).done()
         self.context_used = self.session.context_tokens()
         self.engine = engine
+        if self.thinking and not self.session.supports_thinking:
+            self.set_thinking(True)  # says that this model has none
+        self.watch_thinking(self.thinking)
         if self.unanswered():
             # Sent while the model loaded: answer it now.
             self.call_later(self._start, None)
@@ -121,7 +124,10 @@ class ChatScreen(Screen):
     def watch_thinking(self, thinking: bool) -> None:
         self.session.thinking = thinking
         mode = self.query_one("#mode", Static)
-        mode.update("THINK ON" if thinking else "think off")
+        if self.engine is not None and not self.session.supports_thinking:
+            mode.update("no thinking mode")
+        else:
+            mode.update("THINK ON" if thinking else "think off")
         mode.set_class(thinking, "-on")
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
@@ -248,8 +254,10 @@ class ChatScreen(Screen):
                 self.log_view.track(widget)
                 await widget.finish(message.content, message.status, event.error)
         self.stats = event.stats
-        if event.stats.prompt_tokens:
+        if event.stats is not None and event.stats.prompt_tokens:
             self.context_used = event.stats.prompt_tokens + event.stats.generated_tokens
+        else:
+            self.context_used = self.session.context_tokens()
         self.generating = False
         if event.reason == "context":
             self.offer_context_relief("The context is full: the answer was stopped.")
@@ -265,16 +273,20 @@ class ChatScreen(Screen):
             if choice == "drop":
                 self.run_worker(self.drop_to_fit(), group="ui", exclusive=True)
             elif choice == "new":
+                # The message that did not fit goes to the new chat's input box, before anything
+                # typed since (it stays in the old chat too).
+                prompt = self.query_prompt()
                 pending = self.session.messages[-1].content if self.unanswered() else ""
                 self.run_worker(self.new_chat(), group="ui")
                 if pending:
-                    self.query_prompt().load_text(pending)
+                    prompt.load_text(pending + (f"\n{prompt.text}" if prompt.text.strip() else ""))
 
         self.app.push_screen(
             ChoiceScreen(
                 "Context full",
                 f"{text}\nDrop the oldest turns (they stay in the history, dimmed) or start a new chat.",
                 [("drop", "Drop oldest turns", "d"), ("new", "New chat", "n"), ("keep", "Cancel", "c")],
+                typing_to=self.query_prompt(),
             ),
             chosen,
         )
@@ -335,7 +347,10 @@ class ChatScreen(Screen):
 
     def set_thinking(self, on_: bool) -> None:
         if self.engine is not None and not self.session.supports_thinking:
-            self.notify("This model's chat template has no thinking mode", severity="warning", timeout=3)
+            self.thinking = False
+            if on_:
+                self.notify("This model has no thinking mode (its chat template has none): it answers directly", severity="warning", timeout=4)
+            return
         changed = on_ != self.thinking
         self.thinking = on_
         if self.chat_id is not None:

@@ -11,14 +11,21 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 from textual.app import SystemCommand
 
 from .export import chat_markdown
-from .screens import InputScreen
+from .screens import HelpScreen, InputScreen
 
 if TYPE_CHECKING:
     from .chat_screen import ChatScreen
 
-HELP = """Commands: /think, /no_think (thinking for the next answers), /new, /system [text],
-/settings, /chats, /export [file.md], /continue, /drop (oldest turn), /help, /quit
-Keys: Esc or Ctrl+C stops an answer; Ctrl+C twice (or Ctrl+Q) quits"""
+# Keys /help lists besides the chat screen's bindings.
+OTHER_KEYS = [
+    ("Enter", "send"),
+    ("Shift+Enter, Ctrl+J", "new line"),
+    ("Up, Down", "earlier inputs (on the first or last line)"),
+    ("Ctrl+C", "stop the answer; twice: quit"),
+    ("Ctrl+Q", "quit"),
+    ("Ctrl+P", "command palette"),
+    ("Tab", "to a message: c copies it, b its code"),
+]
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,17 @@ COMMANDS = [
     Command("/export [file.md]", "write this chat as Markdown", _export),
     Command("/continue", "go on with a stopped answer", lambda s, a: s.action_continue()),
     Command("/drop", "take the oldest turn out of the context", lambda s, a: s.action_drop_oldest()),
-    Command("/help", "this list", lambda s, a: s.notify(HELP, title="Commands", timeout=10)),
+    Command("/help", "this list", lambda s, a: show_help(s)),
     Command("/quit", "quit", lambda s, a: s.app.action_quit()),
 ]
+
+
+def show_help(screen: ChatScreen) -> None:
+    def key(name: str) -> str:
+        return "+".join(part.capitalize() if len(part) > 1 else part.upper() for part in name.split("+"))
+
+    keys = OTHER_KEYS[:3] + [(key(b.key), b.tooltip or b.description) for b in screen.BINDINGS] + OTHER_KEYS[3:]
+    screen.app.push_screen(HelpScreen(keys, [(c.usage, c.help) for c in COMMANDS]))
 
 
 def find_command(name: str) -> Command | None:

@@ -10,6 +10,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widget import Widget
+from textual.markup import escape
 from textual.widgets import Button, DataTable, Footer, Input, Label, OptionList, Static, TextArea
 
 from backends import SamplingParams
@@ -188,26 +189,53 @@ class InputScreen(ModalScreen[str | None]):
 
 
 class ChoiceScreen(ModalScreen[str | None]):
-    """A question with a few answers, each with a key."""
+    """A question with a few answers, each with a key.
+
+    It may open while the user types (the context filled up as a message was sent): keys that
+    come before it has been still for ARM_S go on to the input box under it, never to a choice.
+    """
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    AUTO_FOCUS = None  # a focused button would take Enter before the dialog is armed
+    ARM_S = 0.6
 
-    def __init__(self, title: str, text: str, choices: list[tuple[str, str, str]]):
-        """choices: (id, label, key)."""
+    def __init__(self, title: str, text: str, choices: list[tuple[str, str, str]], typing_to: TextArea | None = None):
+        """choices: (id, label, key); typing_to: where keys typed before the dialog is armed go."""
         super().__init__()
         self.title_text = title
         self.text = text
         self.choices = choices
+        self.typing_to = typing_to
+        self.armed_at = time.monotonic() + self.ARM_S
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog small"):
-            yield Label(self.title_text, classes="dialog-title")
+            yield Label(self.title_text, classes="dialog-title", markup=False)
             yield Static(self.text, classes="dialog-help", markup=False)
             with Horizontal(classes="buttons"):
                 for i, (choice, label, key) in enumerate(self.choices):
-                    yield Button(f"{label} [{key}]", id=f"choice-{choice}", variant="primary" if i == 0 else "default")
+                    yield Button(escape(f"{label} [{key}]"), id=f"choice-{choice}", variant="primary" if i == 0 else "default")
+
+    def on_mount(self) -> None:
+        self.set_timer(self.ARM_S, self._arm)
+
+    def _arm(self) -> None:
+        """Once the keys have been still for ARM_S, Enter presses the first button."""
+        if (wait := self.armed_at - time.monotonic()) > 0:
+            self.set_timer(wait, self._arm)
+        elif self.focused is None:
+            self.query(Button).first().focus()
 
     def on_key(self, event: events.Key) -> None:
+        now = time.monotonic()
+        if now < self.armed_at:
+            # Still typing: nothing here acts on it (not Enter on a button either).
+            event.stop()
+            event.prevent_default()
+            self.armed_at = now + self.ARM_S
+            if self.typing_to is not None and event.is_printable and event.character:
+                self.typing_to.insert(event.character)
+            return
         for choice, _, key in self.choices:
             if event.key == key:
                 event.stop()
@@ -217,6 +245,29 @@ class ChoiceScreen(ModalScreen[str | None]):
         self.dismiss(event.button.id.removeprefix("choice-"))
 
     def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class HelpScreen(ModalScreen[None]):
+    """The keys and the slash commands, until closed."""
+
+    BINDINGS = [Binding("escape", "close", "Close"), Binding("q", "close", "Close", show=False)]
+
+    def __init__(self, keys: list[tuple[str, str]], commands: list[tuple[str, str]]):
+        super().__init__()
+        self.keys = keys
+        self.commands = commands
+
+    def compose(self) -> ComposeResult:
+        width = max(len(k) for k, _ in self.keys + self.commands) + 2
+        lines = ["Keys", *(f"  {k:<{width}}{what}" for k, what in self.keys), "", "Commands"]
+        lines += [f"  {usage:<{width}}{what}" for usage, what in self.commands]
+        with Vertical(id="help-box", classes="dialog"):
+            yield Label("Help", classes="dialog-title")
+            yield Static("\n".join(lines), id="help-text", markup=False)
+        yield Footer()
+
+    def action_close(self) -> None:
         self.dismiss(None)
 
 

@@ -13,7 +13,7 @@ from textual.widgets import Collapsible, Label, LoadingIndicator, Markdown, Stat
 from textual.widgets.markdown import MarkdownStream
 
 from ..session import ChatMessage, has_open_think, split_thinking
-from .markdown import visible
+from .markdown import chat_parser, close_open_fence, visible
 from .screens import copy_code_block
 
 # What a stored status means to the reader, and whether ctrl+r can go on from it.
@@ -120,7 +120,7 @@ class ThinkingBlock(Collapsible):
     """The model's reasoning: dimmed, open while it streams, folded once the answer starts."""
 
     def __init__(self, text: str = "", collapsed: bool = False):
-        self.body = Markdown(text, classes="thinking-text")
+        self.body = Markdown(text, classes="thinking-text", parser_factory=chat_parser)
         super().__init__(self.body, title="Thinking…", collapsed=collapsed)
 
 
@@ -144,7 +144,7 @@ class AssistantMessage(Vertical, can_focus=True):
         self.think_text, self.answer_text = split_thinking(message.content if message else "")
         self.streaming = streaming
         self.thinking_block: ThinkingBlock | None = None
-        self.answer = Markdown(visible(self.answer_text), classes="answer")
+        self.answer = Markdown(visible(close_open_fence(self.answer_text.strip())), classes="answer", parser_factory=chat_parser)
         self.note = Static("", classes="note", markup=False)
         self._think_stream: MarkdownStream | None = None
         self._answer_stream: MarkdownStream | None = None
@@ -152,7 +152,7 @@ class AssistantMessage(Vertical, can_focus=True):
 
     def compose(self):
         if self.think_text.strip():
-            self.thinking_block = ThinkingBlock(visible(self.think_text.strip()), collapsed=True)
+            self.thinking_block = ThinkingBlock(visible(close_open_fence(self.think_text.strip())), collapsed=True)
             self.thinking_block.title = "Thought"
             yield self.thinking_block
         yield self.answer
@@ -215,11 +215,11 @@ class AssistantMessage(Vertical, can_focus=True):
         self.streaming = False
         self.think_text, self.answer_text = split_thinking(content)
         if self.thinking_block is not None:
-            await self.thinking_block.body.update(visible(self.think_text.strip()))
+            await self.thinking_block.body.update(visible(close_open_fence(self.think_text.strip())))
             if self.answer_text.strip():
                 self.thinking_block.collapsed = True
             self.thinking_block.title = "Thought"
-        await self.answer.update(visible(self.answer_text.strip()))
+        await self.answer.update(visible(close_open_fence(self.answer_text.strip())))
         self.set_status(status, error)
 
     def resume_streaming(self) -> None:

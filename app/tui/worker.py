@@ -83,4 +83,5 @@ def generate_reply(
     if pending and message is not None:
         post(Pieces(message, merge_pieces(pending), stats.generated_tokens, stats.decode_tok_s))
     reason = "overflow" if overflow else "error" if error else session.last_stop_reason
-    post(Finished(message, reason, dataclasses.replace(stats), error))
+    # An overflow is found before the engine starts: its stats are still the last prompt's.
+    post(Finished(message, reason, None if overflow else dataclasses.replace(stats), error))
