@@ -1,6 +1,7 @@
 """The chat TUI driven headless with Pilot: against the tiny random SmolLM3 (real generation,
 gibberish text), a scripted engine where the text must be known, and SmolLM2-135M once."""
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -822,3 +823,153 @@ async def test_thinking_on_a_model_without_thinking_mode_says_so_once(tmp_path):
         await pilot.pause()
         assert len(notices(app)) == 1 and "no thinking mode" in notices(app)[0]
         assert not app.chat.thinking and "THINK ON" not in str(app.query_one("#mode").render())
+
+
+# --- issue 10's friction ---
+
+
+def test_the_worker_posts_prefill_progress_per_chunk_and_live_speeds(tmp_path):
+    from app.session import ChatSession
+    from app.tui.messages import Finished, Pieces, PrefillProgress
+    from app.tui.worker import generate_reply
+    from backends.engine import PREFILL_CHUNK
+
+    engine = ScriptedEngine(["one two three four five"])
+    session = ChatSession(engine)
+    session.messages.append(ChatMessage("user", "word " * 1200))
+    total = len(session.prompt_ids())
+    posted = []
+    generate_reply(session, Settings(GREEDY, 50), False, posted.append, lambda: False)
+    progress = [(m.done, m.total) for m in posted if isinstance(m, PrefillProgress)]
+    assert progress[0] == (PREFILL_CHUNK, total) and progress[-1] == (total, total) and total > 2 * PREFILL_CHUNK
+    pieces = [m for m in posted if isinstance(m, Pieces)]
+    assert pieces[-1].generated == engine.stats.generated_tokens and pieces[-1].tok_s == engine.stats.decode_tok_s
+    assert isinstance(posted[-1], Finished) and posted[-1].stats.prompt_tokens == total
+
+
+async def test_prefill_progress_and_live_speed_show_while_answering(tmp_path):
+    engine = ScriptedEngine(["word " * 30], delay=0.15)
+    app = make_app(tmp_path, engine, max_new_tokens=100)
+    seen = []
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "long " * 1100, wait=False)
+        await wait_for(pilot, lambda: seen.append(app.chat.live) or (app.chat.generating and "tok/s" in app.chat.live), what="a live speed")
+        await settle(pilot)
+    assert any(re.fullmatch(r"prefill \d+/\d+ tok", s) for s in seen)
+    assert app.chat.live == ""
+
+
+async def test_welcome_line_until_the_first_message(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["Hi."]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        welcome = app.query_one("#welcome")
+        assert welcome.display and "SmolLM3-3B-Q4_K_M on torch cpu" in str(welcome.render()) and "/help" in str(welcome.render())
+        await send(pilot, "Hello")
+        assert not welcome.display
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert welcome.display
+
+
+def test_the_status_line_fits_by_priority_at_every_width():
+    from app.tui.status import device_name
+
+    engine = ScriptedEngine(["x"])
+    stats = backends.GenerationStats(prompt_tokens=4000, prefilled_tokens=3012, prefill_s=10, generated_tokens=300, decode_steps=299, decode_s=20.0)
+    settings = Settings(SamplingParams(temperature=0.6, top_p=0.95, top_k=40), 1000)
+    for width in range(60, 160):
+        line = status_text(engine, 4312, stats, settings, width=width)
+        assert len(line) <= width and line.startswith("ctx 4312/4096 · ") and "…" not in line
+        assert "14.9 tok/s" in line  # the generation speed goes last
+    assert status_text(engine, 4312, stats, settings, width=160).endswith("torch cpu · temp 0.6, top-p 0.95, top-k 40, max 1000")
+    assert status_text(engine, 4312, stats, settings, width=80) == "ctx 4312/4096 · 300 tok 14.9 tok/s · SmolLM3-3B-Q4_K_M"
+    assert status_text(engine, 4312, stats, settings, width=50) == "ctx 4312/4096 · 300 tok 14.9 tok/s"
+    engine.info = backends.engine.EngineInfo("mlx", "Device(gpu, 0)", "bf16", "m.gguf", "Q4_0")
+    assert device_name(engine) == "mlx gpu"
+
+
+async def test_the_footer_labels_ctrl_c_as_it_acts(tmp_path):
+    engine = ScriptedEngine(["word " * 100], delay=0.05)
+    app = make_app(tmp_path, engine, max_new_tokens=200)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        label = lambda: app.screen.active_bindings["ctrl+c"].binding.description  # noqa: E731
+        assert label() == "Quit"
+        await send(pilot, "Go", wait=False)
+        await wait_for(pilot, lambda: app.chat.generating, what="the answer")
+        assert label() == "Stop"
+        await pilot.press("ctrl+c")
+        await settle(pilot)
+        assert label() == "Quit" and app.return_value is None
+
+
+async def test_the_chat_list_starts_on_the_previous_chat(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "First chat")
+        first = app.chat.chat_id
+        await pilot.press("ctrl+n")
+        await send(pilot, "Second chat")
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        table = app.screen.query_one("#chats")
+        assert table.get_row_at(table.cursor_row)[0] == "First chat"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.chat.chat_id == first, what="the first chat")
+
+
+async def test_settings_are_stored_per_chat_and_as_defaults(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]), max_new_tokens=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "A chat")
+        app.chat.set_system_prompt("Be terse.")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        app.screen.query_one("#temperature").value = "0.7"
+        app.screen.query_one("#top_k").value = "20"
+        app.screen.query_one("#max_new_tokens").value = "9"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "temp 0.7, top-k 20, max 9" in full_status(app)
+    saved = Settings(SamplingParams(temperature=0.7, top_k=20, repeat_penalty=GREEDY.repeat_penalty), 9)
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]), max_new_tokens=6)  # a new start: the defaults are back
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.chat.settings == saved and app.chat.session.system_prompt == "Be terse."
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    store.set_default("settings", None)
+    store.set_default("system_prompt", None)
+    store.close()
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]), max_new_tokens=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.chat.settings.max_new_tokens == 6  # the command line's, with no defaults stored
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]), max_new_tokens=6, resume=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await wait_for(pilot, lambda: app.chat.chat_id is not None, what="the resumed chat")
+        assert app.chat.settings == saved  # the chat's own
+
+
+async def test_regenerate_and_edit_reuse_the_cache_up_to_the_change(tmp_path):
+    engine = ScriptedEngine(["First answer.", "Second answer.", "Third answer."])
+    app = make_app(tmp_path, engine, max_new_tokens=20)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Tell me something")
+        await send(pilot, "/retry")
+        assert [m.content for m in app.chat.session.messages] == ["Tell me something", "Second answer."]
+        assert len(answers(app)) == 1 and answers(app)[0].answer.source == "Second answer."
+        assert engine.prompts[1] == engine.prompts[0] and engine.stats.prefilled_tokens == 1  # all from the cache
+        await send(pilot, "/edit")
+        assert app.chat.query_prompt().text == "Tell me something" and app.chat.session.messages == []
+        assert not answers(app) and not list(app.query(UserMessage))
+        await send(pilot, "Tell me something else")
+        assert app.chat.session.messages[-1].content == "Third answer."
+        common = next(i for i, (a, b) in enumerate(zip(engine.prompts[1], engine.prompts[2])) if a != b)
+        assert engine.stats.prefilled_tokens == engine.stats.prompt_tokens - common
+    assert [r[1] for r in rows(tmp_path)] == ["Tell me something else", "Third answer."]

@@ -32,8 +32,10 @@ class ChatApp(App[int]):
     CSS_PATH = "chat.tcss"
     TITLE = "smollm3"
     BINDINGS = [
-        # Priority: above the input's own Ctrl+C (copy), which action_interrupt still does.
-        Binding("ctrl+c", "interrupt", "Quit", priority=True),
+        # Priority: above the input's own Ctrl+C (copy), which action_interrupt still does. One
+        # key, two labels: the footer shows the one that says what a press does now.
+        Binding("ctrl+c", "interrupt('stop')", "Stop", priority=True),
+        Binding("ctrl+c", "interrupt('quit')", "Quit", priority=True),
     ]
     QUIT_WINDOW_S = QUIT_WINDOW_S
 
@@ -114,7 +116,12 @@ class ChatApp(App[int]):
 
     # --- keys on every screen ---
 
-    async def action_interrupt(self) -> None:
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "interrupt":
+            return (parameters[0] == "stop") == self.chat.generating
+        return True
+
+    async def action_interrupt(self, label: str = "") -> None:
         """Ctrl+C: stop the answer being generated (or copy the selected text); quit when it is the
         second press within QUIT_WINDOW_S. The chat is in the store already: only a draft is lost."""
         now = time.monotonic()

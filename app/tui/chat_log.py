@@ -33,10 +33,25 @@ class ChatLog(VerticalScroll):
         super().__init__(**kwargs)
         self.widgets_by_id: dict[int, MessageWidget] = {}
         self.hidden_messages = 0  # older messages of this chat taken off the screen
+        self.welcome_text = ""
 
     def compose(self):
+        yield Static("", id="welcome", markup=False)
         yield SystemPromptView("", id="system-view", markup=False)
         yield Static("", id="hidden-note", markup=False)
+
+    def show_welcome(self, text: str) -> None:
+        """A line about the model and the keys, shown while the chat is empty."""
+        self.welcome_text = text
+        self.query_one("#welcome", Static).update(text)
+        self._show_welcome_if_empty()
+
+    def _show_welcome_if_empty(self) -> None:
+        empty = not self.query_children("UserMessage, AssistantMessage")
+        self.query_one("#welcome").display = bool(self.welcome_text) and empty
+
+    def on_mount(self) -> None:
+        self._show_welcome_if_empty()
 
     def show_system_prompt(self, text: str | None) -> None:
         self.query_one(SystemPromptView).show(text)
@@ -49,6 +64,7 @@ class ChatLog(VerticalScroll):
             self.widgets_by_id[widget.message.id] = widget
 
     async def add(self, widget: MessageWidget) -> None:
+        self.query_one("#welcome").display = False
         self.track(widget)
         await self.mount(widget)
         await self._trim()
@@ -61,6 +77,7 @@ class ChatLog(VerticalScroll):
         for widget in shown:
             self.track(widget)
         await self.mount_all(shown)
+        self._show_welcome_if_empty()
         await self._trim(unmounted=len(messages) - len(shown))
         self.anchor()
 
@@ -70,6 +87,14 @@ class ChatLog(VerticalScroll):
         await self.remove_children(AssistantMessage)
         self.hidden_messages = 0
         self.query_one("#hidden-note", Static).display = False
+        self._show_welcome_if_empty()
+
+    async def remove_messages(self, messages: list[ChatMessage]) -> None:
+        widgets = [w for m in messages if (w := self.widget_for(m))]
+        for m in messages:
+            self.widgets_by_id.pop(m.id, None)
+        await self.remove_children(widgets)
+        self._show_welcome_if_empty()
 
     def mark_dropped(self, messages: list[ChatMessage]) -> None:
         for m in messages:

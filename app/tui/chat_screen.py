@@ -22,11 +22,12 @@ from textual.worker import get_current_worker
 from backends import Engine, GenerationStats
 
 from ..session import ChatMessage, ChatSession, split_thinking
-from .commands import export_chat, run_command
-from .messages import ContextFull, Finished, Pieces
+from .commands import export_chat, find_command, run_command
+from .turns import drop_to_fit, offer_context_relief
+from .messages import ContextFull, Finished, Pieces, PrefillProgress
 from .chat_log import ChatLog
-from .screens import ChoiceScreen, HistoryScreen, copy_code_block, SettingsScreen, SystemPromptScreen
-from .status import StatusLine
+from .screens import HistoryScreen, copy_code_block, SettingsScreen, SystemPromptScreen
+from .status import StatusLine, device_name, model_name
 from .store import ChatStore
 from .textual_compat import ChatFooter
 from .widgets import CONTINUABLE, AssistantMessage, LoadingPanel, PromptInput, UserMessage
@@ -41,7 +42,8 @@ def chat_title(text: str) -> str:
 
 class ChatScreen(Screen):
     BINDINGS = [
-        Binding("escape", "stop", "Stop", tooltip="stop the answer, keeping it"),
+        # (Esc is left out of the footer: Ctrl+C, labelled Stop while an answer streams, does the same.)
+        Binding("escape", "stop", "Stop", show=False, tooltip="stop the answer, keeping it"),
         Binding("ctrl+t", "toggle_thinking", "Thinking", tooltip="thinking on or off, from the next answer"),
         Binding("ctrl+r", "continue", "Continue", tooltip="go on with a stopped answer"),
         Binding("ctrl+n", "new_chat", "New", tooltip="new chat"),
@@ -66,7 +68,10 @@ class ChatScreen(Screen):
         self.model_label = model_label
         # The engine arrives later; until then the session holds the conversation only.
         self.session = ChatSession(engine=None, thinking=thinking, use_template=use_template)  # type: ignore[arg-type]
-        self.set_reactive(ChatScreen.settings, settings)
+        # Settings saved in the chat are the defaults for new chats, over those of the command line.
+        self.default_settings = settings.updated(store.default("settings"))
+        self.set_reactive(ChatScreen.settings, self.default_settings)
+        self.session.system_prompt = store.default("system_prompt")
         self.set_reactive(ChatScreen.thinking, thinking)
         self.chat_id: int | None = None
         self.title_text = "New chat"
@@ -92,6 +97,7 @@ class ChatScreen(Screen):
     def on_mount(self) -> None:
         self.query_prompt().set_inputs(self.store.recent_inputs())
         self.watch_thinking(self.thinking)
+        self.log_view.show_system_prompt(self.session.system_prompt)
         self.query_prompt().focus()
         self.app.chat_mounted()
 
@@ -110,12 +116,16 @@ class ChatScreen(Screen):
         self.query_one(LoadingPanel).done()
         self.context_used = self.session.context_tokens()
         self.engine = engine
+        self.log_view.show_welcome(
+            f"{model_name(engine)} on {device_name(engine)}. Enter sends · Esc stops · Ctrl+T thinking · "
+            "Ctrl+O chats · Ctrl+S settings · /help: all keys and commands"
+        )
         if self.thinking and not self.session.supports_thinking:
             self.set_thinking(True)  # says that this model has none
         self.watch_thinking(self.thinking)
         if self.unanswered():
             # Sent while the model loaded: answer it now.
-            self.call_later(self._start, None)
+            self.call_later(self.start_answer)
 
     def engine_failed(self, error: str, hint: str) -> None:
         self.load_failed = True
@@ -169,9 +179,10 @@ class ChatScreen(Screen):
         if not text.strip():
             return
         prompt = self.query_prompt()
-        if text.startswith("/") and await run_command(self, text.strip()):
+        if find_command(text.strip().partition(" ")[0]):
             prompt.remember(text)
-            prompt.clear()
+            prompt.clear()  # (before it runs: /edit fills the input box)
+            await run_command(self, text.strip())
             return
         if self.generating or self.load_failed or (self.engine is None and self.unanswered()):
             self.busy()
@@ -188,7 +199,7 @@ class ChatScreen(Screen):
         await self.log_view.add(UserMessage(message))
         self.refresh_bindings()
         if self.engine is not None:  # else stored and shown; answered once the model is loaded
-            await self._start(None)
+            await self.start_answer()
 
     def _ensure_chat(self, first_text: str) -> None:
         if self.chat_id is None:
@@ -196,7 +207,7 @@ class ChatScreen(Screen):
             model = self.engine.info.checkpoint if self.engine else ""
             self.chat_id = self.store.create_chat(self.title_text, self.session.system_prompt, self.session.thinking, model)
 
-    async def _start(self, continuing: AssistantMessage | None) -> None:
+    async def start_answer(self, continuing: AssistantMessage | None = None) -> None:
         if continuing is None:
             self.current = AssistantMessage(streaming=True)
             await self.log_view.add(self.current)
@@ -215,14 +226,22 @@ class ChatScreen(Screen):
         with self.engine_lock:
             generate_reply(self.session, self.settings, continuing, self.post_message, lambda: worker.is_cancelled)
 
+    @on(PrefillProgress)
+    def _prefill_progress(self, event: PrefillProgress) -> None:
+        self.live = f"prefill {event.done}/{event.total} tok"
+        if self.current is not None and self.current.message is None:
+            self.current.note.update(f"reading the prompt: {event.done} of {event.total} tokens…")
+
     @on(Pieces)
     async def _pieces(self, event: Pieces) -> None:
+        self.live = f"{event.generated} tok, {event.tok_s:.1f} tok/s"
         widget = self.current
         if widget is None:
             return
         message = event.message
         if widget.message is None:
             widget.message = message
+            widget.set_status("streaming-live")  # (the note said how far the prefill was)
         if message.id is None:
             self.store.add_message(self.chat_id, message)
             self.log_view.track(widget)
@@ -235,6 +254,7 @@ class ChatScreen(Screen):
     @on(Finished)
     async def _finished(self, event: Finished) -> None:
         widget, self.current = self.current, None
+        self.live = ""
         message = event.message
         if message is None:
             # Nothing was generated (a prompt too long, an error before the first token).
@@ -260,65 +280,21 @@ class ChatScreen(Screen):
             self.context_used = self.session.context_tokens()
         self.generating = False
         if event.reason == "context":
-            self.offer_context_relief("The context is full: the answer was stopped.")
+            offer_context_relief(self, "The context is full: the answer was stopped.")
 
     @on(ContextFull)
     def _context_full(self, event: ContextFull) -> None:
-        self.offer_context_relief(f"The conversation does not fit the model's context ({event.text}).")
-
-    # --- context ---
-
-    def offer_context_relief(self, text: str) -> None:
-        def chosen(choice: str | None) -> None:
-            if choice == "drop":
-                self.run_worker(self.drop_to_fit(), group="ui", exclusive=True)
-            elif choice == "new":
-                # The message that did not fit goes to the new chat's input box, before anything
-                # typed since (it stays in the old chat too).
-                prompt = self.query_prompt()
-                pending = self.session.messages[-1].content if self.unanswered() else ""
-                self.run_worker(self.new_chat(), group="ui")
-                if pending:
-                    prompt.load_text(pending + (f"\n{prompt.text}" if prompt.text.strip() else ""))
-
-        self.app.push_screen(
-            ChoiceScreen(
-                "Context full",
-                f"{text}\nDrop the oldest turns (they stay in the history, dimmed) or start a new chat.",
-                [("drop", "Drop oldest turns", "d"), ("new", "New chat", "n"), ("keep", "Cancel", "c")],
-                typing_to=self.query_prompt(),
-            ),
-            chosen,
-        )
-
-    async def drop_to_fit(self, at_least_one: bool = False) -> None:
-        """Drop the oldest turns until the prompt leaves room for an answer, then go on."""
-        size = self.engine.config.context_length
-        room = min(self.settings.max_new_tokens, size // 4)
-        dropped: list[ChatMessage] = []
-        while (at_least_one and not dropped) or len(self.session.prompt_ids()) + room > size:
-            removed = self.session.drop_oldest_turn()
-            if not removed:
-                break
-            dropped += removed
-        if not dropped:
-            self.notify("Nothing left to drop: only the last message is in the context", severity="warning")
-            return
-        self.store.drop_from_context(dropped)
-        self.log_view.mark_dropped(dropped)
-        self.context_used = self.session.context_tokens()
-        self.notify(f"Dropped {len(dropped)} message{'s' * (len(dropped) != 1)} from the context", timeout=3)
-        if self.unanswered() and not self.generating:
-            await self._start(None)
+        offer_context_relief(self, f"The conversation does not fit the model's context ({event.text}).")
 
     # --- chats ---
 
     async def new_chat(self) -> None:
         self.session.clear()
-        self.session.system_prompt = None
+        self.session.system_prompt = self.store.default("system_prompt")
+        self.settings = self.default_settings
         self.chat_id, self.title_text = None, "New chat"
         await self.log_view.clear()
-        self.log_view.show_system_prompt(None)
+        self.log_view.show_system_prompt(self.session.system_prompt)
         self.context_used, self.stats = 0, None
         self.refresh_bindings()
 
@@ -330,6 +306,7 @@ class ChatScreen(Screen):
         chat = self.store.load_chat(chat_id)
         await self.new_chat()
         self.chat_id, self.title_text = chat.id, chat.title
+        self.settings = self.default_settings.updated(chat.settings)
         self.session.system_prompt = chat.system_prompt
         self.log_view.show_system_prompt(chat.system_prompt)
         self.session.messages = [m for m in chat.messages if m.in_context]
@@ -363,6 +340,7 @@ class ChatScreen(Screen):
         if text == self.session.system_prompt:
             return
         self.session.system_prompt = text
+        self.store.set_default("system_prompt", text)
         if self.chat_id is not None:
             self.store.set_system_prompt(self.chat_id, text)
         self.log_view.show_system_prompt(text)
@@ -381,13 +359,13 @@ class ChatScreen(Screen):
         if self.busy():
             return
         if self.unanswered():
-            await self._start(None)
+            await self.start_answer()
             return
         widget = self.log_view.widget_for(self._continuable())
         if not isinstance(widget, AssistantMessage):
             self.notify("There is no stopped answer to continue", timeout=3)
             return
-        await self._start(widget)
+        await self.start_answer(widget)
 
     async def action_new_chat(self) -> None:
         if not self.generating:
@@ -410,8 +388,11 @@ class ChatScreen(Screen):
     def action_settings(self) -> None:
         def saved(settings: Settings | None) -> None:
             if settings is not None:
-                self.settings = settings
-                self.notify("Settings saved: they apply from the next answer", timeout=3)
+                self.settings = self.default_settings = settings
+                self.store.set_default("settings", settings.to_dict())
+                if self.chat_id is not None:
+                    self.store.set_settings(self.chat_id, settings.to_dict())
+                self.notify("Settings saved for this chat and new ones: they apply from the next answer", timeout=3)
 
         self.app.push_screen(SettingsScreen(self.settings), saved)
 
@@ -442,7 +423,7 @@ class ChatScreen(Screen):
 
     async def action_drop_oldest(self) -> None:
         if not self.busy():
-            await self.drop_to_fit(at_least_one=True)
+            await drop_to_fit(self, at_least_one=True)
 
     def keep_partial_answer(self) -> None:
         """Store what was generated: on quitting, the worker may not get to post its Finished."""

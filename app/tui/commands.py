@@ -12,6 +12,7 @@ from textual.app import SystemCommand
 
 from .export import chat_markdown
 from .screens import HelpScreen, InputScreen
+from .turns import edit_last, regenerate
 
 if TYPE_CHECKING:
     from .chat_screen import ChatScreen
@@ -63,6 +64,8 @@ COMMANDS = [
     Command("/chats", "stored chats: open, rename, delete, export", lambda s, a: s.action_history(), ("/history",)),
     Command("/export [file.md]", "write this chat as Markdown", _export),
     Command("/continue", "go on with a stopped answer", lambda s, a: s.action_continue()),
+    Command("/retry", "answer the last message again, in place of the last answer", lambda s, a: regenerate(s), ("/regenerate",)),
+    Command("/edit", "put the last message back in the input box to change and send again", lambda s, a: edit_last(s)),
     Command("/drop", "take the oldest turn out of the context", lambda s, a: s.action_drop_oldest()),
     Command("/help", "this list", lambda s, a: show_help(s)),
     Command("/quit", "quit", lambda s, a: s.app.action_quit()),
@@ -98,6 +101,8 @@ def system_commands(screen: ChatScreen) -> Iterable[SystemCommand]:
     yield SystemCommand("Toggle thinking", "Reason before answering, from the next answer (ctrl+t)", screen.action_toggle_thinking)
     yield SystemCommand("New chat", "Start an empty conversation (ctrl+n)", screen.action_new_chat)
     yield SystemCommand("Continue the answer", "Go on with a stopped answer (ctrl+r)", screen.action_continue)
+    yield SystemCommand("Regenerate the answer", "Answer the last message again (/retry)", lambda: screen.run_worker(regenerate(screen)))
+    yield SystemCommand("Edit the last message", "Change it and send it again (/edit)", lambda: screen.run_worker(edit_last(screen)))
     yield SystemCommand("Stop generating", "Keep what was generated so far (esc, ctrl+c)", screen.action_stop)
     yield SystemCommand("Chats", "Browse, resume, rename and delete stored chats (ctrl+o)", screen.action_history)
     yield SystemCommand("Settings", "Temperature, top-p, top-k, max tokens (ctrl+s)", screen.action_settings)

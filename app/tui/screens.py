@@ -328,6 +328,7 @@ class HistoryScreen(ModalScreen[int | None]):
         table.add_column("Messages", key="messages")
         table.add_column("Last used", key="updated")
         self.reload()
+        self._start_on_previous_chat()
 
     def reload(self) -> None:
         table = self.query_one(DataTable)
@@ -338,6 +339,13 @@ class HistoryScreen(ModalScreen[int | None]):
             updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(chat.updated))
             table.add_row(marker + chat.title, str(chat.messages), updated, key=str(chat.id))
         self.query_one("#history-empty", Static).update("" if chats else "No stored chats yet.")
+
+    def _start_on_previous_chat(self) -> None:
+        """Start on the newest chat that is not the one open (Enter would only reopen that)."""
+        table = self.query_one(DataTable)
+        others = [i for i, chat in enumerate(self.store.chats()) if chat.id != self.current]
+        if others:
+            table.move_cursor(row=others[0])
 
     def selected(self) -> int | None:
         table = self.query_one(DataTable)

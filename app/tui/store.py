@@ -10,6 +10,7 @@ synchronous=FULL: what was committed survives the process being killed.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
@@ -46,6 +47,11 @@ MIGRATIONS = [
     );
     CREATE INDEX messages_by_chat ON messages(chat_id, id);
     """,
+    """
+    -- A chat's sampling settings as JSON (NULL: the defaults); the defaults for new chats.
+    ALTER TABLE chats ADD COLUMN settings TEXT;
+    CREATE TABLE defaults (name TEXT PRIMARY KEY, value TEXT);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -81,6 +87,7 @@ class StoredChat:
     system_prompt: str | None
     thinking: bool
     messages: list[ChatMessage] = field(default_factory=list)
+    settings: dict | None = None  # temperature, top_p, top_k, max_new_tokens; None: the defaults
 
 
 class StoreError(Exception):
@@ -143,10 +150,10 @@ class ChatStore:
         return row[0] if row else None
 
     def load_chat(self, chat_id: int) -> StoredChat:
-        row = self.db.execute("SELECT id, title, system_prompt, thinking FROM chats WHERE id = ?", (chat_id,)).fetchone()
+        row = self.db.execute("SELECT id, title, system_prompt, thinking, settings FROM chats WHERE id = ?", (chat_id,)).fetchone()
         if row is None:
             raise StoreError(f"no chat {chat_id}")
-        chat = StoredChat(row[0], row[1], row[2], bool(row[3]))
+        chat = StoredChat(row[0], row[1], row[2], bool(row[3]), settings=_json(row[4]))
         for mid, role, content, status, in_context in self.db.execute(
             "SELECT id, role, content, status, in_context FROM messages WHERE chat_id = ? ORDER BY id", (chat_id,)
         ):
@@ -164,6 +171,19 @@ class ChatStore:
 
     def set_thinking(self, chat_id: int, thinking: bool) -> None:
         self.db.execute("UPDATE chats SET thinking = ? WHERE id = ?", (int(thinking), chat_id))
+
+    def set_settings(self, chat_id: int, settings: dict) -> None:
+        self.db.execute("UPDATE chats SET settings = ? WHERE id = ?", (json.dumps(settings), chat_id))
+
+    # --- defaults for new chats ---
+
+    def default(self, name: str):
+        """A default stored with set_default (JSON values), or None."""
+        row = self.db.execute("SELECT value FROM defaults WHERE name = ?", (name,)).fetchone()
+        return _json(row[0]) if row else None
+
+    def set_default(self, name: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO defaults (name, value) VALUES (?, ?)", (name, json.dumps(value)))
 
     # --- messages ---
 
@@ -193,3 +213,11 @@ class ChatStore:
         """The user's last messages over all chats, oldest first (the input box's history)."""
         rows = self.db.execute("SELECT content FROM messages WHERE role = 'user' ORDER BY id DESC LIMIT ?", (limit,))
         return [r[0] for r in rows][::-1]
+
+
+def _json(text: str | None):
+    """A stored JSON value; None for NULL or for text this version cannot read."""
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None

@@ -8,6 +8,7 @@ bursts (at most every BURST_S), checks `is_cancelled` after every token, and end
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +29,24 @@ PROGRESS_S = 0.1  # prefill progress is posted at most this often
 class Settings:
     sampling: SamplingParams
     max_new_tokens: int
+
+    def to_dict(self) -> dict:
+        s = self.sampling
+        return {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "max_new_tokens": self.max_new_tokens}
+
+    def updated(self, stored: dict | None) -> Settings:
+        """These settings with the stored ones over them; unchanged when those are not valid."""
+        if not stored:
+            return self
+        try:
+            sampling = dataclasses.replace(
+                self.sampling, temperature=float(stored["temperature"]), top_p=stored["top_p"], top_k=stored["top_k"]
+            ).validate()
+            max_new_tokens = int(stored["max_new_tokens"])
+        except (KeyError, TypeError, ValueError):
+            return self
+        ok = math.isfinite(sampling.temperature) and sampling.temperature >= 0 and max_new_tokens >= 1
+        return Settings(sampling, max_new_tokens) if ok else self
 
 
 def generate_reply(
