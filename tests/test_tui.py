@@ -803,7 +803,13 @@ async def test_help_is_a_screen_that_stays_until_closed(tmp_path):
         await ready(pilot)
         await send(pilot, "/help")
         assert isinstance(app.screen, HelpScreen)
-        text = str(app.screen.query_one("#help-text").render())
+        import io
+
+        from rich.console import Console
+
+        console = Console(width=80, record=True, file=io.StringIO())
+        console.print(app.screen.table())
+        text = console.export_text()
         for shown in ("/system [text]", "/export [file.md]", "Ctrl+T", "thinking on or off", "Ctrl+O", "Shift+Enter"):
             assert shown in text
         await pilot.pause(0.5)

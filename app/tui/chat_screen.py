@@ -84,7 +84,7 @@ class ChatScreen(Screen):
         yield ChatLog(id="chat-log")
         yield PromptInput(
             id="prompt",
-            placeholder="Message SmolLM (Enter sends, Shift+Enter or Ctrl+J: new line, /help: commands)",
+            placeholder="Message SmolLM · Enter sends · Shift+Enter: new line · /help",
         )
         with Horizontal(id="bar"):
             yield Static("", id="mode")
@@ -92,7 +92,8 @@ class ChatScreen(Screen):
                 ChatScreen.engine, ChatScreen.load_failed, ChatScreen.context_used,
                 ChatScreen.stats, ChatScreen.settings, ChatScreen.live,
             )
-        yield ChatFooter()
+        # Compact, and without the palette's key (/help lists Ctrl+P): the keys fit 66 columns.
+        yield ChatFooter(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self.query_prompt().set_inputs(self.store.recent_inputs())

@@ -74,7 +74,8 @@ COMMANDS = [
 
 def show_help(screen: ChatScreen) -> None:
     def key(name: str) -> str:
-        return "+".join(part.capitalize() if len(part) > 1 else part.upper() for part in name.split("+"))
+        parts = name.replace("escape", "esc").split("+")
+        return "+".join(part.capitalize() if len(part) > 1 else part.upper() for part in parts)
 
     keys = OTHER_KEYS[:3] + [(key(b.key), b.tooltip or b.description) for b in screen.BINDINGS] + OTHER_KEYS[3:]
     screen.app.push_screen(HelpScreen(keys, [(c.usage, c.help) for c in COMMANDS]))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+from rich.table import Table
+from rich.text import Text
 from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.markup import escape
@@ -259,13 +261,24 @@ class HelpScreen(ModalScreen[None]):
         self.commands = commands
 
     def compose(self) -> ComposeResult:
-        width = max(len(k) for k, _ in self.keys + self.commands) + 2
-        lines = ["Keys", *(f"  {k:<{width}}{what}" for k, what in self.keys), "", "Commands"]
-        lines += [f"  {usage:<{width}}{what}" for usage, what in self.commands]
         with Vertical(id="help-box", classes="dialog"):
             yield Label("Help", classes="dialog-title")
-            yield Static("\n".join(lines), id="help-text", markup=False)
+            with VerticalScroll():
+                yield Static(self.table(), id="help-text")
         yield Footer()
+
+    def table(self) -> Table:
+        """Keys, then commands, in two columns; the descriptions wrap in theirs (plain Text: a
+        `[text]` in a command's usage is shown, not taken for markup)."""
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True)
+        grid.add_column()
+        for heading, rows in (("Keys", self.keys), ("Commands", self.commands)):
+            grid.add_row(Text(heading, style="bold"), "")
+            for name, what in rows:
+                grid.add_row(Text(name), Text(what))
+            grid.add_row("", "")
+        return grid
 
     def action_close(self) -> None:
         self.dismiss(None)

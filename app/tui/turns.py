@@ -71,6 +71,7 @@ async def remove_last(screen: ChatScreen, role: str) -> ChatMessage | None:
             screen.store.delete_message(m.id)
     await screen.log_view.remove_messages(removed)
     screen.context_used = screen.session.context_tokens()
+    screen.stats = None  # they were the removed answer's
     screen.refresh_bindings()
     return removed[0]
 
