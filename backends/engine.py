@@ -109,7 +109,8 @@ class Engine:
     ) -> Any:
         """Feed the prompt, reusing the KV cache for the longest common prefix; return the last logits.
 
-        progress(done, total) is called after each chunk, with the prompt tokens computed so far."""
+        progress(done, total) is called before the first chunk and after each, with the prompt
+        tokens computed so far."""
         reuse = 0
         for a, b in zip(self.cached_ids, prompt_ids[:-1]):  # always recompute the last token for its logits
             if a != b:
@@ -120,6 +121,8 @@ class Engine:
         step = 1 if split_prompt else PREFILL_CHUNK
         logits = None
         with self.tracer.span("prefill", tokens=len(todo), reused=reuse):
+            if progress is not None:
+                progress(0, len(todo))
             for start in range(0, len(todo), step):
                 chunk = todo[start : start + step]
                 logits = self.forward(chunk, reuse + start, last_only=True)

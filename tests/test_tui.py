@@ -847,7 +847,10 @@ def test_the_worker_posts_prefill_progress_per_chunk_and_live_speeds(tmp_path):
     posted = []
     generate_reply(session, Settings(GREEDY, 50), False, posted.append, lambda: False)
     progress = [(m.done, m.total) for m in posted if isinstance(m, PrefillProgress)]
-    assert progress[0] == (PREFILL_CHUNK, total) and progress[-1] == (total, total) and total > 2 * PREFILL_CHUNK
+    assert progress[0] == (0, total) and progress[-1] == (total, total) and total > 2 * PREFILL_CHUNK
+    calls = []
+    engine.prefill(session.prompt_ids(), progress=lambda done, todo: calls.append((done, todo)))
+    assert calls == [(0, 1), (1, 1)]  # all but the last token from the cache
     pieces = [m for m in posted if isinstance(m, Pieces)]
     assert pieces[-1].generated == engine.stats.generated_tokens and pieces[-1].tok_s == engine.stats.decode_tok_s
     assert isinstance(posted[-1], Finished) and posted[-1].stats.prompt_tokens == total
