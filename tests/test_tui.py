@@ -843,13 +843,14 @@ def test_the_worker_posts_prefill_progress_per_chunk_and_live_speeds(tmp_path):
     engine = ScriptedEngine(["one two three four five"])
     session = ChatSession(engine)
     session.messages.append(ChatMessage("user", "word " * 1200))
-    total = len(session.prompt_ids())
+    prompt = session.prompt_ids()
+    total = len(prompt)
     posted = []
     generate_reply(session, Settings(GREEDY, 50), False, posted.append, lambda: False)
     progress = [(m.done, m.total) for m in posted if isinstance(m, PrefillProgress)]
     assert progress[0] == (0, total) and progress[-1] == (total, total) and total > 2 * PREFILL_CHUNK
     calls = []
-    engine.prefill(session.prompt_ids(), progress=lambda done, todo: calls.append((done, todo)))
+    engine.prefill(prompt, progress=lambda done, todo: calls.append((done, todo)))
     assert calls == [(0, 1), (1, 1)]  # all but the last token from the cache
     pieces = [m for m in posted if isinstance(m, Pieces)]
     assert pieces[-1].generated == engine.stats.generated_tokens and pieces[-1].tok_s == engine.stats.decode_tok_s
