@@ -14,7 +14,8 @@ import backends
 from app.session import ChatMessage
 from app.tui.app import ChatApp
 from app.tui.chat_log import ChatLog
-from app.tui.screens import ChoiceScreen, HistoryScreen, InputScreen, SettingsScreen, SystemPromptScreen
+from app.tui.dialogs import ChoiceScreen, InputScreen
+from app.tui.screens import HistoryScreen, SettingsScreen, SystemPromptScreen
 from app.tui.status import status_text
 from app.tui.store import ChatStore
 from app.tui.worker import Settings
@@ -796,7 +797,7 @@ async def test_the_status_line_never_shows_another_chats_numbers(tmp_path):
 
 
 async def test_help_is_a_screen_that_stays_until_closed(tmp_path):
-    from app.tui.screens import HelpScreen
+    from app.tui.dialogs import HelpScreen
 
     app = make_app(tmp_path, ScriptedEngine(["x"]))
     async with app.run_test(size=SIZE) as pilot:

@@ -21,12 +21,13 @@ from textual.worker import get_current_worker
 
 from backends import Engine, GenerationStats
 
-from ..session import ChatMessage, ChatSession, split_thinking
-from .commands import export_chat, find_command, run_command
+from ..session import ChatMessage, ChatSession
+from .commands import find_command, run_command
 from .turns import drop_to_fit, offer_context_relief
 from .messages import ContextFull, Finished, Pieces, PrefillProgress
 from .chat_log import ChatLog
-from .screens import HistoryScreen, copy_code_block, SettingsScreen, SystemPromptScreen
+from .dialogs import copy_code_block
+from .screens import HistoryScreen, SettingsScreen, SystemPromptScreen
 from .status import StatusLine, device_name, model_name
 from .store import ChatStore
 from .textual_compat import ChatFooter
@@ -407,20 +408,6 @@ class ChatScreen(Screen):
     def action_copy_code(self) -> None:
         last = self.session.last_answer()
         copy_code_block(self, last.content if last else "")
-
-    def action_copy_answer(self) -> None:
-        last = self.session.last_answer()
-        if last is None:
-            self.notify("No answer to copy yet", timeout=2)
-            return
-        self.app.copy_to_clipboard(split_thinking(last.content)[1].strip())
-        self.notify("Answer copied", timeout=2)
-
-    def action_export(self) -> None:
-        if self.chat_id is None:
-            self.notify("Nothing to export yet", timeout=2)
-            return
-        export_chat(self, self.chat_id)
 
     async def action_drop_oldest(self) -> None:
         if not self.busy():

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 from textual.app import SystemCommand
 
+from ..session import split_thinking
 from .export import chat_markdown
-from .screens import HelpScreen, InputScreen
+from .dialogs import HelpScreen, InputScreen
 from .turns import edit_last, regenerate
 
 if TYPE_CHECKING:
@@ -108,10 +109,19 @@ def system_commands(screen: ChatScreen) -> Iterable[SystemCommand]:
     yield SystemCommand("Chats", "Browse, resume, rename and delete stored chats (ctrl+o)", screen.action_history)
     yield SystemCommand("Settings", "Temperature, top-p, top-k, max tokens (ctrl+s)", screen.action_settings)
     yield SystemCommand("Edit system prompt", "Instructions for this chat (ctrl+g)", screen.action_system_prompt)
-    yield SystemCommand("Export chat as Markdown", "Write this chat to a .md file", screen.action_export)
-    yield SystemCommand("Copy last answer", "To the clipboard", screen.action_copy_answer)
+    yield SystemCommand("Export chat as Markdown", "Write this chat to a .md file", lambda: _export(screen, ""))
+    yield SystemCommand("Copy last answer", "To the clipboard", lambda: copy_answer(screen))
     yield SystemCommand("Copy code block", "From the last answer (ctrl+b)", screen.action_copy_code)
     yield SystemCommand("Drop oldest turn", "Free context: the turn stays in the history", screen.action_drop_oldest)
+
+
+def copy_answer(screen: ChatScreen) -> None:
+    last = screen.session.last_answer()
+    if last is None:
+        screen.notify("No answer to copy yet", timeout=2)
+        return
+    screen.app.copy_to_clipboard(split_thinking(last.content)[1].strip())
+    screen.notify("Answer copied", timeout=2)
 
 
 def slug(text: str) -> str:

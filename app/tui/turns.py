@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..session import ChatMessage
-from .screens import ChoiceScreen
+from .dialogs import ChoiceScreen
 
 if TYPE_CHECKING:
     from .chat_screen import ChatScreen

@@ -14,7 +14,7 @@ from textual.widgets.markdown import MarkdownStream
 
 from ..session import ChatMessage, has_open_think, split_thinking
 from .markdown import chat_parser, close_open_fence, visible
-from .screens import copy_code_block
+from .dialogs import copy_code_block
 
 # What a stored status means to the reader, and whether ctrl+r can go on from it.
 STATUS_NOTES = {
