@@ -623,7 +623,7 @@ async def test_history_screen_opens_renames_and_deletes_chats(tmp_path):
     a = store.create_chat("About cats")
     store.add_message(a, ChatMessage("user", "Cats?"))
     store.add_message(a, ChatMessage("assistant", "Cats are **great**."))
-    b = store.create_chat("About dogs")
+    b = store.create_chat("About [b]dogs[/b]")
     store.add_message(b, ChatMessage("user", "Dogs?"))
     store.close()
     app = make_app(tmp_path)
@@ -633,14 +633,15 @@ async def test_history_screen_opens_renames_and_deletes_chats(tmp_path):
         await pilot.pause()
         assert isinstance(app.screen, HistoryScreen)
         table = app.screen.query_one("#chats")
-        assert table.row_count == 2 and table.get_row_at(0)[0] == "About dogs"
+        assert table.row_count == 2 and str(table.get_row_at(0)[0]) == "About [b]dogs[/b]"
+        assert "[b]dogs[/b]" in app.export_screenshot()  # shown as typed, not taken for markup
         await pilot.press("r")
         await pilot.pause()
         assert isinstance(app.screen, InputScreen)
         app.screen.query_one("#value").value = "Dogs, renamed"
         await pilot.press("enter")
         await pilot.pause()
-        assert table.get_row_at(0)[0] == "Dogs, renamed"
+        assert str(table.get_row_at(0)[0]) == "Dogs, renamed"
         await pilot.press("d")
         await pilot.pause(ChoiceScreen.ARM_S)
         await pilot.press("y")
@@ -751,8 +752,9 @@ async def test_an_answer_stopped_inside_a_code_fence_is_closed_on_screen_and_in_
         await ready(pilot)
         await send(pilot, "Code?")
         assert answers(app)[0].answer.source == "Here:\n\n```python\nprint(1)\n```"
-        out = tmp_path / "chat.md"
+        out = tmp_path / "[chat].md"
         await send(pilot, f"/export {out}")
+        assert f": Exported to {out}" in notices(app)  # the brackets shown, not taken for markup
     assert "```python\nprint(1)\n```\n" in out.read_text()
 
 
@@ -927,7 +929,7 @@ async def test_the_chat_list_starts_on_the_previous_chat(tmp_path):
         await pilot.press("ctrl+o")
         await pilot.pause()
         table = app.screen.query_one("#chats")
-        assert table.get_row_at(table.cursor_row)[0] == "First chat"
+        assert str(table.get_row_at(table.cursor_row)[0]) == "First chat"
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.chat.chat_id == first, what="the first chat")
 

@@ -73,7 +73,7 @@ class ChatApp(App[int]):
 
     def on_mount(self) -> None:
         if self.store_error:
-            self.notify(self.store_error, severity="error", timeout=10)
+            self.notify(self.store_error, severity="error", timeout=10, markup=False)
         if self.catch_sigint:
             try:
                 asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._sigint)

@@ -263,7 +263,7 @@ class ChatScreen(Screen):
             if widget is not None:
                 await widget.remove()
             if event.error:
-                self.notify(event.error, title="Generation failed", severity="error", timeout=8)
+                self.notify(event.error, title="Generation failed", severity="error", timeout=8, markup=False)
         else:
             if message.status == "streaming":  # the worker ended before the session did
                 message.status = "stopped"

@@ -138,9 +138,9 @@ def export_chat(screen: ChatScreen, chat_id: int, path: str | None = None) -> No
         try:
             file.write_text(chat_markdown(chat), encoding="utf-8")
         except OSError as e:
-            screen.notify(f"Cannot write {file}: {e.strerror or e}", severity="error")
+            screen.notify(f"Cannot write {file}: {e.strerror or e}", severity="error", markup=False)
             return
-        screen.notify(f"Exported to {file}", timeout=4)
+        screen.notify(f"Exported to {file}", timeout=4, markup=False)
 
     if path is not None:
         write(path)

@@ -148,7 +148,7 @@ class CodeBlockScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Copy which code block?", classes="dialog-title")
-            yield OptionList(*(self._preview(i, b) for i, b in enumerate(self.blocks)), id="blocks")
+            yield OptionList(*(Text(self._preview(i, b)) for i, b in enumerate(self.blocks)), id="blocks")
 
     @staticmethod
     def _preview(i: int, block: str) -> str:

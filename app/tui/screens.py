@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -201,7 +202,7 @@ class HistoryScreen(ModalScreen[int | None]):
         for chat in chats:
             marker = "● " if chat.id == self.current else ""
             updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(chat.updated))
-            table.add_row(marker + chat.title, str(chat.messages), updated, key=str(chat.id))
+            table.add_row(Text(marker + chat.title), str(chat.messages), updated, key=str(chat.id))  # Text: no markup
         self.query_one("#history-empty", Static).update("" if chats else "No stored chats yet.")
 
     def _start_on_previous_chat(self) -> None:

@@ -261,7 +261,7 @@ class LoadingPanel(Vertical):
         self.capturing = False  # the app sends what is printed here while it loads
 
     def compose(self):
-        yield Label(f"Loading {self.model_label}", id="loading-title")
+        yield Label(f"Loading {self.model_label}", id="loading-title", markup=False)
         yield LoadingIndicator(id="loading-indicator")
         yield Static("", id="loading-step", markup=False)
         yield Static("", id="loading-error", markup=False)
