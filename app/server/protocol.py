@@ -137,7 +137,7 @@ def _number(body: dict, name: str, low: float, high: float, low_open: bool = Fal
     try:
         value = float(value)
     except OverflowError:  # an integer past float range: out of any range below
-        value = math.copysign(math.inf, value)
+        value = (math.inf if value > 0 else -math.inf)
     if not (low < value if low_open else low <= value) or value > high:
         raise _bad(name, f"must be in {'(' if low_open else '['}{low}, {high}], got {_short(value)}")
     return value
