@@ -28,6 +28,7 @@ class ScriptedEngine(TorchEngine):
         self.prompts: list[list[int]] = []  # what each generate call was asked to continue
         self.sampled = 0  # sample() calls, over all generations
         self.delay_s = 0.0  # per sampled token: a slow "model" for queue and disconnect tests
+        self.compute = True  # False: no forward passes at all (the fuzz test's fast engine)
         self._script: list[int] = []
 
     def say(self, *texts: str) -> None:
@@ -38,6 +39,9 @@ class ScriptedEngine(TorchEngine):
         self._script = self.scripts.pop(0) if self.scripts else []
         self.prompts.append(list(prompt_ids))
         return super().generate(prompt_ids, max_new_tokens, sampling, split_prompt)
+
+    def forward(self, ids, pos, last_only):
+        return super().forward(ids, pos, last_only) if self.compute else None
 
     def sample(self, logits, history, params):
         self.sampled += 1
