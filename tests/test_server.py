@@ -259,6 +259,19 @@ async def test_requests_queue_in_order_and_a_full_queue_is_429(engine):
     engine.delay_s = 0.0
 
 
+def test_a_client_that_leaves_before_a_whole_reply_stops_the_engine(url, engine):
+    engine.compute, engine.delay_s = False, 0.02  # no prefill to wait for: the 1 s timeout falls mid-reply
+    engine.say(" ".join(["word"] * 400))
+    start = engine.sampled
+    with pytest.raises(httpx.ReadTimeout):
+        chat(url, timeout=1.0, reasoning_effort="none")
+    time.sleep(0.2)
+    at_close = engine.sampled
+    time.sleep(0.5)
+    assert 10 < at_close - start < 400 and engine.sampled - at_close <= 1
+    engine.compute, engine.delay_s, engine.cached_ids = True, 0.0, []  # the cache holds no real keys now
+
+
 def test_a_client_that_leaves_mid_stream_stops_the_engine_within_a_token(url, engine):
     engine.say(" ".join(["word"] * 400), "Next.")
     engine.delay_s = 0.02

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from backends import Engine, SamplingParams, SmolLMError
 
 from .prompts import chat_prompt
-from .protocol import ApiError, ChatRequest, CompletionRequest, parse_chat, parse_completion, parse_json_body
+from .protocol import ApiError, CompletionRequest, parse_chat, parse_completion, parse_json_body
 from .reply import Job, Outcome
 from .toolcalls import ToolCall
 from .worker import EngineWorker, QueueFull, Ticket
@@ -60,7 +60,6 @@ def create_app(engine: Engine, config: ServerConfig, log: Callable[[str], None] 
     app = Starlette(routes=routes, exception_handlers={  # unknown paths, wrong methods
         HTTPException: lambda request, e: error_response(ApiError(e.status_code, str(e.detail))),
     })
-    app.state.api = api
     return RequestLog(app, log)
 
 
@@ -205,6 +204,7 @@ class Api:
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         if req.stream:
             return EventSourceResponse(self.stream(request, ticket, shape, req.include_usage), sep="\n")
+        request.scope["smollm3.log"] = " client left"  # replaced when the reply is done
         watcher = asyncio.create_task(cancel_on_disconnect(request, ticket))
         try:
             events = []
@@ -221,6 +221,7 @@ class Api:
             ticket.cancel()
 
     async def stream(self, request: Request, ticket: Ticket, shape: "Shape", include_usage: bool):
+        request.scope["smollm3.log"] = " client left mid-stream"  # replaced when the reply is done
         try:
             yield shape.data(shape.first())
             while True:
@@ -337,5 +338,3 @@ class CompletionShape(Shape):
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return self.envelope(self.chunk_name, [choice], **extra)
 
-
-__all__ = ["ChatRequest", "ServerConfig", "create_app"]

@@ -36,7 +36,7 @@ def build_serve_parser():
     return p
 
 
-def check_serve_flags(args, parser) -> None:
+def check_serve_flags(args) -> None:
     check_flags(args)
     for name in NOT_FOR_SERVE:
         if getattr(args, name) not in (None, False):
@@ -81,7 +81,7 @@ def serve_main(argv: list[str]) -> int:
     parser = build_serve_parser()
     try:
         args = parser.parse_args(argv)
-        check_serve_flags(args, parser)
+        check_serve_flags(args)
         defaults = sampling_from(args)
         sock = listen(args.host, args.port)
         engine, _ = load_engine(args, Tracer())
