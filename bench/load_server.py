@@ -50,7 +50,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(engine: str, model: str, port: int, threads: int) -> subprocess.Popen:
+def start_server(engine: str, model: str, port: int, threads: int, server_deps: str | None) -> subprocess.Popen:
     if engine == "smollm3":
         cmd = [sys.executable, "-m", "app", "serve", "--model-path", model, "--port", str(port),
                "--max-queue", "256"]
@@ -61,6 +61,8 @@ def start_server(engine: str, model: str, port: int, threads: int) -> subprocess
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(port), "--n_ctx", "8192",
                "--n_threads", str(threads), "--n_threads_batch", str(threads)]
         env = env_with("llamacpp")
+        if server_deps:
+            env["PYTHONPATH"] = os.pathsep.join([server_deps, env["PYTHONPATH"]])
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -133,7 +135,7 @@ def pct(values: list[float], q: float) -> float:
 async def run(args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.engine, args.model_path, port, args.threads)
+    proc = start_server(args.engine, args.model_path, port, args.threads, args.server_deps)
     try:
         model = wait_ready(url, proc)
         server = psutil.Process(proc.pid)
@@ -183,6 +185,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--replay", type=int, default=4, help="first-round conversations replayed alone to compare")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
+    p.add_argument("--server-deps", help="llamacpp: a `pip install --target` directory with llama_cpp.server's own "
+                   "packages (--no-deps: 'fastapi<0.136' pydantic-settings 'starlette-context<0.4' python-dotenv)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
