@@ -29,6 +29,7 @@ class ScriptedEngine(TorchEngine):
         self.sampled = 0  # sample() calls, over all generations
         self.delay_s = 0.0  # per sampled token: a slow "model" for queue and disconnect tests
         self.compute = True  # False: no forward passes at all (the fuzz test's fast engine)
+        self.fail = False  # True: sample() raises, as a backend failure would
         self._script: list[int] = []
 
     def say(self, *texts: str) -> None:
@@ -45,6 +46,8 @@ class ScriptedEngine(TorchEngine):
 
     def sample(self, logits, history, params):
         self.sampled += 1
+        if self.fail:
+            raise RuntimeError("the backend failed")
         if self.delay_s:
             time.sleep(self.delay_s)
         return self._script.pop(0) if self._script else self.tokenizer.eos_ids[0]

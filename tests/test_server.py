@@ -240,6 +240,21 @@ def test_api_key(engine):
         assert r.status_code == 200 and httpx.get(f"{url}/health").status_code == 200
 
 
+def test_a_failing_engine_is_a_500_and_the_server_goes_on(url, engine):
+    engine.compute, engine.fail = False, True
+    try:
+        error = error_of(chat(url), 500)
+        assert error["type"] == "server_error" and "RuntimeError: the backend failed" in error["message"]
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Hi"}], "stream": True}) as r:
+            data = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+        assert "RuntimeError" in data[-1]["error"]["message"]
+    finally:
+        engine.compute, engine.fail, engine.cached_ids = True, False, []
+    engine.say("Fine.")
+    assert chat(url, reasoning_effort="none").json()["choices"][0]["message"]["content"] == "Fine."
+
+
 # --- one engine: queue, disconnects ---
 
 async def test_requests_queue_in_order_and_a_full_queue_is_429(engine):

@@ -147,7 +147,7 @@ class Api:
         req = parse_completion(await self.read_json(request))
         self.check_model(req.model)
         ids = await run_in_threadpool(self.engine.tokenizer.encode, req.prompt)
-        job = self.job(req, ids, split_thinking=False)
+        job = self.job(req, ids, prompt_param="prompt", split_thinking=False)
         return await self.respond(request, req, job, CompletionShape(self.config.model_id))
 
     # --- request checks ---
@@ -183,11 +183,11 @@ class Api:
             raise ApiError(404, f"the model '{model[:100]}' does not exist: this server serves "
                                 f"'{self.config.model_id}'", param="model", code="model_not_found")
 
-    def job(self, req: CompletionRequest, ids: list[int], **kw) -> Job:
+    def job(self, req: CompletionRequest, ids: list[int], prompt_param: str = "messages", **kw) -> Job:
         ctx = self.config.ctx_size
         if len(ids) >= ctx:
             raise ApiError(400, f"the prompt is {len(ids)} tokens, the context is {ctx} tokens: "
-                                f"this leaves no room for a reply", param="messages", code="context_length_exceeded")
+                                f"this leaves no room for a reply", param=prompt_param, code="context_length_exceeded")
         room = ctx - len(ids)
         max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
         given = {k: v for k, v in vars(req.sampling).items() if v is not None}
@@ -204,13 +204,13 @@ class Api:
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         if req.stream:
             return EventSourceResponse(self.stream(request, ticket, shape, req.include_usage), sep="\n")
-        request.scope["smollm3.log"] = " client left"  # replaced when the reply is done
         watcher = asyncio.create_task(cancel_on_disconnect(request, ticket))
         try:
             events = []
             while True:
                 kind, value = await ticket.next_event()
                 if kind == "error":
+                    request.scope["smollm3.log"] = f" generation failed: {value}"[:300]
                     raise ApiError(500, f"generation failed: {value}", type="server_error")
                 if kind == "done":
                     note(request, value)
@@ -218,15 +218,18 @@ class Api:
                 events.append((kind, value))
         finally:
             watcher.cancel()
+            if ticket.cancelled:
+                request.scope["smollm3.log"] = " client left"
             ticket.cancel()
 
     async def stream(self, request: Request, ticket: Ticket, shape: "Shape", include_usage: bool):
-        request.scope["smollm3.log"] = " client left mid-stream"  # replaced when the reply is done
+        request.scope["smollm3.log"] = " client left mid-stream"  # replaced when the reply ends
         try:
             yield shape.data(shape.first())
             while True:
                 kind, value = await ticket.next_event()
                 if kind == "error":
+                    request.scope["smollm3.log"] = f" generation failed: {value}"[:300]
                     yield json.dumps(ApiError(500, f"generation failed: {value}", type="server_error").body())
                     break
                 if kind == "done":
