@@ -79,6 +79,7 @@ class Server(uvicorn.Server):
 
 def serve_main(argv: list[str]) -> int:
     parser = build_serve_parser()
+    sock = None
     try:
         args = parser.parse_args(argv)
         check_serve_flags(args)
@@ -94,6 +95,8 @@ def serve_main(argv: list[str]) -> int:
                               api_key=args.api_key, max_queue=args.max_queue)
         app = create_app(engine, config)
     except SmolLMError as e:
+        if sock is not None:
+            sock.close()
         print(f"smollm3: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
