@@ -128,6 +128,22 @@ async def conversation(http, model: str, client: int, turns: int, max_tokens: in
     return messages, results
 
 
+async def rss_probe(http, model: str, server: psutil.Process, n: int, clients: int) -> list[float]:
+    """n short streaming requests, `clients` at a time, all on one prompt (so each is a cache hit
+    and one token): what a request itself costs in memory, sampled every 100 requests."""
+    rss, done = [server.memory_info().rss / 2**20], 0
+    messages = [{"role": "user", "content": "Say yes."}]
+    while done < n:
+        batch = min(clients, n - done)
+        turns = await asyncio.gather(*(stream_turn(http, model, messages, 1) for _ in range(batch)))
+        if any(t.problems for t in turns):
+            raise SystemExit(f"probe: {[t.problems for t in turns if t.problems][0]}")
+        done += batch
+        if done % 100 < batch or done == n:
+            rss.append(server.memory_info().rss / 2**20)
+    return rss
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else (values or [0.0])[0]
 
@@ -156,6 +172,7 @@ async def run(args) -> dict:
             for c in range(min(args.replay, args.clients)):
                 _, alone = await conversation(http, model, c, args.turns, args.max_tokens)
                 crossed += sum(a.text != b.text for a, b in zip(alone, first_round[c][1]))
+            probe = await rss_probe(http, model, server, args.probe, args.clients) if args.probe else []
     finally:
         proc.terminate()
         proc.wait(30)
@@ -172,6 +189,7 @@ async def run(args) -> dict:
         "completion_tokens": tokens, "aggregate_tok_s": round(tokens / wall, 1),
         "per_stream_decode_tok_s_p50": round(pct(per_stream, 50), 2),
         "server_rss_mib": [round(r) for r in rss_mib],
+        "probe_requests": args.probe, "probe_rss_mib_every_100": [round(r, 1) for r in probe],
     }
 
 
@@ -183,6 +201,7 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--requests", type=int, default=500, help="keep running rounds until this many are done")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--probe", type=int, default=0, help="then this many one-token requests, for server RSS")
     p.add_argument("--replay", type=int, default=4, help="first-round conversations replayed alone to compare")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
     p.add_argument("--server-deps", help="llamacpp: a `pip install --target` directory with llama_cpp.server's own "
