@@ -284,7 +284,7 @@ def test_a_client_that_leaves_before_a_whole_reply_stops_the_engine(url, engine)
     at_close = engine.sampled
     time.sleep(0.5)
     assert 10 < at_close - start < 400 and engine.sampled - at_close <= 1
-    engine.compute, engine.delay_s, engine.cached_ids = True, 0.0, []  # the cache holds no real keys now
+    engine.compute, engine.delay_s, engine.cached_ids = True, 0.0, []  # without compute the cache holds no real keys
 
 
 def test_a_client_that_leaves_mid_stream_stops_the_engine_within_a_token(url, engine):
