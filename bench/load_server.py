@@ -50,7 +50,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(engine: str, model: str, port: int, threads: int, server_deps: str | None) -> subprocess.Popen:
+def start_server(engine: str, model: str, port: int, threads: int, server_deps: str | None,
+                 log_path: str | None) -> subprocess.Popen:
     if engine == "smollm3":
         cmd = [sys.executable, "-m", "app", "serve", "--model-path", model, "--port", str(port),
                "--max-queue", "256"]
@@ -63,7 +64,8 @@ def start_server(engine: str, model: str, port: int, threads: int, server_deps: 
         env = env_with("llamacpp")
         if server_deps:
             env["PYTHONPATH"] = os.pathsep.join([server_deps, env["PYTHONPATH"]])
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> str:
@@ -151,7 +153,7 @@ def pct(values: list[float], q: float) -> float:
 async def run(args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.engine, args.model_path, port, args.threads, args.server_deps)
+    proc = start_server(args.engine, args.model_path, port, args.threads, args.server_deps, args.server_log)
     try:
         model = wait_ready(url, proc)
         server = psutil.Process(proc.pid)
@@ -206,6 +208,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
     p.add_argument("--server-deps", help="llamacpp: a `pip install --target` directory with llama_cpp.server's own "
                    "packages (--no-deps: 'fastapi<0.136' pydantic-settings 'starlette-context<0.4' python-dotenv)")
+    p.add_argument("--server-log", help="write the server's output (one line per request for smollm3) here")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
