@@ -40,6 +40,7 @@ class ServerConfig:
     model_id: str
     ctx_size: int
     defaults: SamplingParams  # for fields a request leaves out
+    default_max_tokens: int | None = None  # a chat request without max_tokens: this, else up to the context
     api_key: str | None = None
     max_queue: int = 64
     max_body_bytes: int = MAX_BODY_BYTES
@@ -188,10 +189,10 @@ class Api:
         if len(ids) >= ctx:
             raise ApiError(400, f"the prompt is {len(ids)} tokens, the context is {ctx} tokens: "
                                 f"this leaves no room for a reply", param=prompt_param, code="context_length_exceeded")
-        room = ctx - len(ids)
-        max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
+        asked = req.max_tokens or self.config.default_max_tokens
+        max_tokens = min(asked, ctx - len(ids)) if asked else ctx - len(ids)
         given = {k: v for k, v in vars(req.sampling).items() if v is not None}
-        sampling = replace(self.config.defaults, **{"seed": None, **given})  # no seed: a new one each time
+        sampling = replace(self.config.defaults, **given)
         return Job(ids, max_tokens, sampling, stop=req.stop, **kw)
 
     # --- responses ---

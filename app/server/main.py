@@ -1,7 +1,8 @@
-"""`smollm3 serve [model flags] [--host --port --api-key --ctx-size --max-queue]`.
+"""`smollm3 serve [model flags] [sampling flags] [--host --port --api-key --max-queue]`.
 
-The model and sampling flags are the CLI's own (the sampling flags become the defaults of
-requests that leave a field out); the server adds where it listens and who it serves.
+The model flags (with --ctx-size) and the sampling flags are the CLI's own; the sampling flags
+become the defaults of requests that leave a field out. The server adds where it listens and
+who it serves.
 """
 
 from __future__ import annotations
@@ -15,38 +16,29 @@ import uvicorn
 
 from backends import SmolLMError, Tracer
 
-from ..cli import UsageError, build_parser, check_flags, load_engine, one_line, sampling_from
+from ..cli import (Parser, UsageError, add_model_arguments, add_sampling_arguments, check_model_flags, load_engine,
+                   number, one_line, sampling_from)
 from .app import ServerConfig, create_app
 
-NOT_FOR_SERVE = ("prompt", "resume", "split_prompt", "tracing", "no_chat_template")
 
-
-def build_serve_parser():
-    p = build_parser()
-    p.prog = "smollm3 serve"
-    p.description = "Serve SmolLM3 (or SmolLM2) over an OpenAI-compatible HTTP API."
+def build_serve_parser() -> Parser:
+    p = Parser(prog="smollm3 serve", description="Serve SmolLM3 (or SmolLM2) over an OpenAI-compatible HTTP API.")
+    add_model_arguments(p)
+    add_sampling_arguments(p.add_argument_group("defaults for requests that leave a field out"))
+    p.set_defaults(seed=None)  # a request without a seed gets a fresh one, unless --seed is given
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    s.add_argument("--port", type=number(int, minimum=0, maximum=65535), default=8080,
+                   help="port to listen on (default: 8080; 0: any free port)")
     s.add_argument("--api-key", default=os.environ.get("SMOLLM3_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $SMOLLM3_API_KEY; unset: no key)")
-    s.add_argument("--ctx-size", type=int, help="most tokens of prompt plus reply (default: the model's context)")
-    s.add_argument("--max-queue", type=int, default=64,
+    s.add_argument("--max-queue", type=number(int, minimum=1), default=64,
                    help="requests that may wait for the engine; more get 429 (default: 64)")
     return p
 
 
 def check_serve_flags(args) -> None:
-    check_flags(args)
-    for name in NOT_FOR_SERVE:
-        if getattr(args, name) not in (None, False):
-            raise UsageError(f"--{name.replace('_', '-')} is not a server flag")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
-    if args.ctx_size is not None and args.ctx_size < 2:
-        raise UsageError(f"--ctx-size must be at least 2, got {args.ctx_size}")
-    if args.max_queue < 1:
-        raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
+    check_model_flags(args)
     if args.api_key is not None and not args.api_key:
         raise UsageError("--api-key is empty")
 
@@ -85,14 +77,11 @@ def serve_main(argv: list[str]) -> int:
         check_serve_flags(args)
         defaults = sampling_from(args)
         sock = listen(args.host, args.port)
-        engine, _ = load_engine(args, Tracer())
-        context = engine.config.context_length
-        if args.ctx_size is not None and args.ctx_size > context:
-            raise UsageError(f"--ctx-size {args.ctx_size} is over the model's context of {context} tokens")
+        engine, _ = load_engine(args, Tracer())  # its context: --ctx-size, else what fits in memory
         info = engine.info
         model_id = Path(info.checkpoint).name.removesuffix(".gguf")
-        config = ServerConfig(model_id=model_id, ctx_size=args.ctx_size or context, defaults=defaults,
-                              api_key=args.api_key, max_queue=args.max_queue)
+        config = ServerConfig(model_id=model_id, ctx_size=engine.config.context_length, defaults=defaults,
+                              default_max_tokens=args.sample_len, api_key=args.api_key, max_queue=args.max_queue)
         app = create_app(engine, config)
     except SmolLMError as e:
         if sock is not None:
