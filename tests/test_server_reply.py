@@ -1,4 +1,4 @@
-"""app/server/toolcalls.py, reply.py and protocol.py: tool-call parsing on recorded outputs,
+"""app/server/toolcalls.py, reply.py and protocol.py: tool-call parsing on template-shaped replies,
 reasoning apart from the answer, stop strings, request checks. No engine, no HTTP."""
 
 import json
@@ -9,8 +9,9 @@ from app.server.protocol import ApiError, parse_chat, parse_json_body
 from app.server.reply import ReplyText, StopFilter
 from app.server.toolcalls import ToolCallParser, parse_tool_call
 
-# What SmolLM3-3B wrote for tool prompts (recorded from the model card's xml_tools example
-# and a two-call variant); the parser must read them the same in any chunking.
+# Replies in the shape SmolLM3's template asks for (`<tool_call>\n{json}\n</tool_call>`, after the
+# model card's xml_tools example), written by hand: no 3B output was captured here. The parser
+# must read them the same in any chunking.
 RECORDED = [
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Copenhagen"}}\n</tool_call>',
      [("get_weather", {"city": "Copenhagen"})], ""),
