@@ -1,6 +1,7 @@
 """backends/torch/native.py: the C matmul over GGUF blocks computes exactly
 sum_j w_j * dequantized(int8 x)_j, on its SIMD and its scalar build, for every type it takes."""
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,23 @@ from gguf import GGMLQuantizationType as T
 
 from backends.quants import dequantize
 from backends.torch import native
-from test_quants import random_rows
+from test_quants import F16_FIELDS
+
+F16_FIELDS = {**F16_FIELDS, T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
+
+
+def random_rows(ggml_type: T, rows: int, blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [rows, blocks * block_bytes]: random bytes with finite, moderate f16 scales."""
+    block_bytes = gguf.GGML_QUANT_SIZES[ggml_type][1]
+    raw = rng.integers(0, 256, (rows, blocks, block_bytes), dtype=np.uint8)
+    for at in F16_FIELDS[ggml_type]:
+        raw[..., at : at + 2] = rng.uniform(-2, 2, (rows, blocks, 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def reference(raw: np.ndarray, ggml_type: T) -> torch.Tensor:
+    """gguf-py's numpy dequantization (every type, IQ ones included), float64 [rows, K]."""
+    return torch.from_numpy(gguf.quants.dequantize(raw, ggml_type).astype(np.float64))
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler to build the native kernels")
 
@@ -32,14 +49,14 @@ def quantized_activations(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("ggml_type", native.TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("M", [1, 3, 40])
+@pytest.mark.parametrize("M", [1, 3, 4, 7, 40])  # decode, the types' own dots, the unpacked GEMM (several passes)
 def test_matmul_is_the_exact_sum_over_int8_activations(lib, ggml_type, M):
     rng = np.random.default_rng(int(ggml_type) * 100 + M)
     block = native.activation_block(ggml_type)
-    K, N = 2 * max(block, 256), 37  # N not a multiple of the rows per task
+    K, N = 2 * max(block, 256) + (32 if block == 32 else 0), 37  # N not a multiple of the rows per task
     raw = random_rows(ggml_type, N, K // block, rng)  # weight blocks are as long as activation blocks
     blocks = torch.from_numpy(raw)
-    w = dequantize(blocks, ggml_type).view(N, K).double()
+    w = reference(raw, ggml_type).view(N, K)
     x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32))
     got = native.gguf_matmul(lib, ggml_type, blocks, x).double()
     want = quantized_activations(x, block) @ w.t()
@@ -65,7 +82,7 @@ def test_rejects_a_row_length_the_type_cannot_hold():
     with pytest.raises(RuntimeError, match="gguf_matmul failed"):
         native.gguf_matmul(native.library(), T.Q4_K, torch.from_numpy(raw), torch.zeros(1, 288))
     assert not native.supports(T.Q4_K, 288) and native.supports(T.Q4_K, 512)
-    # the library's table and TYPES agree; other types (Q5_K...) go to weights.py's torch kernels
+    # the library's table and TYPES agree; other types (IQ2...) go to weights.py's torch kernels
     assert [t for t in T if native.supports(t, 512)] == list(native.TYPES)
 
 
@@ -75,7 +92,7 @@ def test_the_simd_build_is_the_one_loaded_on_x86():
     assert native.library().gguf_matmul_simd() == 1
 
 
-@pytest.mark.parametrize("ggml_type", native.TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_dequantize_bf16_is_the_weights_rounded_to_bfloat16(lib, ggml_type):
     block = native.activation_block(ggml_type)
     raw = random_rows(ggml_type, 5, 512 // block, np.random.default_rng(int(ggml_type)))

@@ -20,16 +20,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 SOURCE = Path(__file__).with_name("native") / "gguf_matmul.c"
 # The types the C side's table holds (tests check the two agree; supports() asks the library).
-TYPES = (
-    GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_1,
-    GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q4_K,
-    GGMLQuantizationType.Q6_K,
+TYPES = tuple(
+    GGMLQuantizationType[name]
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 )
 
 
@@ -96,8 +93,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def activation_block(ggml_type: GGMLQuantizationType) -> int:
-    """Values per int8 activation block: a K-quant's super-block, else 32."""
-    return 256 if ggml_type in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K) else 32
+    """Values per int8 activation block: the weight's block (a K-quant's super-block, else 32)."""
+    return GGML_QUANT_SIZES[ggml_type][0]
 
 
 def supports(ggml_type: GGMLQuantizationType, in_features: int) -> bool:
