@@ -7,7 +7,6 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from backends.quants import dequantize
 from backends.torch import native
 from test_quants import F16_FIELDS
 
@@ -90,15 +89,6 @@ def test_the_simd_build_is_the_one_loaded_on_x86():
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         pytest.skip("not an AVX2 machine")
     assert native.library().gguf_matmul_simd() == 1
-
-
-@pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-def test_dequantize_bf16_is_the_weights_rounded_to_bfloat16(lib, ggml_type):
-    block = native.activation_block(ggml_type)
-    raw = random_rows(ggml_type, 5, 512 // block, np.random.default_rng(int(ggml_type)))
-    got = native.dequantize_bf16(lib, ggml_type, torch.from_numpy(raw), 512)
-    want = dequantize(torch.from_numpy(raw), ggml_type).view(5, 512)
-    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("rope", [True, False], ids=["rope", "nope"])

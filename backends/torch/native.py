@@ -64,8 +64,6 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.gguf_matmul.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.gguf_matmul.restype = ctypes.c_int
-    lib.gguf_dequantize_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
-    lib.gguf_dequantize_bf16.restype = ctypes.c_int
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.rms_norm_f32.restype = None
     lib.attend_one_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
@@ -127,17 +125,6 @@ def gguf_matmul(lib: ctypes.CDLL, ggml_type: int, weight: WeightParts | torch.Te
     if status:
         raise RuntimeError(f"gguf_matmul failed ({status}) for type {ggml_type}, K={K}")
     return y
-
-
-def dequantize_bf16(lib: ctypes.CDLL, ggml_type: int, blocks: torch.Tensor, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of GGUF blocks [N, row_bytes] as bfloat16 [N, in_features] (into `out` if given)."""
-    blocks = blocks.contiguous()
-    N = blocks.shape[0]
-    out = torch.empty(N, in_features, dtype=torch.bfloat16) if out is None else out[:N]
-    status = lib.gguf_dequantize_bf16(int(ggml_type), blocks.data_ptr(), out.data_ptr(), N, in_features, torch.get_num_threads())
-    if status:
-        raise RuntimeError(f"gguf_dequantize_bf16 failed ({status}) for type {ggml_type}, K={in_features}")
-    return out
 
 
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

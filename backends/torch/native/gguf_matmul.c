@@ -1,11 +1,14 @@
-// y = x W^T with W still in its GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), on the CPU.
+// y = x W^T with W still in its GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,
+// Q5_K, Q6_K, IQ4_NL, IQ4_XS), on the CPU.
 //
 // Why our own kernel: decode reads every weight once per token, so its speed is bytes read
 // per weight. torch's int4 matmul needs the blocks repacked (load time, a second copy in
 // memory) and has no layout for Q6_K or Q8_0 at their file size; here the mapped file is the
 // weight. As in llama.cpp, activations are quantized to int8 per block (32 values, or 256 for
-// the K-quants), so each block is one integer dot product; the result is exactly
-// sum_j w_j * xq_j * dx, checked against that formula in tests/test_native.py.
+// the 256-value blocks), so each block is one integer dot product; the result is exactly
+// sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
+// takes the same activation blocks (an int8 GEMM), so a prompt's answer does not depend on how
+// it is split into forward passes, and no path is less exact than llama.cpp's.
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
@@ -509,123 +512,50 @@ static void unpack_q2_k(const uint8_t *w, int K, unpacked_row *u) {
     }
 }
 
-// --- dequantization to bfloat16 (prefill: a few rows at a time, into a GEMM) ---
-
-static inline uint16_t bf16_round(float f) {  // round to nearest even; our values are finite
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
-
-#ifdef USE_AVX2
-static inline __m256i bf16_round_8(__m256 f) {  // bf16_round on 8 values, in the low halves of 32-bit lanes
-    __m256i bits = _mm256_castps_si256(f);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
-}
-
-static inline void store_bf16_16(uint16_t *out, __m256 a, __m256 b) {
-    // packus interleaves the 128-bit lanes (a0 b0 a1 b1): the permute puts them back in order
-    __m256i packed = _mm256_packus_epi32(bf16_round_8(a), bf16_round_8(b));
-    _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(packed, 0xd8));
-}
-#endif
-
-static void dequantize_q8_0(const uint8_t *w, uint16_t *out, int K) {
-    for (int b = 0; b < K / 32; b++, w += 34, out += 32) {
-        float d = f16_to_f32(read_u16(w));
-        for (int j = 0; j < 32; j++) out[j] = bf16_round(d * (int8_t)w[2 + j]);
-    }
-}
-
-static void dequantize_q4_01(const uint8_t *w, uint16_t *out, int K, int with_min) {
-    int size = with_min ? 20 : 18, codes = with_min ? 4 : 2;
-    for (int b = 0; b < K / 32; b++, w += size, out += 32) {
-        float d = f16_to_f32(read_u16(w)), m = with_min ? f16_to_f32(read_u16(w + 2)) : 0;
-        int zero = with_min ? 0 : 8;
-        for (int j = 0; j < 16; j++) {
-            out[j] = bf16_round(d * ((w[codes + j] & 15) - zero) + m);
-            out[j + 16] = bf16_round(d * ((w[codes + j] >> 4) - zero) + m);
-        }
-    }
-}
-
-static void dequantize_q4_0(const uint8_t *w, uint16_t *out, int K) { dequantize_q4_01(w, out, K, 0); }
-static void dequantize_q4_1(const uint8_t *w, uint16_t *out, int K) { dequantize_q4_01(w, out, K, 1); }
-
-static void dequantize_q4_k(const uint8_t *w, uint16_t *out, int K) {
-    for (int b = 0; b < K / 256; b++, w += 144) {
-        float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
-        uint32_t scw[2], mnw[2];
-        q4_k_scales(w + 4, scw, mnw);
-        const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw, *qs = w + 16;
-        for (int j = 0; j < 4; j++, qs += 32, out += 64) {
-            float d0 = d * sc[2 * j], m0 = dmin * mn[2 * j], d1 = d * sc[2 * j + 1], m1 = dmin * mn[2 * j + 1];
-            for (int l = 0; l < 32; l++) {
-                out[l] = bf16_round(d0 * (qs[l] & 15) - m0);
-                out[l + 32] = bf16_round(d1 * (qs[l] >> 4) - m1);
-            }
-        }
-    }
-}
-
-static void dequantize_q6_k(const uint8_t *w, uint16_t *out, int K) {
-    // Codes first, then one scale per 16: loops the compiler vectorizes (4x the per-value form).
-    int8_t q[128];
-    for (int b = 0; b < K / 256; b++, w += 210) {
-        const uint8_t *ql = w, *qh = w + 128;
-        const int8_t *sc = (const int8_t *)(w + 192);
-        float d = f16_to_f32(read_u16(w + 208));
-        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, out += 128) {
-            for (int l = 0; l < 32; l++) {
-                q[l] = (int8_t)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
-                q[l + 32] = (int8_t)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                q[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                q[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-            }
-            for (int g = 0; g < 8; g++) {
-                float scale = d * sc[g];
-#ifdef USE_AVX2
-                __m128i codes = _mm_loadu_si128((const __m128i *)(q + 16 * g));
-                __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), _mm256_set1_ps(scale));
-                __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(codes, 8))), _mm256_set1_ps(scale));
-                store_bf16_16(out + 16 * g, lo, hi);
-#else
-                for (int j = 0; j < 16; j++) out[16 * g + j] = bf16_round(scale * q[16 * g + j]);
-#endif
-            }
-        }
-    }
-}
-
 // --- the matmul ---
 
 typedef float (*dot_fn)(const uint8_t *, const void *, int);
-typedef void (*dequantize_fn)(const uint8_t *, uint16_t *, int);
 typedef void (*unpack_fn)(const uint8_t *, int, unpacked_row *);
 
 typedef struct {
     int type, block, block_bytes, x_block, x_block_bytes;
     unpack_fn unpack;
     int signed_codes, has_offset;
-    dot_fn dot;                // one row against one input row, straight off the blocks (decode); or NULL
-    dequantize_fn dequantize;  // or NULL
+    dot_fn dot;  // one row against one input row, straight off the blocks (decode); or NULL
 } format;
 
 static const format FORMATS[] = {
-    {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), unpack_q4_0, 0, 1, dot_q4_0, dequantize_q4_0},
-    {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), unpack_q4_1, 0, 1, dot_q4_1, dequantize_q4_1},
-    {GGML_Q5_0, 32, 22, 32, sizeof(x_block32), unpack_q5_0, 0, 1, NULL, NULL},
-    {GGML_Q5_1, 32, 24, 32, sizeof(x_block32), unpack_q5_1, 0, 1, NULL, NULL},
-    {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), unpack_q8_0, 1, 0, dot_q8_0, dequantize_q8_0},
-    {GGML_IQ4_NL, 32, 18, 32, sizeof(x_block32), unpack_iq4_nl, 1, 0, NULL, NULL},
-    {GGML_Q2_K, 256, 84, 256, sizeof(x_block256), unpack_q2_k, 0, 1, NULL, NULL},
-    {GGML_Q3_K, 256, 110, 256, sizeof(x_block256), unpack_q3_k, 0, 1, NULL, NULL},
-    {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), unpack_q4_k, 0, 1, dot_q4_k, dequantize_q4_k},
-    {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), unpack_q5_k, 0, 1, NULL, NULL},
-    {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), unpack_q6_k, 0, 1, dot_q6_k, dequantize_q6_k},
-    {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), unpack_iq4_xs, 1, 0, NULL, NULL},
+    {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), unpack_q4_0, 0, 1, dot_q4_0},
+    {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), unpack_q4_1, 0, 1, dot_q4_1},
+    {GGML_Q5_0, 32, 22, 32, sizeof(x_block32), unpack_q5_0, 0, 1, NULL},
+    {GGML_Q5_1, 32, 24, 32, sizeof(x_block32), unpack_q5_1, 0, 1, NULL},
+    {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), unpack_q8_0, 1, 0, dot_q8_0},
+    {GGML_IQ4_NL, 32, 18, 32, sizeof(x_block32), unpack_iq4_nl, 1, 0, NULL},
+    {GGML_Q2_K, 256, 84, 256, sizeof(x_block256), unpack_q2_k, 0, 1, NULL},
+    {GGML_Q3_K, 256, 110, 256, sizeof(x_block256), unpack_q3_k, 0, 1, NULL},
+    {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), unpack_q4_k, 0, 1, dot_q4_k},
+    {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), unpack_q5_k, 0, 1, NULL},
+    {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), unpack_q6_k, 0, 1, dot_q6_k},
+    {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), unpack_iq4_xs, 1, 0, NULL},
 };
+
+// Values per offset: the 256-value blocks' offsets are per 16 codes (sums[g] of the activations'
+// block), the 32-value blocks' per block (s).
+static inline int offset_group(const format *f) { return f->block == 256 ? 16 : 32; }
+
+// Where an activation row's float sums (dx times the codes' sum, one per offset group) start:
+// after its blocks, so that the offsets are one float dot product per weight row and input row.
+static inline size_t x_sums_at(const format *f, int K) { return (size_t)(K / f->x_block) * f->x_block_bytes; }
+
+static float dot_f32(const float *a, const float *b, int n) {
+    // 8 partial sums: a float reduction the compiler vectorizes (a single sum keeps its order)
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0;
+    int j = 0;
+    for (; j + 7 < n; j += 8)
+        for (int u = 0; u < 8; u++) part[u] += a[j + u] * b[j + u];
+    for (; j < n; j++) sum += a[j] * b[j];
+    return sum + ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
 
 // Input rows per dot_unpacked call: 4 sums and 4 accumulators in registers.
 #define DOT_ROWS 4
@@ -645,8 +575,6 @@ static inline __attribute__((always_inline)) void dot_unpacked(const format *f, 
     float acc[R];
     for (int r = 0; r < R; r++) acc[r] = 0;
 #endif
-    float offsets[R];
-    for (int r = 0; r < R; r++) offsets[r] = 0;
     for (int b = 0; b < nb; b++) {
         const uint8_t *xb = x + (size_t)b * f->x_block_bytes;
         const uint8_t *q = u->q + (size_t)b * block;
@@ -686,23 +614,13 @@ static inline __attribute__((always_inline)) void dot_unpacked(const format *f, 
             acc[r] += u->d[b] * *(const float *)(xb + r * x_row) * sum;
         }
 #endif
-        if (!f->has_offset) continue;
-        for (int r = 0; r < R; r++) {
-            if (wide) {  // an offset per 16 codes, times dx and the sum of those 16 codes
-                const x_block256 *xr = (const x_block256 *)(xb + r * x_row);
-                float part = 0;
-                for (int g = 0; g < 16; g++) part += u->off[16 * b + g] * xr->sums[g];
-                offsets[r] += xr->d * part;
-            } else {
-                offsets[r] += u->off[b] * ((const x_block32 *)(xb + r * x_row))->s;
-            }
-        }
     }
     for (int r = 0; r < R; r++) {
+        float offsets = f->has_offset ? dot_f32(u->off, (const float *)(x + r * x_row + x_sums_at(f, K)), K / offset_group(f)) : 0;
 #ifdef USE_AVX2
-        y[r * y_step] = hsum_ps(acc[r]) + offsets[r];
+        y[r * y_step] = hsum_ps(acc[r]) + offsets;
 #else
-        y[r * y_step] = acc[r] + offsets[r];
+        y[r * y_step] = acc[r] + offsets;
 #endif
     }
 }
@@ -726,9 +644,19 @@ static void dot_unpacked_rows(const format *f, const unpacked_row *u, int K, con
 #undef DOT
 }
 
+// One input row's int8 blocks, then its float sums per offset group (see x_sums_at).
 static void quantize_row(const format *f, const float *x, int K, uint8_t *out) {
-    if (f->x_block == 32) quantize_x32(x, K, (x_block32 *)out);
-    else quantize_x256(x, K, (x_block256 *)out);
+    float *sums = (float *)(out + x_sums_at(f, K));
+    if (f->x_block == 32) {
+        x_block32 *blocks = (x_block32 *)out;
+        quantize_x32(x, K, blocks);
+        for (int b = 0; b < K / 32; b++) sums[b] = blocks[b].s;
+    } else {
+        x_block256 *blocks = (x_block256 *)out;
+        quantize_x256(x, K, blocks);
+        for (int b = 0; b < K / 256; b++)
+            for (int g = 0; g < 16; g++) sums[16 * b + g] = blocks[b].d * blocks[b].sums[g];
+    }
 }
 
 static const format *find_format(int type) {
@@ -779,7 +707,7 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
                 int threads) {
     if (!gguf_matmul_supports(type, K)) return -1;
     const format *f = find_format(type);
-    size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, w_row = (size_t)(K / f->block) * f->block_bytes;
+    size_t x_row = x_sums_at(f, K) + (size_t)(K / 16) * sizeof(float), w_row = (size_t)(K / f->block) * f->block_bytes;
     int N = 0;
     for (int p = 0; p < parts; p++) N += part_rows[p];
     int unpack = M >= UNPACK_MIN_ROWS || !f->dot;
@@ -833,16 +761,6 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
         }
     }
     free(xq);
-    return 0;
-}
-
-// Rows [N, K] of GGUF blocks to bfloat16 [N, K]. Returns 0, or -1 for an unsupported type or K.
-int gguf_dequantize_bf16(int type, const uint8_t *w, uint16_t *out, int N, int K, int threads) {
-    const format *f = find_format(type);
-    if (!f || !f->dequantize || K % f->block) return -1;
-    size_t w_row = (size_t)(K / f->block) * f->block_bytes;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < N; n++) f->dequantize(w + n * w_row, out + (size_t)n * K, K);
     return 0;
 }
 
