@@ -358,8 +358,8 @@ def linear(raws: list[RawTensor], dtype: torch.dtype, device: torch.device, keep
     raw = concat_rows(raws)
     if not keep_blocks and raw.ggml_type in DENSE_TYPES:
         return DenseLinear(dense(raw, dtype, device))
-    ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
-    if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES:
+    fmt = ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
+    if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES or fmt.affine is None:  # (IQ types: per matmul)
         return GGMLLinear(raw, device)
     rows_readable = device.type == "cpu" and raw.shape[0] % 64 == 0 and cpu_int4_layout_is_blocked()
     if raw.ggml_type in INT4_ONE_PLANE + INT4_TWO_PLANES and (rows_readable or not embedding) and int4_works(device.type):
