@@ -358,8 +358,24 @@ typedef struct {
 } unpacked_row;
 
 static inline void set_scales(int16_t *sc, int lo, int hi) {
+#ifdef USE_AVX2
+    _mm256_storeu_si256((__m256i *)sc, _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo)));
+#else
     for (int i = 0; i < 8; i++) sc[i] = (int16_t)lo, sc[i + 8] = (int16_t)hi;
+#endif
 }
+
+#ifdef USE_AVX2
+// 32 bits as 32 bytes, 0x10 where the bit is set (Q5_x's fifth bits): byte j takes byte j / 8 of
+// the word, then tests its bit j % 8.
+static inline __m256i bits_as_0x10(uint32_t bits) {
+    const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+#endif
 
 static void unpack_q8_0(const uint8_t *w, int K, unpacked_row *u) {
     for (int b = 0; b < K / 32; b++, w += 34) {
@@ -378,10 +394,16 @@ static inline void unpack_q4_q5(const uint8_t *w, int K, unpacked_row *u, int wi
         uint32_t qh = 0;
         if (with_high) memcpy(&qh, w + qh_at, 4);
         uint8_t *q = u->q + 32 * b;
+#ifdef USE_AVX2
+        __m256i codes = nibbles_32(w + qs_at);
+        if (with_high) codes = _mm256_or_si256(codes, bits_as_0x10(qh));
+        _mm256_storeu_si256((__m256i *)q, codes);
+#else
         for (int j = 0; j < 16; j++) {
             q[j] = (uint8_t)((w[qs_at + j] & 15) | ((qh >> j) & 1) << 4);
             q[j + 16] = (uint8_t)((w[qs_at + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
         }
+#endif
         u->d[b] = d;
         u->off[b] = with_min ? f16_to_f32(read_u16(w + 2)) : -zero * d;
         set_scales(u->sc + 16 * b, 1, 1);
@@ -397,10 +419,15 @@ static void unpack_q5_1(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5
 static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 static inline void iq4_codes(const uint8_t *qs, uint8_t *q) {
+#ifdef USE_AVX2
+    __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+    _mm256_storeu_si256((__m256i *)q, _mm256_shuffle_epi8(levels, nibbles_32(qs)));
+#else
     for (int j = 0; j < 16; j++) {
         q[j] = (uint8_t)IQ4_LEVELS[qs[j] & 15];
         q[j + 16] = (uint8_t)IQ4_LEVELS[qs[j] >> 4];
     }
+#endif
 }
 
 static void unpack_iq4_nl(const uint8_t *w, int K, unpacked_row *u) {  // d, qs[16]: w = d * level
