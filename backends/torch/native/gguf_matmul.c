@@ -593,7 +593,7 @@ static float dot_f32(const float *a, const float *b, int n) {
 static inline __attribute__((always_inline)) void dot_unpacked(const format *f, const unpacked_row *u, int K,
                                                               const uint8_t *x, size_t x_row, float *y, size_t y_step,
                                                               const int R, const int wide, const int signed_codes) {
-    int nb = K / f->block, chunks = wide ? 8 : 1, block = wide ? 256 : 32;
+    int nb = K / f->block, block = wide ? 256 : 32;
     size_t codes_at = wide ? offsetof(x_block256, q) : offsetof(x_block32, q);
 #ifdef USE_AVX2
     __m256 acc[R];
@@ -609,7 +609,7 @@ static inline __attribute__((always_inline)) void dot_unpacked(const format *f, 
 #ifdef USE_AVX2
         __m256i sum[R];
         for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
-        for (int c = 0; c < chunks; c++) {
+        for (int c = 0; c < block / 32; c++) {
             __m256i codes = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
             __m256i scales = _mm256_loadu_si256((const __m256i *)(sc + 16 * c));
             __m256i magnitudes = signed_codes ? _mm256_sign_epi8(codes, codes) : codes;
