@@ -452,6 +452,14 @@ static void unpack_iq4_xs(const uint8_t *w, int K, unpacked_row *u) {
     }
 }
 
+#ifdef USE_AVX2
+// Each byte's bit `bit` moved to bit 4 (other bits are left to a mask): 16-bit shifts of at
+// most 4 keep each byte's bits inside it where it matters.
+static inline __m256i bit_to_4(__m256i v, int bit) {
+    return bit <= 4 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - bit)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(bit - 4));
+}
+#endif
+
 // Q4_K, Q5_K: 8 sub-blocks of 32, w = d sc q - dmin m; Q5_K's bit 4 of sub-block s's code l is
 // bit s of qh[l].
 static inline void unpack_q4_q5_k(const uint8_t *w, int K, unpacked_row *u, int with_high) {
@@ -463,11 +471,24 @@ static inline void unpack_q4_q5_k(const uint8_t *w, int K, unpacked_row *u, int 
         const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw, *qs = w + qs_at, *qh = w + 16;
         uint8_t *q = u->q + 256 * b;
         for (int j = 0; j < 4; j++, qs += 32, q += 64) {
+#ifdef USE_AVX2
+            const __m256i low4 = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(16);
+            __m256i codes = _mm256_loadu_si256((const __m256i *)qs);
+            __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+            if (with_high) {  // bit 2j of qh[l] to bit 4 of the low code, bit 2j + 1 to the high's
+                __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+                lo = _mm256_or_si256(lo, _mm256_and_si256(bit_to_4(h, 2 * j), bit4));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(bit_to_4(h, 2 * j + 1), bit4));
+            }
+            _mm256_storeu_si256((__m256i *)q, lo);
+            _mm256_storeu_si256((__m256i *)(q + 32), hi);
+#else
             for (int l = 0; l < 32; l++) {
                 int h = with_high ? qh[l] >> 2 * j : 0;
                 q[l] = (uint8_t)((qs[l] & 15) | (h & 1) << 4);
                 q[l + 32] = (uint8_t)((qs[l] >> 4) | (h & 2) << 3);
             }
+#endif
         }
         u->d[b] = d;
         for (int s = 0; s < 8; s++) {
@@ -514,9 +535,18 @@ static void unpack_q3_k(const uint8_t *w, int K, unpacked_row *u) {
         }
         uint8_t *q = u->q + 256 * b;
         for (int n = 0; n < 2; n++)
-            for (int j = 0; j < 4; j++)
+            for (int j = 0; j < 4; j++) {
+#ifdef USE_AVX2
+                __m256i low = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(qs + 32 * n)), _mm_cvtsi32_si128(2 * j));
+                __m256i high = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)hm), _mm_cvtsi32_si128(4 * n + j));
+                low = _mm256_and_si256(low, _mm256_set1_epi8(3));
+                high = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(1)), 2);
+                _mm256_storeu_si256((__m256i *)(q + 128 * n + 32 * j), _mm256_or_si256(low, high));
+#else
                 for (int l = 0; l < 32; l++)
                     q[128 * n + 32 * j + l] = (uint8_t)(((qs[32 * n + l] >> 2 * j) & 3) | ((hm[l] >> (4 * n + j)) & 1) << 2);
+#endif
+            }
         u->d[b] = d;
         for (int g = 0; g < 16; g++) u->off[16 * b + g] = -4 * d * sc[g];
         for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), sc[2 * c], sc[2 * c + 1]);
@@ -531,8 +561,14 @@ static void unpack_q2_k(const uint8_t *w, int K, unpacked_row *u) {
         float d = f16_to_f32(read_u16(w + 80)), dmin = f16_to_f32(read_u16(w + 82));
         uint8_t *q = u->q + 256 * b;
         for (int n = 0; n < 2; n++)
-            for (int j = 0; j < 4; j++)
+            for (int j = 0; j < 4; j++) {
+#ifdef USE_AVX2
+                __m256i codes = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(qs + 32 * n)), _mm_cvtsi32_si128(2 * j));
+                _mm256_storeu_si256((__m256i *)(q + 128 * n + 32 * j), _mm256_and_si256(codes, _mm256_set1_epi8(3)));
+#else
                 for (int l = 0; l < 32; l++) q[128 * n + 32 * j + l] = (uint8_t)((qs[32 * n + l] >> 2 * j) & 3);
+#endif
+            }
         u->d[b] = d;
         for (int g = 0; g < 16; g++) u->off[16 * b + g] = -dmin * (s[g] >> 4);
         for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), s[2 * c] & 15, s[2 * c + 1] & 15);
