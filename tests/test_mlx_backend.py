@@ -93,8 +93,8 @@ def test_group_of_16_types_requantize_within_half_a_step_of_8_bits(ggml_type, mo
 
 
 def test_unknown_ggml_type_is_named():
-    raw = RawTensor("model.layers.0.mlp.up_proj.weight", T.IQ2_XXS, (32, 256), np.zeros((32, 66), np.uint8))
-    with pytest.raises(CheckpointError, match="up_proj.*IQ2_XXS"):
+    raw = RawTensor("model.layers.0.mlp.up_proj.weight", T.TQ2_0, (32, 256), np.zeros((32, 66), np.uint8))
+    with pytest.raises(CheckpointError, match="up_proj.*TQ2_0"):
         weights.holds_quantized(raw)
 
 

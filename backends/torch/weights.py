@@ -103,11 +103,6 @@ class GGMLLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.ggml_type.name}"
 
 
-# Inputs of at least this many tokens go through a bfloat16 GEMM (torch's, AVX512-BF16 where the
-# CPU has it) on weights dequantized a slice at a time; fewer through the int8 dot products.
-GEMM_MIN_ROWS = int(os.environ.get("SMOLLM3_GEMM_MIN_ROWS", "16"))
-
-
 class NativeLinear(nn.Module):
     """The raw blocks, as views of the mapped file (fused projections as their parts, where they
     lie), multiplied by the C kernels; row lookups (embeddings) dequantize as GGMLLinear does."""
@@ -121,31 +116,13 @@ class NativeLinear(nn.Module):
         self.weight = native.WeightParts([getattr(self, f"blocks{i}") for i in range(len(raws))])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in_features], as every handler here takes it."""
-        lib = native.library()
-        if x.shape[0] < GEMM_MIN_ROWS:  # decode: the int8 dot products
-            y = native.gguf_matmul(lib, self.type_id, self.weight, x)
-        else:
-            y = self._gemm(lib, x)
+        """x [T, in_features], as every handler here takes it. Prefill and decode both quantize
+        activations to int8 per block, as llama.cpp does, so a prompt gives the same answer
+        however it is split. A bf16 GEMM is faster where the CPU has AMX, but it changes the real model's
+        greedy answers (rounding weights and outputs to bf16 is coarser than int8 activations
+        on the exact weights)."""
+        y = native.gguf_matmul(native.library(), self.type_id, self.weight, x)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-    def _gemm(self, lib, x: torch.Tensor) -> torch.Tensor:
-        """Prefill: compute-bound, so bfloat16 weights a slice at a time into torch's GEMM."""
-        M = x.shape[0]
-        # Rows padded to a multiple of 32: oneDNN keeps a compiled kernel per shape, and one
-        # per prompt length grew memory by ~0.1 MB a chat turn (tests/test_long_session.py).
-        xb = torch.zeros(-(-M // 32) * 32, self.in_features, dtype=torch.bfloat16)
-        xb[:M] = x
-        step = max(1, MAX_SLICE_ELEMS // self.in_features)
-        buffer = torch.empty(min(step, self.out_features), self.in_features, dtype=torch.bfloat16)
-        y = torch.empty(M, self.out_features)
-        column = 0
-        for blocks in self.weight.blocks:
-            for i in range(0, blocks.shape[0], step):
-                w = native.dequantize_bf16(lib, self.type_id, blocks[i : i + step], self.in_features, buffer)
-                y[:, column : column + w.shape[0]] = F.linear(xb, w)[:M]
-                column += w.shape[0]
-        return y
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows `ids` of W: an embedding lookup that touches only those rows."""
@@ -381,8 +358,8 @@ def linear(raws: list[RawTensor], dtype: torch.dtype, device: torch.device, keep
     raw = concat_rows(raws)
     if not keep_blocks and raw.ggml_type in DENSE_TYPES:
         return DenseLinear(dense(raw, dtype, device))
-    ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
-    if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES:
+    fmt = ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
+    if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES or fmt.affine is None:  # (IQ types: per matmul)
         return GGMLLinear(raw, device)
     rows_readable = device.type == "cpu" and raw.shape[0] % 64 == 0 and cpu_int4_layout_is_blocked()
     if raw.ggml_type in INT4_ONE_PLANE + INT4_TWO_PLANES and (rows_readable or not embedding) and int4_works(device.type):
