@@ -210,11 +210,12 @@ class OursAdapter:
 
     def describe(self) -> dict:
         import backends
+        from backends import settings
 
         i = self.engine.info
         return {"engine": "ours", "backend": i.backend, "device": i.device, "dtype": i.dtype,
                 "weight_type": i.weight_type, "version": _our_version(), "torch": _torch_version(),
-                "threads": _torch_threads(), "kernels": os.environ.get("SMOLLM3_KERNELS", "fast"),
+                "threads": _torch_threads(), "kernels": settings.kernels(),
                 "backends_module": Path(backends.__file__).parent.name}
 
 

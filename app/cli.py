@@ -10,7 +10,7 @@ import time
 from datetime import datetime
 
 import backends
-from backends import SamplingParams, SmolLMError, Tracer
+from backends import SamplingParams, SmolLMError, Tracer, settings
 
 from .resolve import MODELS, QUANTIZATIONS, resolve
 from .session import ChatSession, ThinkingSplitter
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # a bug of ours: still one line, with a way to get the traceback
-        if os.environ.get("SMOLLM3_DEBUG"):
+        if settings.debug():
             raise
         print(f"smollm3: internal error: {type(e).__name__}: {one_line(str(e))} (set SMOLLM3_DEBUG=1 for a traceback)",
               file=sys.stderr)

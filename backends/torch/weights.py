@@ -21,7 +21,6 @@ the fast handlers keep bytes per weight near the file's and prefill on the best 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from .. import settings
 from ..checkpoint import RawTensor, concat_rows
 from ..quants import Affine, affine_rows, dequantize, ggml_format
 from . import native
@@ -37,11 +37,6 @@ from . import native
 # pages, which is most of the cost (see backends/quants.py): 4M weights = 16 MB of float32.
 MAX_SLICE_ELEMS = 1 << 22
 DENSE_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-
-
-def kernels_mode() -> str:
-    """'fast' (default) or 'reference' (dequantize per call: slow, simplest, for checking)."""
-    return os.environ.get("SMOLLM3_KERNELS", "fast")
 
 
 def raw_to_torch(raw: RawTensor, device: torch.device) -> torch.Tensor:
@@ -103,11 +98,6 @@ class GGMLLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.ggml_type.name}"
 
 
-# Inputs of at least this many tokens go through a bfloat16 GEMM (torch's, AVX512-BF16 where the
-# CPU has it) on weights dequantized a slice at a time; fewer through the int8 dot products.
-GEMM_MIN_ROWS = int(os.environ.get("SMOLLM3_GEMM_MIN_ROWS", "16"))
-
-
 class NativeLinear(nn.Module):
     """The raw blocks, as views of the mapped file (fused projections as their parts, where they
     lie), multiplied by the C kernels; row lookups (embeddings) dequantize as GGMLLinear does."""
@@ -119,11 +109,15 @@ class NativeLinear(nn.Module):
         for i, raw in enumerate(raws):
             self.register_buffer(f"blocks{i}", raw_to_torch(raw, device), persistent=False)
         self.weight = native.WeightParts([getattr(self, f"blocks{i}") for i in range(len(raws))])
+        # Inputs of at least this many tokens go through a bfloat16 GEMM (torch's, AVX512-BF16
+        # where the CPU has it) on weights dequantized a slice at a time; fewer through the
+        # int8 dot products.
+        self.gemm_min_rows = settings.gemm_min_rows()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in_features], as every handler here takes it."""
         lib = native.library()
-        if x.shape[0] < GEMM_MIN_ROWS:  # decode: the int8 dot products
+        if x.shape[0] < self.gemm_min_rows:  # decode: the int8 dot products
             y = native.gguf_matmul(lib, self.type_id, self.weight, x)
         else:
             y = self._gemm(lib, x)
@@ -175,7 +169,7 @@ def grouped_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: 
 @functools.cache
 def compiled_gemv():
     """The fused kernel, or None where torch.compile cannot build one (no C++ compiler...)."""
-    if os.environ.get("SMOLLM3_COMPILE", "1") == "0":
+    if not settings.compile_kernels():
         return None
     import torch._dynamo
 
@@ -376,13 +370,13 @@ def linear(raws: list[RawTensor], dtype: torch.dtype, device: torch.device, keep
     type). GGUF weights stay quantized (F16 too: no float copy); safetensors become `dtype`. An
     embedding needs row lookups, which int4 packing lacks."""
     first = raws[0]
-    if keep_blocks and kernels_mode() == "fast" and device.type == "cpu" and native.supports(first.ggml_type, first.shape[1]):
+    if keep_blocks and settings.kernels() == "fast" and device.type == "cpu" and native.supports(first.ggml_type, first.shape[1]):
         return NativeLinear(raws, device)
     raw = concat_rows(raws)
     if not keep_blocks and raw.ggml_type in DENSE_TYPES:
         return DenseLinear(dense(raw, dtype, device))
     ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
-    if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES:
+    if settings.kernels() != "fast" or raw.ggml_type in DENSE_TYPES:
         return GGMLLinear(raw, device)
     rows_readable = device.type == "cpu" and raw.shape[0] % 64 == 0 and cpu_int4_layout_is_blocked()
     if raw.ggml_type in INT4_ONE_PLANE + INT4_TWO_PLANES and (rows_readable or not embedding) and int4_works(device.type):
