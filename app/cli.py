@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"GGUF quantization to download (default: {DEFAULT_QUANTIZATION})")
     m.add_argument("--model-path", help="a local .gguf file or Hugging Face model directory (no download)")
     m.add_argument("--tokenizer", help="a tokenizer.json (or directory) to use instead of the checkpoint's own")
-    m.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
+    m.add_argument("--dtype", choices=("auto", *backends.DTYPES), default="auto",
                    help="compute dtype (auto: bf16 on CUDA/MPS, f32 on CPU)")
     m.add_argument("--quantize", type=int, choices=(4, 8),
                    help="MLX backend: quantize a full-precision checkpoint to 4 or 8 bits at load")

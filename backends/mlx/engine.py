@@ -20,23 +20,19 @@ from mlx_lm.utils import infer_quant_config
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
-from ..engine import Engine, EngineInfo
+from ..engine import Engine, EngineInfo, dtype_name
 from ..errors import BackendUnavailable, CheckpointError
 from ..sampling import SamplingParams
 from .weights import one_torch_thread, tensor_arrays
 
-DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
+MLX_DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 QUANTIZE_GROUP = 64  # mlx-lm's default group for quantizing float checkpoints at load
 
 
-def pick_dtype(dtype: str) -> mx.Dtype:
-    if dtype == "auto":
-        # On the CPU f32 is exact (and what the tests hold to); on Metal bf16 halves the
-        # bytes read per token and keeps f32's range, as the torch backend does on GPUs.
-        return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-    if dtype not in DTYPES:
-        raise BackendUnavailable(f"unknown dtype '{dtype}' (use auto, f32, f16 or bf16)")
-    return DTYPES[dtype]
+def pick_dtype(dtype: str) -> str:
+    # auto: on the CPU f32 is exact (and what the tests hold to); on Metal bf16 halves the
+    # bytes read per token and keeps f32's range, as the torch backend does on GPUs.
+    return dtype_name(dtype, auto="f32" if mx.default_device() == mx.cpu else "bf16")
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -133,10 +129,10 @@ def quantize_float_layers(model: nn.Module, bits: int) -> None:
 
 class MLXEngine(Engine):
     def __init__(self, ckpt: Checkpoint, tokenizer, chat_template, dtype: str = "auto", quantize: int | None = None):
-        mx_dtype = pick_dtype(dtype)
+        name = pick_dtype(dtype)
+        mx_dtype = MLX_DTYPES[name]
         if quantize not in (None, 2, 3, 4, 5, 6, 8):
             raise BackendUnavailable(f"cannot quantize to {quantize} bits (MLX supports 2, 3, 4, 5, 6 and 8)")
-        name = {v: k for k, v in DTYPES.items()}[mx_dtype]
         info = EngineInfo("mlx", str(mx.default_device()), name, ckpt.path.name, ckpt.weight_type)
         super().__init__(ckpt, tokenizer, chat_template, info)
         self.model = build_model(ckpt.config)

@@ -14,7 +14,7 @@ Every GGML type is scale * (q - zero) + offset per block (`backends.quants.Affin
   original weights grows by about 3%). Measured on random blocks: 0.39% of the group's max|w|.
   6 bits would be 4x that; a dense copy would be exact in f32 but 2-4 bytes a weight.
 - F32, F16, BF16 become dense arrays in the compute dtype; an MLX checkpoint's packed U32
-  weights (read as I32) stay as they are, beside their .scales and .biases.
+  weights (`RawTensor.is_mlx_packed`) stay as they are, beside their .scales and .biases.
 
 Work goes in row slices, so a 3B model's embedding never has a full float32 copy.
 """
@@ -36,7 +36,6 @@ from ..quants import affine_rows, dequantize, ggml_format
 
 GROUP = 32  # every GGML block type is whole groups of 32 along a row
 DENSE_TYPES = (T.F32, T.F16, T.BF16)
-PACKED_WORDS = T.I32  # how safetensors U32 (an MLX checkpoint's packed weights) is carried
 SLICE_ELEMS = 1 << 22  # weights decoded at a time: 16 MB of float32
 
 
@@ -100,7 +99,7 @@ def _torch_rows(data: np.ndarray) -> torch.Tensor:
 
 def dense_array(raw: RawTensor, dtype: mx.Dtype) -> mx.array:
     data = np.ascontiguousarray(raw.data)
-    if raw.ggml_type == PACKED_WORDS:
+    if raw.is_mlx_packed:
         return mx.array(data.view(np.uint32)).reshape(raw.shape)
     if raw.ggml_type == T.BF16:  # numpy has no bfloat16: carry the bits
         arr = mx.array(data.view(np.uint16)).view(mx.bfloat16)
@@ -143,7 +142,7 @@ def _repack_rows(raw: RawTensor, data: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def holds_quantized(raw: RawTensor) -> bool:
-    if raw.ggml_type in DENSE_TYPES or raw.ggml_type == PACKED_WORDS:
+    if raw.ggml_type in DENSE_TYPES or raw.is_mlx_packed:
         return False
     ggml_format(raw.ggml_type, raw.name)  # unknown types: UnsupportedTensorType naming the tensor
     return raw.ggml_type in MLX_FORMS and len(raw.shape) == 2

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
 
 from ..checkpoint import Checkpoint
-from ..engine import Engine, EngineInfo
-from ..errors import BackendUnavailable, CheckpointError
+from ..engine import Engine, EngineInfo, dtype_name
+from ..errors import BackendUnavailable
 from ..sampling import SamplingParams
-from .model import Transformer
+from .loader import load_model
 
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -33,25 +32,18 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        # bf16 halves memory traffic on GPUs; on CPU f32 is both faster and exact.
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if dtype not in DTYPES:
-        raise BackendUnavailable(f"unknown dtype '{dtype}' (use auto, f32, f16 or bf16)")
-    return DTYPES[dtype]
+def pick_dtype(dtype: str, device: torch.device) -> str:
+    # auto: bf16 halves memory traffic on GPUs; on CPU f32 is both faster and exact.
+    return dtype_name(dtype, auto="f32" if device.type == "cpu" else "bf16")
 
 
 class TorchEngine(Engine):
     def __init__(self, ckpt: Checkpoint, tokenizer, chat_template, device: str | None = None, dtype: str = "auto"):
-        if any(t.ggml_type == GGMLQuantizationType.I32 for t in ckpt.tensors.values()):
-            raise CheckpointError(f"{ckpt.path.name} is an MLX-quantized checkpoint: run it with --backend mlx")
         dev = pick_device(device)
-        torch_dtype = pick_dtype(dtype, dev)
-        name = {v: k for k, v in DTYPES.items()}[torch_dtype]
+        name = pick_dtype(dtype, dev)
         info = EngineInfo("torch", str(dev), name, ckpt.path.name, ckpt.weight_type)
         super().__init__(ckpt, tokenizer, chat_template, info)
-        self.model = Transformer(ckpt.config, ckpt, torch_dtype, dev)
+        self.model = load_model(ckpt, TORCH_DTYPES[name], dev)
         self.device = dev
         self.generator = torch.Generator(device=dev)
 

@@ -150,6 +150,22 @@ class NativeLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.ggml_type.name} in {len(self.weight.blocks)} part(s), native"
 
 
+class FusedLinear(nn.Module):
+    """Linear maps of one input (q, k, v; gate, up) held in parts of different types (a
+    Q4_K_M file's Q6_K attn_v beside Q4_K q and k): one matmul per part, outputs side by side."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features = sum(part.out_features for part in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], -1)
+
+    def extra_repr(self) -> str:
+        return f"{len(self.parts)} parts, {self.out_features} outputs"
+
+
 # --- grouped int8: any quantized GGML type, exact ---
 
 
