@@ -23,6 +23,7 @@ from backends.config import config_from_hf  # noqa: E402
 from backends.errors import BackendUnavailable, CheckpointError  # noqa: E402
 from backends.mlx import weights  # noqa: E402
 from backends.mlx.engine import MLXEngine, build_model  # noqa: E402
+from backends import quants  # noqa: E402
 from backends.quants import GGML_FORMATS  # noqa: E402
 from backends.sampling import GREEDY, SamplingParams  # noqa: E402
 from conftest import FIXTURES, SMOLLM3_META, TINY, TINY_HF, tiny_gguf  # noqa: E402
@@ -72,7 +73,7 @@ def test_pack_bits_packs_as_mx_quantize(bits):
 
 @pytest.mark.parametrize("ggml_type", [t for t, f in weights.MLX_FORMS.items() if f.exact], ids=lambda t: t.name)
 def test_exact_types_dequantize_as_gguf_py(ggml_type, monkeypatch):
-    monkeypatch.setattr(weights, "SLICE_ELEMS", 3000)  # repacked 2 rows at a time
+    monkeypatch.setattr(quants, "SLICE_ELEMS", 3000)  # repacked 2 rows at a time
     raw = random_blocks(ggml_type)
     ref = gguf_dequantize(raw.data, ggml_type).reshape(raw.shape)
     # MLX computes scale * q + bias, gguf-py d * (q - zero): the same value up to float32 rounding.

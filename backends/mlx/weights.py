@@ -32,11 +32,10 @@ from gguf import GGMLQuantizationType as T
 
 from ..checkpoint import RawTensor
 from ..errors import CheckpointError
-from ..quants import affine_rows, dequantize, ggml_format
+from ..quants import affine_rows, dequantize, ggml_format, rows_per_slice
 
 GROUP = 32  # every GGML block type is whole groups of 32 along a row
 DENSE_TYPES = (T.F32, T.F16, T.BF16)
-SLICE_ELEMS = 1 << 22  # weights decoded at a time: 16 MB of float32
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def quantized_arrays(raw: RawTensor, dtype: mx.Dtype) -> tuple[mx.array, mx.arra
     bits = MLX_FORMS[raw.ggml_type].bits
     packed = np.empty((rows, cols * bits // 32), np.uint32)
     scale, bias = np.empty((rows, cols // GROUP), np.float32), np.empty((rows, cols // GROUP), np.float32)
-    step = max(1, SLICE_ELEMS // cols)
+    step = rows_per_slice(cols)
     for i in range(0, rows, step):
         packed[i : i + step], scale[i : i + step], bias[i : i + step] = _repack_rows(raw, raw.data[i : i + step])
     return mx.array(packed), mx.array(scale).astype(dtype), mx.array(bias).astype(dtype)

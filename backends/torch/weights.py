@@ -30,12 +30,10 @@ from torch import nn
 
 from .. import settings
 from ..checkpoint import RawTensor, concat_rows
-from ..quants import Affine, affine_rows, dequantize, ggml_format
+from ..numbers import find_multiple
+from ..quants import Affine, affine_rows, dequantize, ggml_format, rows_per_slice
 from . import native
 
-# Rows dequantized per slice: small slices reuse freed buffers instead of first-touching fresh
-# pages, which is most of the cost (see backends/quants.py): 4M weights = 16 MB of float32.
-MAX_SLICE_ELEMS = 1 << 22
 DENSE_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
@@ -56,7 +54,7 @@ def dense(raw: RawTensor, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 def _sliced_linear(x: torch.Tensor, out_features: int, in_features: int, weight_rows) -> torch.Tensor:
     """x @ W^T with W produced `rows_per_slice` rows at a time by weight_rows(start, end)."""
-    step = max(1, MAX_SLICE_ELEMS // in_features)
+    step = rows_per_slice(in_features)
     if out_features <= step:
         return F.linear(x, weight_rows(0, out_features))
     return torch.cat([F.linear(x, weight_rows(i, min(i + step, out_features))) for i in range(0, out_features, step)], -1)
@@ -128,9 +126,9 @@ class NativeLinear(nn.Module):
         M = x.shape[0]
         # Rows padded to a multiple of 32: oneDNN keeps a compiled kernel per shape, and one
         # per prompt length grew memory by ~0.1 MB a chat turn (tests/test_long_session.py).
-        xb = torch.zeros(-(-M // 32) * 32, self.in_features, dtype=torch.bfloat16)
+        xb = torch.zeros(find_multiple(M, 32), self.in_features, dtype=torch.bfloat16)
         xb[:M] = x
-        step = max(1, MAX_SLICE_ELEMS // self.in_features)
+        step = rows_per_slice(self.in_features)
         buffer = torch.empty(min(step, self.out_features), self.in_features, dtype=torch.bfloat16)
         y = torch.empty(M, self.out_features)
         column = 0
@@ -218,7 +216,7 @@ class GroupedLinear(nn.Module):
         blocks = raw_to_torch(raw, device)
         # A few thousand rows at a time: the unpacking temporaries stay in cache instead of
         # first-touching fresh memory (a 128k-row embedding repacks several times faster).
-        step = max(1, MAX_SLICE_ELEMS // self.in_features)
+        step = rows_per_slice(self.in_features)
         q = scale = offset = None
         for start in range(0, self.out_features, step):
             a = affine_rows(blocks[start : start + step], raw.ggml_type, raw.name)
@@ -345,7 +343,7 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = raw.shape
         split = raw.ggml_type in INT4_TWO_PLANES
         blocks = raw_to_torch(raw, torch.device("cpu"))
-        step = max(64, MAX_SLICE_ELEMS // self.in_features // 64 * 64)  # whole 64-row blocks of the layout
+        step = rows_per_slice(self.in_features, multiple=64)  # whole 64-row blocks of the layout
         planes: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []] if split else [[]]
         for start in range(0, self.out_features, step):  # slices keep the unpacking temporaries small
             for plane, (codes, sz) in zip(planes, int4_planes(affine_rows(blocks[start : start + step], raw.ggml_type, raw.name), split)):
