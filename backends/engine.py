@@ -146,7 +146,9 @@ class Engine:
         self.reserve(min(len(prompt_ids) + max_new_tokens, self.config.context_length))
         self.stats = GenerationStats()
         self.reset_rng(sampling.seed)
-        history: list[int] = []  # the repeat penalty looks at generated tokens only, as the seed does
+        # The repeat penalty looks at generated tokens only: a prompt repeats its template's
+        # markup and the user's words, which an answer should be free to use.
+        history: list[int] = []
         eos = self.eos_ids
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids, split_prompt)

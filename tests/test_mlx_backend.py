@@ -262,44 +262,6 @@ def test_seeded_sampling_is_reproducible():
     assert list(engine.generate(PROMPT, 12, dataclasses.replace(params, seed=8))) != first
 
 
-@pytest.mark.parametrize(
-    "params",
-    [GREEDY, SamplingParams(temperature=0.0, repeat_penalty=1.5), SamplingParams(temperature=0.7, top_k=1),
-     SamplingParams(temperature=2.0, top_p=1e-6), SamplingParams(temperature=1.0, top_k=1, repeat_penalty=100.0)],
-)  # fmt: skip
-def test_sampling_decides_deterministic_cases_as_torch(params):
-    """Repeat penalty on the history, then temperature, top-k, top-p: cases with one possible
-    outcome must agree with the torch backend's sampler."""
-    import torch
-
-    from backends.torch.engine import TorchEngine
-
-    logits = np.random.default_rng(1).standard_normal((1, 4096)).astype(np.float32) * 4
-    top = np.argsort(-logits[0])
-    history = [int(top[0]), int(top[1]), 5, 5]
-    ours = MLXEngine.sample(_bare_mlx(), mx.array(logits), history, params)
-    theirs = TorchEngine.sample(_bare_torch(), torch.from_numpy(logits), history, params)
-    assert ours == theirs
-    if params.repeat_penalty == 100.0:  # the two best were penalized below the third
-        assert ours == int(top[2])
-
-
-def _bare_mlx():
-    engine = MLXEngine.__new__(MLXEngine)
-    engine.reset_rng(0)
-    return engine
-
-
-def _bare_torch():
-    import torch
-
-    from backends.torch.engine import TorchEngine
-
-    engine = TorchEngine.__new__(TorchEngine)
-    engine.generator = torch.Generator().manual_seed(0)
-    return engine
-
-
 @pytest.fixture(scope="module")
 def smollm2_mlx(smollm2_gguf):
     return backends.load(smollm2_gguf, backend="mlx")

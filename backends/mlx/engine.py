@@ -22,7 +22,7 @@ from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..engine import Engine, EngineInfo, dtype_name
 from ..errors import BackendUnavailable, CheckpointError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, sample_token
 from .weights import one_torch_thread, tensor_arrays
 
 MLX_DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
@@ -141,7 +141,7 @@ class MLXEngine(Engine):
             quantize_float_layers(self.model, quantize)
         mx.eval(self.model.parameters())
         self.cache = make_prompt_cache(self.model)
-        self.reset_rng(0)
+        self.sampler = MLXSampler()
 
     def forward(self, ids: list[int], pos: int, last_only: bool) -> mx.array:
         cached = self.cache[0].offset
@@ -162,23 +162,40 @@ class MLXEngine(Engine):
         return np.array(logits.astype(mx.float32))
 
     def reset_rng(self, seed: int | None) -> None:
+        self.sampler.seed(seed)
+
+    def sample(self, logits: mx.array, history: list[int], params: SamplingParams) -> int:
+        return sample_token(logits[-1:].astype(mx.float32), history, params, self.sampler)
+
+
+class MLXSampler:
+    """sample_token's steps (backends/sampling.py) with mlx-lm's functions, which work on
+    log-probabilities: the temperature step returns those."""
+
+    def __init__(self):
+        self.seed(0)
+
+    def seed(self, seed: int | None) -> None:
         self.key = mx.random.key(secrets.randbits(63) if seed is None else seed)
         # Evaluated here: MLX streams are per thread (MLX >= 0.31.2), and the TUI loads and
         # generates on different worker threads, so no lazy array may cross between them.
         mx.eval(self.key)
 
-    def sample(self, logits: mx.array, history: list[int], params: SamplingParams) -> int:
-        logits = logits[-1:].astype(mx.float32)
-        if params.repeat_penalty != 1.0 and params.repeat_last_n > 0 and history:
-            # Divides positive logits and multiplies negative ones, as llama.cpp and candle.
-            penalize = make_repetition_penalty(params.repeat_penalty, params.repeat_last_n)
-            logits = penalize(mx.array(history), logits)
-        if params.greedy:
-            return int(mx.argmax(logits, axis=-1).item())
-        logprobs = nn.log_softmax(logits / params.temperature, axis=-1)
-        if params.top_k is not None and params.top_k < logprobs.shape[-1]:
-            logprobs = apply_top_k(logprobs, params.top_k)
-        if params.top_p is not None and params.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, params.top_p)  # renormalizes over what top-k kept
+    def penalize(self, logits: mx.array, recent: list[int], penalty: float) -> mx.array:
+        return make_repetition_penalty(penalty, len(recent))(mx.array(recent), logits)
+
+    def argmax(self, logits: mx.array) -> int:
+        return int(mx.argmax(logits, axis=-1).item())
+
+    def temperature(self, logits: mx.array, temperature: float) -> mx.array:
+        return nn.log_softmax(logits / temperature, axis=-1)
+
+    def top_k(self, logprobs: mx.array, k: int) -> mx.array:
+        return apply_top_k(logprobs, k)
+
+    def top_p(self, logprobs: mx.array, p: float) -> mx.array:
+        return apply_top_p(logprobs, p)  # renormalizes over what top-k kept
+
+    def draw(self, logprobs: mx.array) -> int:
         self.key, key = mx.random.split(self.key)
         return int(mx.random.categorical(logprobs, key=key).item())
