@@ -5,7 +5,7 @@
 // memory) and has no layout for Q6_K or Q8_0 at their file size; here the mapped file is the
 // weight. As in llama.cpp, activations are quantized to int8 per block (32 values, or 256 for
 // the K-quants), so each block is one integer dot product; the result is exactly
-// sum_j w_j * xq_j * dx, checked against that formula in tests/test_native.py.
+// sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py.
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
