@@ -111,14 +111,14 @@ class NativeLinear(nn.Module):
         # where the CPU has it) on weights dequantized a slice at a time; fewer through the
         # int8 dot products.
         self.gemm_min_rows = settings.gemm_min_rows()
+        self.lib = native.library()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in_features], as every handler here takes it."""
-        lib = native.library()
         if x.shape[0] < self.gemm_min_rows:  # decode: the int8 dot products
-            y = native.gguf_matmul(lib, self.type_id, self.weight, x)
+            y = native.gguf_matmul(self.lib, self.type_id, self.weight, x)
         else:
-            y = self._gemm(lib, x)
+            y = self._gemm(self.lib, x)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _gemm(self, lib, x: torch.Tensor) -> torch.Tensor:
