@@ -16,12 +16,22 @@ import numpy as np
 from .chat_template import ChatTemplate
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .errors import ContextOverflow
+from .errors import BackendUnavailable, ContextOverflow
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .tracing import NullTracer, Tracer
 
 PREFILL_CHUNK = 512  # bounds prefill memory (attention scores, activations) on long prompts
+DTYPES = ("f32", "f16", "bf16")  # compute dtypes by name; each backend maps them to its own
+
+
+def dtype_name(requested: str, auto: str) -> str:
+    """The compute dtype's name: `requested`, one of DTYPES, or for "auto" the backend's `auto`."""
+    if requested == "auto":
+        return auto
+    if requested not in DTYPES:
+        raise BackendUnavailable(f"unknown dtype '{requested}' (use auto, {', '.join(DTYPES[:-1])} or {DTYPES[-1]})")
+    return requested
 
 
 @dataclass
@@ -146,7 +156,9 @@ class Engine:
         self.reserve(min(len(prompt_ids) + max_new_tokens, self.config.context_length))
         self.stats = GenerationStats()
         self.reset_rng(sampling.seed)
-        history: list[int] = []  # the repeat penalty looks at generated tokens only, as the seed does
+        # The repeat penalty looks at generated tokens only: a prompt repeats its template's
+        # markup and the user's words, which an answer should be free to use.
+        history: list[int] = []
         eos = self.eos_ids
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids, split_prompt, prefill_progress)

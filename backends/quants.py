@@ -24,6 +24,18 @@ from gguf import GGMLQuantizationType
 from .errors import CheckpointError, UnsupportedTensorType
 
 
+# Weights decoded at a time (16 MB of float32): a slice this small reuses freed buffers
+# instead of first-touching fresh pages, which is most of the cost (see above), and a 3B
+# model's embedding never has a whole float copy.
+SLICE_ELEMS = 1 << 22
+
+
+def rows_per_slice(row_elems: int, multiple: int = 1) -> int:
+    """Rows of `row_elems` weights to work on at a time: about SLICE_ELEMS weights, in whole
+    `multiple`s of rows (a kernel layout's row blocks), at least one."""
+    return max(multiple, SLICE_ELEMS // row_elems // multiple * multiple)
+
+
 @dataclass(frozen=True)
 class GGMLFormat:
     ggml_type: GGMLQuantizationType

@@ -155,3 +155,12 @@ def test_affine_rows_is_the_same_weights(qtype):
     a = affine_rows(raw, qtype, "t")
     assert a.q.shape[0] == raw.shape[0] and a.scale.shape[:2] == a.q.shape[:2]
     torch.testing.assert_close(a.dequantize(), dequantize(raw, qtype), rtol=0, atol=0)
+
+
+def test_rows_per_slice_holds_about_slice_elems_in_whole_blocks():
+    from backends.quants import SLICE_ELEMS, rows_per_slice
+
+    assert rows_per_slice(576) == SLICE_ELEMS // 576
+    assert rows_per_slice(2 * SLICE_ELEMS) == 1  # a row wider than a slice: one at a time
+    assert rows_per_slice(2048, multiple=64) == SLICE_ELEMS // 2048 // 64 * 64
+    assert rows_per_slice(SLICE_ELEMS, multiple=64) == 64

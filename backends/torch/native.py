@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from .. import settings
+
 SOURCE = Path(__file__).with_name("native") / "gguf_matmul.c"
 # The types the C side's table holds (tests check the two agree; supports() asks the library).
 TYPES = tuple(
@@ -82,7 +84,7 @@ def compiler() -> str | None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built library, or None (no C compiler or no OpenMP, or SMOLLM3_NATIVE=0)."""
-    if os.environ.get("SMOLLM3_NATIVE", "1") == "0" or (cc := compiler()) is None:
+    if not settings.native_kernels() or (cc := compiler()) is None:
         return None
     try:
         return load(build(cc))
