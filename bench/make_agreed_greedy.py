@@ -90,7 +90,7 @@ def main() -> None:
     engine = backends.load(path, backend="torch")
     os.environ["SMOLLM3_KERNELS"] = "reference"  # read when a model is built
     exact = backends.load(path, backend="torch")
-    del os.environ["SMOLLM3_KERNELS"]
+    os.environ.pop("SMOLLM3_KERNELS")
     prompt_ids = [
         engine.tokenizer.encode(engine.chat_template.render([{"role": "user", "content": p}], add_generation_prompt=True))
         for p in PROMPTS
