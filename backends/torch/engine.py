@@ -11,6 +11,7 @@ from ..engine import Engine, EngineInfo
 from ..errors import BackendUnavailable, CheckpointError
 from ..sampling import SamplingParams
 from .model import Transformer
+from .weights import NativeLinear
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -54,6 +55,10 @@ class TorchEngine(Engine):
         self.model = Transformer(ckpt.config, ckpt, torch_dtype, dev)
         self.device = dev
         self.generator = torch.Generator(device=dev)
+        # Only the native kernels take a few rows row by row as they take one (model.ROWS_AS_DECODED);
+        # every weight handler (weights.linear) has rows().
+        handlers = [m for m in self.model.modules() if hasattr(m, "rows")]
+        self.rows_exact = dev.type == "cpu" and torch_dtype == torch.float32 and all(isinstance(m, NativeLinear) for m in handlers)
 
     def forward(self, ids: list[int], pos: int, last_only: bool) -> torch.Tensor:
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)

@@ -19,6 +19,12 @@ from . import native
 from .weights import dense, linear, return_freed_memory
 
 
+# Inputs of fewer rows (decoded tokens, speculative drafts: backends/speculative.py) take the
+# decode's C kernels row by row, so each row's logits are bitwise those of the row decoded
+# alone: the int8 activation rounding turns a 1e-7 difference in attention into ~0.5 in logits.
+ROWS_AS_DECODED = 16
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for one layer: [1, kv_heads, capacity, head_dim]."""
 
@@ -87,11 +93,15 @@ class Attention(nn.Module):
     def forward(self, x, pos: int, cos, sin, cache: KVCache, mask) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv(x)
-        if T == 1 and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32 and (lib := native.library()):
-            # one decoded token: RoPE, cache write and attention in one C call (a dozen torch ops
-            # cost ~45 us a layer, as much as a small model's matmuls)
-            rotate = (cos, sin) if self.use_rope else (None, None)
-            return self.o_proj(native.attend_one(lib, q, k, v, cache.k, cache.v, pos, self.num_heads, *rotate))
+        if T < ROWS_AS_DECODED and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32 and (lib := native.library()):
+            # a decoded token (or a speculative draft's few, row by row): RoPE, cache write and
+            # attention in one C call (a dozen torch ops cost ~45 us a layer, as much as a small
+            # model's matmuls)
+            rows = []
+            for t in range(T):
+                rotate = (cos[t : t + 1], sin[t : t + 1]) if self.use_rope else (None, None)
+                rows.append(native.attend_one(lib, q[t : t + 1], k[t : t + 1], v[t : t + 1], cache.k, cache.v, pos + t, self.num_heads, *rotate))
+            return self.o_proj(rows[0] if T == 1 else torch.cat(rows))
         q = q.view(T, self.num_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
         k = k.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
         v = v.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
@@ -111,7 +121,7 @@ class MLP(nn.Module):
         self.gate_up, self.down_proj = gate_up, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and len(self.gate_up.parts) == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and (lib := native.library()):
+        if x.shape[0] < ROWS_AS_DECODED and len(self.gate_up.parts) == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and (lib := native.library()):
             # a decoded token: one call, not three ops (a prompt's rows: torch's threaded, vectorized ops)
             return self.down_proj(native.silu_mul(lib, self.gate_up.parts[0](x)))
         gate, up = self.gate_up(x)
