@@ -51,9 +51,17 @@ def main() -> None:
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=160)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = backends.load(args.model_path, backend=args.backend)
-    rows = []
+    print(f"{engine.info.checkpoint}, {engine.info.backend} {engine.info.device}, median of {args.runs}, decode tokens/s")
+    print("| task | prompt | generated | plain tok/s | speculative tok/s | ratio | accepted / drafted | forwards | identical |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    identical = True
     for name, make_prompt in TASKS.items():
         text = engine.chat_template.render([{"role": "user", "content": make_prompt()}], add_generation_prompt=True)
         prompt_ids = engine.tokenizer.encode(text)
@@ -69,13 +77,10 @@ def main() -> None:
                     accepted, drafted, steps = stats.accepted_tokens, stats.drafted_tokens, stats.decode_steps
         same = outputs[False] == outputs[True]
         plain, spec = statistics.median(speeds[False]), statistics.median(speeds[True])
-        rows.append((name, len(prompt_ids), len(outputs[True]), plain, spec, spec / plain, accepted, drafted, steps, same))
-    print(f"{engine.info.checkpoint}, {engine.info.backend} {engine.info.device}, median of {args.runs}, decode tokens/s")
-    print("| task | prompt | generated | plain tok/s | speculative tok/s | ratio | accepted / drafted | forwards | identical |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, p, g, plain, spec, ratio, acc, dr, steps, same in rows:
-        print(f"| {name} | {p} | {g} | {plain:.1f} | {spec:.1f} | {ratio:.2f}x | {acc} / {dr} | {steps} | {'yes' if same else 'NO'} |")
-    if not all(r[-1] for r in rows):
+        identical &= same
+        print(f"| {name} | {len(prompt_ids)} | {len(outputs[True])} | {plain:.1f} | {spec:.1f} | {spec / plain:.2f}x "
+              f"| {accepted} / {drafted} | {steps} | {'yes' if same else 'NO'} |", flush=True)
+    if not identical:
         sys.exit("speculation changed the output")
 
 
