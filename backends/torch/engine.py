@@ -10,6 +10,7 @@ from ..engine import Engine, EngineInfo, dtype_name
 from ..errors import BackendUnavailable
 from ..sampling import SamplingParams, sample_token
 from .loader import load_model
+from .weights import NativeLinear
 
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -46,6 +47,10 @@ class TorchEngine(Engine):
         self.model = load_model(ckpt, TORCH_DTYPES[name], dev)
         self.device = dev
         self.sampler = TorchSampler(dev)
+        # Only the native kernels take a few rows row by row as they take one (model.ROWS_AS_DECODED);
+        # every weight handler (weights.linear) has rows().
+        handlers = [m for m in self.model.modules() if hasattr(m, "rows")]
+        self.rows_exact = dev.type == "cpu" and name == "f32" and all(isinstance(m, NativeLinear) for m in handlers)
 
     def forward(self, ids: list[int], pos: int, last_only: bool) -> torch.Tensor:
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)

@@ -13,6 +13,12 @@ import torch
 from . import native
 from .model import MLP, TORCH_LAYERS, Attention, Layers, RMSNorm
 
+# Inputs of fewer rows (a decoded token, a speculative draft's few: backends/speculative.py) take
+# the decode's C kernels row by row, so each row's logits are bitwise those of the row decoded
+# alone: the int8 activation rounding turns a 1e-7 difference in attention into ~0.5 in logits.
+# gguf_matmul.c's UNPACK_MIN_ROWS keeps its matmul rows the same below this count.
+ROWS_AS_DECODED = 16
+
 
 class NativeRMSNorm(RMSNorm):
     def __init__(self, dim: int, eps: float):
@@ -24,32 +30,37 @@ class NativeRMSNorm(RMSNorm):
 
 
 class NativeAttention(Attention):
-    """One decoded token: RoPE, the cache write and attention in one C call."""
+    """A decoded token (or a draft's few, row by row): RoPE, the cache write and attention in
+    one C call a row."""
 
     def __init__(self, config, layer: int):
         super().__init__(config, layer)
         self.lib = native.library()
 
     def forward(self, x, pos: int, cos, sin, cache, mask) -> torch.Tensor:
-        if x.shape[0] > 1:
+        T = x.shape[0]
+        if T >= ROWS_AS_DECODED:
             return super().forward(x, pos, cos, sin, cache, mask)
-        q, k, v = self.qkv(x).split(self.sizes, -1)  # (1, nh * hs), (1, nkv * hs) x2; q and k rotated in place
-        rotate = (cos, sin) if self.use_rope else (None, None)
-        y = native.attend_one(self.lib, q, k, v, cache.k, cache.v, pos, self.num_heads, *rotate)  # (1, nh * hs)
-        return self.o_proj(y)
+        q, k, v = self.qkv(x).split(self.sizes, -1)  # (T, nh * hs), (T, nkv * hs) x2
+        rows = []
+        for t in range(T):  # q and k rotated in place
+            rotate = (cos[t : t + 1], sin[t : t + 1]) if self.use_rope else (None, None)
+            rows.append(native.attend_one(self.lib, q[t : t + 1], k[t : t + 1], v[t : t + 1], cache.k, cache.v,
+                                          pos + t, self.num_heads, *rotate))  # (1, nh * hs)
+        return self.o_proj(rows[0] if T == 1 else torch.cat(rows))  # (T, C)
 
 
 class NativeMLP(MLP):
-    """One decoded token: silu(gate) * up in one C call, not three ops."""
+    """A decoded token (or a draft's few): silu(gate) * up in one C call, not three ops."""
 
     def __init__(self, config):
         super().__init__(config)
         self.lib = native.library()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 1:
+        if x.shape[0] >= ROWS_AS_DECODED:
             return super().forward(x)
-        return self.down_proj(native.silu_mul(self.lib, self.gate_up(x)))  # (1, 2F) -> (1, F) -> (1, C)
+        return self.down_proj(native.silu_mul(self.lib, self.gate_up(x)))  # (T, 2F) -> (T, F) -> (T, C)
 
 
 NATIVE_LAYERS = Layers(norm=NativeRMSNorm, attention=NativeAttention, mlp=NativeMLP)

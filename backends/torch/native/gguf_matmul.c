@@ -746,9 +746,11 @@ int gguf_matmul_simd(void) {
 #define ROWS_PER_TASK 16
 // Input rows per pass: their codes (up to ~350 KB for K = 11008) stay in L2.
 #define INPUTS_PER_PASS 32
-// From this many input rows on, each weight row is unpacked once and multiplied with the rows
-// DOT_ROWS at a time; below it, a type's own dot product reads the blocks directly.
-#define UNPACK_MIN_ROWS 4
+// From this many input rows on (a prompt), each weight row is unpacked once and multiplied with
+// the rows DOT_ROWS at a time. Below it (a decoded token, a speculative draft's few) each input
+// row is computed exactly as a row alone, bit for bit: verifying a draft must give the logits
+// decoding would (backends/speculative.py; ROWS_AS_DECODED in native_layers.py).
+#define UNPACK_MIN_ROWS 16
 
 static size_t unpacked_bytes(const format *f, int K) {
     return (size_t)K + (size_t)K * sizeof(int16_t) / 2 + (size_t)(K / f->block + K / 16) * sizeof(float);
@@ -814,9 +816,9 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
                             for (int m = m0; m < m1; m++, out += N) *out = f->dot(row[i], xq + m * x_row, K);
                             continue;
                         }
-                        int m = m0;
-                        for (; m + DOT_ROWS <= m1; m += DOT_ROWS, out += DOT_ROWS * (size_t)N)
-                            dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, DOT_ROWS);
+                        int m = m0, batch = M >= UNPACK_MIN_ROWS ? DOT_ROWS : 1;
+                        for (; m + batch <= m1; m += batch, out += batch * (size_t)N)
+                            dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, batch);
                         for (; m < m1; m++, out += N) dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, 1);
                     }
                 }
