@@ -10,6 +10,8 @@ setting, one line at the CLI like any other bad input.
 |                          |         | (slow, simplest: what the fast kernels are checked with)  |
 | SMOLLM3_NATIVE           | 1       | `0`: never build or load our C kernels (torch's run)      |
 | SMOLLM3_COMPILE          | 1       | `0`: no torch.compile'd decode kernel for group-16 types  |
+| SMOLLM3_SPECULATE        | auto    | prompt-lookup drafts (speculative.py): `0` off, `1` on,    |
+|                          |         | `auto` where a batch's rows are bitwise decoded rows      |
 | SMOLLM3_TOKENIZER_CACHE  | 1       | `0`: build a GGUF's tokenizer afresh, never cache it      |
 | SMOLLM3_DATA_DIR         | (none)  | where the chat TUI keeps its database                     |
 | SMOLLM3_DEBUG            | (off)   | any value: an internal error shows its traceback          |
@@ -57,6 +59,14 @@ def native_kernels() -> bool:
 def compile_kernels() -> bool:
     """SMOLLM3_COMPILE: whether torch.compile may build the group-16 decode kernel."""
     return _flag("SMOLLM3_COMPILE", True)
+
+
+def speculate() -> str:
+    """SMOLLM3_SPECULATE: 'auto', '0' or '1'."""
+    value = os.environ.get("SMOLLM3_SPECULATE") or "auto"
+    if value not in ("auto", "0", "1"):
+        raise SettingError(f"SMOLLM3_SPECULATE={value!r}: use auto, 0 or 1")
+    return value
 
 
 def tokenizer_cache() -> bool:

@@ -11,7 +11,8 @@ decoding draws it from, with the same number of draws, so a seeded run gives the
 
 from __future__ import annotations
 
-import os
+from . import settings
+
 
 # Rows per verifying forward stay under 16 (1 + MAX_DRAFT): the native CPU matmul multiplies
 # fewer than 16 rows with the decode's int8 dot products, row for row as it does one token
@@ -29,8 +30,8 @@ def enabled(rows_exact: bool) -> bool:
     """SMOLLM3_SPECULATE: 0 off, 1 on; unset (or auto), on where the backend computes a batch's
     rows exactly as decoded rows (Engine.rows_exact). Elsewhere (GPU kernels, float weights in
     BLAS) rows differ by rounding, and a near-tie can then pick another token than plain decoding."""
-    setting = os.environ.get("SMOLLM3_SPECULATE", "auto")
-    return setting == "1" or (setting != "0" and rows_exact)
+    setting = settings.speculate()
+    return setting == "1" or (setting == "auto" and rows_exact)
 
 
 class PromptLookup:
