@@ -33,7 +33,7 @@ where=$("$WORK/venv/bin/python" -c "import app, assets; print(app.__file__)")
 case "$where" in "$SITE"/*) ;; *) echo "check_install: app imported from $where, not the venv" >&2; exit 1 ;; esac
 
 answer=$(timeout 120 "$WORK/venv/bin/smollm3" --model-path "$MODEL" --temperature 0 -n 24 \
-  --prompt "What is the capital of France?" 2>"$WORK/err") || { cat "$WORK/err" >&2; exit 1; }
+  --prompt "Name the capital of France." 2>"$WORK/err") || { cat "$WORK/err" >&2; exit 1; }
 grep -q Paris <<<"$answer" || { echo "check_install: no Paris in: $answer" >&2; exit 1; }
 echo "check_install: --prompt from the wheel: $answer"
 

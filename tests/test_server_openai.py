@@ -13,7 +13,7 @@ import pytest
 
 from server_helpers import listen
 
-QUESTION = "What is the capital of France?"
+QUESTION = "Name the capital of France."
 MAX_TOKENS = 12
 
 
