@@ -19,6 +19,23 @@ from backends import Engine, SamplingParams
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 StopCheck = Callable[[], bool]
+PrefillProgress = Callable[[int, int], None]  # (prompt tokens computed so far, to compute)
+
+# done | stopped (by the user) | length (max tokens) | context (the context filled up) |
+# streaming (being generated, or the app died while it was)
+STATUSES = ("done", "stopped", "length", "context", "streaming")
+STATUS_BY_REASON = {"eos": "done", "length": "length", "context": "context"}  # else "stopped"
+
+
+@dataclass
+class ChatMessage:
+    """One turn of a chat, as the session, the store, the widgets and the export all see it."""
+
+    role: str  # "user" | "assistant"
+    content: str
+    status: str = "done"
+    id: int | None = None  # the row in the store, once stored
+    in_context: bool = True  # False: dropped from the model's context, kept in the history
 
 
 @dataclass
@@ -27,33 +44,32 @@ class ChatSession:
     thinking: bool = False
     use_template: bool = True
     system_prompt: str | None = None
-    # {"role": "user" | "assistant", "content": str}; callers may keep their own keys (an id, a
-    # status) in these dicts: only role and content reach the template.
-    messages: list[dict] = field(default_factory=list)
+    # Only role and content reach the template.
+    messages: list[ChatMessage] = field(default_factory=list)
     # Why the last reply ended: the engine's "eos" | "length" | "context", or "stopped" when the
     # caller stopped it (should_stop, or closing the stream early).
     last_stop_reason: str = ""
 
     # --- prompts ---
 
-    def render(self, add_generation_prompt: bool = True, messages: list[dict] | None = None) -> str:
+    def render(self, add_generation_prompt: bool = True, messages: list[ChatMessage] | None = None) -> str:
         messages = self.messages if messages is None else messages
         if not self.use_template or self.engine.chat_template is None:
             # Raw mode: the conversation is the concatenated text, as a base model expects.
-            return "".join(m["content"] for m in messages)
-        turns = [{"role": m["role"], "content": self._template_content(m)} for m in messages]
+            return "".join(m.content for m in messages)
+        turns = [{"role": m.role, "content": self._template_content(m)} for m in messages]
         if self.system_prompt:
             turns.insert(0, {"role": "system", "content": self.system_prompt})
         return self.engine.chat_template.render(
             turns, add_generation_prompt=add_generation_prompt, enable_thinking=self.thinking
         )
 
-    def _template_content(self, message: dict) -> str:
-        if message["role"] == "assistant" and not self.thinking:
+    def _template_content(self, message: ChatMessage) -> str:
+        if message.role == "assistant" and not self.thinking:
             # A /no_think prompt gives every assistant turn an empty think block of its own; a
             # reasoning kept from a /think turn would sit after it as answer text.
-            return split_thinking(message["content"])[1]
-        return message["content"]
+            return split_thinking(message.content)[1]
+        return message.content
 
     def prompt_ids(self) -> list[int]:
         return self.engine.tokenizer.encode(self.render())
@@ -78,10 +94,11 @@ class ChatSession:
         sampling: SamplingParams,
         split_prompt: bool = False,
         should_stop: StopCheck | None = None,
+        prefill_progress: PrefillProgress | None = None,
     ) -> Iterator[str]:
         """Add a user turn and stream the assistant's text; the reply is added as a turn."""
-        self.messages.append({"role": "user", "content": user_text})
-        return self.generate(max_new_tokens, sampling, split_prompt=split_prompt, should_stop=should_stop)
+        self.messages.append(ChatMessage("user", user_text))
+        return self.generate(max_new_tokens, sampling, split_prompt, should_stop, prefill_progress)
 
     def generate(
         self,
@@ -89,6 +106,7 @@ class ChatSession:
         sampling: SamplingParams,
         split_prompt: bool = False,
         should_stop: StopCheck | None = None,
+        prefill_progress: PrefillProgress | None = None,
     ) -> Iterator[str]:
         """Stream a new assistant turn answering the conversation as it stands.
 
@@ -96,33 +114,34 @@ class ChatSession:
         content grows as text streams, so a stopped or failed reply keeps what was generated.
         """
         ids = self.prompt_ids()
-        message = {"role": "assistant", "content": ""}
-        return self._stream(ids, message, max_new_tokens, sampling, split_prompt, should_stop, append=True)
+        message = ChatMessage("assistant", "", status="streaming")
+        return self._stream(ids, message, max_new_tokens, sampling, split_prompt, should_stop, prefill_progress, append=True)
 
     def continue_reply(
         self,
         max_new_tokens: int,
         sampling: SamplingParams,
         should_stop: StopCheck | None = None,
+        prefill_progress: PrefillProgress | None = None,
     ) -> Iterator[str]:
         """Stream more of the last assistant message (one that was stopped), extending its content."""
-        if not self.messages or self.messages[-1]["role"] != "assistant":
+        if not self.messages or self.messages[-1].role != "assistant":
             raise ValueError("there is no assistant message to continue")
         message = self.messages[-1]
-        if not self.thinking and has_open_think(message["content"]):
+        if not self.thinking and has_open_think(message.content):
             # Stopped while reasoning, continued without: close the block so the rest is an answer.
-            message["content"] += "\n" + THINK_CLOSE + "\n"
+            message.content += "\n" + THINK_CLOSE + "\n"
         if not self.use_template or self.engine.chat_template is None:
             text = self.render()
         else:
             # The start of the assistant turn as the template writes it, then the text so far.
             text = self.render(messages=self.messages[:-1]) + self._template_content(message).lstrip("\n")
         ids = self.engine.tokenizer.encode(text)
-        return self._stream(ids, message, max_new_tokens, sampling, False, should_stop, append=False)
+        return self._stream(ids, message, max_new_tokens, sampling, False, should_stop, prefill_progress, append=False)
 
-    def _stream(self, ids, message, max_new_tokens, sampling, split_prompt, should_stop, append) -> Iterator[str]:
+    def _stream(self, ids, message, max_new_tokens, sampling, split_prompt, should_stop, prefill_progress, append) -> Iterator[str]:
         self.last_stop_reason = ""
-        tokens = self.engine.generate(ids, max_new_tokens, sampling, split_prompt=split_prompt)
+        tokens = self.engine.generate(ids, max_new_tokens, sampling, split_prompt=split_prompt, prefill_progress=prefill_progress)
         detok = self.engine.tokenizer.detokenizer()
         reason = "stopped"
 
@@ -131,7 +150,7 @@ class ChatSession:
             if append:  # on the first token, or at the end: a failed prefill leaves no empty turn
                 self.messages.append(message)
                 append = False
-            message["content"] += text
+            message.content += text
 
         try:
             for token in tokens:
@@ -159,19 +178,25 @@ class ChatSession:
             if reason == "stopped":
                 self.engine.stats.stop_reason = "stopped"
             self.last_stop_reason = reason
+            message.status = STATUS_BY_REASON.get(reason, "stopped")
 
     # --- editing the conversation ---
 
-    def drop_oldest_turn(self) -> list[dict]:
+    def drop_oldest_turn(self) -> list[ChatMessage]:
         """Remove the oldest user turn and the replies to it; never the last user message.
 
-        Returns the removed messages ([] when nothing can go).
+        Returns the removed messages ([] when nothing can go), marked as out of the context.
         """
-        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        users = [i for i, m in enumerate(self.messages) if m.role == "user"]
         if len(users) < 2:
             return []
         removed, self.messages = self.messages[: users[1]], self.messages[users[1] :]
+        for m in removed:
+            m.in_context = False
         return removed
+
+    def last_answer(self) -> ChatMessage | None:
+        return next((m for m in reversed(self.messages) if m.role == "assistant"), None)
 
     def clear(self) -> None:
         self.messages = []

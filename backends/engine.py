@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -104,8 +104,13 @@ class Engine:
                 f"the prompt is {prompt_len} tokens, the model's context is {self.config.context_length}"
             )
 
-    def prefill(self, prompt_ids: list[int], split_prompt: bool = False) -> Any:
-        """Feed the prompt, reusing the KV cache for the longest common prefix; return the last logits."""
+    def prefill(
+        self, prompt_ids: list[int], split_prompt: bool = False, progress: Callable[[int, int], None] | None = None
+    ) -> Any:
+        """Feed the prompt, reusing the KV cache for the longest common prefix; return the last logits.
+
+        progress(done, total) is called before the first chunk and after each, with the prompt
+        tokens computed so far."""
         reuse = 0
         for a, b in zip(self.cached_ids, prompt_ids[:-1]):  # always recompute the last token for its logits
             if a != b:
@@ -116,10 +121,14 @@ class Engine:
         step = 1 if split_prompt else PREFILL_CHUNK
         logits = None
         with self.tracer.span("prefill", tokens=len(todo), reused=reuse):
+            if progress is not None:
+                progress(0, len(todo))
             for start in range(0, len(todo), step):
                 chunk = todo[start : start + step]
                 logits = self.forward(chunk, reuse + start, last_only=True)
                 self.cached_ids.extend(chunk)
+                if progress is not None:
+                    progress(start + len(chunk), len(todo))
         self.stats.prompt_tokens = len(prompt_ids)
         self.stats.prefilled_tokens = len(todo)
         return logits
@@ -130,6 +139,7 @@ class Engine:
         max_new_tokens: int,
         sampling: SamplingParams = SamplingParams(),
         split_prompt: bool = False,
+        prefill_progress: Callable[[int, int], None] | None = None,
     ) -> Iterator[int]:
         """Yield generated token ids until an EOS id (not yielded), max_new_tokens, or a full context."""
         self._check_fits(len(prompt_ids))
@@ -139,7 +149,7 @@ class Engine:
         history: list[int] = []  # the repeat penalty looks at generated tokens only, as the seed does
         eos = self.eos_ids
         t0 = time.perf_counter()
-        logits = self.prefill(prompt_ids, split_prompt)
+        logits = self.prefill(prompt_ids, split_prompt, prefill_progress)
         self.stats.prefill_s = time.perf_counter() - t0
         self.stats.stop_reason = "length"
         t1 = time.perf_counter()

@@ -61,7 +61,9 @@ TUI_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from textual._styles_cache import StylesCache
     from app.tui.app import ChatApp
+    from app.tui.chat_log import ChatLog
     from app.tui.store import ChatStore
+    from app.tui.turns import drop_to_fit
     from backends.sampling import SamplingParams
     from test_tui_support import ready, send, tiny_engine
 
@@ -80,16 +82,16 @@ TUI_SCRIPT = textwrap.dedent(
         engine.model.ensure_capacity(engine.config.context_length)  # the KV cache full-size from the start
         app = ChatApp(lambda progress: engine, store=ChatStore(db), max_new_tokens=8,
                       sampling=SamplingParams(temperature=0.8, seed=1))
-        app.MAX_SHOWN_MESSAGES = 20  # the same trimming as at 100, reached sooner
+        ChatLog.MAX_SHOWN_MESSAGES = 20  # the same trimming as at 100, reached sooner
         samples = {}
         async with app.run_test(size=(100, 32)) as pilot:
             await ready(pilot)
             # A first message of ~2200 tokens: the context fills and old turns are dropped early.
             first = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(140))
             for turn in range(turns):
-                if app.session.context_tokens() > engine.config.context_length - 100:
-                    while app.session.context_tokens() > engine.config.context_length // 2:
-                        await app.drop_to_fit(at_least_one=True)
+                if app.chat.session.context_tokens() > engine.config.context_length - 100:
+                    while app.chat.session.context_tokens() > engine.config.context_length // 2:
+                        await drop_to_fit(app.chat, at_least_one=True)
                 await send(pilot, first if turn == 0 else f"Turn {turn}: what about {turn}?")
                 if turn in (10, turns - 1):
                     samples[turn] = measure()
@@ -105,7 +107,7 @@ TUI_SCRIPT = textwrap.dedent(
 def test_a_long_tui_chat_keeps_rss_flat(tmp_path):
     """The same through the chat TUI (Pilot, real generation): 70 turns, the most a test can
     afford here (~0.5 s a turn), with the KV cache full-size from the first turn. It found two
-    leaks: Textual's Footer kept every key it re-created (app/tui/widgets.py ChatFooter), and
+    leaks: Textual's Footer kept every key it re-created (app/tui/textual_compat.py ChatFooter), and
     every message stayed on screen (now the newest MAX_SHOWN_MESSAGES)."""
     tests = str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", TUI_SCRIPT, tests, str(tmp_path / "chats.sqlite3"), "70"],

@@ -4,7 +4,7 @@ across turns, dropping turns; ThinkingSplitter and the thinking helpers."""
 import pytest
 
 import backends
-from app.session import ChatSession, ThinkingSplitter, has_open_think, split_thinking
+from app.session import ChatMessage, ChatSession, ThinkingSplitter, has_open_think, split_thinking
 from backends import SamplingParams
 from backends.errors import ContextOverflow
 from backends.sampling import GREEDY
@@ -36,14 +36,14 @@ def test_reply_streams_text_and_adds_both_turns(engine):
     session = ChatSession(engine)
     pieces = list(session.reply("Hello", 8, GREEDY))
     assert session.messages == [
-        {"role": "user", "content": "Hello"},
-        {"role": "assistant", "content": "".join(pieces)},
+        ChatMessage("user", "Hello"),
+        ChatMessage("assistant", "".join(pieces), status="length"),
     ]
     assert engine.stats.generated_tokens == 8 and session.last_stop_reason == "length"
 
 
 def test_thinking_mode_is_in_the_prompt_from_its_first_tokens(engine):
-    session = ChatSession(engine, thinking=True, messages=[{"role": "user", "content": "Hi"}])
+    session = ChatSession(engine, thinking=True, messages=[ChatMessage("user", "Hi")])
     think = session.render()
     session.thinking = False
     no_think = session.render()
@@ -57,7 +57,7 @@ def test_thinking_mode_is_in_the_prompt_from_its_first_tokens(engine):
 def test_no_think_prompt_drops_earlier_reasoning_think_prompt_keeps_it(engine):
     answer = "<think>\nweigh it\n</think>\n42"
     session = ChatSession(
-        engine, thinking=True, messages=[{"role": "user", "content": "Q?"}, {"role": "assistant", "content": answer, "id": 3}]
+        engine, thinking=True, messages=[ChatMessage("user", "Q?"), ChatMessage("assistant", answer, id=3)]
     )
     assert "<|im_start|>assistant\n<think>\nweigh it\n</think>\n42<|im_end|>" in session.render()
     session.thinking = False
@@ -72,7 +72,7 @@ def test_second_turn_prefills_only_the_new_tokens_and_matches_a_fresh_engine(eng
     cached = list(engine.cached_ids)  # the first prompt and the tokens generated after it
     assert len(cached) >= ids1 + 11 and "".join(first)
 
-    session.messages.append({"role": "user", "content": "And dogs?"})
+    session.messages.append(ChatMessage("user", "And dogs?"))
     ids2 = session.prompt_ids()
     tokens2 = list(engine.generate(ids2, 12, SEEDED))
     stats = engine.stats
@@ -97,7 +97,7 @@ def test_second_turn_on_smollm2_prefills_exactly_the_new_turn(smollm2_gguf):
     first = engine.stats
     assert first.stop_reason == "eos" and first.prefilled_tokens == first.prompt_tokens
 
-    session.messages.append({"role": "user", "content": "And of Italy?"})
+    session.messages.append(ChatMessage("user", "And of Italy?"))
     ids2 = session.prompt_ids()
     tokens2 = list(engine.generate(ids2, 4, SEEDED))
     second = engine.stats
@@ -115,7 +115,7 @@ def test_toggling_thinking_costs_a_fresh_prefill(engine):
     session = ChatSession(engine, thinking=False)
     list(session.reply("Hi", 4, GREEDY))
     session.thinking = True
-    session.messages.append({"role": "user", "content": "Again"})
+    session.messages.append(ChatMessage("user", "Again"))
     list(session.generate(4, GREEDY))
     # Only the tokens before the reasoning mode in the metadata can be reused.
     assert engine.stats.prefilled_tokens >= engine.stats.prompt_tokens - mode_position(engine, session.render())
@@ -128,11 +128,11 @@ def test_stop_then_continue_extends_the_same_message(engine):
     for text in stream:
         seen.append(text)
     assert session.last_stop_reason == "stopped" and engine.stats.stop_reason == "stopped"
-    partial = session.messages[-1]["content"]
+    partial = session.messages[-1].content
     assert partial == "".join(seen) and partial
     first_prompt = engine.stats.prompt_tokens
     more = "".join(session.continue_reply(3, GREEDY))
-    assert session.messages[-1]["content"] == partial + more and len(session.messages) == 2
+    assert session.messages[-1].content == partial + more and len(session.messages) == 2
     # The continuation's prompt is the turn so far: the cache holds the prompt and (but for
     # tokenization differences of a random model's text) the answer so far.
     assert engine.stats.prefilled_tokens <= engine.stats.prompt_tokens - first_prompt
@@ -147,15 +147,15 @@ def test_closing_the_stream_early_keeps_the_text(engine):
     stream = session.reply("Hello", 20, GREEDY)
     got = next(stream) + next(stream)
     stream.close()
-    assert session.messages[-1]["content"].startswith(got)
+    assert session.messages[-1].content.startswith(got)
     assert session.last_stop_reason == "stopped"
 
 
 def test_continue_without_thinking_closes_an_open_thought(engine):
     session = ChatSession(engine, thinking=False)
-    session.messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nhmm"}]
+    session.messages = [ChatMessage("user", "Q"), ChatMessage("assistant", "<think>\nhmm")]
     text = "".join(session.continue_reply(3, GREEDY))
-    content = session.messages[-1]["content"]
+    content = session.messages[-1].content
     assert content.startswith("<think>\nhmm\n</think>\n") and content.endswith(text)
     assert split_thinking(content) == ("\nhmm\n", "\n" + text)
 
@@ -168,28 +168,29 @@ def test_prompt_too_long_leaves_no_empty_turn(engine):
     session = ChatSession(small)
     with pytest.raises(ContextOverflow):
         list(session.reply("Hello", 4, GREEDY))
-    assert [m["role"] for m in session.messages] == ["user"]
+    assert [m.role for m in session.messages] == ["user"]
     assert session.last_stop_reason == "error"
 
 
 def test_drop_oldest_turn_keeps_the_last_user_message(engine):
     msgs = [
-        {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c"},
-        {"role": "assistant", "content": "d"},
-        {"role": "user", "content": "e"},
+        ChatMessage("user", "a"),
+        ChatMessage("assistant", "b"),
+        ChatMessage("user", "c"),
+        ChatMessage("assistant", "d"),
+        ChatMessage("user", "e"),
     ]
     session = ChatSession(engine, messages=list(msgs))
     assert session.drop_oldest_turn() == msgs[:2]
     assert session.drop_oldest_turn() == msgs[2:4]
     assert session.drop_oldest_turn() == [] and session.messages == msgs[4:]
+    assert [m.in_context for m in msgs] == [False, False, False, False, True]
 
 
 def test_context_tokens_and_raw_mode(engine):
     session = ChatSession(engine, use_template=False)
     assert session.context_tokens() == 0
-    session.messages = [{"role": "user", "content": "one two"}]
+    session.messages = [ChatMessage("user", "one two")]
     assert session.render() == "one two" and session.context_tokens() == len(engine.tokenizer.encode("one two"))
     assert not session.supports_thinking and ChatSession(engine).supports_thinking
 

@@ -1,6 +1,7 @@
 """The chat TUI driven headless with Pilot: against the tiny random SmolLM3 (real generation,
 gibberish text), a scripted engine where the text must be known, and SmolLM2-135M once."""
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -10,9 +11,14 @@ import time
 from pathlib import Path
 
 import backends
-from app.tui.app import ChatApp, status_text
-from app.tui.screens import ChoiceScreen, HistoryScreen, InputScreen, Settings, SettingsScreen, SystemPromptScreen
+from app.session import ChatMessage
+from app.tui.app import ChatApp
+from app.tui.chat_log import ChatLog
+from app.tui.dialogs import ChoiceScreen, InputScreen
+from app.tui.screens import HistoryScreen, SettingsScreen, SystemPromptScreen
+from app.tui.status import status_text
 from app.tui.store import ChatStore
+from app.tui.worker import Settings
 from app.tui.widgets import AssistantMessage, LoadingPanel, PromptInput, UserMessage
 from backends import SamplingParams
 from backends.errors import ResolutionError
@@ -38,6 +44,12 @@ def rows(tmp_path, sql="SELECT role, content, status, in_context FROM messages O
         return db.execute(sql).fetchall()
 
 
+def full_status(app) -> str:
+    """The status line as wide as it gets (the one on screen is fitted to the terminal)."""
+    chat = app.chat
+    return "the model did not load" if chat.load_failed else status_text(chat.engine, chat.context_used, chat.stats, chat.settings, chat.live)
+
+
 def answers(app) -> list[AssistantMessage]:
     return list(app.query(AssistantMessage))
 
@@ -56,14 +68,14 @@ async def test_send_streams_the_reply_and_stores_both_messages(tmp_path, monkeyp
         await ready(pilot)
         await send(pilot, "Hello")
         (widget,) = answers(app)
-        content = app.session.messages[-1]["content"]
+        content = app.chat.session.messages[-1].content
         assert len(bursts) >= 2, "the reply arrived in one piece, not streamed"
         assert "".join(text for burst in bursts for _, text in burst) == content
         assert widget.answer_text == content and widget.answer.source == content.strip()
         assert [w.text for w in app.query(UserMessage)] == ["Hello"]
         assert rows(tmp_path) == [("user", "Hello", "done", 1), ("assistant", content, "length", 1)]
-        status = str(app.query_one("#status").render())
-        stats = app.engine.stats
+        status = full_status(app)
+        stats = app.chat.engine.stats
         assert f"prefilled {stats.prefilled_tokens} of {stats.prompt_tokens} tok" in status
         assert f"ctx {stats.prompt_tokens + 8}/4096" in status and "tiny-smollm3-F16 · torch cpu" in status
 
@@ -80,17 +92,17 @@ async def test_thinking_toggle_changes_the_next_prompt_and_costs_one_fresh_prefi
         assert spy.prompt_text().endswith("<|im_start|>assistant\n<think>\n\n</think>\n")
 
         await pilot.press("ctrl+t")
-        assert str(app.query_one("#mode").render()) == "THINK ON" and app.session.thinking
+        assert str(app.query_one("#mode").render()) == "THINK ON" and app.chat.session.thinking
         await send(pilot, "Again")
         think = spy.prompt_text()
         assert "Reasoning Mode: /think" in think and think.endswith("<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n")
         mode_at = len(engine.tokenizer.encode(think[: think.index("Reasoning Mode: /") + 17]))
         assert engine.stats.prefilled_tokens >= engine.stats.prompt_tokens - mode_at  # from the metadata on
-        assert f"prefilled {engine.stats.prefilled_tokens} of {engine.stats.prompt_tokens}" in str(app.query_one("#status").render())
+        assert f"prefilled {engine.stats.prefilled_tokens} of {engine.stats.prompt_tokens}" in full_status(app)
 
         await send(pilot, "/no_think", wait=False)
         await pilot.pause()
-        assert not app.session.thinking and app.query_prompt().text == "" and len(spy.calls) == 2
+        assert not app.chat.session.thinking and app.chat.query_prompt().text == "" and len(spy.calls) == 2
         await send(pilot, "Third")
         assert "Reasoning Mode: /no_think" in spy.prompt_text()
         first_tokens = len(spy.calls[0][0])
@@ -107,23 +119,23 @@ async def test_escape_stops_mid_answer_and_ctrl_r_continues_it(tmp_path):
         await pilot.press("escape")
         await settle(pilot)
         (widget,) = answers(app)
-        message = app.session.messages[-1]
-        partial = message["content"]
-        assert message["status"] == "stopped" and widget.has_class("-stopped")
-        assert "stopped" in str(widget.note.render()) and app.engine.stats.generated_tokens < 400
+        message = app.chat.session.messages[-1]
+        partial = message.content
+        assert message.status == "stopped" and widget.has_class("-stopped")
+        assert "stopped" in str(widget.note.render()) and app.chat.engine.stats.generated_tokens < 400
         assert rows(tmp_path)[-1] == ("assistant", partial, "stopped", 1)
-        first_prompt = app.engine.stats.prompt_tokens
+        first_prompt = app.chat.engine.stats.prompt_tokens
 
-        app.settings = Settings(GREEDY, 4)
+        app.chat.settings = Settings(GREEDY, 4)
         await pilot.press("ctrl+r")
         await settle(pilot)
-        assert len(answers(app)) == 1 and len(app.session.messages) == 2
-        assert message["content"].startswith(partial) and len(message["content"]) > len(partial)
-        assert message["status"] == "length" and widget.answer_text == message["content"]
-        assert rows(tmp_path)[-1] == ("assistant", message["content"], "length", 1)
+        assert len(answers(app)) == 1 and len(app.chat.session.messages) == 2
+        assert message.content.startswith(partial) and len(message.content) > len(partial)
+        assert message.status == "length" and widget.answer_text == message.content
+        assert rows(tmp_path)[-1] == ("assistant", message.content, "length", 1)
         # The cache held the prompt and the answer so far (a random model's text may tokenize back
         # differently, so some of the answer may be prefilled again).
-        assert app.engine.stats.prefilled_tokens <= app.engine.stats.prompt_tokens - first_prompt
+        assert app.chat.engine.stats.prefilled_tokens <= app.chat.engine.stats.prompt_tokens - first_prompt
 
 
 async def test_new_chat_starts_empty_and_is_stored_apart(tmp_path):
@@ -131,14 +143,14 @@ async def test_new_chat_starts_empty_and_is_stored_apart(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "First chat")
-        first = app.chat_id
+        first = app.chat.chat_id
         await pilot.press("ctrl+n")
         await pilot.pause()
-        assert app.session.messages == [] and app.chat_id is None
+        assert app.chat.session.messages == [] and app.chat.chat_id is None
         assert not answers(app) and not list(app.query(UserMessage))
-        assert "ctx 0/4096" in str(app.query_one("#status").render())
+        assert "ctx 0/4096" in full_status(app)
         await send(pilot, "Second chat")
-        assert app.chat_id != first and len(answers(app)) == 1
+        assert app.chat.chat_id != first and len(answers(app)) == 1
     assert rows(tmp_path, "SELECT title FROM chats ORDER BY id") == [("First chat",), ("Second chat",)]
 
 
@@ -151,10 +163,10 @@ from backends.sampling import GREEDY
 from test_tui_support import tiny_engine
 
 async def auto_pilot(pilot):
-    while pilot.app.engine is None:
+    while pilot.app.chat.engine is None:
         await pilot.pause(0.05)
     await pilot.pause(0.2)
-    prompt = pilot.app.query_prompt()
+    prompt = pilot.app.chat.query_prompt()
     prompt.load_text("Remember this question")
     await pilot.press("enter")
     while True:
@@ -200,11 +212,11 @@ async def test_resume_after_the_app_is_killed_mid_answer(tmp_path):
         assert [w.text for w in app.query(UserMessage)] == ["Remember this question"]
         (widget,) = answers(app)
         assert widget.answer_text == assistant[0] and "interrupted" in str(widget.note.render())
-        assert [m["content"] for m in app.session.messages] == ["Remember this question", assistant[0]]
-        assert app.query_prompt().inputs[-1] == "Remember this question"  # Up recalls it
+        assert [m.content for m in app.chat.session.messages] == ["Remember this question", assistant[0]]
+        assert app.chat.query_prompt().inputs[-1] == "Remember this question"  # Up recalls it
         await pilot.press("ctrl+r")
         await settle(pilot)
-        assert app.session.messages[-1]["content"].startswith(assistant[0])
+        assert app.chat.session.messages[-1].content.startswith(assistant[0])
         assert rows(tmp_path)[-1][2] == "length"
 
 
@@ -214,7 +226,7 @@ async def test_auto_scroll_follows_the_answer_only_while_the_view_is_at_the_bott
     async with app.run_test(size=(80, 20)) as pilot:
         await ready(pilot)
         await send(pilot, "Lines", wait=False)
-        log = app.log_view
+        log = app.chat.log_view
         await wait_for(pilot, lambda: log.max_scroll_y > 5, what="an answer taller than the view")
         await pilot.pause(0.1)
         assert log.scroll_y == log.max_scroll_y  # following
@@ -231,17 +243,17 @@ async def test_auto_scroll_follows_the_answer_only_while_the_view_is_at_the_bott
 async def test_an_unanswered_message_in_a_resumed_chat_is_answered_on_ctrl_r(tmp_path):
     store = ChatStore(tmp_path / "chats.sqlite3")
     chat = store.create_chat("Dangling")
-    store.add_message(chat, "user", "Sent, then the app died")
-    store.add_message(chat, "assistant", "", "streaming")  # killed before its first token
+    store.add_message(chat, ChatMessage("user", "Sent, then the app died"))
+    store.add_message(chat, ChatMessage("assistant", "", "streaming"))  # killed before its first token
     store.close()
     app = make_app(tmp_path, ScriptedEngine(["Answered."]), resume=True)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await wait_for(pilot, lambda: list(app.query(UserMessage)), what="the resumed chat")
-        assert not answers(app) and app.session.messages[-1]["role"] == "user"
+        assert not answers(app) and app.chat.session.messages[-1].role == "user"
         await pilot.press("ctrl+r")
         await settle(pilot)
-        assert [m["content"] for m in app.session.messages] == ["Sent, then the app died", "Answered."]
+        assert [m.content for m in app.chat.session.messages] == ["Sent, then the app died", "Answered."]
     assert rows(tmp_path) == [("user", "Sent, then the app died", "done", 1), ("assistant", "Answered.", "done", 1)]
 
 
@@ -250,7 +262,7 @@ async def test_markdown_export_of_a_chat(tmp_path):
     app = make_app(tmp_path, engine, thinking=True, max_new_tokens=100)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        app.set_system_prompt("Be brief.")
+        app.chat.set_system_prompt("Be brief.")
         await send(pilot, "Show me a loop")
         out = tmp_path / "loop.md"
         await send(pilot, f"/export {out}")
@@ -336,14 +348,15 @@ async def test_context_full_offers_to_drop_the_oldest_turns(tmp_path):
         await ready(pilot)
         await send(pilot, "One")
         await send(pilot, "Two")
-        engine.config = type(engine.config)(**{**engine.config.__dict__, "context_length": len(app.session.prompt_ids()) + 4})
+        engine.config = type(engine.config)(**{**engine.config.__dict__, "context_length": len(app.chat.session.prompt_ids()) + 4})
         await send(pilot, "Three is a longer message than the room left")
         await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the context-full dialog")
         assert "Context full" in str(app.screen.query_one(".dialog-title").render())
         assert len(answers(app)) == 2  # the empty answer was removed, the user's message kept
+        await pilot.pause(ChoiceScreen.ARM_S)
         await pilot.press("d")
         await settle(pilot)
-        assert [m["content"] for m in app.session.messages][-2:] == ["Three is a longer message than the room left", "Short answer."]
+        assert [m.content for m in app.chat.session.messages][-2:] == ["Three is a longer message than the room left", "Short answer."]
         dropped = [w for w in app.query(".dropped")]
         assert dropped and all(w.border_subtitle == "not in context" for w in dropped)
         assert ("user", "One", "done", 0) in rows(tmp_path)
@@ -355,13 +368,14 @@ async def test_context_full_mid_answer_stops_it_and_says_so(tmp_path):
     app = make_app(tmp_path, engine, max_new_tokens=100)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        prompt = engine.tokenizer.encode(app.session.render(messages=[{"role": "user", "content": "Hi"}]))
+        prompt = engine.tokenizer.encode(app.chat.session.render(messages=[ChatMessage("user", "Hi")]))
         engine.config = type(engine.config)(**{**engine.config.__dict__, "context_length": len(prompt) + 10})
         await send(pilot, "Hi")
-        assert app.last_stats.generated_tokens == 10
-        assert app.session.messages[-1]["status"] == "context"
+        assert app.chat.stats.generated_tokens == 10
+        assert app.chat.session.messages[-1].status == "context"
         assert "context is full" in str(answers(app)[0].note.render())
         assert isinstance(app.screen, ChoiceScreen)
+        await pilot.pause(ChoiceScreen.ARM_S)
         await pilot.press("c")
         await pilot.pause()
         assert not isinstance(app.screen, ChoiceScreen)
@@ -375,7 +389,7 @@ async def test_drop_command_takes_the_oldest_turn_out_of_the_prompt(tmp_path):
         await send(pilot, "Turn one")
         await send(pilot, "Turn two")
         await send(pilot, "/drop")
-        assert [m["content"] for m in app.session.messages] == ["Turn two", "Second answer."]
+        assert [m.content for m in app.chat.session.messages] == ["Turn two", "Second answer."]
         assert len(app.query(".dropped")) == 2
         await send(pilot, "Turn three")
         assert "Turn one" not in engine.prompt_text() and "Turn two" in engine.prompt_text()
@@ -407,14 +421,14 @@ async def test_ctrl_c_stops_the_answer_first_and_keeps_it(tmp_path):
         await wait_for(pilot, lambda: answers(app) and len(answers(app)[0].answer_text) > 20, what="some answer text")
         await pilot.press("ctrl+c")
         await settle(pilot)
-        message = app.session.messages[-1]
-        assert message["status"] == "stopped" and message["content"].startswith("word word word")
-        assert app.engine.stats.generated_tokens < 200 and answers(app)[0].has_class("-stopped")
-        assert rows(tmp_path)[-1] == ("assistant", message["content"], "stopped", 1)
+        message = app.chat.session.messages[-1]
+        assert message.status == "stopped" and message.content.startswith("word word word")
+        assert app.chat.engine.stats.generated_tokens < 200 and answers(app)[0].has_class("-stopped")
+        assert rows(tmp_path)[-1] == ("assistant", message.content, "stopped", 1)
         assert app.return_value is None and "Stopped: Press Ctrl+C again to quit" in notices(app)
         app.clear_notifications()
         await pilot.press("ctrl+r")  # still running: the answer goes on
-        await wait_for(pilot, lambda: app.generating, what="the continued answer")
+        await wait_for(pilot, lambda: app.chat.generating, what="the continued answer")
         await pilot.press("escape")
         await settle(pilot)
     assert app.return_value is None
@@ -425,7 +439,7 @@ async def test_ctrl_c_when_idle_quits_on_the_second_press(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "Keep this")
-        app.query_prompt().load_text("a draft")
+        app.chat.query_prompt().load_text("a draft")
         await pilot.press("ctrl+c")
         await pilot.pause()
         assert app.return_value is None and app.is_running
@@ -449,7 +463,7 @@ async def test_ctrl_c_after_the_window_is_a_first_press_again_and_copies_a_selec
         await pilot.pause()
         assert app.return_value is None and app.is_running and said == ["Press Ctrl+C again to quit"] * 2
         await pilot.pause(0.5)
-        prompt = app.query_prompt()
+        prompt = app.chat.query_prompt()
         prompt.load_text("copy me")
         prompt.select_all()
         await pilot.press("ctrl+c")  # a selection is copied, as the input's own Ctrl+C did
@@ -458,9 +472,9 @@ async def test_ctrl_c_after_the_window_is_a_first_press_again_and_copies_a_selec
     assert app.return_value == 0
 
 
-async def test_only_the_newest_messages_stay_on_screen_and_the_chat_keeps_them_all(tmp_path):
+async def test_only_the_newest_messages_stay_on_screen_and_the_chat_keeps_them_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(ChatLog, "MAX_SHOWN_MESSAGES", 4)
     app = make_app(tmp_path, ScriptedEngine(["Answer."]))
-    app.MAX_SHOWN_MESSAGES = 4
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         for turn in range(4):
@@ -468,20 +482,20 @@ async def test_only_the_newest_messages_stay_on_screen_and_the_chat_keeps_them_a
         note = app.query_one("#hidden-note")
         assert [w.text for w in app.query(UserMessage)] == ["Question 2", "Question 3"] and len(answers(app)) == 2
         assert note.display and str(note.render()).startswith("4 earlier messages not shown")
-        assert len(app.widgets_by_id) == 4 and len(app.session.messages) == 8
+        assert len(app.chat.log_view.widgets_by_id) == 4 and len(app.chat.session.messages) == 8
         await pilot.press("ctrl+n")
         await pilot.pause()
         assert not note.display
     assert len(rows(tmp_path)) == 8
 
+    monkeypatch.setattr(ChatLog, "MAX_SHOWN_MESSAGES", 3)
     app = make_app(tmp_path, ScriptedEngine(["Answer."]), resume=True)
-    app.MAX_SHOWN_MESSAGES = 3
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await wait_for(pilot, lambda: answers(app), what="the resumed chat")
         assert [w.text for w in app.query(UserMessage)] == ["Question 3"] and len(answers(app)) == 2
         assert str(app.query_one("#hidden-note").render()).startswith("5 earlier messages not shown")
-        assert len(app.session.messages) == 8  # all of them still in the context
+        assert len(app.chat.session.messages) == 8  # all of them still in the context
 
 
 async def test_the_footer_does_not_keep_the_keys_it_replaces(tmp_path):
@@ -526,8 +540,8 @@ async def test_loading_shows_progress_lines_and_printed_download_bars_and_a_mess
         go.set()
         await ready(pilot)
         await settle(pilot)
-        assert app.session.messages[-1]["content"] == "Loaded and answered."
-        assert "ctx " in str(app.query_one("#status").render())
+        assert app.chat.session.messages[-1].content == "Loaded and answered."
+        assert "ctx " in full_status(app)
 
 
 async def test_load_errors_are_shown_with_what_to_do(tmp_path):
@@ -542,7 +556,7 @@ async def test_load_errors_are_shown_with_what_to_do(tmp_path):
         assert "Could not load 3b q8_0" in str(panel.query_one("#loading-title").render())
         assert "Hub cannot be reached" in str(panel.query_one("#loading-error").render())
         assert "--model-path" in str(panel.query_one("#loading-hint").render())
-        assert str(app.query_one("#status").render()) == "the model did not load"
+        assert full_status(app) == "the model did not load"
         await pilot.press("ctrl+q")
     assert app.return_value == 2
 
@@ -598,19 +612,19 @@ async def test_system_prompt_can_be_edited_at_any_time(tmp_path, monkeypatch):
         assert "## Custom Instructions\n\nAnswer in French." in spy.prompt_text()
         # The system block changed: the conversation is prefilled again from the change on.
         text = spy.prompt_text()
-        unchanged = len(app.engine.tokenizer.encode(text[: text.index("Answer in French.")]))
+        unchanged = len(app.chat.engine.tokenizer.encode(text[: text.index("Answer in French.")]))
         # (+1: cutting the text there may split what is one token in the whole prompt)
-        assert app.engine.stats.prefilled_tokens + 1 >= app.engine.stats.prompt_tokens - unchanged
+        assert app.chat.engine.stats.prefilled_tokens + 1 >= app.chat.engine.stats.prompt_tokens - unchanged
     assert rows(tmp_path, "SELECT system_prompt FROM chats") == [("Answer in French.",)]
 
 
 async def test_history_screen_opens_renames_and_deletes_chats(tmp_path):
     store = ChatStore(tmp_path / "chats.sqlite3")
     a = store.create_chat("About cats")
-    store.add_message(a, "user", "Cats?")
-    store.add_message(a, "assistant", "Cats are **great**.")
-    b = store.create_chat("About dogs")
-    store.add_message(b, "user", "Dogs?")
+    store.add_message(a, ChatMessage("user", "Cats?"))
+    store.add_message(a, ChatMessage("assistant", "Cats are **great**."))
+    b = store.create_chat("About [b]dogs[/b]")
+    store.add_message(b, ChatMessage("user", "Dogs?"))
     store.close()
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
@@ -619,22 +633,23 @@ async def test_history_screen_opens_renames_and_deletes_chats(tmp_path):
         await pilot.pause()
         assert isinstance(app.screen, HistoryScreen)
         table = app.screen.query_one("#chats")
-        assert table.row_count == 2 and table.get_row_at(0)[0] == "About dogs"
+        assert table.row_count == 2 and str(table.get_row_at(0)[0]) == "About [b]dogs[/b]"
+        assert "[b]dogs[/b]" in app.export_screenshot()  # shown as typed, not taken for markup
         await pilot.press("r")
         await pilot.pause()
         assert isinstance(app.screen, InputScreen)
         app.screen.query_one("#value").value = "Dogs, renamed"
         await pilot.press("enter")
         await pilot.pause()
-        assert table.get_row_at(0)[0] == "Dogs, renamed"
+        assert str(table.get_row_at(0)[0]) == "Dogs, renamed"
         await pilot.press("d")
-        await pilot.pause()
+        await pilot.pause(ChoiceScreen.ARM_S)
         await pilot.press("y")
         await pilot.pause()
         assert table.row_count == 1
         await pilot.press("enter")
         await wait_for(pilot, lambda: answers(app), what="the opened chat")
-        assert app.chat_id == a and [m["content"] for m in app.session.messages] == ["Cats?", "Cats are **great**."]
+        assert app.chat.chat_id == a and [m.content for m in app.chat.session.messages] == ["Cats?", "Cats are **great**."]
         assert answers(app)[0].answer.source == "Cats are **great**."
     assert rows(tmp_path, "SELECT title FROM chats") == [("About cats",)]
 
@@ -645,10 +660,10 @@ async def test_multiline_input_and_input_history(tmp_path):
         await ready(pilot)
         prompt = app.query_one(PromptInput)
         await pilot.press("a", "shift+enter", "b", "ctrl+j", "c")
-        assert prompt.text == "a\nb\nc" and not app.session.messages
+        assert prompt.text == "a\nb\nc" and not app.chat.session.messages
         await pilot.press("enter")
         await settle(pilot)
-        assert app.session.messages[0]["content"] == "a\nb\nc" and prompt.text == ""
+        assert app.chat.session.messages[0].content == "a\nb\nc" and prompt.text == ""
         await send(pilot, "second")
         await pilot.press("x")
         await pilot.press("up")
@@ -667,13 +682,13 @@ async def test_command_palette_toggles_thinking(tmp_path):
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        assert not app.session.thinking
+        assert not app.chat.session.thinking
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"Toggle thinking")
         await pilot.pause(0.5)
         await pilot.press("enter")
-        await wait_for(pilot, lambda: app.session.thinking, what="thinking on")
+        await wait_for(pilot, lambda: app.chat.session.thinking, what="thinking on")
         titles = [c.title for c in app.get_system_commands(app.screen)]
         for title in ("New chat", "Continue the answer", "Chats", "Settings", "Edit system prompt", "Export chat as Markdown", "Copy code block"):
             assert title in titles
@@ -695,11 +710,279 @@ async def test_smollm2_answers_and_the_second_turn_prefills_only_the_new_turn(tm
         await ready(pilot)
         await send(pilot, "What is the capital of France?", timeout=300)
         assert "Paris" in answers(app)[0].answer.source
-        first = app.last_stats
-        assert first.stop_reason == "eos" and app.session.messages[-1]["status"] == "done"
-        app.settings = Settings(GREEDY, 3)
+        first = app.chat.stats
+        assert first.stop_reason == "eos" and app.chat.session.messages[-1].status == "done"
+        app.chat.settings = Settings(GREEDY, 3)
         await send(pilot, "And of Italy?", timeout=300)
-        second = app.last_stats
+        second = app.chat.stats
         new_turn = engine.tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n")
         assert second.prefilled_tokens == len(new_turn) == second.prompt_tokens - first.prompt_tokens - first.generated_tokens
-        assert f"prefilled {len(new_turn)} of {second.prompt_tokens} tok" in str(app.query_one("#status").render())
+        assert f"prefilled {len(new_turn)} of {second.prompt_tokens} tok" in full_status(app)
+
+
+# --- issue 10's defects ---
+
+POEM = "The sea is wide,\nthe sea is deep,\nit sings by day\nand rocks to sleep."
+
+
+def shown_lines(markdown) -> list[str]:
+    """The lines the Markdown widget's paragraphs show."""
+    return [line for p in markdown.query("MarkdownParagraph") for line in str(p.render()).splitlines()]
+
+
+async def test_line_breaks_are_kept_while_streaming_and_after(tmp_path):
+    engine = ScriptedEngine([POEM + "\n\n```\nkeep\n  as is\n```"], delay=0.1)
+    app = make_app(tmp_path, engine, max_new_tokens=100)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Write a short poem about the sea, four lines.", wait=False)
+        await wait_for(pilot, lambda: answers(app) and "it sings" in answers(app)[0].answer_text, what="three lines")
+        await pilot.pause(0.2)
+        assert shown_lines(answers(app)[0].answer)[:2] == ["The sea is wide,", "the sea is deep,"]
+        await settle(pilot)
+        widget = answers(app)[0]
+        assert shown_lines(widget.answer) == POEM.splitlines()
+        assert widget.query_one("MarkdownFence")._highlighted_code.plain == "keep\n  as is"
+
+
+async def test_an_answer_stopped_inside_a_code_fence_is_closed_on_screen_and_in_the_export(tmp_path):
+    engine = ScriptedEngine(["Here:\n\n```python\nprint(1)\n"])
+    app = make_app(tmp_path, engine, max_new_tokens=100)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Code?")
+        assert answers(app)[0].answer.source == "Here:\n\n```python\nprint(1)\n```"
+        out = tmp_path / "[chat].md"
+        await send(pilot, f"/export {out}")
+        assert f": Exported to {out}" in notices(app)  # the brackets shown, not taken for markup
+    assert "```python\nprint(1)\n```\n" in out.read_text()
+
+
+async def test_a_dialog_that_opens_while_the_user_types_keeps_the_keys_for_the_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(ChoiceScreen, "ARM_S", 3.0)  # a loaded test machine types slower than a person
+    engine = ScriptedEngine(["Short answer."])
+    app = make_app(tmp_path, engine, max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "One")
+        chat = app.chat.chat_id
+        engine.config = type(engine.config)(**{**engine.config.__dict__, "context_length": len(app.chat.session.prompt_ids()) + 4})
+        await send(pilot, "A longer message than the room left", wait=False)
+        await pilot.press(*"Hello again")  # typing on as the dialog opens
+        await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the context-full dialog")
+        await pilot.press(*" and more", "enter")
+        await settle(pilot)
+        assert isinstance(app.screen, ChoiceScreen) and app.chat.chat_id == chat
+        labels = [str(b.label) for b in app.screen.query("Button")]
+        assert labels == ["Drop oldest turns [d]", "New chat [n]", "Cancel [c]"]
+        assert app.chat.query_prompt().text == "Hello again and more"
+        await pilot.pause(ChoiceScreen.ARM_S)
+        await pilot.press("n")  # now it is a choice: the message that did not fit moves to a new chat
+        await wait_for(pilot, lambda: app.chat.chat_id is None, what="the new chat")
+        assert app.chat.query_prompt().text == "A longer message than the room left\nHello again and more"
+    assert [r[1] for r in rows(tmp_path)] == ["One", "Short answer.", "A longer message than the room left"]
+
+
+async def test_the_status_line_never_shows_another_chats_numbers(tmp_path):
+    engine = ScriptedEngine(["Short answer."])
+    app = make_app(tmp_path, engine, max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "One")
+        await pilot.press("ctrl+n")
+        engine.config = type(engine.config)(**{**engine.config.__dict__, "context_length": 40})
+        await send(pilot, "A message that does not fit the tiny context of forty tokens at all")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the context-full dialog")
+        assert app.chat.stats is None and "prefilled" not in full_status(app)
+        assert app.chat.context_used == app.chat.session.context_tokens() > 40
+        assert f"ctx {app.chat.context_used}/40" in full_status(app)
+
+
+async def test_help_is_a_screen_that_stays_until_closed(tmp_path):
+    from app.tui.dialogs import HelpScreen
+
+    app = make_app(tmp_path, ScriptedEngine(["x"]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "/help")
+        assert isinstance(app.screen, HelpScreen)
+        import io
+
+        from rich.console import Console
+
+        console = Console(width=80, record=True, file=io.StringIO())
+        console.print(app.screen.table())
+        text = console.export_text()
+        for shown in ("/system [text]", "/export [file.md]", "Ctrl+T", "thinking on or off", "Ctrl+O", "Shift+Enter"):
+            assert shown in text
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, HelpScreen) and not app._notifications
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_thinking_on_a_model_without_thinking_mode_says_so_once(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["x"]), use_template=False, thinking=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert notices(app) == [": This model has no thinking mode (its chat template has none): it answers directly"]
+        assert not app.chat.thinking and str(app.query_one("#mode").render()) == "no thinking mode"
+        app.clear_notifications()
+        await pilot.press("ctrl+t")
+        await pilot.pause()
+        assert len(notices(app)) == 1 and "no thinking mode" in notices(app)[0]
+        assert not app.chat.thinking and "THINK ON" not in str(app.query_one("#mode").render())
+
+
+# --- issue 10's friction ---
+
+
+def test_the_worker_posts_prefill_progress_per_chunk_and_live_speeds(tmp_path):
+    from app.session import ChatSession
+    from app.tui.messages import Finished, Pieces, PrefillProgress
+    from app.tui.worker import generate_reply
+    from backends.engine import PREFILL_CHUNK
+
+    engine = ScriptedEngine(["one two three four five"])
+    session = ChatSession(engine)
+    session.messages.append(ChatMessage("user", "word " * 1200))
+    prompt = session.prompt_ids()
+    total = len(prompt)
+    posted = []
+    generate_reply(session, Settings(GREEDY, 50), False, posted.append, lambda: False)
+    progress = [(m.done, m.total) for m in posted if isinstance(m, PrefillProgress)]
+    assert progress[0] == (0, total) and progress[-1] == (total, total) and total > 2 * PREFILL_CHUNK
+    calls = []
+    engine.prefill(prompt, progress=lambda done, todo: calls.append((done, todo)))
+    assert calls == [(0, 1), (1, 1)]  # all but the last token from the cache
+    pieces = [m for m in posted if isinstance(m, Pieces)]
+    assert pieces[-1].generated == engine.stats.generated_tokens and pieces[-1].tok_s == engine.stats.decode_tok_s
+    assert isinstance(posted[-1], Finished) and posted[-1].stats.prompt_tokens == total
+
+
+async def test_prefill_progress_and_live_speed_show_while_answering(tmp_path):
+    engine = ScriptedEngine(["word " * 30], delay=0.15)
+    app = make_app(tmp_path, engine, max_new_tokens=100)
+    seen = []
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "long " * 1100, wait=False)
+        await wait_for(pilot, lambda: seen.append(app.chat.live) or (app.chat.generating and "tok/s" in app.chat.live), what="a live speed")
+        await settle(pilot)
+    assert any(re.fullmatch(r"prefill \d+/\d+ tok", s) for s in seen)
+    assert app.chat.live == ""
+
+
+async def test_welcome_line_until_the_first_message(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["Hi."]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        welcome = app.query_one("#welcome")
+        assert welcome.display and "SmolLM3-3B-Q4_K_M on torch cpu" in str(welcome.render()) and "/help" in str(welcome.render())
+        await send(pilot, "Hello")
+        assert not welcome.display
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert welcome.display
+
+
+def test_the_status_line_fits_by_priority_at_every_width():
+    from app.tui.status import device_name
+
+    engine = ScriptedEngine(["x"])
+    stats = backends.GenerationStats(prompt_tokens=4000, prefilled_tokens=3012, prefill_s=10, generated_tokens=300, decode_steps=299, decode_s=20.0)
+    settings = Settings(SamplingParams(temperature=0.6, top_p=0.95, top_k=40), 1000)
+    for width in range(60, 160):
+        line = status_text(engine, 4312, stats, settings, width=width)
+        assert len(line) <= width and line.startswith("ctx 4312/4096 · ") and "…" not in line
+        assert "14.9 tok/s" in line  # the generation speed goes last
+    assert status_text(engine, 4312, stats, settings, width=160).endswith("torch cpu · temp 0.6, top-p 0.95, top-k 40, max 1000")
+    assert status_text(engine, 4312, stats, settings, width=80) == "ctx 4312/4096 · 300 tok 14.9 tok/s · SmolLM3-3B-Q4_K_M"
+    assert status_text(engine, 4312, stats, settings, width=50) == "ctx 4312/4096 · 300 tok 14.9 tok/s"
+    engine.info = backends.engine.EngineInfo("mlx", "Device(gpu, 0)", "bf16", "m.gguf", "Q4_0")
+    assert device_name(engine) == "mlx gpu"
+
+
+async def test_the_footer_labels_ctrl_c_as_it_acts(tmp_path):
+    engine = ScriptedEngine(["word " * 100], delay=0.05)
+    app = make_app(tmp_path, engine, max_new_tokens=200)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        label = lambda: app.screen.active_bindings["ctrl+c"].binding.description  # noqa: E731
+        assert label() == "Quit"
+        await send(pilot, "Go", wait=False)
+        await wait_for(pilot, lambda: app.chat.generating, what="the answer")
+        assert label() == "Stop"
+        await pilot.press("ctrl+c")
+        await settle(pilot)
+        assert label() == "Quit" and app.return_value is None
+
+
+async def test_the_chat_list_starts_on_the_previous_chat(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "First chat")
+        first = app.chat.chat_id
+        await pilot.press("ctrl+n")
+        await send(pilot, "Second chat")
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        table = app.screen.query_one("#chats")
+        assert str(table.get_row_at(table.cursor_row)[0]) == "First chat"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.chat.chat_id == first, what="the first chat")
+
+
+async def test_settings_are_stored_per_chat_and_as_defaults(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]), max_new_tokens=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "A chat")
+        app.chat.set_system_prompt("Be terse.")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        app.screen.query_one("#temperature").value = "0.7"
+        app.screen.query_one("#top_k").value = "20"
+        app.screen.query_one("#max_new_tokens").value = "9"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "temp 0.7, top-k 20, max 9" in full_status(app)
+    saved = Settings(SamplingParams(temperature=0.7, top_k=20, repeat_penalty=GREEDY.repeat_penalty), 9)
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]), max_new_tokens=6)  # a new start: the defaults are back
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.chat.settings == saved and app.chat.session.system_prompt == "Be terse."
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    store.set_default("settings", None)
+    store.set_default("system_prompt", None)
+    store.close()
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]), max_new_tokens=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.chat.settings.max_new_tokens == 6  # the command line's, with no defaults stored
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]), max_new_tokens=6, resume=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await wait_for(pilot, lambda: app.chat.chat_id is not None, what="the resumed chat")
+        assert app.chat.settings == saved  # the chat's own
+
+
+async def test_regenerate_and_edit_reuse_the_cache_up_to_the_change(tmp_path):
+    engine = ScriptedEngine(["First answer.", "Second answer.", "Third answer."])
+    app = make_app(tmp_path, engine, max_new_tokens=20)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Tell me something")
+        await send(pilot, "/retry")
+        assert [m.content for m in app.chat.session.messages] == ["Tell me something", "Second answer."]
+        assert len(answers(app)) == 1 and answers(app)[0].answer.source == "Second answer."
+        assert engine.prompts[1] == engine.prompts[0] and engine.stats.prefilled_tokens == 1  # all from the cache
+        await send(pilot, "/edit")
+        assert app.chat.query_prompt().text == "Tell me something" and app.chat.session.messages == []
+        assert not answers(app) and not list(app.query(UserMessage))
+        await send(pilot, "Tell me something else")
+        assert app.chat.session.messages[-1].content == "Third answer."
+        common = next(i for i, (a, b) in enumerate(zip(engine.prompts[1], engine.prompts[2])) if a != b)
+        assert engine.stats.prefilled_tokens == engine.stats.prompt_tokens - common
+    assert [r[1] for r in rows(tmp_path)] == ["Tell me something else", "Third answer."]

@@ -32,9 +32,9 @@ def make_app(tmp_path, thinking=True) -> ChatApp:
 
 async def chat(pilot) -> None:
     await ready(pilot)
-    pilot.app.set_system_prompt("Answer briefly.")
+    pilot.app.chat.set_system_prompt("Answer briefly.")
     await send(pilot, "Show me a loop in Python")
-    pilot.app.query_prompt().cursor_blink = False
+    pilot.app.chat.query_prompt().cursor_blink = False
     pilot.app.clear_notifications()
     await pilot.pause()
 
@@ -56,7 +56,7 @@ def test_thinking_block_open(snap_compare, tmp_path):
 def test_settings_screen(snap_compare, tmp_path):
     async def run_before(pilot):
         await ready(pilot)
-        pilot.app.query_prompt().cursor_blink = False
+        pilot.app.chat.query_prompt().cursor_blink = False
         await pilot.press("ctrl+s")
         await pilot.pause()
         for widget in pilot.app.screen.query("Input"):

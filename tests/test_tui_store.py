@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from app.session import ChatMessage
 from app.tui.export import chat_markdown
 from app.tui.store import SCHEMA_VERSION, ChatStore, StoreError, data_dir, default_db_path
 
@@ -34,15 +35,17 @@ def test_default_store_is_created_under_the_data_dir(monkeypatch, tmp_path):
 def test_messages_are_committed_as_they_are_written(tmp_path):
     store = ChatStore(tmp_path / "c.sqlite3")
     chat = store.create_chat("t", "sys", thinking=True, model="m.gguf")
-    user = store.add_message(chat, "user", "question")
-    answer = store.add_message(chat, "assistant", "par", "streaming")
+    user, answer = ChatMessage("user", "question"), ChatMessage("assistant", "par", "streaming")
+    store.add_message(chat, user)
+    store.add_message(chat, answer)
     # Another connection (as after a crash: nothing is pending in this one) sees them.
     other = sqlite3.connect(tmp_path / "c.sqlite3")
     assert other.execute("SELECT role, content, status FROM messages ORDER BY id").fetchall() == [
         ("user", "question", "done"),
         ("assistant", "par", "streaming"),
     ]
-    store.update_message(answer, "partial", "stopped")
+    answer.content, answer.status = "partial", "stopped"
+    store.update_message(answer)
     store.drop_from_context([user])
     assert other.execute("SELECT content, status, in_context FROM messages ORDER BY id").fetchall() == [
         ("question", "done", 0),
@@ -57,7 +60,7 @@ def test_chats_newest_first_rename_delete_cascades(tmp_path):
     store = ChatStore(tmp_path / "c.sqlite3")
     a = store.create_chat("a")
     b = store.create_chat("b")
-    store.add_message(a, "user", "later")  # touching a chat makes it the newest
+    store.add_message(a, ChatMessage("user", "later"))  # touching a chat makes it the newest
     assert [c.title for c in store.chats()] == ["a", "b"] and store.last_chat_id() == a
     assert [c.messages for c in store.chats()] == [1, 0]
     store.rename_chat(a, "renamed")
@@ -71,9 +74,9 @@ def test_chats_newest_first_rename_delete_cascades(tmp_path):
 def test_recent_inputs_span_chats_oldest_first(tmp_path):
     store = ChatStore(tmp_path / "c.sqlite3")
     a, b = store.create_chat("a"), store.create_chat("b")
-    store.add_message(a, "user", "one")
-    store.add_message(a, "assistant", "reply")
-    store.add_message(b, "user", "two")
+    store.add_message(a, ChatMessage("user", "one"))
+    store.add_message(a, ChatMessage("assistant", "reply"))
+    store.add_message(b, ChatMessage("user", "two"))
     assert store.recent_inputs() == ["one", "two"] and store.recent_inputs(limit=1) == ["two"]
 
 
@@ -99,10 +102,11 @@ def test_a_commit_survives_sigkill(tmp_path):
     code = textwrap.dedent(
         f"""
         import os, signal
+        from app.session import ChatMessage
         from app.tui.store import ChatStore
         store = ChatStore({str(path)!r})
         chat = store.create_chat("t")
-        store.add_message(chat, "user", "typed before the crash")
+        store.add_message(chat, ChatMessage("user", "typed before the crash"))
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
@@ -115,6 +119,6 @@ def test_a_commit_survives_sigkill(tmp_path):
 def test_markdown_export_marks_stopped_answers(tmp_path):
     store = ChatStore(tmp_path / "c.sqlite3")
     chat = store.create_chat("Title")
-    store.add_message(chat, "user", "Q")
-    store.add_message(chat, "assistant", "<think>\n\n</think>\nA", "stopped")
+    store.add_message(chat, ChatMessage("user", "Q"))
+    store.add_message(chat, ChatMessage("assistant", "<think>\n\n</think>\nA", "stopped"))
     assert chat_markdown(store.load_chat(chat)) == "# Title\n\n## You\n\nQ\n\n## SmolLM\n\nA\n\n*(stopped)*\n"

@@ -51,12 +51,12 @@ class ScriptedEngine(Engine):
     def reset_rng(self, seed) -> None:
         pass
 
-    def generate(self, prompt_ids, max_new_tokens, sampling=backends.SamplingParams(), split_prompt=False):
+    def generate(self, prompt_ids, max_new_tokens, sampling=backends.SamplingParams(), split_prompt=False, prefill_progress=None):
         self.prompts.append(list(prompt_ids))
         text = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
         self._script = self.tokenizer.encode(text)
         try:
-            yield from super().generate(prompt_ids, max_new_tokens, sampling, split_prompt)
+            yield from super().generate(prompt_ids, max_new_tokens, sampling, split_prompt, prefill_progress)
         finally:
             self.stats.prefill_s = self.stats.prefilled_tokens / 250
             self.stats.decode_s = self.stats.decode_steps / 25
@@ -73,9 +73,9 @@ class GenerateSpy:
         self.calls: list[tuple[list[int], int, backends.SamplingParams]] = []
         real = engine.generate
 
-        def generate(prompt_ids, max_new_tokens, sampling=backends.SamplingParams(), split_prompt=False):
+        def generate(prompt_ids, max_new_tokens, sampling=backends.SamplingParams(), split_prompt=False, prefill_progress=None):
             self.calls.append((list(prompt_ids), max_new_tokens, sampling))
-            return real(prompt_ids, max_new_tokens, sampling, split_prompt)
+            return real(prompt_ids, max_new_tokens, sampling, split_prompt, prefill_progress)
 
         monkeypatch.setattr(engine, "generate", generate)
 
@@ -98,13 +98,13 @@ async def ready(pilot) -> None:
     from app.tui.widgets import LoadingPanel
 
     app = pilot.app
-    await wait_for(pilot, lambda: app.engine is not None and not app.query_one(LoadingPanel).display, what="the engine")
+    await wait_for(pilot, lambda: app.chat.engine is not None and not app.query_one(LoadingPanel).display, what="the engine")
     await pilot.pause()
 
 
 async def send(pilot, text: str, wait: bool = True, timeout: float = 120.0) -> None:
     app = pilot.app
-    prompt = app.query_prompt()
+    prompt = app.chat.query_prompt()
     prompt.focus()
     prompt.load_text(text)
     await pilot.press("enter")
@@ -115,5 +115,5 @@ async def send(pilot, text: str, wait: bool = True, timeout: float = 120.0) -> N
 async def settle(pilot, timeout: float = 120.0) -> None:
     app = pilot.app
     await pilot.pause()
-    await wait_for(pilot, lambda: not app.generating, timeout, what="the answer")
+    await wait_for(pilot, lambda: not app.chat.generating, timeout, what="the answer")
     await pilot.pause()

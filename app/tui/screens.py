@@ -1,16 +1,16 @@
-"""Screens: settings, system prompt, chat history, small dialogs; what to do about a load error."""
+"""Screens: settings, system prompt, chat history; what to do about a load error."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-from textual import events, on
+from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Footer, Input, Label, OptionList, Static, TextArea
+from textual.widgets import Button, DataTable, Footer, Input, Label, Static, TextArea
 
 from backends import SamplingParams
 from backends.errors import (
@@ -22,7 +22,8 @@ from backends.errors import (
     TokenizerError,
 )
 
-from .store import ChatStore
+from .dialogs import ChoiceScreen, InputScreen
+from .worker import Settings
 
 
 def error_hint(error: BaseException) -> str:
@@ -44,12 +45,6 @@ def error_hint(error: BaseException) -> str:
     if isinstance(error, ContextOverflow):
         return "Start a new chat or drop the oldest turns."
     return "Run `smollm3 --prompt ...` with SMOLLM3_DEBUG=1 for a traceback, and report it."
-
-
-@dataclass(frozen=True)
-class Settings:
-    sampling: SamplingParams
-    max_new_tokens: int
 
 
 class SettingsScreen(ModalScreen[Settings | None]):
@@ -168,89 +163,6 @@ class SystemPromptScreen(ModalScreen[str | None]):
         self.action_cancel()
 
 
-class InputScreen(ModalScreen[str | None]):
-    """One line of text (a chat's new title, a file to export to)."""
-
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
-
-    def __init__(self, title: str, value: str = ""):
-        super().__init__()
-        self.title_text = title
-        self.value = value
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog small"):
-            yield Label(self.title_text, classes="dialog-title")
-            yield Input(self.value, id="value")
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self.dismiss(event.value.strip() or None)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-
-class ChoiceScreen(ModalScreen[str | None]):
-    """A question with a few answers, each with a key."""
-
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
-
-    def __init__(self, title: str, text: str, choices: list[tuple[str, str, str]]):
-        """choices: (id, label, key)."""
-        super().__init__()
-        self.title_text = title
-        self.text = text
-        self.choices = choices
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog small"):
-            yield Label(self.title_text, classes="dialog-title")
-            yield Static(self.text, classes="dialog-help", markup=False)
-            with Horizontal(classes="buttons"):
-                for i, (choice, label, key) in enumerate(self.choices):
-                    yield Button(f"{label} [{key}]", id=f"choice-{choice}", variant="primary" if i == 0 else "default")
-
-    def on_key(self, event: events.Key) -> None:
-        for choice, _, key in self.choices:
-            if event.key == key:
-                event.stop()
-                self.dismiss(choice)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id.removeprefix("choice-"))
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-
-class CodeBlockScreen(ModalScreen[str | None]):
-    """Pick one of an answer's code blocks to copy."""
-
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
-
-    def __init__(self, blocks: list[str]):
-        super().__init__()
-        self.blocks = blocks
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
-            yield Label("Copy which code block?", classes="dialog-title")
-            yield OptionList(*(self._preview(i, b) for i, b in enumerate(self.blocks)), id="blocks")
-
-    @staticmethod
-    def _preview(i: int, block: str) -> str:
-        first = block.strip().splitlines()[0] if block.strip() else ""
-        lines = block.count("\n")
-        return f"{i + 1}. {first[:60]}  ({lines} line{'s' if lines != 1 else ''})"
-
-    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
-        self.dismiss(self.blocks[event.option_index])
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-
 class HistoryScreen(ModalScreen[int | None]):
     """Stored chats, newest first: open, rename, delete, export. Dismisses with the chat to open."""
 
@@ -262,10 +174,11 @@ class HistoryScreen(ModalScreen[int | None]):
         Binding("e", "export", "Export"),
     ]
 
-    def __init__(self, store: ChatStore, current: int | None = None):
+    def __init__(self, chat_screen):
         super().__init__()
-        self.store = store
-        self.current = current
+        self.chat_screen = chat_screen  # the ChatScreen that opened this one
+        self.store = chat_screen.store
+        self.current = chat_screen.chat_id
 
     def compose(self) -> ComposeResult:
         with Vertical(id="history-box", classes="dialog"):
@@ -280,6 +193,7 @@ class HistoryScreen(ModalScreen[int | None]):
         table.add_column("Messages", key="messages")
         table.add_column("Last used", key="updated")
         self.reload()
+        self._start_on_previous_chat()
 
     def reload(self) -> None:
         table = self.query_one(DataTable)
@@ -288,8 +202,15 @@ class HistoryScreen(ModalScreen[int | None]):
         for chat in chats:
             marker = "● " if chat.id == self.current else ""
             updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(chat.updated))
-            table.add_row(marker + chat.title, str(chat.messages), updated, key=str(chat.id))
+            table.add_row(Text(marker + chat.title), str(chat.messages), updated, key=str(chat.id))  # Text: no markup
         self.query_one("#history-empty", Static).update("" if chats else "No stored chats yet.")
+
+    def _start_on_previous_chat(self) -> None:
+        """Start on the newest chat that is not the one open (Enter would only reopen that)."""
+        table = self.query_one(DataTable)
+        others = [i for i, chat in enumerate(self.store.chats()) if chat.id != self.current]
+        if others:
+            table.move_cursor(row=others[0])
 
     def selected(self) -> int | None:
         table = self.query_one(DataTable)
@@ -314,7 +235,7 @@ class HistoryScreen(ModalScreen[int | None]):
         def done(new: str | None) -> None:
             if new:
                 self.store.rename_chat(chat, new)
-                self.app.chat_renamed(chat, new)
+                self.chat_screen.chat_renamed(chat, new)
                 self.reload()
 
         self.app.push_screen(InputScreen("Rename chat", title), done)
@@ -323,7 +244,7 @@ class HistoryScreen(ModalScreen[int | None]):
         chat = self.selected()
         if chat is None:
             return
-        if chat == self.current and self.app.generating:
+        if chat == self.current and self.chat_screen.generating:
             self.notify("This chat is answering: stop it (Esc) before deleting it", severity="warning")
             return
         title = self.store.load_chat(chat).title
@@ -331,7 +252,7 @@ class HistoryScreen(ModalScreen[int | None]):
         def done(choice: str | None) -> None:
             if choice == "delete":
                 self.store.delete_chat(chat)
-                self.app.chat_deleted(chat)
+                self.chat_screen.chat_deleted(chat)
                 self.reload()
 
         self.app.push_screen(
@@ -341,7 +262,9 @@ class HistoryScreen(ModalScreen[int | None]):
 
     def action_export(self) -> None:
         if (chat := self.selected()) is not None:
-            self.app.export_chat(chat)
+            from .commands import export_chat  # (commands opens this screen)
+
+            export_chat(self.chat_screen, chat)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

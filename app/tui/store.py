@@ -10,6 +10,7 @@ synchronous=FULL: what was committed survives the process being killed.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
@@ -17,6 +18,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..session import ChatMessage
 
 DB_NAME = "chats.sqlite3"
 
@@ -44,6 +47,11 @@ MIGRATIONS = [
     );
     CREATE INDEX messages_by_chat ON messages(chat_id, id);
     """,
+    """
+    -- A chat's sampling settings as JSON (NULL: the defaults); the defaults for new chats.
+    ALTER TABLE chats ADD COLUMN settings TEXT;
+    CREATE TABLE defaults (name TEXT PRIMARY KEY, value TEXT);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -65,15 +73,6 @@ def default_db_path() -> Path:
 
 
 @dataclass
-class StoredMessage:
-    id: int
-    role: str
-    content: str
-    status: str = "done"
-    in_context: bool = True
-
-
-@dataclass
 class ChatSummary:
     id: int
     title: str
@@ -87,7 +86,8 @@ class StoredChat:
     title: str
     system_prompt: str | None
     thinking: bool
-    messages: list[StoredMessage] = field(default_factory=list)
+    messages: list[ChatMessage] = field(default_factory=list)
+    settings: dict | None = None  # temperature, top_p, top_k, max_new_tokens; None: the defaults
 
 
 class StoreError(Exception):
@@ -150,14 +150,14 @@ class ChatStore:
         return row[0] if row else None
 
     def load_chat(self, chat_id: int) -> StoredChat:
-        row = self.db.execute("SELECT id, title, system_prompt, thinking FROM chats WHERE id = ?", (chat_id,)).fetchone()
+        row = self.db.execute("SELECT id, title, system_prompt, thinking, settings FROM chats WHERE id = ?", (chat_id,)).fetchone()
         if row is None:
             raise StoreError(f"no chat {chat_id}")
-        chat = StoredChat(row[0], row[1], row[2], bool(row[3]))
+        chat = StoredChat(row[0], row[1], row[2], bool(row[3]), settings=_json(row[4]))
         for mid, role, content, status, in_context in self.db.execute(
             "SELECT id, role, content, status, in_context FROM messages WHERE chat_id = ? ORDER BY id", (chat_id,)
         ):
-            chat.messages.append(StoredMessage(mid, role, content, status, bool(in_context)))
+            chat.messages.append(ChatMessage(role, content, status, mid, bool(in_context)))
         return chat
 
     def rename_chat(self, chat_id: int, title: str) -> None:
@@ -172,29 +172,52 @@ class ChatStore:
     def set_thinking(self, chat_id: int, thinking: bool) -> None:
         self.db.execute("UPDATE chats SET thinking = ? WHERE id = ?", (int(thinking), chat_id))
 
+    def set_settings(self, chat_id: int, settings: dict) -> None:
+        self.db.execute("UPDATE chats SET settings = ? WHERE id = ?", (json.dumps(settings), chat_id))
+
+    # --- defaults for new chats ---
+
+    def default(self, name: str):
+        """A default stored with set_default (JSON values), or None."""
+        row = self.db.execute("SELECT value FROM defaults WHERE name = ?", (name,)).fetchone()
+        return _json(row[0]) if row else None
+
+    def set_default(self, name: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO defaults (name, value) VALUES (?, ?)", (name, json.dumps(value)))
+
     # --- messages ---
 
-    def add_message(self, chat_id: int, role: str, content: str, status: str = "done") -> int:
+    def add_message(self, chat_id: int, message: ChatMessage) -> int:
+        """Store a new message; sets and returns its id."""
         now = time.time()
         with self._transaction():  # the message and the chat's time together
             cur = self.db.execute(
-                "INSERT INTO messages (chat_id, role, content, status, created) VALUES (?, ?, ?, ?, ?)",
-                (chat_id, role, content, status, now),
+                "INSERT INTO messages (chat_id, role, content, status, in_context, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (chat_id, message.role, message.content, message.status, int(message.in_context), now),
             )
             self.db.execute("UPDATE chats SET updated = ? WHERE id = ?", (now, chat_id))
-        return cur.lastrowid
+        message.id = cur.lastrowid
+        return message.id
 
-    def update_message(self, message_id: int, content: str, status: str) -> None:
-        self.db.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?", (content, status, message_id))
+    def update_message(self, message: ChatMessage) -> None:
+        self.db.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?", (message.content, message.status, message.id))
 
     def delete_message(self, message_id: int) -> None:
         self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
-    def drop_from_context(self, message_ids: list[int]) -> None:
+    def drop_from_context(self, messages: list[ChatMessage]) -> None:
         with self._transaction():
-            self.db.executemany("UPDATE messages SET in_context = 0 WHERE id = ?", [(i,) for i in message_ids])
+            self.db.executemany("UPDATE messages SET in_context = 0 WHERE id = ?", [(m.id,) for m in messages if m.id is not None])
 
     def recent_inputs(self, limit: int = 200) -> list[str]:
         """The user's last messages over all chats, oldest first (the input box's history)."""
         rows = self.db.execute("SELECT content FROM messages WHERE role = 'user' ORDER BY id DESC LIMIT ?", (limit,))
         return [r[0] for r in rows][::-1]
+
+
+def _json(text: str | None):
+    """A stored JSON value; None for NULL or for text this version cannot read."""
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None

@@ -5,15 +5,16 @@ from __future__ import annotations
 import re
 import time
 
-from markdown_it import MarkdownIt
 from textual import events
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Collapsible, Footer, Label, LoadingIndicator, Markdown, Static, TextArea
+from textual.widgets import Collapsible, Label, LoadingIndicator, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownStream
 
-from ..session import has_open_think, split_thinking
+from ..session import ChatMessage, has_open_think, split_thinking
+from .markdown import chat_parser, close_open_fence, visible
+from .dialogs import copy_code_block
 
 # What a stored status means to the reader, and whether ctrl+r can go on from it.
 STATUS_NOTES = {
@@ -23,20 +24,6 @@ STATUS_NOTES = {
     "streaming": "interrupted (the app was closed while answering) · ctrl+r continues",
 }
 CONTINUABLE = {"stopped", "length", "context", "streaming"}
-
-
-_CONTROL = {c: 0x2400 + c for c in range(32) if chr(c) not in "\t\n"} | {0x7F: 0x2421}
-
-
-def visible(text: str) -> str:
-    """Model output for the screen: control characters as their Unicode pictures (␛ for ESC),
-    so that a stray escape sequence cannot reach the terminal."""
-    return text.translate(_CONTROL)
-
-
-def code_blocks(markdown: str) -> list[str]:
-    """The fenced and indented code blocks of a Markdown text, in order."""
-    return [t.content for t in MarkdownIt("gfm-like").parse(markdown) if t.type in ("fence", "code_block")]
 
 
 class PromptInput(TextArea):
@@ -115,11 +102,14 @@ class SystemPromptView(Static):
 class UserMessage(Static, can_focus=True):
     BINDINGS = [Binding("c", "copy", "Copy message")]
 
-    def __init__(self, text: str, message: dict | None = None, **kwargs):
-        super().__init__(visible(text), markup=False, **kwargs)
-        self.text = text
+    def __init__(self, message: ChatMessage, **kwargs):
+        super().__init__(visible(message.content), markup=False, **kwargs)
         self.message = message
         self.border_title = "You"
+
+    @property
+    def text(self) -> str:
+        return self.message.content
 
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.text)
@@ -130,7 +120,7 @@ class ThinkingBlock(Collapsible):
     """The model's reasoning: dimmed, open while it streams, folded once the answer starts."""
 
     def __init__(self, text: str = "", collapsed: bool = False):
-        self.body = Markdown(text, classes="thinking-text")
+        self.body = Markdown(text, classes="thinking-text", parser_factory=chat_parser)
         super().__init__(self.body, title="Thinking…", collapsed=collapsed)
 
 
@@ -147,15 +137,14 @@ class AssistantMessage(Vertical, can_focus=True):
         Binding("b", "copy_code", "Copy code block"),
     ]
 
-    def __init__(self, message: dict | None = None, streaming: bool = False, **kwargs):
+    def __init__(self, message: ChatMessage | None = None, streaming: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.message = message
-        self.status = (message or {}).get("status", "done")
-        content = (message or {}).get("content", "")
-        self.think_text, self.answer_text = split_thinking(content)
+        self.message = message  # None until the first token: the session adds the turn then
+        self.status = message.status if message else "done"
+        self.think_text, self.answer_text = split_thinking(message.content if message else "")
         self.streaming = streaming
         self.thinking_block: ThinkingBlock | None = None
-        self.answer = Markdown(visible(self.answer_text), classes="answer")
+        self.answer = Markdown(visible(close_open_fence(self.answer_text.strip())), classes="answer", parser_factory=chat_parser)
         self.note = Static("", classes="note", markup=False)
         self._think_stream: MarkdownStream | None = None
         self._answer_stream: MarkdownStream | None = None
@@ -163,7 +152,7 @@ class AssistantMessage(Vertical, can_focus=True):
 
     def compose(self):
         if self.think_text.strip():
-            self.thinking_block = ThinkingBlock(visible(self.think_text.strip()), collapsed=True)
+            self.thinking_block = ThinkingBlock(visible(close_open_fence(self.think_text.strip())), collapsed=True)
             self.thinking_block.title = "Thought"
             yield self.thinking_block
         yield self.answer
@@ -226,18 +215,18 @@ class AssistantMessage(Vertical, can_focus=True):
         self.streaming = False
         self.think_text, self.answer_text = split_thinking(content)
         if self.thinking_block is not None:
-            await self.thinking_block.body.update(visible(self.think_text.strip()))
+            await self.thinking_block.body.update(visible(close_open_fence(self.think_text.strip())))
             if self.answer_text.strip():
                 self.thinking_block.collapsed = True
             self.thinking_block.title = "Thought"
-        await self.answer.update(visible(self.answer_text.strip()))
+        await self.answer.update(visible(close_open_fence(self.answer_text.strip())))
         self.set_status(status, error)
 
     def resume_streaming(self) -> None:
         """Continue: later pieces extend this message (a thought stopped midway opens again)."""
         self.streaming = True
         self.set_status("streaming-live")
-        if self.thinking_block is not None and self.message and has_open_think(self.message["content"]):
+        if self.thinking_block is not None and self.message and has_open_think(self.message.content):
             self.thinking_block.collapsed = False
             self.thinking_block.title = "Thinking…"
 
@@ -246,11 +235,7 @@ class AssistantMessage(Vertical, can_focus=True):
         self.notify("Answer copied", timeout=2)
 
     def action_copy_code(self) -> None:
-        self.app.copy_code_from(self.answer_text)
-
-
-class StatusLine(Static):
-    pass
+        copy_code_block(self, self.answer_text)
 
 
 _ANSI_CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
@@ -273,9 +258,10 @@ class LoadingPanel(Vertical):
         self.model_label = model_label
         self.started = time.monotonic()
         self.failed = False
+        self.capturing = False  # the app sends what is printed here while it loads
 
     def compose(self):
-        yield Label(f"Loading {self.model_label}", id="loading-title")
+        yield Label(f"Loading {self.model_label}", id="loading-title", markup=False)
         yield LoadingIndicator(id="loading-indicator")
         yield Static("", id="loading-step", markup=False)
         yield Static("", id="loading-error", markup=False)
@@ -285,6 +271,14 @@ class LoadingPanel(Vertical):
         self.query_one("#loading-error").display = False
         self.query_one("#loading-hint").display = False
         self._ticker = self.set_interval(0.5, self._tick)
+        # From now on, so that nothing the loader prints (download progress bars) is missed.
+        self.app.begin_capture_print(self, stdout=True, stderr=True)
+        self.capturing = True
+
+    def _end_capture(self) -> None:
+        if self.capturing:
+            self.app.end_capture_print(self)
+            self.capturing = False
 
     def on_print(self, event: events.Print) -> None:
         # tqdm redraws its bar with "\r" (and moves the cursor for nested bars): the last
@@ -307,6 +301,7 @@ class LoadingPanel(Vertical):
             )
 
     def show_error(self, message: str, hint: str) -> None:
+        self._end_capture()
         self.failed = True
         self._ticker.stop()
         self.add_class("-failed")
@@ -321,17 +316,6 @@ class LoadingPanel(Vertical):
         hint_widget.display = True
 
     def done(self) -> None:
+        self._end_capture()
         self._ticker.stop()
         self.display = False
-
-
-class ChatFooter(Footer):
-    """Textual's Footer, without its leak: it re-creates its keys whenever the bindings change
-    (twice an answer here), and each key's data_bind watcher on the footer is dropped only when
-    the footer's `compact` changes, which it never does. Without this, every answer leaked two
-    footers' worth of keys: some 30 MB per 100 answers (tests/test_long_session.py)."""
-
-    async def recompose(self) -> None:
-        await super().recompose()
-        for watchers in getattr(self, "__watchers", {}).values():  # Textual's own attribute name
-            watchers[:] = [(node, callback) for node, callback in watchers if node.is_attached]
