@@ -213,8 +213,9 @@ class ChatSession:
                 add(text)
                 if text:
                     yield text
-            add("")
             reason = self.engine.stats.stop_reason
+            if reason != "stopped":  # an answer of no text (EOS first) is a turn; a stop before any is not
+                add("")
         except GeneratorExit:
             # Closed early by the caller: let the source end at its stop check, which keeps the
             # text it holds back (a partial UTF-8 character) and generates nothing more.
