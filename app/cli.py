@@ -363,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["serve"]:  # `smollm3 serve ...`: the OpenAI-compatible HTTP server
+        from .server import serve_main
+
+        return serve_main(argv[1:])
     tracer = Tracer()
     args = None
     try:

@@ -857,6 +857,7 @@ def test_the_worker_posts_prefill_progress_per_chunk_and_live_speeds(tmp_path):
     assert calls == [(0, 1), (1, 1)]  # all but the last token from the cache
     pieces = [m for m in posted if isinstance(m, Pieces)]
     assert pieces[-1].generated == engine.stats.generated_tokens and pieces[-1].tok_s == engine.stats.decode_tok_s
+    assert pieces[-1].context == total + engine.stats.generated_tokens
     assert isinstance(posted[-1], Finished) and posted[-1].stats.prompt_tokens == total
 
 
@@ -868,6 +869,7 @@ async def test_prefill_progress_and_live_speed_show_while_answering(tmp_path):
         await ready(pilot)
         await send(pilot, "long " * 1100, wait=False)
         await wait_for(pilot, lambda: seen.append(app.chat.live) or (app.chat.generating and "tok/s" in app.chat.live), what="a live speed")
+        assert app.chat.context_used > 1100  # the prompt and the answer so far
         await settle(pilot)
     assert any(re.fullmatch(r"prefill \d+/\d+ tok", s) for s in seen)
     assert app.chat.live == ""

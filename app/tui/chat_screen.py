@@ -237,6 +237,7 @@ class ChatScreen(Screen):
     @on(Pieces)
     async def _pieces(self, event: Pieces) -> None:
         self.live = f"{event.generated} tok, {event.tok_s:.1f} tok/s"
+        self.context_used = event.context
         widget = self.current
         if widget is None:
             return

@@ -35,12 +35,14 @@ class PrefillProgress(Message):
 
 @dataclass
 class Pieces(Message):
-    """A burst of pieces of the message being generated, with the tokens so far and their speed."""
+    """A burst of pieces of the message being generated, with the tokens so far, their speed,
+    and the context they fill with the prompt."""
 
     message: ChatMessage
     pieces: list[Piece]
     generated: int = 0
     tok_s: float = 0.0
+    context: int = 0
 
 
 @dataclass

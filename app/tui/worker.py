@@ -15,7 +15,7 @@ from typing import Callable
 
 from textual.message import Message
 
-from backends import SamplingParams, SmolLMError
+from backends import GenerationStats, SamplingParams, SmolLMError
 from backends.errors import ContextOverflow
 
 from ..session import ChatMessage, ChatSession, ThinkingSplitter
@@ -47,6 +47,11 @@ class Settings:
             return self
         ok = math.isfinite(sampling.temperature) and sampling.temperature >= 0 and max_new_tokens >= 1
         return Settings(sampling, max_new_tokens) if ok else self
+
+
+def pieces_message(message: ChatMessage, pending: list[Piece], stats: GenerationStats) -> Pieces:
+    generated = stats.generated_tokens
+    return Pieces(message, merge_pieces(pending), generated, stats.decode_tok_s, stats.prompt_tokens + generated)
 
 
 def generate_reply(
@@ -85,8 +90,7 @@ def generate_reply(
             pending += splitter.feed(text)
             now = time.monotonic()
             if pending and now - last_post >= BURST_S:
-                stats = session.engine.stats
-                post(Pieces(message, merge_pieces(pending), stats.generated_tokens, stats.decode_tok_s))
+                post(pieces_message(message, pending, session.engine.stats))
                 pending, last_post = [], now
         pending += splitter.flush()
         if message is None and session.messages and session.messages[-1].role == "assistant":
@@ -100,7 +104,7 @@ def generate_reply(
         error = f"internal error: {type(e).__name__}: {e}"
     stats = session.engine.stats
     if pending and message is not None:
-        post(Pieces(message, merge_pieces(pending), stats.generated_tokens, stats.decode_tok_s))
+        post(pieces_message(message, pending, stats))
     reason = "overflow" if overflow else "error" if error else session.last_stop_reason
     # An overflow is found before the engine starts: its stats are still the last prompt's.
     post(Finished(message, reason, None if overflow else dataclasses.replace(stats), error))
