@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
-from app.session import ChatSession
+from app.session import ChatMessage, ChatSession
 from app.tui.app import ChatApp
 from app.tui.status import status_text
 from app.tui.store import ChatStore
+from app.tui.worker import Settings
 from app.tui.widgets import AssistantMessage, UserMessage
 from backends.remote import RemoteEngine, RemoteServerError, RemoteStreamCut
 from backends.sampling import GREEDY
+from test_remote_serve import serve_url  # noqa: F401 (a fixture: smollm3 serve on 127.0.0.1, once per module)
 from test_tui_support import ready, send, settle, wait_for
 from tests.fake_servers import FakePeer, Script, ServerThread
 
@@ -200,3 +204,78 @@ async def test_a_stream_cut_keeps_the_partial_answer_with_the_error_on_it(serve,
         (widget,) = answers(app)
         assert widget.answer_text == "Hello," and "mid-answer" in str(widget.note.render())
         assert rows(tmp_path) == [("user", "Hi", "done"), ("assistant", "Hello,", "stopped")]
+
+
+# --- against `smollm3 serve` on 127.0.0.1 with the SmolLM2 GGUF ---
+
+GGUF = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+needs_serve = pytest.mark.skipif(
+    importlib.util.find_spec("app.server") is None or not GGUF.exists(),
+    reason="needs smollm3 serve (app.server) and models/SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+
+
+@pytest.fixture(scope="module")
+def local_engine():
+    import backends
+
+    return backends.load(str(GGUF), backend="torch")
+
+
+def recording(engine: RemoteEngine) -> list[dict]:
+    """The request bodies the engine sends, as sent."""
+    bodies: list[dict] = []
+    stream = engine.client.stream
+
+    def recorded(url, body, model, sse):
+        bodies.append(body)
+        return stream(url, body, model, sse)
+
+    engine.client.stream = recorded
+    return bodies
+
+
+@needs_serve
+def test_remote_and_local_chat_agree_token_for_token_over_turns(serve_url, local_engine):
+    remote_engine = RemoteEngine(serve_url)
+    bodies = recording(remote_engine)
+    local = ChatSession(local_engine, system_prompt="You are a geography teacher.")
+    remote = ChatSession(remote_engine, system_prompt="You are a geography teacher.")
+    turns = [("What is the capital of France?", False), ("And of Italy?", True), ("Which one is bigger?", False)]
+    for question, thinking in turns:
+        local.thinking = remote.thinking = thinking
+        expected = "".join(local.reply(question, 20, GREEDY))
+        answer = "".join(remote.reply(question, 20, GREEDY))
+        assert answer == expected, question
+        assert (remote_engine.stats.prompt_tokens, remote_engine.stats.generated_tokens) == (
+            local_engine.stats.prompt_tokens, local_engine.stats.generated_tokens)
+        assert remote.last_stop_reason == local.last_stop_reason
+        assert remote.context_tokens() == local_engine.stats.prompt_tokens + local_engine.stats.generated_tokens
+    assert [b["chat_template_kwargs"] for b in bodies] == [{"enable_thinking": t} for _, t in turns]
+    # The resent conversation is the server's cached prefix: only the new turn is prefilled.
+    assert remote_engine.stats.prefilled_tokens < remote_engine.stats.prompt_tokens / 2
+
+
+@needs_serve
+async def test_the_chat_on_smollm3_serve_stops_mid_answer_and_the_server_is_free(serve_url, local_engine, tmp_path):
+    engine = RemoteEngine(serve_url, read_timeout=60)  # a server still writing the story fails, not hangs
+    app = make_app(tmp_path, engine, max_new_tokens=4000)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Write a long story about a dragon.", wait=False)
+        await wait_for(pilot, lambda: answers(app) and len(answers(app)[0].answer_text) > 20, what="some answer text")
+        await pilot.press("escape")
+        await settle(pilot, timeout=10)
+        stopped = app.chat.session.messages[-1]
+        assert stopped.status == "stopped" and engine.stats.generated_tokens < 4000
+        app.chat.settings = Settings(GREEDY, 12)
+        t0 = time.monotonic()
+        await send(pilot, "Thanks. What is 2+2?", timeout=60)
+        # The server works on one request at a time: had it kept writing the story, this would wait for it.
+        assert time.monotonic() - t0 < 30
+        answer = app.chat.session.messages[-1]
+        assert answer.status in ("done", "length") and answer.content
+    # The local chat, given the same conversation (the stopped answer as the server sent it), agrees.
+    local = ChatSession(local_engine)
+    local.messages = [ChatMessage(m.role, m.content) for m in app.chat.session.messages[:-1]]
+    assert "".join(local.generate(12, GREEDY)) == answer.content
