@@ -15,7 +15,6 @@ server; `_texts` is the one place the two kinds differ.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
