@@ -14,12 +14,12 @@ from app.tui.app import ChatApp
 from app.tui.status import status_text
 from app.tui.store import ChatStore
 from app.tui.worker import Settings
-from app.tui.widgets import AssistantMessage, UserMessage
+from app.tui.widgets import AssistantMessage, LoadingPanel, UserMessage
 from backends.remote import RemoteEngine, RemoteServerError, RemoteStreamCut
 from backends.sampling import GREEDY
 from test_remote_serve import serve_url  # noqa: F401 (a fixture: smollm3 serve on 127.0.0.1, once per module)
 from test_tui_support import ready, send, settle, wait_for
-from tests.fake_servers import FakePeer, Script, ServerThread
+from tests.fake_servers import FakePeer, Script, ServerThread, free_port
 
 SIZE = (100, 32)
 MODEL = "HuggingFaceTB/SmolLM3-3B"
@@ -204,6 +204,19 @@ async def test_a_stream_cut_keeps_the_partial_answer_with_the_error_on_it(serve,
         (widget,) = answers(app)
         assert widget.answer_text == "Hello," and "mid-answer" in str(widget.note.render())
         assert rows(tmp_path) == [("user", "Hi", "done"), ("assistant", "Hello,", "stopped")]
+
+
+async def test_an_unreachable_endpoint_is_shown_with_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    app = ChatApp(lambda progress: RemoteEngine(url), store=ChatStore(tmp_path / "chats.sqlite3"), model_label=url)
+    async with app.run_test(size=SIZE) as pilot:
+        panel = app.query_one(LoadingPanel)
+        await wait_for(pilot, lambda: panel.failed, what="the error")
+        assert "cannot reach 127.0.0.1" in str(panel.query_one("#loading-error").render())
+        assert "--endpoint, --api-key and --served-model" in str(panel.query_one("#loading-hint").render())
+        await pilot.press("ctrl+q")
+    assert app.return_value == 2
 
 
 # --- against `smollm3 serve` on 127.0.0.1 with the SmolLM2 GGUF ---
