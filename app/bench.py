@@ -55,10 +55,11 @@ def prompt_ids_for(model_path: str, length: int, tokenizer_path: str | None = No
     """`length` token ids of PROMPT_TEXT repeated, from the checkpoint's own tokenizer (no torch import)."""
     from backends import load_tokenizer
     from backends.checkpoint import open_checkpoint
+    from backends.numbers import ceil_div
 
     tok = load_tokenizer(open_checkpoint(model_path), tokenizer_path)
     paragraph = tok.encode(PROMPT_TEXT)
-    repeats = -(-length // len(paragraph))
+    repeats = ceil_div(length, len(paragraph))
     return (paragraph * repeats)[:length]
 
 

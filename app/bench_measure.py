@@ -192,8 +192,14 @@ class OursAdapter:
         i = self.engine.info
         return {"engine": "ours", "backend": i.backend, "device": i.device, "dtype": i.dtype,
                 "weight_type": i.weight_type, "version": _our_version(), "torch": _torch_version(),
-                "threads": _torch_threads(), "kernels": os.environ.get("SMOLLM3_KERNELS", "fast"),
+                "threads": _torch_threads(), "kernels": _kernels_setting(),
                 "backends_module": Path(backends.__file__).parent.name}
+
+
+def _kernels_setting() -> str:
+    from backends import settings
+
+    return settings.kernels()
 
 
 def _our_version() -> str:

@@ -13,7 +13,7 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 
 import backends
-from backends import SamplingParams, SmolLMError, Tracer
+from backends import SamplingParams, SmolLMError, Tracer, settings
 
 from backends.remote import DIALECTS, RemoteEngine
 
@@ -86,7 +86,7 @@ def add_model_arguments(p: argparse.ArgumentParser, backend_choices: tuple[str, 
     m.add_argument("--model-path", help="a local .gguf file or Hugging Face model directory (no download)")
     m.add_argument("--tokenizer", help="a tokenizer.json (or directory) to use instead of the checkpoint's own")
     m.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the checkpoint's own")
-    m.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
+    m.add_argument("--dtype", choices=("auto", *backends.DTYPES), default="auto",
                    help="compute dtype (auto: bf16 on CUDA/MPS, f32 on CPU)")
     m.add_argument("--quantize", type=int, choices=(4, 8),
                    help="MLX backend: quantize a full-precision checkpoint to 4 or 8 bits at load")
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # a bug of ours: still one line, with a way to get the traceback
-        if os.environ.get("SMOLLM3_DEBUG"):
+        if settings.debug():
             raise
         print(f"smollm3: internal error: {type(e).__name__}: {one_line(str(e))} (set SMOLLM3_DEBUG=1 for a traceback)",
               file=sys.stderr)

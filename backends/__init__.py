@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .chat_template import ChatTemplate, chat_template_from_dir, chat_template_from_file, official_chat_template
 from .checkpoint import Checkpoint, open_checkpoint
-from .engine import Engine, GenerationStats
+from .engine import DTYPES, Engine, GenerationStats
 from .errors import BackendUnavailable, CheckpointError, SmolLMError
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, tokenizer_from_file, tokenizer_from_gguf
@@ -22,6 +22,7 @@ BACKENDS = ("auto", "torch", "mlx")
 
 __all__ = [
     "BACKENDS",
+    "DTYPES",
     "Engine",
     "GenerationStats",
     "SamplingParams",

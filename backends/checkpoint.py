@@ -25,12 +25,22 @@ from .config import ModelConfig, config_from_gguf, config_from_hf
 from .errors import CheckpointError, UnsupportedTensorType
 
 
+# How an MLX-quantized checkpoint's packed codes (safetensors U32 words, beside .scales and
+# .biases) are carried: as bytes under a type no GGUF weight of ours uses.
+MLX_PACKED = GGMLQuantizationType.I32
+
+
 @dataclass(frozen=True)
 class RawTensor:
     name: str
     ggml_type: GGMLQuantizationType
     shape: tuple[int, ...]  # row-major logical shape
     data: np.ndarray  # uint8 [rows, row_bytes]: rows = prod(shape[:-1]), each row a whole number of blocks
+
+    @property
+    def is_mlx_packed(self) -> bool:
+        """Codes of an MLX-quantized checkpoint: shape [out, in * bits / 32], read by the MLX backend only."""
+        return self.ggml_type == MLX_PACKED
 
 
 @dataclass
@@ -55,6 +65,11 @@ class Checkpoint:
     @cached_property
     def _gguf_names(self) -> dict[str, str]:
         return {hf_name_from_gguf(n): n for n in self.gguf_file.tensors} if self.gguf_file else {}
+
+    @property
+    def is_mlx_quantized(self) -> bool:
+        """Quantized by mlx-lm (packed codes beside scales and biases): only the MLX backend runs it."""
+        return any(t.is_mlx_packed for t in self.tensors.values())
 
     @property
     def weight_type(self) -> str:
@@ -163,7 +178,7 @@ _ST_DTYPES = {
     "F32": GGMLQuantizationType.F32,
     "F16": GGMLQuantizationType.F16,
     "BF16": GGMLQuantizationType.BF16,
-    "U32": GGMLQuantizationType.I32,  # MLX-quantized checkpoints' packed codes, carried as bytes
+    "U32": MLX_PACKED,
 }
 _ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
 
@@ -288,7 +303,7 @@ def _check_complete(path: Path, config: ModelConfig, tensors: dict[str, RawTenso
     for name, shape in expected_shapes(config).items():
         if name not in tensors:
             raise CheckpointError(f"{path.name}: tensor '{name}' is missing")
-        if tensors[name].ggml_type == GGMLQuantizationType.I32:
-            continue  # MLX-packed codes: [out, in * bits / 32]; the MLX backend checks them
+        if tensors[name].is_mlx_packed:
+            continue  # the MLX backend checks these shapes
         if tensors[name].shape != shape:
             raise CheckpointError(f"{path.name}: tensor '{name}' has shape {tensors[name].shape}, expected {shape}")

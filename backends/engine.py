@@ -16,12 +16,23 @@ import numpy as np
 from .chat_template import ChatTemplate
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .errors import ContextOverflow
+from . import speculative
+from .errors import BackendUnavailable, ContextOverflow
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .tracing import NullTracer, Tracer
 
 PREFILL_CHUNK = 512  # bounds prefill memory (attention scores, activations) on long prompts
+DTYPES = ("f32", "f16", "bf16")  # compute dtypes by name; each backend maps them to its own
+
+
+def dtype_name(requested: str, auto: str) -> str:
+    """The compute dtype's name: `requested`, one of DTYPES, or for "auto" the backend's `auto`."""
+    if requested == "auto":
+        return auto
+    if requested not in DTYPES:
+        raise BackendUnavailable(f"unknown dtype '{requested}' (use auto, {', '.join(DTYPES[:-1])} or {DTYPES[-1]})")
+    return requested
 
 
 @dataclass
@@ -32,6 +43,8 @@ class GenerationStats:
     generated_tokens: int = 0
     decode_steps: int = 0  # forward passes after the prefill
     decode_s: float = 0.0
+    drafted_tokens: int = 0  # tokens fed as speculative drafts (backends/speculative.py)
+    accepted_tokens: int = 0  # drafted tokens the samples confirmed: each a token without a forward of its own
     stop_reason: str = ""  # "eos" | "length" | "context" | "stopped"
 
     @property
@@ -40,7 +53,8 @@ class GenerationStats:
 
     @property
     def decode_tok_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+        # Each forward samples one token from its own input's row, plus one per accepted draft.
+        return (self.decode_steps + self.accepted_tokens) / self.decode_s if self.decode_s else 0.0
 
 
 @dataclass
@@ -54,6 +68,10 @@ class EngineInfo:
 
 
 class Engine:
+    # A backend sets this where a forward of a few rows gives each row bitwise the logits of
+    # that row decoded alone: there speculation cannot change a single token (speculative.py).
+    rows_exact = False
+
     def __init__(self, ckpt: Checkpoint, tokenizer: Tokenizer, chat_template: ChatTemplate | None, info: EngineInfo):
         self.config: ModelConfig = ckpt.config
         self.tokenizer = tokenizer
@@ -141,38 +159,76 @@ class Engine:
         split_prompt: bool = False,
         prefill_progress: Callable[[int, int], None] | None = None,
     ) -> Iterator[int]:
-        """Yield generated token ids until an EOS id (not yielded), max_new_tokens, or a full context."""
+        """Yield generated token ids until an EOS id (not yielded), max_new_tokens, or a full context.
+
+        With speculation (backends/speculative.py) each forward also feeds a draft of the tokens
+        that may come next; `logits` then holds one row per token fed, and `unverified` the
+        drafted tokens after the one the next row is sampled for."""
         self._check_fits(len(prompt_ids))
         self.reserve(min(len(prompt_ids) + max_new_tokens, self.config.context_length))
         self.stats = GenerationStats()
         self.reset_rng(sampling.seed)
-        history: list[int] = []  # the repeat penalty looks at generated tokens only, as the seed does
+        # The repeat penalty looks at generated tokens only: a prompt repeats its template's
+        # markup and the user's words, which an answer should be free to use.
+        history: list[int] = []
         eos = self.eos_ids
+        lookup = speculative.PromptLookup(prompt_ids, eos) if speculative.enabled(self.rows_exact) else None
+        unverified: list[int] = []
+        fed: list[int] = []
+        row = 0
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids, split_prompt, prefill_progress)
         self.stats.prefill_s = time.perf_counter() - t0
         self.stats.stop_reason = "length"
         t1 = time.perf_counter()
-        for i in range(max_new_tokens):
-            with self.tracer.span("sample"):
-                token = self.sample(logits, history, sampling)
-            if i == 0:
-                # Time to the first token belongs to the prefill.
-                self.stats.prefill_s = time.perf_counter() - t0
-                t1 = time.perf_counter()
-            if token in eos:
-                self.stats.stop_reason = "eos"
-                break
-            self.stats.generated_tokens += 1
-            history.append(token)
-            yield token
-            if len(self.cached_ids) + 1 >= self.config.context_length:
-                self.stats.stop_reason = "context"
-                break
-            if i + 1 == max_new_tokens:
-                break
-            with self.tracer.span("decode", pos=len(self.cached_ids)):
-                logits = self.forward([token], len(self.cached_ids), last_only=True)
-            self.cached_ids.append(token)
-            self.stats.decode_steps += 1
-            self.stats.decode_s = time.perf_counter() - t1
+        try:
+            for i in range(max_new_tokens):
+                with self.tracer.span("sample"):
+                    token = self.sample(logits[row : row + 1] if row or unverified else logits, history, sampling)
+                if i == 0:
+                    # Time to the first token belongs to the prefill.
+                    self.stats.prefill_s = time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                known = len(self.cached_ids) - len(unverified)  # what plain decoding would have fed by now
+                accepted = bool(unverified) and token == unverified[0]
+                if accepted:  # its keys and values are in the cache already, and the next row's logits
+                    unverified.pop(0)
+                    self.stats.accepted_tokens += 1
+                    row += 1
+                else:
+                    self._drop_unverified(unverified)
+                if token in eos:
+                    self.stats.stop_reason = "eos"
+                    break
+                self.stats.generated_tokens += 1
+                history.append(token)
+                if lookup is not None:
+                    lookup.extend([token])
+                yield token
+                if known + 1 >= self.config.context_length:
+                    self.stats.stop_reason = "context"
+                    break
+                if i + 1 == max_new_tokens or accepted:
+                    continue
+                # Drafts never reach past what the loop could take: max_new_tokens, or the context.
+                room = min(max_new_tokens - i - 2, self.config.context_length - 2 - len(self.cached_ids))
+                if lookup is not None:
+                    lookup.verified(len(fed) - 1, row)  # the last forward's rows 0..row were sampled
+                    unverified = lookup.draft(room)
+                fed = [token] + unverified
+                with self.tracer.span("decode", pos=len(self.cached_ids), drafted=len(unverified)):
+                    logits = self.forward(fed, len(self.cached_ids), last_only=not unverified)
+                self.cached_ids.extend(fed)
+                row = 0
+                self.stats.drafted_tokens += len(unverified)
+                self.stats.decode_steps += 1
+                self.stats.decode_s = time.perf_counter() - t1
+        finally:
+            self._drop_unverified(unverified)
+
+    def _drop_unverified(self, unverified: list[int]) -> None:
+        """Forget drafted tokens the samples did not confirm: the next forward overwrites their
+        cache positions, and until then nothing reads past cached_ids."""
+        if unverified:
+            del self.cached_ids[-len(unverified) :]
+            unverified.clear()

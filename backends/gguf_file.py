@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .errors import CheckpointError
+from .numbers import find_multiple
 
 MAX_DIMS = 4
 DEFAULT_ALIGNMENT = 32
@@ -224,7 +225,7 @@ class GGUFFile:
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             shown_alignment = alignment if isinstance(alignment, int) else "(not a number)"
             raise self._fail(f"general.alignment {shown_alignment} is not a power of two")
-        data_start = -(-self._pos // alignment) * alignment
+        data_start = find_multiple(self._pos, alignment)
         for name, shape, type_id, offset in infos:
             self.tensors[name] = self._tensor_info(name, shape, type_id, offset, data_start, alignment)
         self.data_start = data_start
@@ -239,7 +240,7 @@ class GGUFFile:
                 )
             if not isinstance(info.ggml_type, GGMLQuantizationType):
                 break  # its size is unknown (a backend names the type it cannot use)
-            end += -(-info.nbytes // alignment) * alignment
+            end += find_multiple(info.nbytes, alignment)
         self.metadata = Metadata(self.metadata, self._decoded)
 
     def header_digest(self) -> str:
@@ -291,6 +292,6 @@ class GGUFFile:
         (the file stays mapped; touching the bytes again reads them back)."""
         page = mmap.PAGESIZE
         start = info.offset // page * page
-        end = min(-(-(info.offset + info.nbytes) // page) * page, self.size)
+        end = min(find_multiple(info.offset + info.nbytes, page), self.size)
         if hasattr(self._mmap, "madvise") and end > start:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)

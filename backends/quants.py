@@ -17,10 +17,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import gguf.quants
 import torch
 from gguf import GGMLQuantizationType
 
 from .errors import CheckpointError, UnsupportedTensorType
+
+
+# Weights decoded at a time (16 MB of float32): a slice this small reuses freed buffers
+# instead of first-touching fresh pages, which is most of the cost (see above), and a 3B
+# model's embedding never has a whole float copy.
+SLICE_ELEMS = 1 << 22
+
+
+def rows_per_slice(row_elems: int, multiple: int = 1) -> int:
+    """Rows of `row_elems` weights to work on at a time: about SLICE_ELEMS weights, in whole
+    `multiple`s of rows (a kernel layout's row blocks), at least one."""
+    return max(multiple, SLICE_ELEMS // row_elems // multiple * multiple)
 
 
 @dataclass(frozen=True)
@@ -159,9 +172,21 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:  # ql[128], qh[64], int8 scales[16],
     return Affine(low | (high << 4), d.unsqueeze(-1), zero=32)
 
 
-def _format(ggml_type: GGMLQuantizationType, block_elems: int, block_bytes: int, blocks_fn) -> GGMLFormat:
-    """blocks_fn maps blocks to their Affine form (quantized types) or straight to float32 (float types)."""
-    affine = blocks_fn if block_elems > 1 else None
+def _gguf_py(ggml_type: GGMLQuantizationType):
+    """The IQ types (codebooks and sign grids, no Affine form): gguf-py's numpy dequantizer, exact
+    and slow; backends dequantize these per matmul, where the faster kernels do not take them."""
+
+    def blocks_to_float(blocks: torch.Tensor) -> torch.Tensor:
+        values = gguf.quants.dequantize(blocks.cpu().numpy(), ggml_type)
+        return torch.from_numpy(values).to(blocks.device)
+
+    return blocks_to_float
+
+
+def _format(ggml_type: GGMLQuantizationType, block_elems: int, block_bytes: int, blocks_fn, affine: bool = True) -> GGMLFormat:
+    """blocks_fn maps blocks to their Affine form (quantized types) or straight to float32 (float
+    types, and the quantized types without an Affine form: affine=False)."""
+    affine = blocks_fn if block_elems > 1 and affine else None
 
     def dequantize_rows(raw: torch.Tensor) -> torch.Tensor:
         blocks = _whole_blocks(raw, ggml_type, block_bytes)
@@ -194,6 +219,10 @@ GGML_FORMATS: dict[GGMLQuantizationType, GGMLFormat] = {
         _format(_T.Q4_K, 256, 144, _q4_k),
         _format(_T.Q5_K, 256, 176, _q5_k),
         _format(_T.Q6_K, 256, 210, _q6_k),
+        *(
+            _format(t, *gguf.GGML_QUANT_SIZES[t], _gguf_py(t), affine=False)
+            for t in (_T.IQ1_S, _T.IQ1_M, _T.IQ2_XXS, _T.IQ2_XS, _T.IQ2_S, _T.IQ3_XXS, _T.IQ3_S, _T.IQ4_NL, _T.IQ4_XS)
+        ),
     )
 }
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import tokenizers
 
+from . import settings
 from .errors import TokenizerError
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -210,7 +211,7 @@ def tokenizer_from_gguf(metadata, cache_key: str | None = None) -> Tokenizer:
             f"unsupported GGUF pre-tokenizer {pre!r}; supported: {', '.join(sorted(PRE_TOKENIZERS))}"
         )
     pre_tokenizer, ignore_merges, add_bos = PRE_TOKENIZERS[pre]
-    use_cache = cache_key and os.environ.get("SMOLLM3_TOKENIZER_CACHE", "1") != "0"
+    use_cache = cache_key and settings.tokenizer_cache()
     cached = tokenizer_cache_dir() / f"{cache_key}-{_BUILDER_VERSION}.json" if use_cache else None
     tok = None
     if cached is not None and cached.is_file():

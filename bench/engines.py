@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.bench import Spec, measure  # noqa: E402
+from backends.numbers import find_multiple  # noqa: E402
 
 
 class LlamaCppAdapter:
@@ -25,7 +26,7 @@ class LlamaCppAdapter:
         self.spec = spec
         self.llm = None
         self.tokens: list[int] = []
-        self.n_ctx = 256 * -(-(len(spec.prompt_ids) + spec.n_gen + 16) // 256)
+        self.n_ctx = find_multiple(len(spec.prompt_ids) + spec.n_gen + 16, 256)
 
     def load(self) -> None:
         import llama_cpp

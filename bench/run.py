@@ -31,7 +31,10 @@ from app.bench import (  # noqa: E402
 )
 from deps import env_with, start_install, wait_install  # noqa: E402
 
-MODELS = {"135m": None, "3b-q4km": "Q4_K_M", "3b-q8": "Q8_0", "3b-f16": "F16"}  # None: the SmolLM2 file
+MODELS = {  # None: the SmolLM2 file; the rest are 3B-shaped files llama.cpp's quantizer makes (make_models.py)
+    "135m": None, "3b-q4km": "Q4_K_M", "3b-q8": "Q8_0", "3b-f16": "F16", "3b-q5km": "Q5_K_M", "3b-q3km": "Q3_K_M",
+    "3b-q2k": "Q2_K", "3b-q5_0": "Q5_0", "3b-q5_1": "Q5_1", "3b-iq4nl": "IQ4_NL", "3b-iq4xs": "IQ4_XS",
+}  # fmt: skip
 ENGINES = ("ours", "llamacpp", "transformers")
 PEER_DEPS = {"llamacpp": "llamacpp", "transformers": "accelerate"}  # bench/deps.py packages each peer imports
 KV_BYTES = 4  # our CPU engine keeps keys and values in f32

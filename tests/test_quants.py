@@ -16,12 +16,15 @@ from backends.quants import GGML_FORMATS, dequantize, ggml_format
 from conftest import GGUF_TYPES, tiny_gguf
 
 SUPPORTED = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+IQ_TYPES = [T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_NL, T.IQ4_XS]  # dequantized by gguf-py
+SUPPORTED += IQ_TYPES
 FLOAT_TYPES = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.float32}
 # Byte offsets of the f16 scale fields (d, dmin, m) in each block (llama.cpp's block_* structs).
 # Random bytes there would give inf/NaN; everything else may be random.
 F16_FIELDS = {
     T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2),
     T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+    **{t: (0,) for t in IQ_TYPES}, T.IQ1_M: (54,),  # IQ1_M's d: the top nibbles of its last four u16
 }  # fmt: skip
 # Relative RMS error of gguf-py's quantize -> dequantize on Gaussian data, with headroom.
 ROUND_TRIP_ERROR = {T.F32: 0.0, T.F16: 5e-4, T.BF16: 4e-3, T.Q8_0: 0.01, T.Q5_0: 0.06, T.Q5_1: 0.06, T.Q4_0: 0.12, T.Q4_1: 0.12}
@@ -113,14 +116,14 @@ def test_out_dtype():
 
 
 @pytest.mark.parametrize(
-    ("ggml_type", "name"), [(T.IQ2_XXS, "IQ2_XXS"), (int(T.TQ1_0), "TQ1_0"), (9999, "9999")], ids=["enum", "int", "unknown"]
+    ("ggml_type", "name"), [(T.TQ2_0, "TQ2_0"), (int(T.TQ1_0), "TQ1_0"), (9999, "9999")], ids=["enum", "int", "unknown"]
 )
 def test_unsupported_types_name_the_tensor_and_type(ggml_type, name):
     with pytest.raises(UnsupportedTensorType) as raised:
         ggml_format(ggml_type, "blk.3.ffn_down.weight")
     message = str(raised.value)
     assert f"tensor 'blk.3.ffn_down.weight' has GGML type {name}," in message
-    assert "supported: F32, F16, BF16, Q8_0," in message and "Q6_K)" in message
+    assert "supported: F32, F16, BF16, Q8_0," in message and "IQ4_XS)" in message
     with pytest.raises(UnsupportedTensorType):
         dequantize(torch.zeros(1, 66, dtype=torch.uint8), ggml_type)
 
@@ -152,3 +155,12 @@ def test_affine_rows_is_the_same_weights(qtype):
     a = affine_rows(raw, qtype, "t")
     assert a.q.shape[0] == raw.shape[0] and a.scale.shape[:2] == a.q.shape[:2]
     torch.testing.assert_close(a.dequantize(), dequantize(raw, qtype), rtol=0, atol=0)
+
+
+def test_rows_per_slice_holds_about_slice_elems_in_whole_blocks():
+    from backends.quants import SLICE_ELEMS, rows_per_slice
+
+    assert rows_per_slice(576) == SLICE_ELEMS // 576
+    assert rows_per_slice(2 * SLICE_ELEMS) == 1  # a row wider than a slice: one at a time
+    assert rows_per_slice(2048, multiple=64) == SLICE_ELEMS // 2048 // 64 * 64
+    assert rows_per_slice(SLICE_ELEMS, multiple=64) == 64

@@ -12,7 +12,9 @@ from backends.torch import native
 from backends.torch.engine import TorchEngine
 from conftest import GGUF_TYPES, TINY, TINY_HF, tiny_gguf
 
-TOLERANCE = 2e-3  # the issue's bar; a correct f32 implementation lands near 1e-5 here
+# Max-abs logit error in f32: a correct implementation lands near 1e-5 here; layout errors
+# (RoPE on NoPE layers, Q/K left permuted) land over 100x this bound (tests below).
+TOLERANCE = 2e-3
 PROMPT = np.load(TINY / "prompt_ids.npy").tolist()
 # The fast kernels quantize activations to int8 per block of 32 (256 for K-quants), as
 # llama.cpp does, so they are as far from the exact logits as llama.cpp is: measured RMS 0.069
@@ -144,3 +146,62 @@ def test_yarn_inv_freq_matches_transformers():
     inv_freq, scale = config.rope_inv_freq()
     np.testing.assert_allclose(inv_freq, expected.numpy(), rtol=1e-6)
     assert scale == pytest.approx(factor)
+
+
+def test_model_is_built_from_the_config_alone_then_loaded():
+    """gpt-fast's and mlx-lm's shape: modules from the config (placeholders, no memory), then
+    the loader swaps in the checkpoint's weights, and it computes what the engine computes."""
+    import torch
+
+    from backends.torch.loader import load_weights
+    from backends.torch.model import Transformer
+    from backends.torch.native_layers import layers_for
+
+    cpu = torch.device("cpu")
+    ckpt = open_checkpoint(tiny_gguf("Q4_0"))
+    model = Transformer(ckpt.config, torch.float32, cpu, layers_for(cpu, torch.float32))
+    assert all(t.is_meta for t in model.parameters())
+    load_weights(model, ckpt)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    want = backends.load(tiny_gguf("Q4_0"), backend="torch").logits(PROMPT)
+    np.testing.assert_array_equal(model(torch.tensor(PROMPT), 0).numpy(), want)
+
+
+def test_kernels_are_chosen_once_when_the_model_is_built(monkeypatch):
+    import torch
+
+    from backends.torch.native_layers import NATIVE_LAYERS, layers_for
+    from backends.torch.model import TORCH_LAYERS
+
+    cpu = torch.device("cpu")
+    assert layers_for(cpu, torch.bfloat16) is TORCH_LAYERS
+    if native.library() is None:
+        pytest.skip("no C compiler for the native kernels")
+    assert layers_for(cpu, torch.float32) is NATIVE_LAYERS
+    engine = backends.load(tiny_gguf("Q4_0"), backend="torch")
+    assert type(engine.model.layers[0].mlp).__name__ == "NativeMLP"
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert layers_for(cpu, torch.float32) is TORCH_LAYERS
+    assert type(backends.load(tiny_gguf("Q4_0"), backend="torch").model.layers[0].mlp).__name__ == "MLP"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "F16"])  # Q4_K_M: q/k/v and gate/up of mixed types
+def test_native_layers_compute_torch_layers_maths(qtype, reference_kernels):
+    """The same weights through NativeRMSNorm/NativeAttention/NativeMLP and through torch's
+    modules: a prompt, then decoded tokens (the C kernels' path) give the same logits."""
+    import torch
+
+    from backends.torch.loader import load_weights
+    from backends.torch.model import TORCH_LAYERS, Transformer
+    from backends.torch.native_layers import NATIVE_LAYERS
+
+    if native.library() is None:
+        pytest.skip("no C compiler for the native kernels")
+    logits = []
+    for layers in (TORCH_LAYERS, NATIVE_LAYERS):
+        model = Transformer(open_checkpoint(tiny_gguf(qtype)).config, torch.float32, torch.device("cpu"), layers)
+        load_weights(model, open_checkpoint(tiny_gguf(qtype)))
+        steps = [model(torch.tensor(PROMPT[:30]), 0, last_only=True)]
+        steps += [model(torch.tensor([PROMPT[pos]]), pos) for pos in range(30, len(PROMPT))]
+        logits.append(torch.cat(steps).numpy())
+    np.testing.assert_allclose(logits[1], logits[0], atol=1e-4)

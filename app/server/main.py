@@ -7,14 +7,13 @@ who it serves.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from pathlib import Path
 
 import uvicorn
 
-from backends import SmolLMError, Tracer
+from backends import SmolLMError, Tracer, settings
 
 from ..cli import (Parser, UsageError, add_model_arguments, add_sampling_arguments, check_model_flags, load_engine,
                    number, one_line, sampling_from)
@@ -30,7 +29,7 @@ def build_serve_parser() -> Parser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=number(int, minimum=0, maximum=65535), default=8080,
                    help="port to listen on (default: 8080; 0: any free port)")
-    s.add_argument("--api-key", default=os.environ.get("SMOLLM3_API_KEY"),
+    s.add_argument("--api-key", default=settings.api_key(),
                    help="require 'Authorization: Bearer KEY' (default: $SMOLLM3_API_KEY; unset: no key)")
     s.add_argument("--max-queue", type=number(int, minimum=1), default=64,
                    help="requests that may wait for the engine; more get 429 (default: 64)")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..session import ChatMessage
+from backends import settings
 
 DB_NAME = "chats.sqlite3"
 
@@ -58,8 +59,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 def data_dir() -> Path:
     """$SMOLLM3_DATA_DIR, else the platform's per-user data directory + /smollm3."""
-    if env := os.environ.get("SMOLLM3_DATA_DIR"):
-        return Path(env).expanduser()
+    if (configured := settings.data_dir()) is not None:
+        return configured
     home = Path.home()
     if sys.platform == "darwin":
         return home / "Library" / "Application Support" / "smollm3"

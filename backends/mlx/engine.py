@@ -20,23 +20,19 @@ from mlx_lm.utils import infer_quant_config
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
-from ..engine import Engine, EngineInfo
+from ..engine import Engine, EngineInfo, dtype_name
 from ..errors import BackendUnavailable, CheckpointError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, sample_token
 from .weights import one_torch_thread, tensor_arrays
 
-DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
+MLX_DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 QUANTIZE_GROUP = 64  # mlx-lm's default group for quantizing float checkpoints at load
 
 
-def pick_dtype(dtype: str) -> mx.Dtype:
-    if dtype == "auto":
-        # On the CPU f32 is exact (and what the tests hold to); on Metal bf16 halves the
-        # bytes read per token and keeps f32's range, as the torch backend does on GPUs.
-        return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-    if dtype not in DTYPES:
-        raise BackendUnavailable(f"unknown dtype '{dtype}' (use auto, f32, f16 or bf16)")
-    return DTYPES[dtype]
+def pick_dtype(dtype: str) -> str:
+    # auto: on the CPU f32 is exact (and what the tests hold to); on Metal bf16 halves the
+    # bytes read per token and keeps f32's range, as the torch backend does on GPUs.
+    return dtype_name(dtype, auto="f32" if mx.default_device() == mx.cpu else "bf16")
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -133,10 +129,10 @@ def quantize_float_layers(model: nn.Module, bits: int) -> None:
 
 class MLXEngine(Engine):
     def __init__(self, ckpt: Checkpoint, tokenizer, chat_template, dtype: str = "auto", quantize: int | None = None):
-        mx_dtype = pick_dtype(dtype)
+        name = pick_dtype(dtype)
+        mx_dtype = MLX_DTYPES[name]
         if quantize not in (None, 2, 3, 4, 5, 6, 8):
             raise BackendUnavailable(f"cannot quantize to {quantize} bits (MLX supports 2, 3, 4, 5, 6 and 8)")
-        name = {v: k for k, v in DTYPES.items()}[mx_dtype]
         info = EngineInfo("mlx", str(mx.default_device()), name, ckpt.path.name, ckpt.weight_type)
         super().__init__(ckpt, tokenizer, chat_template, info)
         self.model = build_model(ckpt.config)
@@ -145,7 +141,10 @@ class MLXEngine(Engine):
             quantize_float_layers(self.model, quantize)
         mx.eval(self.model.parameters())
         self.cache = make_prompt_cache(self.model)
-        self.reset_rng(0)
+        self.sampler = MLXSampler()
+        # On the CPU a few rows' logits equal each row's alone, bit for bit (tests/test_speculative.py);
+        # Metal multiplies one row and several with different kernels.
+        self.rows_exact = mx.default_device() == mx.cpu
 
     def forward(self, ids: list[int], pos: int, last_only: bool) -> mx.array:
         cached = self.cache[0].offset
@@ -166,23 +165,40 @@ class MLXEngine(Engine):
         return np.array(logits.astype(mx.float32))
 
     def reset_rng(self, seed: int | None) -> None:
+        self.sampler.seed(seed)
+
+    def sample(self, logits: mx.array, history: list[int], params: SamplingParams) -> int:
+        return sample_token(logits[-1:].astype(mx.float32), history, params, self.sampler)
+
+
+class MLXSampler:
+    """sample_token's steps (backends/sampling.py) with mlx-lm's functions, which work on
+    log-probabilities: the temperature step returns those."""
+
+    def __init__(self):
+        self.seed(0)
+
+    def seed(self, seed: int | None) -> None:
         self.key = mx.random.key(secrets.randbits(63) if seed is None else seed)
         # Evaluated here: MLX streams are per thread (MLX >= 0.31.2), and the TUI loads and
         # generates on different worker threads, so no lazy array may cross between them.
         mx.eval(self.key)
 
-    def sample(self, logits: mx.array, history: list[int], params: SamplingParams) -> int:
-        logits = logits[-1:].astype(mx.float32)
-        if params.repeat_penalty != 1.0 and params.repeat_last_n > 0 and history:
-            # Divides positive logits and multiplies negative ones, as llama.cpp and candle.
-            penalize = make_repetition_penalty(params.repeat_penalty, params.repeat_last_n)
-            logits = penalize(mx.array(history), logits)
-        if params.greedy:
-            return int(mx.argmax(logits, axis=-1).item())
-        logprobs = nn.log_softmax(logits / params.temperature, axis=-1)
-        if params.top_k is not None and params.top_k < logprobs.shape[-1]:
-            logprobs = apply_top_k(logprobs, params.top_k)
-        if params.top_p is not None and params.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, params.top_p)  # renormalizes over what top-k kept
+    def penalize(self, logits: mx.array, recent: list[int], penalty: float) -> mx.array:
+        return make_repetition_penalty(penalty, len(recent))(mx.array(recent), logits)
+
+    def argmax(self, logits: mx.array) -> int:
+        return int(mx.argmax(logits, axis=-1).item())
+
+    def temperature(self, logits: mx.array, temperature: float) -> mx.array:
+        return nn.log_softmax(logits / temperature, axis=-1)
+
+    def top_k(self, logprobs: mx.array, k: int) -> mx.array:
+        return apply_top_k(logprobs, k)
+
+    def top_p(self, logprobs: mx.array, p: float) -> mx.array:
+        return apply_top_p(logprobs, p)  # renormalizes over what top-k kept
+
+    def draw(self, logprobs: mx.array) -> int:
         self.key, key = mx.random.split(self.key)
         return int(mx.random.categorical(logprobs, key=key).item())

@@ -14,7 +14,7 @@ Every GGML type is scale * (q - zero) + offset per block (`backends.quants.Affin
   original weights grows by about 3%). Measured on random blocks: 0.39% of the group's max|w|.
   6 bits would be 4x that; a dense copy would be exact in f32 but 2-4 bytes a weight.
 - F32, F16, BF16 become dense arrays in the compute dtype; an MLX checkpoint's packed U32
-  weights (read as I32) stay as they are, beside their .scales and .biases.
+  weights (`RawTensor.is_mlx_packed`) stay as they are, beside their .scales and .biases.
 
 Work goes in row slices, so a 3B model's embedding never has a full float32 copy.
 """
@@ -32,12 +32,10 @@ from gguf import GGMLQuantizationType as T
 
 from ..checkpoint import RawTensor
 from ..errors import CheckpointError
-from ..quants import affine_rows, dequantize, ggml_format
+from ..quants import affine_rows, dequantize, ggml_format, rows_per_slice
 
 GROUP = 32  # every GGML block type is whole groups of 32 along a row
 DENSE_TYPES = (T.F32, T.F16, T.BF16)
-PACKED_WORDS = T.I32  # how safetensors U32 (an MLX checkpoint's packed weights) is carried
-SLICE_ELEMS = 1 << 22  # weights decoded at a time: 16 MB of float32
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ def _torch_rows(data: np.ndarray) -> torch.Tensor:
 
 def dense_array(raw: RawTensor, dtype: mx.Dtype) -> mx.array:
     data = np.ascontiguousarray(raw.data)
-    if raw.ggml_type == PACKED_WORDS:
+    if raw.is_mlx_packed:
         return mx.array(data.view(np.uint32)).reshape(raw.shape)
     if raw.ggml_type == T.BF16:  # numpy has no bfloat16: carry the bits
         arr = mx.array(data.view(np.uint16)).view(mx.bfloat16)
@@ -120,7 +118,7 @@ def quantized_arrays(raw: RawTensor, dtype: mx.Dtype) -> tuple[mx.array, mx.arra
     bits = MLX_FORMS[raw.ggml_type].bits
     packed = np.empty((rows, cols * bits // 32), np.uint32)
     scale, bias = np.empty((rows, cols // GROUP), np.float32), np.empty((rows, cols // GROUP), np.float32)
-    step = max(1, SLICE_ELEMS // cols)
+    step = rows_per_slice(cols)
     for i in range(0, rows, step):
         packed[i : i + step], scale[i : i + step], bias[i : i + step] = _repack_rows(raw, raw.data[i : i + step])
     return mx.array(packed), mx.array(scale).astype(dtype), mx.array(bias).astype(dtype)
@@ -143,7 +141,7 @@ def _repack_rows(raw: RawTensor, data: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def holds_quantized(raw: RawTensor) -> bool:
-    if raw.ggml_type in DENSE_TYPES or raw.ggml_type == PACKED_WORDS:
+    if raw.ggml_type in DENSE_TYPES or raw.is_mlx_packed:
         return False
     ggml_format(raw.ggml_type, raw.name)  # unknown types: UnsupportedTensorType naming the tensor
     return raw.ggml_type in MLX_FORMS and len(raw.shape) == 2

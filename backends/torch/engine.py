@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
 
 from ..checkpoint import Checkpoint
-from ..engine import Engine, EngineInfo
-from ..errors import BackendUnavailable, CheckpointError
-from ..sampling import SamplingParams
-from .model import Transformer
+from ..engine import Engine, EngineInfo, dtype_name
+from ..errors import BackendUnavailable
+from ..sampling import SamplingParams, sample_token
+from .loader import load_model
+from .weights import NativeLinear
 
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -33,27 +33,24 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        # bf16 halves memory traffic on GPUs; on CPU f32 is both faster and exact.
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if dtype not in DTYPES:
-        raise BackendUnavailable(f"unknown dtype '{dtype}' (use auto, f32, f16 or bf16)")
-    return DTYPES[dtype]
+def pick_dtype(dtype: str, device: torch.device) -> str:
+    # auto: bf16 halves memory traffic on GPUs; on CPU f32 is both faster and exact.
+    return dtype_name(dtype, auto="f32" if device.type == "cpu" else "bf16")
 
 
 class TorchEngine(Engine):
     def __init__(self, ckpt: Checkpoint, tokenizer, chat_template, device: str | None = None, dtype: str = "auto"):
-        if any(t.ggml_type == GGMLQuantizationType.I32 for t in ckpt.tensors.values()):
-            raise CheckpointError(f"{ckpt.path.name} is an MLX-quantized checkpoint: run it with --backend mlx")
         dev = pick_device(device)
-        torch_dtype = pick_dtype(dtype, dev)
-        name = {v: k for k, v in DTYPES.items()}[torch_dtype]
+        name = pick_dtype(dtype, dev)
         info = EngineInfo("torch", str(dev), name, ckpt.path.name, ckpt.weight_type)
         super().__init__(ckpt, tokenizer, chat_template, info)
-        self.model = Transformer(ckpt.config, ckpt, torch_dtype, dev)
+        self.model = load_model(ckpt, TORCH_DTYPES[name], dev)
         self.device = dev
-        self.generator = torch.Generator(device=dev)
+        self.sampler = TorchSampler(dev)
+        # Only the native kernels take a few rows row by row as they take one (model.ROWS_AS_DECODED);
+        # every weight handler (weights.linear) has rows().
+        handlers = [m for m in self.model.modules() if hasattr(m, "rows")]
+        self.rows_exact = dev.type == "cpu" and name == "f32" and all(isinstance(m, NativeLinear) for m in handlers)
 
     def forward(self, ids: list[int], pos: int, last_only: bool) -> torch.Tensor:
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -67,30 +64,46 @@ class TorchEngine(Engine):
         self.model.ensure_capacity(positions, exact=True)
 
     def reset_rng(self, seed: int | None) -> None:
+        self.sampler.seed(seed)
+
+    def sample(self, logits: torch.Tensor, history: list[int], params: SamplingParams) -> int:
+        return sample_token(logits[-1].float(), history, params, self.sampler)
+
+
+class TorchSampler:
+    """sample_token's steps (backends/sampling.py) on torch tensors, on the model's device."""
+
+    def __init__(self, device: torch.device):
+        self.generator = torch.Generator(device=device)
+
+    def seed(self, seed: int | None) -> None:
         if seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, history: list[int], params: SamplingParams) -> int:
-        logits = logits[-1].float()
-        if params.repeat_penalty != 1.0 and params.repeat_last_n > 0 and history:
-            # As llama.cpp and candle: divide positive logits, multiply negative ones.
-            recent = torch.tensor(history[-params.repeat_last_n :], device=logits.device).unique()
-            values = logits[recent]
-            logits = logits.clone()
-            logits[recent] = torch.where(values > 0, values / params.repeat_penalty, values * params.repeat_penalty)
-        if params.greedy:
-            return int(logits.argmax())
-        logits = logits / params.temperature
-        if params.top_k is not None and params.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, params.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if params.top_p is not None and params.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probs = sorted_logits.softmax(-1)
-            # Drop a token when the tokens before it already cover top_p; the first always stays.
-            drop = probs.cumsum(-1) - probs >= params.top_p
-            logits = logits.index_put((order[drop],), torch.tensor(float("-inf"), device=logits.device))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    def penalize(self, logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
+        ids = torch.tensor(recent, device=logits.device).unique()
+        values = logits[ids]
+        logits = logits.clone()
+        logits[ids] = torch.where(values > 0, values / penalty, values * penalty)
+        return logits
+
+    def argmax(self, logits: torch.Tensor) -> int:
+        return int(logits.argmax())
+
+    def temperature(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        return logits / temperature
+
+    def top_k(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        kth = torch.topk(logits, k).values[-1]
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+    def top_p(self, logits: torch.Tensor, p: float) -> torch.Tensor:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= p  # the tokens before it already cover p
+        return logits.index_put((order[drop],), torch.tensor(float("-inf"), device=logits.device))
+
+    def draw(self, logits: torch.Tensor) -> int:
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))

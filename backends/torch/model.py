@@ -1,26 +1,32 @@
 """SmolLM3 / Llama in torch: RMSNorm, GQA attention with RoPE on RoPE layers only, SwiGLU.
 
-SmolLM3 is Llama with NoPE layers (`config.rope_layers`); SmolLM2 is the same code with
-RoPE on every layer. Q/K rows are in Hugging Face order (the checkpoint reader undoes
-llama.cpp's permutation), so RoPE rotates the two halves of each head (`rotate_half`).
+Built from the config alone (`Transformer(config, dtype, device)`), with every weight a
+placeholder on the meta device; `loader.py` puts the checkpoint's weights in. SmolLM3 is
+Llama with NoPE layers (`config.rope_layers`); SmolLM2 is the same code with RoPE on every
+layer. Q/K rows are in Hugging Face order (the checkpoint reader undoes llama.cpp's
+permutation), so RoPE rotates the two halves of each head (`rotate_half`).
+
+Shapes: T tokens in a forward (one sequence), C = hidden_size, nh / nkv query / key-value
+heads of hs = head_dim each, F = intermediate_size.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint, RawTensor
 from ..config import ModelConfig
-from . import native
-from .weights import dense, linear, return_freed_memory
+from ..numbers import find_multiple
+from .weights import return_freed_memory
+
+META = torch.device("meta")
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for one layer: [1, kv_heads, capacity, head_dim]."""
+    """Preallocated keys and values for one layer: (1, nkv, capacity, hs)."""
 
     def __init__(self, config: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -36,14 +42,12 @@ class KVCache(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(dim, device=META), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and (lib := native.library()) is not None:
-            return native.rms_norm(lib, x, self.weight, self.eps)
         # Normalized in f32 as transformers does, then scaled in the compute dtype. Spelled out:
         # F.rms_norm runs as a chain of composite ops on the CPU (measured 39 us vs 12 us here
         # for one 576-wide token, 2 per layer per token).
@@ -58,71 +62,73 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-class Projections(nn.Module):
-    """Linear maps of one input (q, k, v; gate, up) as one matmul per run of same-typed weights:
-    fewer, larger kernel calls, which is most of a small model's decode time."""
-
-    def __init__(self, raws: list[RawTensor], make: Callable[[list[RawTensor]], nn.Module]):
-        super().__init__()
-        runs: list[list[RawTensor]] = []
-        for raw in raws:
-            if runs and runs[-1][0].ggml_type == raw.ggml_type:
-                runs[-1].append(raw)
-            else:
-                runs.append([raw])
-        self.parts = nn.ModuleList(make(run) for run in runs)
-        self.splits = [[raw.shape[0] for raw in run] for run in runs]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [y for part, split in zip(self.parts, self.splits) for y in part(x).split(split, -1)]
+def linear_slot(in_features: int, out_features: int) -> nn.Module:
+    """Where a weight goes: shapes only, no memory, until the loader swaps in its handler."""
+    return nn.Linear(in_features, out_features, bias=False, device=META)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, qkv: Projections, o_proj: nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.qkv, self.o_proj = qkv, o_proj
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        # q, k and v of one input in one matmul: fewer, larger kernel calls are most of a
+        # small model's decode time.
+        self.qkv = linear_slot(config.hidden_size, sum(self.sizes))
+        self.o_proj = linear_slot(self.sizes[0], config.hidden_size)
         self.use_rope = config.rope_layers[layer]
 
     def forward(self, x, pos: int, cos, sin, cache: KVCache, mask) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv(x)
-        if T == 1 and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32 and (lib := native.library()):
-            # one decoded token: RoPE, cache write and attention in one C call (a dozen torch ops
-            # cost ~45 us a layer, as much as a small model's matmuls)
-            rotate = (cos, sin) if self.use_rope else (None, None)
-            return self.o_proj(native.attend_one(lib, q, k, v, cache.k, cache.v, pos, self.num_heads, *rotate))
-        q = q.view(T, self.num_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
-        k = k.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
-        v = v.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+        q, k, v = self.qkv(x).split(self.sizes, -1)  # (T, nh * hs), (T, nkv * hs) x2
+        q = q.view(T, self.num_heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # (1, nh, T, hs)
+        k = k.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # (1, nkv, T, hs)
+        v = v.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # (1, nkv, T, hs)
         if self.use_rope:
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
-        k, v = cache.update(pos, k, v)
-        out = F.scaled_dot_product_attention(
+        k, v = cache.update(pos, k, v)  # (1, nkv, pos + T, hs)
+        y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
-        )
-        return self.o_proj(out.squeeze(0).transpose(0, 1).reshape(T, -1))
+        )  # (1, nh, T, hs)
+        return self.o_proj(y.squeeze(0).transpose(0, 1).reshape(T, -1))  # (T, C)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up, for (T, 2F) holding [gate | up]."""
+    gate, up = gate_up.chunk(2, -1)  # (T, F) x2
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
-    def __init__(self, gate_up: Projections, down_proj: nn.Module):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up, self.down_proj = gate_up, down_proj
+        self.gate_up = linear_slot(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = linear_slot(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and len(self.gate_up.parts) == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and (lib := native.library()):
-            # a decoded token: one call, not three ops (a prompt's rows: torch's threaded, vectorized ops)
-            return self.down_proj(native.silu_mul(lib, self.gate_up.parts[0](x)))
-        gate, up = self.gate_up(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up(x)))  # (T, C) -> (T, 2F) -> (T, F) -> (T, C)
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The module classes a model is built from: torch's, or versions that run some of the
+    maths in other kernels (native_layers.py), chosen once when the model is built."""
+
+    norm: type[RMSNorm] = RMSNorm
+    attention: type[Attention] = Attention
+    mlp: type[MLP] = MLP
+
+
+TORCH_LAYERS = Layers()
 
 
 class Block(nn.Module):
-    def __init__(self, attention: Attention, mlp: MLP, input_layernorm: RMSNorm, post_attention_layernorm: RMSNorm):
+    def __init__(self, config: ModelConfig, layer: int, layers: Layers):
         super().__init__()
-        self.self_attn, self.mlp = attention, mlp
-        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+        self.self_attn, self.mlp = layers.attention(config, layer), layers.mlp(config)
+        self.input_layernorm = layers.norm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = layers.norm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, pos, cos, sin, cache, mask):
         h = x + self.self_attn(self.input_layernorm(x), pos, cos, sin, cache, mask)
@@ -130,46 +136,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, layers: Layers = TORCH_LAYERS):
         super().__init__()
         self.config, self.dtype, self.device = config, dtype, device
-        keep_blocks = ckpt.format == "gguf"
-        tensors = ckpt.tensors
-
-        def make(raws: list[RawTensor], embedding: bool = False) -> nn.Module:
-            return linear(raws, dtype, device, keep_blocks, embedding)
-
-        def lin(*names: str) -> nn.Module:
-            raws = [tensors[name + ".weight"] for name in names]
-            module = Projections(raws, make) if len(names) > 1 else make(raws, names[0] == "model.embed_tokens")
-            module_maps_file = any(ckpt.maps(b.data_ptr()) for b in module.buffers() if b is not None and b.numel())
-            for name, raw in zip(names, raws):
-                # Pages of the file nothing reads again can go: those the module copied, and
-                # those of tensors the checkpoint reader already copied (Q/K, un-permuted).
-                if not (module_maps_file and raw.data.size and ckpt.maps(raw.data.ctypes.data)):
-                    ckpt.release(name + ".weight")
-            return module
-
-        def norm(name: str) -> RMSNorm:
-            module = RMSNorm(dense(tensors[name + ".weight"], dtype, device), config.rms_norm_eps)
-            ckpt.release(name + ".weight")
-            return module
-
-        self.embed_tokens = lin("model.embed_tokens")
-        self.layers = nn.ModuleList()
-        for i in range(config.num_layers):
-            attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-            self.layers.append(
-                Block(
-                    Attention(config, i, lin(attn + "q_proj", attn + "k_proj", attn + "v_proj"), lin(attn + "o_proj")),
-                    MLP(lin(mlp + "gate_proj", mlp + "up_proj"), lin(mlp + "down_proj")),
-                    norm(f"model.layers.{i}.input_layernorm"),
-                    norm(f"model.layers.{i}.post_attention_layernorm"),
-                )
-            )
-            return_freed_memory()
-        self.norm = norm("model.norm")
-        self.lm_head = self.embed_tokens if config.tie_word_embeddings else lin("lm_head")
+        # The embedding's (vocab, C) matrix, looked up by rows; also the output head when tied.
+        self.embed_tokens = linear_slot(config.hidden_size, config.vocab_size)
+        self.layers = nn.ModuleList(Block(config, i, layers) for i in range(config.num_layers))
+        self.norm = layers.norm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = self.embed_tokens if config.tie_word_embeddings else linear_slot(config.hidden_size, config.vocab_size)
 
         inv_freq, self.rope_scale = config.rope_inv_freq()
         self.register_buffer("inv_freq", torch.from_numpy(inv_freq).to(device), persistent=False)
@@ -184,7 +158,7 @@ class Transformer(nn.Module):
             return
         step = 64 if exact else 256
         capacity = needed if exact else min(max(needed, 2 * self.capacity, 256), self.config.context_length)
-        capacity = min(-(-capacity // step) * step, max(self.config.context_length, needed))
+        capacity = min(find_multiple(capacity, step), max(self.config.context_length, needed))
         old = list(self.caches)
         self.caches = nn.ModuleList(KVCache(self.config, capacity, self.dtype, self.device) for _ in self.layers)
         for new, prev in zip(self.caches, old):
@@ -192,8 +166,8 @@ class Transformer(nn.Module):
             new.v[:, :, : self.capacity] = prev.v
         self.capacity = capacity
         positions = torch.arange(capacity, device=self.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        freqs = torch.outer(positions, self.inv_freq)  # (capacity, hs / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (capacity, hs)
         self.cos = (emb.cos() * self.rope_scale).to(self.dtype)
         sin = emb.sin() * self.rope_scale
         half = self.config.head_dim // 2
@@ -201,11 +175,11 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
-        """Logits for `tokens` ([T] ids at positions pos..pos+T-1), using and filling the KV cache."""
+        """Logits (T, vocab) for `tokens` ((T,) ids at positions pos..pos+T-1), using and filling the KV cache."""
         T = tokens.shape[0]
         self.ensure_capacity(pos + T)
-        x = self.embed_tokens.rows(tokens, self.dtype)
-        cos, sin = self.cos[pos : pos + T], self.sin[pos : pos + T]
+        x = self.embed_tokens.rows(tokens, self.dtype)  # (T, C)
+        cos, sin = self.cos[pos : pos + T], self.sin[pos : pos + T]  # (T, hs)
         mask = None
         if T > 1 and pos > 0:  # a chunk after cached positions: causal over the chunk, all of the past
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(diagonal=pos)
@@ -213,7 +187,7 @@ class Transformer(nn.Module):
             x = layer(x, pos, cos, sin, cache, mask)
         if last_only:
             x = x[-1:]
-        logits = self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x)).float()  # (T, vocab)
         if T > 1 and self.device.type == "cpu":
             # A prefill's temporaries are large and differ in size from one prompt to the next:
             # handed back now, they do not fragment the heap into growth over a long chat.

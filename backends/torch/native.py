@@ -20,16 +20,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .. import settings
 
 SOURCE = Path(__file__).with_name("native") / "gguf_matmul.c"
 # The types the C side's table holds (tests check the two agree; supports() asks the library).
-TYPES = (
-    GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_1,
-    GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q4_K,
-    GGMLQuantizationType.Q6_K,
+TYPES = tuple(
+    GGMLQuantizationType[name]
+    for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 )
 
 
@@ -67,8 +66,6 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.gguf_matmul.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.gguf_matmul.restype = ctypes.c_int
-    lib.gguf_dequantize_bf16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
-    lib.gguf_dequantize_bf16.restype = ctypes.c_int
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.rms_norm_f32.restype = None
     lib.attend_one_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
@@ -87,7 +84,7 @@ def compiler() -> str | None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built library, or None (no C compiler or no OpenMP, or SMOLLM3_NATIVE=0)."""
-    if os.environ.get("SMOLLM3_NATIVE", "1") == "0" or (cc := compiler()) is None:
+    if not settings.native_kernels() or (cc := compiler()) is None:
         return None
     try:
         return load(build(cc))
@@ -96,8 +93,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def activation_block(ggml_type: GGMLQuantizationType) -> int:
-    """Values per int8 activation block: a K-quant's super-block, else 32."""
-    return 256 if ggml_type in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K) else 32
+    """Values per int8 activation block: the weight's block (a K-quant's super-block, else 32)."""
+    return GGML_QUANT_SIZES[ggml_type][0]
 
 
 def supports(ggml_type: GGMLQuantizationType, in_features: int) -> bool:
@@ -130,17 +127,6 @@ def gguf_matmul(lib: ctypes.CDLL, ggml_type: int, weight: WeightParts | torch.Te
     if status:
         raise RuntimeError(f"gguf_matmul failed ({status}) for type {ggml_type}, K={K}")
     return y
-
-
-def dequantize_bf16(lib: ctypes.CDLL, ggml_type: int, blocks: torch.Tensor, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of GGUF blocks [N, row_bytes] as bfloat16 [N, in_features] (into `out` if given)."""
-    blocks = blocks.contiguous()
-    N = blocks.shape[0]
-    out = torch.empty(N, in_features, dtype=torch.bfloat16) if out is None else out[:N]
-    status = lib.gguf_dequantize_bf16(int(ggml_type), blocks.data_ptr(), out.data_ptr(), N, in_features, torch.get_num_threads())
-    if status:
-        raise RuntimeError(f"gguf_dequantize_bf16 failed ({status}) for type {ggml_type}, K={in_features}")
-    return out
 
 
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,7 +21,6 @@ the fast handlers keep bytes per weight near the file's and prefill on the best 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
@@ -29,19 +28,12 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from .. import settings
 from ..checkpoint import RawTensor, concat_rows
-from ..quants import Affine, affine_rows, dequantize, ggml_format
+from ..quants import Affine, affine_rows, dequantize, ggml_format, rows_per_slice
 from . import native
 
-# Rows dequantized per slice: small slices reuse freed buffers instead of first-touching fresh
-# pages, which is most of the cost (see backends/quants.py): 4M weights = 16 MB of float32.
-MAX_SLICE_ELEMS = 1 << 22
 DENSE_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-
-
-def kernels_mode() -> str:
-    """'fast' (default) or 'reference' (dequantize per call: slow, simplest, for checking)."""
-    return os.environ.get("SMOLLM3_KERNELS", "fast")
 
 
 def raw_to_torch(raw: RawTensor, device: torch.device) -> torch.Tensor:
@@ -61,7 +53,7 @@ def dense(raw: RawTensor, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 def _sliced_linear(x: torch.Tensor, out_features: int, in_features: int, weight_rows) -> torch.Tensor:
     """x @ W^T with W produced `rows_per_slice` rows at a time by weight_rows(start, end)."""
-    step = max(1, MAX_SLICE_ELEMS // in_features)
+    step = rows_per_slice(in_features)
     if out_features <= step:
         return F.linear(x, weight_rows(0, out_features))
     return torch.cat([F.linear(x, weight_rows(i, min(i + step, out_features))) for i in range(0, out_features, step)], -1)
@@ -103,11 +95,6 @@ class GGMLLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.ggml_type.name}"
 
 
-# Inputs of at least this many tokens go through a bfloat16 GEMM (torch's, AVX512-BF16 where the
-# CPU has it) on weights dequantized a slice at a time; fewer through the int8 dot products.
-GEMM_MIN_ROWS = int(os.environ.get("SMOLLM3_GEMM_MIN_ROWS", "16"))
-
-
 class NativeLinear(nn.Module):
     """The raw blocks, as views of the mapped file (fused projections as their parts, where they
     lie), multiplied by the C kernels; row lookups (embeddings) dequantize as GGMLLinear does."""
@@ -119,33 +106,16 @@ class NativeLinear(nn.Module):
         for i, raw in enumerate(raws):
             self.register_buffer(f"blocks{i}", raw_to_torch(raw, device), persistent=False)
         self.weight = native.WeightParts([getattr(self, f"blocks{i}") for i in range(len(raws))])
+        self.lib = native.library()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in_features], as every handler here takes it."""
-        lib = native.library()
-        if x.shape[0] < GEMM_MIN_ROWS:  # decode: the int8 dot products
-            y = native.gguf_matmul(lib, self.type_id, self.weight, x)
-        else:
-            y = self._gemm(lib, x)
+        """x [T, in_features], as every handler here takes it. Prefill and decode both quantize
+        activations to int8 per block, as llama.cpp does, so a prompt gives the same answer
+        however it is split. A bf16 GEMM is faster where the CPU has AMX, but it changes the real model's
+        greedy answers (rounding weights and outputs to bf16 is coarser than int8 activations
+        on the exact weights)."""
+        y = native.gguf_matmul(self.lib, self.type_id, self.weight, x)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-    def _gemm(self, lib, x: torch.Tensor) -> torch.Tensor:
-        """Prefill: compute-bound, so bfloat16 weights a slice at a time into torch's GEMM."""
-        M = x.shape[0]
-        # Rows padded to a multiple of 32: oneDNN keeps a compiled kernel per shape, and one
-        # per prompt length grew memory by ~0.1 MB a chat turn (tests/test_long_session.py).
-        xb = torch.zeros(-(-M // 32) * 32, self.in_features, dtype=torch.bfloat16)
-        xb[:M] = x
-        step = max(1, MAX_SLICE_ELEMS // self.in_features)
-        buffer = torch.empty(min(step, self.out_features), self.in_features, dtype=torch.bfloat16)
-        y = torch.empty(M, self.out_features)
-        column = 0
-        for blocks in self.weight.blocks:
-            for i in range(0, blocks.shape[0], step):
-                w = native.dequantize_bf16(lib, self.type_id, blocks[i : i + step], self.in_features, buffer)
-                y[:, column : column + w.shape[0]] = F.linear(xb, w)[:M]
-                column += w.shape[0]
-        return y
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows `ids` of W: an embedding lookup that touches only those rows."""
@@ -154,6 +124,22 @@ class NativeLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.ggml_type.name} in {len(self.weight.blocks)} part(s), native"
+
+
+class FusedLinear(nn.Module):
+    """Linear maps of one input (q, k, v; gate, up) held in parts of different types (a
+    Q4_K_M file's Q6_K attn_v beside Q4_K q and k): one matmul per part, outputs side by side."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features = sum(part.out_features for part in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], -1)
+
+    def extra_repr(self) -> str:
+        return f"{len(self.parts)} parts, {self.out_features} outputs"
 
 
 # --- grouped int8: any quantized GGML type, exact ---
@@ -175,7 +161,7 @@ def grouped_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: 
 @functools.cache
 def compiled_gemv():
     """The fused kernel, or None where torch.compile cannot build one (no C++ compiler...)."""
-    if os.environ.get("SMOLLM3_COMPILE", "1") == "0":
+    if not settings.compile_kernels():
         return None
     import torch._dynamo
 
@@ -208,7 +194,7 @@ class GroupedLinear(nn.Module):
         blocks = raw_to_torch(raw, device)
         # A few thousand rows at a time: the unpacking temporaries stay in cache instead of
         # first-touching fresh memory (a 128k-row embedding repacks several times faster).
-        step = max(1, MAX_SLICE_ELEMS // self.in_features)
+        step = rows_per_slice(self.in_features)
         q = scale = offset = None
         for start in range(0, self.out_features, step):
             a = affine_rows(blocks[start : start + step], raw.ggml_type, raw.name)
@@ -335,7 +321,7 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = raw.shape
         split = raw.ggml_type in INT4_TWO_PLANES
         blocks = raw_to_torch(raw, torch.device("cpu"))
-        step = max(64, MAX_SLICE_ELEMS // self.in_features // 64 * 64)  # whole 64-row blocks of the layout
+        step = rows_per_slice(self.in_features, multiple=64)  # whole 64-row blocks of the layout
         planes: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []] if split else [[]]
         for start in range(0, self.out_features, step):  # slices keep the unpacking temporaries small
             for plane, (codes, sz) in zip(planes, int4_planes(affine_rows(blocks[start : start + step], raw.ggml_type, raw.name), split)):
@@ -376,13 +362,13 @@ def linear(raws: list[RawTensor], dtype: torch.dtype, device: torch.device, keep
     type). GGUF weights stay quantized (F16 too: no float copy); safetensors become `dtype`. An
     embedding needs row lookups, which int4 packing lacks."""
     first = raws[0]
-    if keep_blocks and kernels_mode() == "fast" and device.type == "cpu" and native.supports(first.ggml_type, first.shape[1]):
+    if keep_blocks and settings.kernels() == "fast" and device.type == "cpu" and native.supports(first.ggml_type, first.shape[1]):
         return NativeLinear(raws, device)
     raw = concat_rows(raws)
     if not keep_blocks and raw.ggml_type in DENSE_TYPES:
         return DenseLinear(dense(raw, dtype, device))
-    ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
-    if kernels_mode() != "fast" or raw.ggml_type in DENSE_TYPES:
+    fmt = ggml_format(raw.ggml_type, raw.name)  # unsupported types fail here, naming the tensor
+    if settings.kernels() != "fast" or raw.ggml_type in DENSE_TYPES or fmt.affine is None:  # (IQ types: per matmul)
         return GGMLLinear(raw, device)
     rows_readable = device.type == "cpu" and raw.shape[0] % 64 == 0 and cpu_int4_layout_is_blocked()
     if raw.ggml_type in INT4_ONE_PLANE + INT4_TWO_PLANES and (rows_readable or not embedding) and int4_works(device.type):

@@ -1,11 +1,14 @@
-// y = x W^T with W still in its GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), on the CPU.
+// y = x W^T with W still in its GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,
+// Q5_K, Q6_K, IQ4_NL, IQ4_XS), on the CPU.
 //
 // Why our own kernel: decode reads every weight once per token, so its speed is bytes read
 // per weight. torch's int4 matmul needs the blocks repacked (load time, a second copy in
 // memory) and has no layout for Q6_K or Q8_0 at their file size; here the mapped file is the
 // weight. As in llama.cpp, activations are quantized to int8 per block (32 values, or 256 for
-// the K-quants), so each block is one integer dot product; the result is exactly
-// sum_j w_j * xq_j * dx, checked against that formula in tests/test_native.py.
+// the 256-value blocks), so each block is one integer dot product; the result is exactly
+// sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
+// takes the same activation blocks (an int8 GEMM), so a prompt's answer does not depend on how
+// it is split into forward passes, and no path is less exact than llama.cpp's.
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
@@ -15,13 +18,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(SMOLLM3_SCALAR)
 #define USE_AVX2 1
 #include <immintrin.h>
 #endif
 
-enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q6_K = 14 };
+enum {
+    GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q2_K = 10, GGML_Q3_K = 11,
+    GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_IQ4_NL = 20, GGML_IQ4_XS = 23,
+};
 
 static inline float f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
@@ -333,117 +340,386 @@ static float dot_q6_k(const uint8_t *w, const void *xv, int K) {
 #endif
 }
 
-// --- dequantization to bfloat16 (prefill: a few rows at a time, into a GEMM) ---
+// --- weights unpacked to one form: prefill (several input rows per weight row) and the other types ---
+//
+// Every type's block becomes 8-bit codes q, one integer scale per 16 codes, a float d per block
+// and a float offset per offset group (16 codes for the 256-value blocks, 32 for the others):
+// w_j = d * sc * q_j + off. Against int8 activations xq (scale dx per activation block, which is
+// as long as the weight block) a block's sum is d * dx * sum_g sc_g * sum_{j in g} q_j xq_j plus
+// the offsets times the activations' sums: integers first, one float multiply per block.
+// The codes are unsigned (0..63) except for the types whose codes are signed values (Q8_0 and
+// the IQ4 tables), which take the sign trick the Q8_0 dot uses.
 
-static inline uint16_t bf16_round(float f) {  // round to nearest even; our values are finite
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+typedef struct {
+    uint8_t *q;   // K codes
+    int16_t *sc;  // per 32 codes, 16 int16: the low 16 codes' scale 8 times, then the high 16's
+    float *d;     // per weight block
+    float *off;   // per offset group; unused where the type has no offset
+} unpacked_row;
+
+static inline void set_scales(int16_t *sc, int lo, int hi) {
+#ifdef USE_AVX2
+    _mm256_storeu_si256((__m256i *)sc, _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo)));
+#else
+    for (int i = 0; i < 8; i++) sc[i] = (int16_t)lo, sc[i + 8] = (int16_t)hi;
+#endif
 }
 
 #ifdef USE_AVX2
-static inline __m256i bf16_round_8(__m256 f) {  // bf16_round on 8 values, in the low halves of 32-bit lanes
-    __m256i bits = _mm256_castps_si256(f);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
-}
-
-static inline void store_bf16_16(uint16_t *out, __m256 a, __m256 b) {
-    // packus interleaves the 128-bit lanes (a0 b0 a1 b1): the permute puts them back in order
-    __m256i packed = _mm256_packus_epi32(bf16_round_8(a), bf16_round_8(b));
-    _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(packed, 0xd8));
+// 32 bits as 32 bytes, 0x10 where the bit is set (Q5_x's fifth bits): byte j takes byte j / 8 of
+// the word, then tests its bit j % 8.
+static inline __m256i bits_as_0x10(uint32_t bits) {
+    const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 #endif
 
-static void dequantize_q8_0(const uint8_t *w, uint16_t *out, int K) {
-    for (int b = 0; b < K / 32; b++, w += 34, out += 32) {
-        float d = f16_to_f32(read_u16(w));
-        for (int j = 0; j < 32; j++) out[j] = bf16_round(d * (int8_t)w[2 + j]);
+static void unpack_q8_0(const uint8_t *w, int K, unpacked_row *u) {
+    for (int b = 0; b < K / 32; b++, w += 34) {
+        u->d[b] = f16_to_f32(read_u16(w));
+        memcpy(u->q + 32 * b, w + 2, 32);
+        set_scales(u->sc + 16 * b, 1, 1);
     }
 }
 
-static void dequantize_q4_01(const uint8_t *w, uint16_t *out, int K, int with_min) {
-    int size = with_min ? 20 : 18, codes = with_min ? 4 : 2;
-    for (int b = 0; b < K / 32; b++, w += size, out += 32) {
-        float d = f16_to_f32(read_u16(w)), m = with_min ? f16_to_f32(read_u16(w + 2)) : 0;
-        int zero = with_min ? 0 : 8;
+// Q4_0, Q4_1, Q5_0, Q5_1: 32 codes, low nibbles first; Q5_x's bit 4 of code j is bit j of qh.
+static inline void unpack_q4_q5(const uint8_t *w, int K, unpacked_row *u, int with_min, int with_high) {
+    int qh_at = with_min ? 4 : 2, qs_at = qh_at + (with_high ? 4 : 0), size = qs_at + 16;
+    float zero = with_high ? 16 : 8;
+    for (int b = 0; b < K / 32; b++, w += size) {
+        float d = f16_to_f32(read_u16(w));
+        uint32_t qh = 0;
+        if (with_high) memcpy(&qh, w + qh_at, 4);
+        uint8_t *q = u->q + 32 * b;
+#ifdef USE_AVX2
+        __m256i codes = nibbles_32(w + qs_at);
+        if (with_high) codes = _mm256_or_si256(codes, bits_as_0x10(qh));
+        _mm256_storeu_si256((__m256i *)q, codes);
+#else
         for (int j = 0; j < 16; j++) {
-            out[j] = bf16_round(d * ((w[codes + j] & 15) - zero) + m);
-            out[j + 16] = bf16_round(d * ((w[codes + j] >> 4) - zero) + m);
+            q[j] = (uint8_t)((w[qs_at + j] & 15) | ((qh >> j) & 1) << 4);
+            q[j + 16] = (uint8_t)((w[qs_at + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
+        }
+#endif
+        u->d[b] = d;
+        u->off[b] = with_min ? f16_to_f32(read_u16(w + 2)) : -zero * d;
+        set_scales(u->sc + 16 * b, 1, 1);
+    }
+}
+
+static void unpack_q4_0(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 0, 0); }
+static void unpack_q4_1(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 1, 0); }
+static void unpack_q5_0(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 0, 1); }
+static void unpack_q5_1(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 1, 1); }
+
+// IQ4_NL's and IQ4_XS's 16 non-uniform levels (ggml's kvalues_iq4nl).
+static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+static inline void iq4_codes(const uint8_t *qs, uint8_t *q) {
+#ifdef USE_AVX2
+    __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+    _mm256_storeu_si256((__m256i *)q, _mm256_shuffle_epi8(levels, nibbles_32(qs)));
+#else
+    for (int j = 0; j < 16; j++) {
+        q[j] = (uint8_t)IQ4_LEVELS[qs[j] & 15];
+        q[j + 16] = (uint8_t)IQ4_LEVELS[qs[j] >> 4];
+    }
+#endif
+}
+
+static void unpack_iq4_nl(const uint8_t *w, int K, unpacked_row *u) {  // d, qs[16]: w = d * level
+    for (int b = 0; b < K / 32; b++, w += 18) {
+        u->d[b] = f16_to_f32(read_u16(w));
+        iq4_codes(w + 2, u->q + 32 * b);
+        set_scales(u->sc + 16 * b, 1, 1);
+    }
+}
+
+// IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]: 8 sub-blocks of 32 with 6-bit scales minus 32
+// (low 4 bits from scales_l's nibbles, top 2 from scales_h), w = d * (ls - 32) * level.
+static void unpack_iq4_xs(const uint8_t *w, int K, unpacked_row *u) {
+    for (int b = 0; b < K / 256; b++, w += 136) {
+        u->d[b] = f16_to_f32(read_u16(w));
+        int high = read_u16(w + 2);
+        for (int s = 0; s < 8; s++) {
+            int ls = ((w[4 + s / 2] >> 4 * (s % 2)) & 15) | ((high >> 2 * s) & 3) << 4;
+            iq4_codes(w + 8 + 16 * s, u->q + 256 * b + 32 * s);
+            set_scales(u->sc + 16 * (8 * b + s), ls - 32, ls - 32);
         }
     }
 }
 
-static void dequantize_q4_0(const uint8_t *w, uint16_t *out, int K) { dequantize_q4_01(w, out, K, 0); }
-static void dequantize_q4_1(const uint8_t *w, uint16_t *out, int K) { dequantize_q4_01(w, out, K, 1); }
+#ifdef USE_AVX2
+// Each byte's bit `bit` moved to bit 4 (other bits are left to a mask): 16-bit shifts of at
+// most 4 keep each byte's bits inside it where it matters.
+static inline __m256i bit_to_4(__m256i v, int bit) {
+    return bit <= 4 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - bit)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(bit - 4));
+}
+#endif
 
-static void dequantize_q4_k(const uint8_t *w, uint16_t *out, int K) {
-    for (int b = 0; b < K / 256; b++, w += 144) {
+// Q4_K, Q5_K: 8 sub-blocks of 32, w = d sc q - dmin m; Q5_K's bit 4 of sub-block s's code l is
+// bit s of qh[l].
+static inline void unpack_q4_q5_k(const uint8_t *w, int K, unpacked_row *u, int with_high) {
+    int size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
+    for (int b = 0; b < K / 256; b++, w += size) {
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
         uint32_t scw[2], mnw[2];
         q4_k_scales(w + 4, scw, mnw);
-        const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw, *qs = w + 16;
-        for (int j = 0; j < 4; j++, qs += 32, out += 64) {
-            float d0 = d * sc[2 * j], m0 = dmin * mn[2 * j], d1 = d * sc[2 * j + 1], m1 = dmin * mn[2 * j + 1];
-            for (int l = 0; l < 32; l++) {
-                out[l] = bf16_round(d0 * (qs[l] & 15) - m0);
-                out[l + 32] = bf16_round(d1 * (qs[l] >> 4) - m1);
+        const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw, *qs = w + qs_at, *qh = w + 16;
+        uint8_t *q = u->q + 256 * b;
+        for (int j = 0; j < 4; j++, qs += 32, q += 64) {
+#ifdef USE_AVX2
+            const __m256i low4 = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(16);
+            __m256i codes = _mm256_loadu_si256((const __m256i *)qs);
+            __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+            if (with_high) {  // bit 2j of qh[l] to bit 4 of the low code, bit 2j + 1 to the high's
+                __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+                lo = _mm256_or_si256(lo, _mm256_and_si256(bit_to_4(h, 2 * j), bit4));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(bit_to_4(h, 2 * j + 1), bit4));
             }
+            _mm256_storeu_si256((__m256i *)q, lo);
+            _mm256_storeu_si256((__m256i *)(q + 32), hi);
+#else
+            for (int l = 0; l < 32; l++) {
+                int h = with_high ? qh[l] >> 2 * j : 0;
+                q[l] = (uint8_t)((qs[l] & 15) | (h & 1) << 4);
+                q[l + 32] = (uint8_t)((qs[l] >> 4) | (h & 2) << 3);
+            }
+#endif
+        }
+        u->d[b] = d;
+        for (int s = 0; s < 8; s++) {
+            set_scales(u->sc + 16 * (8 * b + s), sc[s], sc[s]);
+            u->off[16 * b + 2 * s] = u->off[16 * b + 2 * s + 1] = -dmin * mn[s];
         }
     }
 }
 
-static void dequantize_q6_k(const uint8_t *w, uint16_t *out, int K) {
-    // Codes first, then one scale per 16: loops the compiler vectorizes (4x the per-value form).
-    int8_t q[128];
+static void unpack_q4_k(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5_k(w, K, u, 0); }
+static void unpack_q5_k(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5_k(w, K, u, 1); }
+
+static void unpack_q6_k(const uint8_t *w, int K, unpacked_row *u) {  // layout: see dot_q6_k
     for (int b = 0; b < K / 256; b++, w += 210) {
         const uint8_t *ql = w, *qh = w + 128;
         const int8_t *sc = (const int8_t *)(w + 192);
         float d = f16_to_f32(read_u16(w + 208));
-        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, out += 128) {
+        uint8_t *q = u->q + 256 * b;
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32, q += 128) {
             for (int l = 0; l < 32; l++) {
-                q[l] = (int8_t)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
-                q[l + 32] = (int8_t)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                q[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                q[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-            }
-            for (int g = 0; g < 8; g++) {
-                float scale = d * sc[g];
-#ifdef USE_AVX2
-                __m128i codes = _mm_loadu_si128((const __m128i *)(q + 16 * g));
-                __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), _mm256_set1_ps(scale));
-                __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(codes, 8))), _mm256_set1_ps(scale));
-                store_bf16_16(out + 16 * g, lo, hi);
-#else
-                for (int j = 0; j < 16; j++) out[16 * g + j] = bf16_round(scale * q[16 * g + j]);
-#endif
+                q[l] = (uint8_t)((ql[l] & 15) | (qh[l] & 3) << 4);
+                q[l + 32] = (uint8_t)((ql[l + 32] & 15) | ((qh[l] >> 2) & 3) << 4);
+                q[l + 64] = (uint8_t)((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4);
+                q[l + 96] = (uint8_t)((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4);
             }
         }
+        u->d[b] = d;
+        for (int g = 0; g < 16; g++) u->off[16 * b + g] = -32 * d * sc[g];
+        for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), sc[2 * c], sc[2 * c + 1]);
+    }
+}
+
+// Q3_K: hmask[32], qs[64], scales[12], d: 16 groups of 16 with 6-bit scales minus 32; code
+// 32 j + l of each half n (128 values) is 2 bits of qs[32 n + l] at shift 2 j, and 4 when bit
+// 4 n + j of hmask[l] is set, minus 4 (ggml's dequantize_row_q3_K).
+static void unpack_q3_k(const uint8_t *w, int K, unpacked_row *u) {
+    for (int b = 0; b < K / 256; b++, w += 110) {
+        const uint8_t *hm = w, *qs = w + 32, *s = w + 96;
+        float d = f16_to_f32(read_u16(w + 108));
+        int sc[16];
+        for (int g = 0; g < 16; g++) {  // low 4 bits: nibbles of bytes 0-7; top 2: pairs of bits of bytes 8-11
+            int low = (s[g % 8] >> 4 * (g / 8)) & 15, top = (s[8 + g % 4] >> 2 * (g / 4)) & 3;
+            sc[g] = (low | top << 4) - 32;
+        }
+        uint8_t *q = u->q + 256 * b;
+        for (int n = 0; n < 2; n++)
+            for (int j = 0; j < 4; j++) {
+#ifdef USE_AVX2
+                __m256i low = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(qs + 32 * n)), _mm_cvtsi32_si128(2 * j));
+                __m256i high = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)hm), _mm_cvtsi32_si128(4 * n + j));
+                low = _mm256_and_si256(low, _mm256_set1_epi8(3));
+                high = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(1)), 2);
+                _mm256_storeu_si256((__m256i *)(q + 128 * n + 32 * j), _mm256_or_si256(low, high));
+#else
+                for (int l = 0; l < 32; l++)
+                    q[128 * n + 32 * j + l] = (uint8_t)(((qs[32 * n + l] >> 2 * j) & 3) | ((hm[l] >> (4 * n + j)) & 1) << 2);
+#endif
+            }
+        u->d[b] = d;
+        for (int g = 0; g < 16; g++) u->off[16 * b + g] = -4 * d * sc[g];
+        for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), sc[2 * c], sc[2 * c + 1]);
+    }
+}
+
+// Q2_K: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin: 16 groups of 16,
+// w = d sc q - dmin m; codes laid out as Q3_K's low bits.
+static void unpack_q2_k(const uint8_t *w, int K, unpacked_row *u) {
+    for (int b = 0; b < K / 256; b++, w += 84) {
+        const uint8_t *s = w, *qs = w + 16;
+        float d = f16_to_f32(read_u16(w + 80)), dmin = f16_to_f32(read_u16(w + 82));
+        uint8_t *q = u->q + 256 * b;
+        for (int n = 0; n < 2; n++)
+            for (int j = 0; j < 4; j++) {
+#ifdef USE_AVX2
+                __m256i codes = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(qs + 32 * n)), _mm_cvtsi32_si128(2 * j));
+                _mm256_storeu_si256((__m256i *)(q + 128 * n + 32 * j), _mm256_and_si256(codes, _mm256_set1_epi8(3)));
+#else
+                for (int l = 0; l < 32; l++) q[128 * n + 32 * j + l] = (uint8_t)((qs[32 * n + l] >> 2 * j) & 3);
+#endif
+            }
+        u->d[b] = d;
+        for (int g = 0; g < 16; g++) u->off[16 * b + g] = -dmin * (s[g] >> 4);
+        for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), s[2 * c] & 15, s[2 * c + 1] & 15);
     }
 }
 
 // --- the matmul ---
 
 typedef float (*dot_fn)(const uint8_t *, const void *, int);
-typedef void (*dequantize_fn)(const uint8_t *, uint16_t *, int);
+typedef void (*unpack_fn)(const uint8_t *, int, unpacked_row *);
 
 typedef struct {
     int type, block, block_bytes, x_block, x_block_bytes;
-    dot_fn dot;
-    dequantize_fn dequantize;
+    unpack_fn unpack;
+    int signed_codes, has_offset;
+    dot_fn dot;  // one row against one input row, straight off the blocks (decode); or NULL
 } format;
 
 static const format FORMATS[] = {
-    {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), dot_q4_0, dequantize_q4_0},
-    {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), dot_q4_1, dequantize_q4_1},
-    {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), dot_q8_0, dequantize_q8_0},
-    {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), dot_q4_k, dequantize_q4_k},
-    {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), dot_q6_k, dequantize_q6_k},
+    {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), unpack_q4_0, 0, 1, dot_q4_0},
+    {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), unpack_q4_1, 0, 1, dot_q4_1},
+    {GGML_Q5_0, 32, 22, 32, sizeof(x_block32), unpack_q5_0, 0, 1, NULL},
+    {GGML_Q5_1, 32, 24, 32, sizeof(x_block32), unpack_q5_1, 0, 1, NULL},
+    {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), unpack_q8_0, 1, 0, dot_q8_0},
+    {GGML_IQ4_NL, 32, 18, 32, sizeof(x_block32), unpack_iq4_nl, 1, 0, NULL},
+    {GGML_Q2_K, 256, 84, 256, sizeof(x_block256), unpack_q2_k, 0, 1, NULL},
+    {GGML_Q3_K, 256, 110, 256, sizeof(x_block256), unpack_q3_k, 0, 1, NULL},
+    {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), unpack_q4_k, 0, 1, dot_q4_k},
+    {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), unpack_q5_k, 0, 1, NULL},
+    {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), unpack_q6_k, 0, 1, dot_q6_k},
+    {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), unpack_iq4_xs, 1, 0, NULL},
 };
 
+// Values per offset: the 256-value blocks' offsets are per 16 codes (sums[g] of the activations'
+// block), the 32-value blocks' per block (s).
+static inline int offset_group(const format *f) { return f->block == 256 ? 16 : 32; }
+
+// Where an activation row's float sums (dx times the codes' sum, one per offset group) start:
+// after its blocks, so that the offsets are one float dot product per weight row and input row.
+static inline size_t x_sums_at(const format *f, int K) { return (size_t)(K / f->x_block) * f->x_block_bytes; }
+
+static float dot_f32(const float *a, const float *b, int n) {
+    // 8 partial sums: a float reduction the compiler vectorizes (a single sum keeps its order)
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0;
+    int j = 0;
+    for (; j + 7 < n; j += 8)
+        for (int u = 0; u < 8; u++) part[u] += a[j + u] * b[j + u];
+    for (; j < n; j++) sum += a[j] * b[j];
+    return sum + ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// Input rows per dot_unpacked call: 4 sums and 4 accumulators in registers.
+#define DOT_ROWS 4
+
+// R activation rows (quantized, x_row bytes apart) against one unpacked weight row: y[r * y_step].
+// Each block's codes and scales are loaded once for all R rows (register blocking); R is a
+// constant at each call, so the loops over r unroll and the sums stay in registers.
+static inline __attribute__((always_inline)) void dot_unpacked(const format *f, const unpacked_row *u, int K,
+                                                              const uint8_t *x, size_t x_row, float *y, size_t y_step,
+                                                              const int R, const int wide, const int signed_codes) {
+    int nb = K / f->block, block = wide ? 256 : 32;
+    size_t codes_at = wide ? offsetof(x_block256, q) : offsetof(x_block32, q);
+#ifdef USE_AVX2
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+#else
+    float acc[R];
+    for (int r = 0; r < R; r++) acc[r] = 0;
+#endif
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *xb = x + (size_t)b * f->x_block_bytes;
+        const uint8_t *q = u->q + (size_t)b * block;
+        const int16_t *sc = u->sc + (size_t)b * block / 2;
+#ifdef USE_AVX2
+        __m256i sum[R];
+        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+        for (int c = 0; c < block / 32; c++) {
+            __m256i codes = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
+            __m256i scales = _mm256_loadu_si256((const __m256i *)(sc + 16 * c));
+            __m256i magnitudes = signed_codes ? _mm256_sign_epi8(codes, codes) : codes;
+            for (int r = 0; r < R; r++) {
+                __m256i xq = _mm256_loadu_si256((const __m256i *)(xb + r * x_row + codes_at + 32 * c));
+                if (signed_codes) xq = _mm256_sign_epi8(xq, codes);
+                // codes <= 63 (or |code| <= 128 with the sign moved to x) and |x| <= 127: the
+                // int16 pair sums cannot saturate
+                __m256i p = _mm256_maddubs_epi16(magnitudes, xq);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                sum[r] = _mm256_dpwssd_epi32(sum[r], p, scales);
+#else
+                sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, scales));
+#endif
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            float dx = *(const float *)(xb + r * x_row);  // d is the first field of both activation blocks
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(u->d[b] * dx), acc[r]);
+        }
+#else
+        for (int r = 0; r < R; r++) {
+            const int8_t *xq = (const int8_t *)(xb + r * x_row + codes_at);
+            int sum = 0;
+            for (int j = 0; j < block; j++) {
+                int code = signed_codes ? (int8_t)q[j] : q[j];
+                sum += sc[j / 32 * 16 + (j % 32 >= 16 ? 8 : 0)] * code * xq[j];
+            }
+            acc[r] += u->d[b] * *(const float *)(xb + r * x_row) * sum;
+        }
+#endif
+    }
+    for (int r = 0; r < R; r++) {
+        float offsets = f->has_offset ? dot_f32(u->off, (const float *)(x + r * x_row + x_sums_at(f, K)), K / offset_group(f)) : 0;
+#ifdef USE_AVX2
+        y[r * y_step] = hsum_ps(acc[r]) + offsets;
+#else
+        y[r * y_step] = acc[r] + offsets;
+#endif
+    }
+}
+
+// dot_unpacked with the block kind and the code signedness as constants (one loop body each).
+static void dot_unpacked_rows(const format *f, const unpacked_row *u, int K, const uint8_t *x, size_t x_row, float *y,
+                              size_t y_step, int R) {
+#define DOT(rows) \
+    if (f->block == 256) { \
+        if (f->signed_codes) dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 1, 1); \
+        else dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 1, 0); \
+    } else { \
+        if (f->signed_codes) dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 0, 1); \
+        else dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 0, 0); \
+    }
+    if (R == DOT_ROWS) {
+        DOT(DOT_ROWS)
+    } else {
+        DOT(1)
+    }
+#undef DOT
+}
+
+// One input row's int8 blocks, then its float sums per offset group (see x_sums_at).
 static void quantize_row(const format *f, const float *x, int K, uint8_t *out) {
-    if (f->x_block == 32) quantize_x32(x, K, (x_block32 *)out);
-    else quantize_x256(x, K, (x_block256 *)out);
+    float *sums = (float *)(out + x_sums_at(f, K));
+    if (f->x_block == 32) {
+        x_block32 *blocks = (x_block32 *)out;
+        quantize_x32(x, K, blocks);
+        for (int b = 0; b < K / 32; b++) sums[b] = blocks[b].s;
+    } else {
+        x_block256 *blocks = (x_block256 *)out;
+        quantize_x256(x, K, blocks);
+        for (int b = 0; b < K / 256; b++)
+            for (int g = 0; g < 16; g++) sums[16 * b + g] = blocks[b].d * blocks[b].sums[g];
+    }
 }
 
 static const format *find_format(int type) {
@@ -470,6 +746,24 @@ int gguf_matmul_simd(void) {
 #define ROWS_PER_TASK 16
 // Input rows per pass: their codes (up to ~350 KB for K = 11008) stay in L2.
 #define INPUTS_PER_PASS 32
+// From this many input rows on (a prompt), each weight row is unpacked once and multiplied with
+// the rows DOT_ROWS at a time. Below it (a decoded token, a speculative draft's few) each input
+// row is computed exactly as a row alone, bit for bit: verifying a draft must give the logits
+// decoding would (backends/speculative.py; ROWS_AS_DECODED in native_layers.py).
+#define UNPACK_MIN_ROWS 16
+
+static size_t unpacked_bytes(const format *f, int K) {
+    return (size_t)K + (size_t)K * sizeof(int16_t) / 2 + (size_t)(K / f->block + K / 16) * sizeof(float);
+}
+
+static unpacked_row unpacked_at(const format *f, int K, uint8_t *base) {
+    unpacked_row u;
+    u.q = base;
+    u.sc = (int16_t *)(base + K);
+    u.d = (float *)(base + K + (size_t)K * sizeof(int16_t) / 2);
+    u.off = u.d + K / f->block;
+    return u;
+}
 
 // x [M, K] float32; the weight's N rows of raw GGUF blocks in `parts` pieces (q, k and v as they
 // lie in the file: fused without a copy), part p holding part_rows[p] rows at w[p]; y [M, N].
@@ -478,11 +772,16 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
                 int threads) {
     if (!gguf_matmul_supports(type, K)) return -1;
     const format *f = find_format(type);
-    size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, w_row = (size_t)(K / f->block) * f->block_bytes;
+    size_t x_row = x_sums_at(f, K) + (size_t)(K / 16) * sizeof(float), w_row = (size_t)(K / f->block) * f->block_bytes;
     int N = 0;
     for (int p = 0; p < parts; p++) N += part_rows[p];
-    uint8_t *xq = malloc(x_row * M);
+    int unpack = M >= UNPACK_MIN_ROWS || !f->dot;
+    // a whole task's rows unpacked at once where several passes over the inputs reuse them
+    int unpacked_rows = M > INPUTS_PER_PASS ? ROWS_PER_TASK : 1;
+    size_t u_bytes = (unpacked_bytes(f, K) + 63) / 64 * 64, per_thread = unpack ? u_bytes * unpacked_rows : 0;
+    uint8_t *xq = malloc(x_row * M + per_thread * threads + 64);
     if (!xq) return -2;
+    uint8_t *scratch = (uint8_t *)(((uintptr_t)(xq + x_row * M) + 63) / 64 * 64);
     int tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     if (M == 1) quantize_row(f, x, K, xq);  // a decoded token: no parallel loop (and barrier) for one row
 #pragma omp parallel num_threads(threads)
@@ -491,31 +790,42 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) quantize_row(f, x + (size_t)m * K, K, xq + m * x_row);
         }
+        uint8_t *mine = scratch + per_thread * (size_t)omp_get_thread_num();
 #pragma omp for schedule(static)
         for (int t = 0; t < tasks; t++) {
             int n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-            for (int m0 = 0; m0 < M; m0 += INPUTS_PER_PASS) {
-                int m1 = m0 + INPUTS_PER_PASS < M ? m0 + INPUTS_PER_PASS : M;
-                for (int n = n0; n < n1; n++) {
-                    int p = 0, r = n;
+            int step = unpack ? unpacked_rows : n1 - n0;
+            for (int n = n0; n < n1; n += step) {
+                int rows = n + step < n1 ? step : n1 - n;
+                const uint8_t *row[ROWS_PER_TASK];
+                unpacked_row u[ROWS_PER_TASK];
+                for (int i = 0; i < rows; i++) {
+                    int p = 0, r = n + i;
                     while (p < parts - 1 && r >= part_rows[p]) r -= part_rows[p++];
-                    const uint8_t *row = w[p] + (size_t)r * w_row;
-                    for (int m = m0; m < m1; m++) y[(size_t)m * N + n] = f->dot(row, xq + m * x_row, K);
+                    row[i] = w[p] + (size_t)r * w_row;
+                    if (unpack) {
+                        u[i] = unpacked_at(f, K, mine + u_bytes * i);
+                        f->unpack(row[i], K, &u[i]);
+                    }
+                }
+                for (int m0 = 0; m0 < M; m0 += INPUTS_PER_PASS) {
+                    int m1 = m0 + INPUTS_PER_PASS < M ? m0 + INPUTS_PER_PASS : M;
+                    for (int i = 0; i < rows; i++) {
+                        float *out = y + (size_t)m0 * N + n + i;
+                        if (!unpack) {
+                            for (int m = m0; m < m1; m++, out += N) *out = f->dot(row[i], xq + m * x_row, K);
+                            continue;
+                        }
+                        int m = m0, batch = M >= UNPACK_MIN_ROWS ? DOT_ROWS : 1;
+                        for (; m + batch <= m1; m += batch, out += batch * (size_t)N)
+                            dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, batch);
+                        for (; m < m1; m++, out += N) dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, 1);
+                    }
                 }
             }
         }
     }
     free(xq);
-    return 0;
-}
-
-// Rows [N, K] of GGUF blocks to bfloat16 [N, K]. Returns 0, or -1 for an unsupported type or K.
-int gguf_dequantize_bf16(int type, const uint8_t *w, uint16_t *out, int N, int K, int threads) {
-    const format *f = find_format(type);
-    if (!f || K % f->block) return -1;
-    size_t w_row = (size_t)(K / f->block) * f->block_bytes;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < N; n++) f->dequantize(w + n * w_row, out + (size_t)n * K, K);
     return 0;
 }
 
