@@ -16,7 +16,7 @@ from app.tui.store import ChatStore
 from app.tui.worker import Settings
 from app.tui.widgets import AssistantMessage, LoadingPanel, UserMessage
 from backends.remote import RemoteEngine, RemoteServerError, RemoteStreamCut
-from backends.sampling import GREEDY
+from backends.sampling import GREEDY, SamplingParams
 from test_remote_serve import serve_url  # noqa: F401 (a fixture: smollm3 serve on 127.0.0.1, once per module)
 from test_tui_support import ready, send, settle, wait_for
 from tests.fake_servers import FakePeer, Script, ServerThread, free_port
@@ -204,6 +204,27 @@ async def test_a_stream_cut_keeps_the_partial_answer_with_the_error_on_it(serve,
         (widget,) = answers(app)
         assert widget.answer_text == "Hello," and "mid-answer" in str(widget.note.render())
         assert rows(tmp_path) == [("user", "Hi", "done"), ("assistant", "Hello,", "stopped")]
+
+
+async def test_settings_retry_and_edit_reach_the_server_per_request(serve, tmp_path):
+    peer, engine = serve("vllm", Script(content=["Sure", "."]), model="some-model")
+    app = make_app(tmp_path, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Tell me something")
+        app.chat.settings = Settings(SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=1), 33)
+        await send(pilot, "/retry")
+        await send(pilot, "/edit")
+        assert app.chat.query_prompt().text == "Tell me something"
+        await send(pilot, "Tell me something else")
+    first, retry, edited = peer.requests
+    assert [first["temperature"], first["max_tokens"], "top_p" in first] == [0.0, 64, False]
+    assert (retry["temperature"], retry["top_p"], retry["max_tokens"], retry["seed"]) == (0.7, 0.9, 33, 1)
+    assert retry["top_k"] == 40
+    # The retried answer is not sent back; the edited message replaces the first.
+    assert retry["messages"] == first["messages"] == [{"role": "user", "content": "Tell me something"}]
+    assert edited["messages"] == [{"role": "user", "content": "Tell me something else"}]
+    assert [r[1] for r in rows(tmp_path)] == ["Tell me something else", "Sure."]
 
 
 async def test_an_unreachable_endpoint_is_shown_with_what_to_do(tmp_path, monkeypatch):
