@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from . import settings
 
-
-# Rows per verifying forward stay under 16 (1 + MAX_DRAFT): the native CPU matmul multiplies
-# fewer than 16 rows with the decode's int8 dot products, row for row as it does one token
-# (backends/torch/weights.py GEMM_MIN_ROWS), so a verified row is a decoded row.
+# Rows per verifying forward stay under 16 (1 + MAX_DRAFT): the native CPU layers take fewer
+# than 16 rows row by row, as they take one token (ROWS_AS_DECODED in
+# backends/torch/native_layers.py), so a verified row is a decoded row.
 MAX_DRAFT = 10
 # Suffixes of 4 down to 2 tokens are looked up: a single token matches nearly everywhere and
 # predicts badly (SmolLM2, bench/speculative.py's tasks: 1 drafted token in 5 accepted, against
