@@ -15,6 +15,8 @@ from importlib.metadata import PackageNotFoundError, version
 import backends
 from backends import SamplingParams, SmolLMError, Tracer, settings
 
+from backends.remote import DIALECTS, RemoteEngine
+
 from .resolve import MODELS, QUANTIZATIONS, resolve
 from .session import ChatSession, ThinkingSplitter
 
@@ -71,7 +73,7 @@ def app_version() -> str:
         return "unknown"
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, backend_choices: tuple[str, ...] = backends.BACKENDS) -> None:
     """Which model and how to run it: shared by every subcommand that loads an engine (load_engine)."""
     m = p.add_argument_group("model")
     m.add_argument("--model-type", choices=("quantized", "full"), default="quantized",
@@ -88,7 +90,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (auto: bf16 on CUDA/MPS, f32 on CPU)")
     m.add_argument("--quantize", type=int, choices=(4, 8),
                    help="MLX backend: quantize a full-precision checkpoint to 4 or 8 bits at load")
-    m.add_argument("--backend", choices=backends.BACKENDS, default="auto", help="auto: MLX on Apple Silicon, else torch")
+    m.add_argument("--backend", choices=backend_choices, default="auto", help="auto: MLX on Apple Silicon, else torch")
     m.add_argument("--device", help="torch device: cpu, cuda, cuda:N, mps (default: the best available)")
     m.add_argument("--ctx-size", type=number(int, minimum=1), metavar="N",
                    help="most tokens of context (default: the model's, capped by free memory)")
@@ -112,7 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                epilog="other commands: smollm3 bench --model-path M (load time and speed; "
                       "smollm3 bench --help for its flags)")
     p.add_argument("--version", action="version", version=f"smollm3 {app_version()}")
-    add_model_arguments(p)
+    add_model_arguments(p, backends.BACKENDS + ("remote",))
+    r = p.add_argument_group("remote server (OpenAI-compatible: vLLM, SGLang, llama-server, Ollama, mlx_lm.server, smollm3 serve)")
+    r.add_argument("--endpoint", metavar="URL", help="chat with the model this server serves, e.g. http://gpu-box:8000/v1 "
+                                                    "(implies --backend remote)")
+    r.add_argument("--api-key", metavar="KEY", help="the server's API key (default: $OPENAI_API_KEY)")
+    r.add_argument("--served-model", metavar="NAME", help="the model to ask for (default: the server's first)")
+    r.add_argument("--dialect", choices=DIALECTS, help="the server's kind, when probing it guesses wrong")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", metavar="TEXT", help="generate one answer to this prompt and exit ('-': read it from standard "
                                     "input, as happens without --prompt when input is piped; without either: the chat)")
@@ -139,8 +147,32 @@ def check_model_flags(args: argparse.Namespace) -> None:
     args.model = args.model or DEFAULT_MODEL
 
 
+# Flags that pick or shape a local model: with --endpoint the server has chosen all of these.
+LOCAL_ONLY_FLAGS = {"model_type": "quantized", "model": None, "quantization": None, "model_path": None, "tokenizer": None,
+                    "chat_template": None, "dtype": "auto", "quantize": None, "device": None, "ctx_size": None,
+                    "no_chat_template": False, "split_prompt": False}
+
+
+def check_remote_flags(args: argparse.Namespace) -> None:
+    if args.endpoint is None:
+        if args.backend == "remote":
+            raise UsageError("--backend remote needs --endpoint URL")
+        for flag in ("api_key", "served_model", "dialect"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} applies to a remote server: add --endpoint URL")
+        return
+    if args.backend not in ("auto", "remote"):
+        raise UsageError(f"--endpoint chats with a server; it cannot be combined with --backend {args.backend}")
+    for name, default in LOCAL_ONLY_FLAGS.items():
+        if getattr(args, name) != default:
+            raise UsageError(f"--{name.replace('_', '-')} applies to a local model; the server at --endpoint chose its own")
+    args.backend = "remote"
+
+
 def check_flags(args: argparse.Namespace) -> None:
-    check_model_flags(args)
+    check_remote_flags(args)
+    if args.endpoint is None:
+        check_model_flags(args)
     if args.no_chat_template and args.thinking:
         raise UsageError("--thinking needs the chat template; drop --no-chat-template")
     if args.no_chat_template and args.system is not None:
@@ -189,6 +221,9 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
 def load_engine(args: argparse.Namespace, tracer: Tracer, chatter: bool = True) -> tuple[backends.Engine, bool]:
     """The engine the model flags (add_model_arguments, checked by check_model_flags) describe,
     with its context limited to --ctx-size; and whether the chat template applies."""
+    if getattr(args, "endpoint", None) is not None:
+        # The server applies its chat template; RemoteError (unreachable, 401, ...) is one line.
+        return RemoteEngine(args.endpoint, args.api_key, args.served_model, args.dialect), True
     resolved = resolve(args.model, args.model_type, args.quantization or DEFAULT_QUANTIZATION, args.model_path)
     t0 = time.perf_counter()
     engine = backends.load(resolved.path, backend=args.backend, device=args.device, dtype=args.dtype,
@@ -240,7 +275,9 @@ def print_stats(stats: backends.GenerationStats) -> None:
     if stats.prompt_tokens:
         rate = stats.prompt_tokens / stats.prefill_s if stats.prefill_s else 0
         print(f"{stats.prompt_tokens:4} prompt tokens processed: {rate:.2f} token/s", file=sys.stderr)
-    print(f"{stats.generated_tokens:4} tokens generated: {stats.decode_tok_s:.2f} token/s", file=sys.stderr)
+    # A remote server that reports no usage: its pieces counted here, the network in the times.
+    counted = " (counted here)" if getattr(stats, "counted_by", "") == "client" else ""
+    print(f"{stats.generated_tokens:4} tokens generated: {stats.decode_tok_s:.2f} token/s{counted}", file=sys.stderr)
 
 
 def run_prompt(args: argparse.Namespace, prompt: str, engine: backends.Engine, use_template: bool) -> int:
@@ -254,7 +291,11 @@ def run_prompt(args: argparse.Namespace, prompt: str, engine: backends.Engine, u
     splitter = ThinkingSplitter()
     out = sys.stdout
 
+    shown = False
+
     def show(text: str):
+        nonlocal shown
+        shown = True
         if not tty:
             out.write(text)
         else:
@@ -265,6 +306,10 @@ def run_prompt(args: argparse.Namespace, prompt: str, engine: backends.Engine, u
     try:
         for text in session.reply(prompt, args.sample_len, sampling, split_prompt=args.split_prompt):
             show(text)
+    except SmolLMError:
+        if shown:  # a stream cut mid-answer: the partial answer keeps its line, the error gets its own
+            end_output(tty, splitter)
+        raise
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the statistics
         end_output(tty, splitter)
@@ -297,11 +342,17 @@ def run_chat(args: argparse.Namespace, tracer: Tracer) -> int:
     if args.system is not None:
         raise UsageError("--system applies to one-shot mode (--prompt); in the chat, set it with /system")
 
+    if args.endpoint is not None:
+        label = args.endpoint
+    elif args.model_path:
+        label = os.path.basename(args.model_path.rstrip("/"))
+    else:
+        label = f"SmolLM {args.model}"
+
     def engine_factory(progress):  # the app shows what loading prints (download bars) on its loading panel
-        progress(f"loading {args.model_path or 'SmolLM ' + args.model}...")
+        progress(f"connecting to {label}..." if args.endpoint else f"loading {args.model_path or label}...")
         return load_engine(args, tracer, chatter=False)
 
-    label = os.path.basename(args.model_path.rstrip("/")) if args.model_path else f"SmolLM {args.model}"
     return run_tui(engine_factory, thinking=args.thinking, sampling=sampling_from(args),
                    max_new_tokens=args.sample_len, resume=args.resume, model_label=label)
 

@@ -7,10 +7,14 @@ Every turn renders the whole conversation and tokenizes it; the engine reuses it
 for the longest common token prefix. An assistant message keeps the text exactly as
 generated (in /think mode with its `<think>...</think>` block), so that the next turn's
 prompt starts with the tokens the cache already holds and only the new turn is prefilled.
+
+A remote engine (backends.remote) takes the same conversation as messages and renders it on the
+server; `_texts` is the one place the two kinds differ.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -74,14 +78,21 @@ class ChatSession:
     def prompt_ids(self) -> list[int]:
         return self.engine.tokenizer.encode(self.render())
 
-    def context_tokens(self) -> int:
-        """Tokens the conversation takes now, without a generation prompt (0 when empty)."""
+    def context_tokens(self) -> int | None:
+        """Tokens the conversation takes now, without a generation prompt (0 when empty; None
+        when a remote server has not counted them yet)."""
         if not self.messages:
             return 0
+        if is_remote(self.engine):
+            # No tokenizer here: the server's count of the last prompt and answer.
+            stats = self.engine.stats
+            return stats.prompt_tokens + stats.generated_tokens if stats.prompt_tokens else None
         return len(self.engine.tokenizer.encode(self.render(add_generation_prompt=False)))
 
     @property
     def supports_thinking(self) -> bool:
+        if is_remote(self.engine):
+            return self.engine.supports_thinking
         template = self.engine.chat_template
         return self.use_template and template is not None and "enable_thinking" in template.source
 
@@ -113,9 +124,8 @@ class ChatSession:
         The turn is appended to `messages` when the first token is about to be computed and its
         content grows as text streams, so a stopped or failed reply keeps what was generated.
         """
-        ids = self.prompt_ids()
         message = ChatMessage("assistant", "", status="streaming")
-        return self._stream(ids, message, max_new_tokens, sampling, split_prompt, should_stop, prefill_progress, append=True)
+        return self._stream(message, max_new_tokens, sampling, split_prompt, should_stop, prefill_progress, continuing=False)
 
     def continue_reply(
         self,
@@ -131,50 +141,93 @@ class ChatSession:
         if not self.thinking and has_open_think(message.content):
             # Stopped while reasoning, continued without: close the block so the rest is an answer.
             message.content += "\n" + THINK_CLOSE + "\n"
-        if not self.use_template or self.engine.chat_template is None:
-            text = self.render()
-        else:
-            # The start of the assistant turn as the template writes it, then the text so far.
-            text = self.render(messages=self.messages[:-1]) + self._template_content(message).lstrip("\n")
-        ids = self.engine.tokenizer.encode(text)
-        return self._stream(ids, message, max_new_tokens, sampling, False, should_stop, prefill_progress, append=False)
+        return self._stream(message, max_new_tokens, sampling, False, should_stop, prefill_progress, continuing=True)
 
-    def _stream(self, ids, message, max_new_tokens, sampling, split_prompt, should_stop, prefill_progress, append) -> Iterator[str]:
-        self.last_stop_reason = ""
+    def cancel(self) -> None:
+        """Stop the reply being streamed, from another thread. A local engine stops at the next
+        token through `should_stop`; a remote one may be waiting on the network, so it is told."""
+        if is_remote(self.engine):
+            self.engine.cancel()
+
+    # --- where the text comes from: the one place a local and a remote engine differ ---
+
+    def _texts(self, continuing, max_new_tokens, sampling, split_prompt, should_stop, prefill_progress) -> Iterator[str]:
+        """The reply's text pieces; an empty piece may mark a token whose text is held back.
+
+        Ends after `should_stop()` turns true, with `engine.stats.stop_reason` "stopped"."""
+        if is_remote(self.engine):
+            return self.engine.chat(
+                self.wire_messages(), max_new_tokens, sampling, thinking=self.thinking,
+                should_stop=should_stop, continue_last=continuing,
+            )
+        if continuing and self.use_template and self.engine.chat_template is not None:
+            # The start of the assistant turn as the template writes it, then the text so far.
+            text = self.render(messages=self.messages[:-1]) + self._template_content(self.messages[-1]).lstrip("\n")
+            ids = self.engine.tokenizer.encode(text)
+        else:
+            ids = self.prompt_ids()
+        return self._token_texts(ids, max_new_tokens, sampling, split_prompt, should_stop, prefill_progress)
+
+    def wire_messages(self) -> list[dict]:
+        """The conversation as OpenAI-style messages: what `render` gives the template locally,
+        so the server renders the same prompt (and its prefix cache matches the last turn's)."""
+        turns = [{"role": m.role, "content": self._template_content(m)} for m in self.messages]
+        if self.system_prompt:
+            turns.insert(0, {"role": "system", "content": self.system_prompt})
+        return turns
+
+    def _token_texts(self, ids, max_new_tokens, sampling, split_prompt, should_stop, prefill_progress) -> Iterator[str]:
         tokens = self.engine.generate(ids, max_new_tokens, sampling, split_prompt=split_prompt, prefill_progress=prefill_progress)
         detok = self.engine.tokenizer.detokenizer()
+        try:
+            for token in tokens:
+                yield detok.add(token)
+                if should_stop():
+                    self.engine.stats.stop_reason = "stopped"
+                    break
+            yield detok.flush()
+        finally:
+            tokens.close()
+
+    def _stream(self, message, max_new_tokens, sampling, split_prompt, should_stop, prefill_progress, continuing) -> Iterator[str]:
+        self.last_stop_reason = ""
+        closing = False
+
+        def stop() -> bool:
+            return closing or (should_stop is not None and should_stop())
+
+        append = not continuing
         reason = "stopped"
 
         def add(text: str) -> None:
             nonlocal append
-            if append:  # on the first token, or at the end: a failed prefill leaves no empty turn
+            if append:  # on the first piece, or at the end: a failed prefill leaves no empty turn
                 self.messages.append(message)
                 append = False
             message.content += text
 
+        texts = self._texts(continuing, max_new_tokens, sampling, split_prompt, stop, prefill_progress)
         try:
-            for token in tokens:
-                text = detok.add(token)
+            for text in texts:
                 add(text)
                 if text:
                     yield text
-                if should_stop is not None and should_stop():
-                    break
-            else:
-                reason = self.engine.stats.stop_reason
-            text = detok.flush()
-            add(text)
-            if text:
-                yield text
+            reason = self.engine.stats.stop_reason
+            if reason != "stopped":  # an answer of no text (EOS first) is a turn; a stop before any is not
+                add("")
         except GeneratorExit:
-            # Closed early by the caller: keep the text of the tokens already generated.
-            add(detok.flush())
+            # Closed early by the caller: let the source end at its stop check, which keeps the
+            # text it holds back (a partial UTF-8 character) and generates nothing more.
+            closing = True
+            with contextlib.suppress(Exception):  # the caller has stopped listening: nothing to tell it
+                for text in texts:
+                    add(text)
             raise
         except BaseException:
             reason = "error"
             raise
         finally:
-            tokens.close()
+            texts.close()
             if reason == "stopped":
                 self.engine.stats.stop_reason = "stopped"
             self.last_stop_reason = reason
@@ -200,6 +253,11 @@ class ChatSession:
 
     def clear(self) -> None:
         self.messages = []
+
+
+def is_remote(engine) -> bool:
+    """A server answers (backends.remote): it takes messages, not token ids."""
+    return engine is not None and engine.info.backend == "remote"
 
 
 def split_thinking(text: str) -> tuple[str, str]:

@@ -245,3 +245,107 @@ def test_default_context_is_capped_by_free_memory(monkeypatch):
     monkeypatch.setattr(app.cli, "free_memory_bytes", lambda device: 2 * 300 * per_token)
     loaded, _ = app.cli.load_engine(args, app.cli.Tracer())
     assert loaded.config.context_length == 300
+
+
+# --- --endpoint: a remote OpenAI-compatible server (fakes from tests/fake_servers.py) ---
+
+
+@pytest.fixture
+def fake_server(monkeypatch):
+    from tests.fake_servers import FakePeer, ServerThread
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    servers = []
+
+    def start(kind="vllm", **kwargs):
+        peer = FakePeer(kind, **kwargs)
+        servers.append(ServerThread(peer.app()).start())
+        return peer, servers[-1].url + "/v1"
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_endpoint_streams_the_answer_with_the_servers_counts(fake_server, capsys):
+    from tests.fake_servers import Script
+
+    peer, url = fake_server("vllm", script=Script(reasoning=["Let me", " think."]))
+    assert main(["--endpoint", url, "--prompt", "Hi", "--temperature", "0", "--thinking", "-n", "50"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "<think>Let me think.</think>Hello, world!\n"  # not a terminal: the text as is
+    assert stats(err) == (21, 6) and "counted here" not in err
+    (body,) = peer.requests
+    # A SmolLM3 also gets the portable /think flag, for servers that drop chat_template_kwargs.
+    assert body["messages"] == [{"role": "system", "content": "/think"}, {"role": "user", "content": "Hi"}]
+    assert body["max_tokens"] == 50 and body["temperature"] == 0
+    assert body["chat_template_kwargs"] == {"enable_thinking": True}
+
+
+def test_endpoint_without_usage_says_counted_here(fake_server, capsys):
+    from tests.fake_servers import Script
+
+    _, url = fake_server("openai", script=Script(send_usage=False))
+    assert main(["--endpoint", url, "--prompt", "Hi", "--system", "Be brief."]) == 0
+    out, err = capsys.readouterr()
+    assert out == "Hello, world!\n"
+    assert re.search(r"^   4 tokens generated: [\d.]+ token/s \(counted here\)$", err, re.M), err
+
+
+def test_endpoint_errors_are_one_line_and_exit_2(fake_server, capsys):
+    from tests.fake_servers import free_port
+
+    _, url = fake_server("vllm", api_key="sk-right")
+    cases = {
+        "unreachable": ["--endpoint", f"http://127.0.0.1:{free_port()}/v1"],
+        "401": ["--endpoint", url, "--api-key", "sk-wrong"],
+        "404 model": ["--endpoint", url, "--api-key", "sk-right", "--served-model", "nope"],
+    }
+    expected = {"unreachable": "cannot reach 127.0.0.1", "401": "refused the request (401)",
+                "404 model": "does not serve the model 'nope' (404)"}
+    for case, argv in cases.items():
+        assert main([*argv, "--prompt", "Hi"]) == 2, case
+        out, err = capsys.readouterr()
+        (line,) = err.splitlines()
+        assert out == "" and line.startswith("smollm3: error: ") and expected[case] in line, (case, line)
+
+
+def test_a_stream_cut_keeps_the_partial_answer_then_one_line(fake_server, capsys):
+    from tests.fake_servers import Script
+
+    _, url = fake_server("sglang", script=Script(cut_after=2))
+    assert main(["--endpoint", url, "--prompt", "Hi"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "Hello,\n"
+    (line,) = err.splitlines()
+    assert line.startswith("smollm3: error: ") and "mid-answer" in line, line
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--model-path", "m.gguf"], "--model-path"), (["--quantization", "q4_0"], "--quantization"),
+    (["--device", "cpu"], "--device"), (["--dtype", "f16"], "--dtype"), (["--model", "3b"], "--model"),
+    (["--backend", "torch"], "--backend torch"), (["--no-chat-template"], "--no-chat-template"),
+])
+def test_local_model_flags_with_endpoint_are_errors(argv, flag, capsys):
+    # Refused before any connection: the endpoint's port is closed.
+    assert main(["--endpoint", "http://127.0.0.1:9/v1", *argv, "--prompt", "Hi"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("smollm3: error: ") and flag in line, line
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--backend", "remote"], "--backend remote needs --endpoint"),
+    (["--served-model", "x"], "--served-model applies to a remote server: add --endpoint"),
+    (["--dialect", "vllm"], "--dialect applies to a remote server: add --endpoint"),
+])
+def test_remote_flags_without_endpoint_are_errors(argv, says, capsys):
+    assert main([*argv, "--prompt", "Hi"]) == 2
+    assert capsys.readouterr().err == f"smollm3: error: {says} URL\n"
+
+
+def test_endpoint_reads_a_piped_prompt(fake_server):
+    peer, url = fake_server("llama-server")
+    r = run_cli("--endpoint", url, input="Hi there\n", stdin=None, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "Hello, world!\n" and stats(r.stderr) == (21, 4)
+    assert peer.requests[0]["messages"][-1] == {"role": "user", "content": "Hi there"}

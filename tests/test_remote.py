@@ -204,11 +204,16 @@ def test_ollama_sampling_goes_in_options(serve):
     assert body["stream"] is True and "think" not in body
 
 
-def test_greedy_sends_temperature_zero_and_no_penalty(serve):
+def test_greedy_sends_temperature_zero_and_penalty_off(serve):
+    # The penalty is sent at 1.0: a server may default to one (smollm3 serve: 1.1), and a greedy
+    # answer would then differ from the local one.
     peer, engine = connect(serve, "vllm")
     list(engine.chat(HELLO, max_tokens=5, sampling=GREEDY))
     body = peer.requests[-1]
-    assert body["temperature"] == 0.0 and "repetition_penalty" not in body and "top_p" not in body
+    assert body["temperature"] == 0.0 and body["repetition_penalty"] == 1.0 and "top_p" not in body
+    peer, engine = connect(serve, "smollm3")
+    list(engine.chat(HELLO, max_tokens=5, sampling=GREEDY))
+    assert (peer.requests[-1]["repeat_penalty"], peer.requests[-1]["repeat_last_n"]) == (1.0, 64)
 
 
 def test_thinking_budget_where_the_server_takes_one(serve):

@@ -28,7 +28,7 @@ from .messages import ContextFull, Finished, Pieces, PrefillProgress
 from .chat_log import ChatLog
 from .dialogs import copy_code_block
 from .screens import HistoryScreen, SettingsScreen, SystemPromptScreen
-from .status import StatusLine, device_name, model_name
+from .status import StatusLine, device_name, model_name, model_record
 from .store import ChatStore
 from .textual_compat import ChatFooter
 from .widgets import CONTINUABLE, AssistantMessage, LoadingPanel, PromptInput, UserMessage
@@ -206,7 +206,7 @@ class ChatScreen(Screen):
     def _ensure_chat(self, first_text: str) -> None:
         if self.chat_id is None:
             self.title_text = chat_title(first_text)
-            model = self.engine.info.checkpoint if self.engine else ""
+            model = model_record(self.engine) if self.engine else ""
             self.chat_id = self.store.create_chat(self.title_text, self.session.system_prompt, self.session.thinking, model)
 
     async def start_answer(self, continuing: AssistantMessage | None = None) -> None:
@@ -354,6 +354,7 @@ class ChatScreen(Screen):
     def action_stop(self) -> None:
         if self.generating:
             self.workers.cancel_group(self, "generate")
+            self.session.cancel()  # a remote answer may be waiting on the network, not on a token
 
     def action_toggle_thinking(self) -> None:
         self.set_thinking(not self.thinking)
@@ -418,6 +419,7 @@ class ChatScreen(Screen):
         """Store what was generated: on quitting, the worker may not get to post its Finished."""
         if self.generating and self.current is not None and (message := self.current.message) is not None:
             self.workers.cancel_group(self, "generate")
+            self.session.cancel()
             if message.id is not None:
                 message.status = "stopped"
                 self.store.update_message(message)

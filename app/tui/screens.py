@@ -22,6 +22,8 @@ from backends.errors import (
     TokenizerError,
 )
 
+from backends.remote import RemoteError
+
 from .dialogs import ChoiceScreen, InputScreen
 from .worker import Settings
 
@@ -44,6 +46,8 @@ def error_hint(error: BaseException) -> str:
         return "Pick another --backend or --device (smollm3 --help lists them)."
     if isinstance(error, ContextOverflow):
         return "Start a new chat or drop the oldest turns."
+    if isinstance(error, RemoteError):
+        return "Check --endpoint, --api-key and --served-model; `smollm3 --endpoint URL --prompt hi` tries them quickly."
     return "Run `smollm3 --prompt ...` with SMOLLM3_DEBUG=1 for a traceback, and report it."
 
 

@@ -19,8 +19,11 @@ GIVE_UP_ORDER = ("settings", "stats", "settings", "device", "stats", "model", "s
 
 
 def device_name(engine: Engine) -> str:
-    """`torch cpu`, `torch cuda:0`, `mlx gpu` (MLX writes its devices as `Device(gpu, 0)`)."""
+    """`torch cpu`, `torch cuda:0`, `mlx gpu` (MLX writes its devices as `Device(gpu, 0)`); for a
+    remote engine its host and the server's kind: `gpu-box:8000 vllm`."""
     i = engine.info
+    if "dialect" in i.extra:
+        return f"{i.device} {i.extra['dialect']}"
     device = re.sub(r"Device\((\w+), \d+\)", r"\1", i.device)
     return f"{i.backend} {device}"
 
@@ -29,6 +32,13 @@ def model_name(engine: Engine) -> str:
     i = engine.info
     name = i.checkpoint.removesuffix(".gguf")
     return name if i.weight_type.lower() in name.lower() else f"{name} {i.weight_type}"
+
+
+def model_record(engine: Engine) -> str:
+    """What the history records as the chat's model: a remote one with the endpoint that served it."""
+    i = engine.info
+    endpoint = i.extra.get("endpoint")
+    return f"{i.checkpoint} at {endpoint}" if endpoint else i.checkpoint
 
 
 def settings_text(settings: Settings) -> list[str]:
@@ -72,8 +82,9 @@ def status_parts(
     if engine is None:
         return {"loading": ["loading the model…"]}
     used = "?" if context_used is None else str(context_used)
+    config = getattr(engine, "config", None)  # a remote server does not say its context size
     return {
-        "ctx": [f"ctx {used}/{engine.config.context_length}"],
+        "ctx": [f"ctx {used}/{config.context_length}" if config else f"ctx {used}"],
         "stats": stats_text(stats, live),
         "model": [model_name(engine), ""],
         "device": [device_name(engine), ""],

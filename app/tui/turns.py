@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..session import ChatMessage
+from ..session import ChatMessage, is_remote
 from .dialogs import ChoiceScreen
 
 if TYPE_CHECKING:
@@ -37,12 +37,18 @@ def offer_context_relief(screen: ChatScreen, text: str) -> None:
     )
 
 
+def leaves_room(screen: ChatScreen) -> bool:
+    """Whether the prompt leaves room for an answer in the context."""
+    if is_remote(screen.engine):
+        return True  # no tokenizer here to count with: one turn goes per request
+    size = screen.engine.config.context_length
+    return len(screen.session.prompt_ids()) + min(screen.settings.max_new_tokens, size // 4) <= size
+
+
 async def drop_to_fit(screen: ChatScreen, at_least_one: bool = False) -> None:
     """Drop the oldest turns until the prompt leaves room for an answer, then go on."""
-    size = screen.engine.config.context_length
-    room = min(screen.settings.max_new_tokens, size // 4)
     dropped: list[ChatMessage] = []
-    while (at_least_one and not dropped) or len(screen.session.prompt_ids()) + room > size:
+    while (at_least_one and not dropped) or not leaves_room(screen):
         removed = screen.session.drop_oldest_turn()
         if not removed:
             break

@@ -121,7 +121,9 @@ def openai_request(
         body["seed"] = sampling.seed
     if sampling.top_k is not None and dialect.top_k:
         body["top_k"] = sampling.top_k
-    if sampling.repeat_penalty != 1.0 and dialect.repeat_penalty:
+    # Sent at 1.0 too: a server's own default may be a penalty (smollm3 serve's is the CLI's 1.1),
+    # which would make a greedy answer differ from the local one.
+    if dialect.repeat_penalty:
         body[dialect.repeat_penalty] = sampling.repeat_penalty
         if dialect.repeat_last_n:
             body[dialect.repeat_last_n] = sampling.repeat_last_n

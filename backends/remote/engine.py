@@ -207,6 +207,8 @@ class RemoteEngine:
                         pieces += 1
                         last = time.perf_counter()
                         first = first or last
+                        # Live counts for a progress line; the server's, where it sends them, at the end.
+                        stats.generated_tokens, stats.decode_steps, stats.decode_s = pieces, pieces - 1, last - first
                         yield text
                     finish = chunk.finish_reason or finish
                     if self.client.interrupted or (should_stop is not None and should_stop()):
