@@ -31,6 +31,9 @@ class ScriptedEngine(TorchEngine):
         self.compute = True  # False: no forward passes at all (the fuzz test's fast engine)
         self.fail = False  # True: sample() raises, as a backend failure would
         self._script: list[int] = []
+        # No speculation: without compute there are no logits rows to verify drafts on, and the
+        # queue and disconnect tests count one sample() per forward.
+        self.rows_exact = False
 
     def say(self, *texts: str) -> None:
         """Scripts for the next generate calls, one text each (an EOS follows each)."""

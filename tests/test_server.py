@@ -259,7 +259,7 @@ def test_a_failing_engine_is_a_500_and_the_server_goes_on(url, engine):
 
 async def test_requests_queue_in_order_and_a_full_queue_is_429(engine):
     engine.say(*["a b c d e f"] * 3)
-    engine.delay_s = 0.05
+    engine.delay_s = 0.2  # a reply takes over a second: the first still generates when the third arrives
     with serve_engine(engine, max_queue=1) as url:
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
             body = {"messages": [{"role": "user", "content": "Hi"}], "reasoning_effort": "none"}
