@@ -336,11 +336,21 @@ def end_output(tty: bool, splitter: ThinkingSplitter) -> None:
     out.flush()
 
 
-def run_chat(args: argparse.Namespace, tracer: Tracer) -> int:
-    from .tui import run_tui  # Textual loads only for the chat
+def given_flags(argv: list[str]) -> set[str]:
+    """The dests of the flags argv gives (abbreviated or not), as opposed to their defaults."""
+    parser = build_parser()
+    for action in parser._actions:  # argparse sets no attribute for a SUPPRESS default not given
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
-    if args.system is not None:
-        raise UsageError("--system applies to one-shot mode (--prompt); in the chat, set it with /system")
+
+# The chat's settings (Settings.to_dict keys) from the flags that set them.
+CHAT_SETTING_FLAGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "sample_len": "max_new_tokens"}
+
+
+def run_chat(args: argparse.Namespace, tracer: Tracer, given: set[str] = frozenset()) -> int:
+    """The chat TUI. Flags the user gave win over the settings saved in the chat, for this run."""
+    from .tui import run_tui  # Textual loads only for the chat
 
     if args.endpoint is not None:
         label = args.endpoint
@@ -353,8 +363,10 @@ def run_chat(args: argparse.Namespace, tracer: Tracer) -> int:
         progress(f"connecting to {label}..." if args.endpoint else f"loading {args.model_path or label}...")
         return load_engine(args, tracer, chatter=False)
 
+    flag_settings = {key: getattr(args, dest) for dest, key in CHAT_SETTING_FLAGS.items() if dest in given}
     return run_tui(engine_factory, thinking=args.thinking, sampling=sampling_from(args),
-                   max_new_tokens=args.sample_len, resume=args.resume, model_label=label)
+                   max_new_tokens=args.sample_len, resume=args.resume, model_label=label,
+                   flag_settings=flag_settings, system_prompt=args.system)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling_from(args)
         prompt = read_prompt(args)
         if prompt is None:
-            return run_chat(args, tracer)
+            return run_chat(args, tracer, given_flags(argv))
         engine, use_template = load_engine(args, tracer)
         return run_prompt(args, prompt, engine, use_template)
     except SmolLMError as e:

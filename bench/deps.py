@@ -35,14 +35,37 @@ def installed(name: str) -> bool:
     return (target(name) / PACKAGES[name][1]).exists()
 
 
+# x86 features llama.cpp's CMake can be told one by one: (flag in /proc/cpuinfo, GGML option)
+X86_FEATURES = [("avx", "AVX"), ("avx2", "AVX2"), ("fma", "FMA"), ("f16c", "F16C"), ("bmi2", "BMI2"),
+                ("avx_vnni", "AVX_VNNI"), ("avx512f", "AVX512"), ("avx512vbmi", "AVX512_VBMI"),
+                ("avx512_vnni", "AVX512_VNNI"), ("avx512_bf16", "AVX512_BF16")]
+
+
+def llamacpp_cmake_args() -> str | None:
+    """On a CPU with AMX, llama.cpp 0.3.36 built with -march=native segfaults in llama_decode
+    (measured: a Sapphire Rapids-class Xeon, any model and thread count), so its features are
+    named one by one without AMX; elsewhere None: the native build."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return None
+    if "amx_int8" not in flags:
+        return None
+    on = [f"-DGGML_{option}=ON" for feature, option in X86_FEATURES if feature in flags]
+    return " ".join(["-DGGML_NATIVE=OFF", *on, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
+
+
 def start_install(name: str) -> subprocess.Popen | None:
     """Start pip for `name` in the background; None when it is already there."""
     if installed(name):
         return None
     DEPS_DIR.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--target", str(target(name)),
-           *PACKAGES[name][0]]
-    return subprocess.Popen(cmd, stdout=open(target(name).with_suffix(".log"), "w"), stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "--upgrade", "--target",
+           str(target(name)), *PACKAGES[name][0]]
+    env = dict(os.environ)
+    if name == "llamacpp" and (cmake_args := llamacpp_cmake_args()):
+        env["CMAKE_ARGS"] = cmake_args
+    return subprocess.Popen(cmd, stdout=open(target(name).with_suffix(".log"), "w"), stderr=subprocess.STDOUT, env=env)
 
 
 def wait_install(name: str, proc: subprocess.Popen | None) -> None:

@@ -349,3 +349,12 @@ def test_endpoint_reads_a_piped_prompt(fake_server):
     assert r.returncode == 0, r.stderr
     assert r.stdout == "Hello, world!\n" and stats(r.stderr) == (21, 4)
     assert peer.requests[0]["messages"][-1] == {"role": "user", "content": "Hi there"}
+
+
+def test_given_flags_are_told_from_defaults():
+    from app.cli import given_flags
+
+    assert given_flags(["--temp", "0", "-n5", "--top-k=3"]) >= {"temperature", "sample_len", "top_k"}
+    assert not given_flags([]) & {"temperature", "sample_len", "top_k", "top_p"}
+    assert "top_p" not in given_flags(["--temperature", "0.8"])  # equal to the default, still given
+    assert "temperature" in given_flags(["--temperature", "0.8"])

@@ -970,6 +970,26 @@ async def test_settings_are_stored_per_chat_and_as_defaults(tmp_path):
         assert app.chat.settings == saved  # the chat's own
 
 
+async def test_flags_given_on_the_command_line_win_over_saved_settings(tmp_path):
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    store.set_default("settings", {"temperature": 0.7, "top_p": None, "top_k": 20, "max_new_tokens": 9})
+    store.set_default("system_prompt", "Be terse.")
+    chat_id = store.create_chat("Old", "Be terse.", False, "tiny")
+    store.set_settings(chat_id, {"temperature": 0.5, "top_p": None, "top_k": 20, "max_new_tokens": 9})
+    store.close()
+    flags = {"temperature": 0.0, "max_new_tokens": 4}
+    app = make_app(tmp_path, ScriptedEngine(["Answer."]), flag_settings=flags, system_prompt="Answer in French.")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        s = app.chat.settings
+        assert (s.sampling.temperature, s.sampling.top_k, s.max_new_tokens) == (0.0, 20, 4)  # top-k: saved
+        assert app.chat.session.system_prompt == "Answer in French."
+        await app.chat.open_chat(chat_id)
+        s = app.chat.settings
+        assert (s.sampling.temperature, s.max_new_tokens) == (0.0, 4)  # over the stored chat's own too
+        assert app.chat.session.system_prompt == "Be terse."  # a stored chat keeps its own
+
+
 async def test_regenerate_and_edit_reuse_the_cache_up_to_the_change(tmp_path):
     engine = ScriptedEngine(["First answer.", "Second answer.", "Third answer."])
     app = make_app(tmp_path, engine, max_new_tokens=20)

@@ -18,6 +18,8 @@ def run_tui(
     resume: bool,
     model_label: str,
     use_template: bool = True,
+    flag_settings: dict | None = None,
+    system_prompt: str | None = None,
 ) -> int:
     """Run the chat app until the user quits; the exit status (2 when the model failed to load,
     130 after a SIGINT from outside: a partial answer is kept and the terminal restored).
@@ -34,6 +36,8 @@ def run_tui(
         resume=resume,
         model_label=model_label,
         use_template=use_template,
+        flag_settings=flag_settings,
+        system_prompt=system_prompt,
         catch_sigint=True,
     )
     code = app.run()

@@ -50,6 +50,8 @@ class ChatApp(App[int]):
         model_label: str = "the model",
         store: ChatStore | None = None,
         use_template: bool = True,
+        flag_settings: dict | None = None,
+        system_prompt: str | None = None,
         catch_sigint: bool = False,
     ):
         super().__init__()
@@ -64,7 +66,8 @@ class ChatApp(App[int]):
                 store = ChatStore(":memory:")
                 self.store_error = f"{e}; this session's chats will not be kept"
         self.store = store
-        self.chat = ChatScreen(store, Settings(sampling, max_new_tokens), thinking, model_label, use_template)
+        self.chat = ChatScreen(store, Settings(sampling, max_new_tokens), thinking, model_label, use_template,
+                               flag_settings=flag_settings, system_prompt=system_prompt)
         self.load_failed = False
         self._interrupted_at: float | None = None  # the last Ctrl+C that did not quit
 

@@ -63,16 +63,20 @@ class ChatScreen(Screen):
     settings: var[Settings | None] = var(None)
     live = var("")  # the answer's progress while it is generated
 
-    def __init__(self, store: ChatStore, settings: Settings, thinking: bool, model_label: str, use_template: bool):
+    def __init__(self, store: ChatStore, settings: Settings, thinking: bool, model_label: str, use_template: bool,
+                 flag_settings: dict | None = None, system_prompt: str | None = None):
         super().__init__()
         self.store = store
         self.model_label = model_label
         # The engine arrives later; until then the session holds the conversation only.
         self.session = ChatSession(engine=None, thinking=thinking, use_template=use_template)  # type: ignore[arg-type]
-        # Settings saved in the chat are the defaults for new chats, over those of the command line.
-        self.default_settings = settings.updated(store.default("settings"))
+        # Settings saved in the chat are the defaults for new chats, over the command line's own
+        # defaults; a flag the user gave wins over both for this run.
+        self.flag_settings = flag_settings or {}
+        self.flag_system_prompt = system_prompt
+        self.default_settings = self.with_flags(settings.updated(store.default("settings")))
         self.set_reactive(ChatScreen.settings, self.default_settings)
-        self.session.system_prompt = store.default("system_prompt")
+        self.session.system_prompt = self.new_chat_system_prompt()
         self.set_reactive(ChatScreen.thinking, thinking)
         self.chat_id: int | None = None
         self.title_text = "New chat"
@@ -291,9 +295,17 @@ class ChatScreen(Screen):
 
     # --- chats ---
 
+    def with_flags(self, settings: Settings) -> Settings:
+        return settings.updated({**settings.to_dict(), **self.flag_settings}) if self.flag_settings else settings
+
+    def new_chat_system_prompt(self) -> str | None:
+        if self.flag_system_prompt is not None:
+            return self.flag_system_prompt
+        return self.store.default("system_prompt")
+
     async def new_chat(self) -> None:
         self.session.clear()
-        self.session.system_prompt = self.store.default("system_prompt")
+        self.session.system_prompt = self.new_chat_system_prompt()
         self.settings = self.default_settings
         self.chat_id, self.title_text = None, "New chat"
         await self.log_view.clear()
@@ -309,7 +321,7 @@ class ChatScreen(Screen):
         chat = self.store.load_chat(chat_id)
         await self.new_chat()
         self.chat_id, self.title_text = chat.id, chat.title
-        self.settings = self.default_settings.updated(chat.settings)
+        self.settings = self.with_flags(self.default_settings.updated(chat.settings))
         self.session.system_prompt = chat.system_prompt
         self.log_view.show_system_prompt(chat.system_prompt)
         self.session.messages = [m for m in chat.messages if m.in_context]
