@@ -1,4 +1,4 @@
-"""Our C kernels for the CPU (native/gguf_matmul.c): matmul and dequantization on GGUF blocks,
+"""Our C kernels for the CPU (native/cpu_kernels.c): matmul and dequantization on GGUF blocks,
 plus RMSNorm, SwiGLU and decode attention; built once per machine, loaded with ctypes.
 
 Built with the system C compiler into the user cache (keyed by the source, the compiler and
@@ -24,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .. import settings
 
-SOURCE = Path(__file__).with_name("native") / "gguf_matmul.c"
+SOURCE = Path(__file__).with_name("native") / "cpu_kernels.c"
 # The types the C side's table holds (tests check the two agree; supports() asks the library).
 TYPES = tuple(
     GGMLQuantizationType[name]

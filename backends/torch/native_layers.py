@@ -16,7 +16,7 @@ from .model import MLP, TORCH_LAYERS, Attention, Layers, RMSNorm
 # Inputs of fewer rows (a decoded token, a speculative draft's few: backends/speculative.py) take
 # the decode's C kernels row by row, so each row's logits are bitwise those of the row decoded
 # alone: the int8 activation rounding turns a 1e-7 difference in attention into ~0.5 in logits.
-# gguf_matmul.c's UNPACK_MIN_ROWS keeps its matmul rows the same below this count.
+# cpu_kernels.c's UNPACK_MIN_ROWS keeps its matmul rows the same below this count.
 ROWS_AS_DECODED = 16
 
 
