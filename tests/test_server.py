@@ -201,7 +201,11 @@ def test_models_health_and_one_log_line_per_request(server, url):
     before = len(lines)
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-smollm3"
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
-    assert len(lines) == before + 2 and " GET /v1/models 200 " in lines[-2] and " GET /health 200 " in lines[-1]
+    deadline = time.monotonic() + 5  # a request's line is written as its response ends, after the client has it
+    while not any(" GET /health 200 " in line for line in lines[before:]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gets = [line for line in lines[before:] if " GET " in line]  # (a slow earlier POST may log late)
+    assert len(gets) == 2 and " GET /v1/models 200 " in gets[0] and " GET /health 200 " in gets[1]
 
 
 # --- errors ---
