@@ -86,21 +86,35 @@ def question(client: int, turn: int) -> str:
 
 
 async def stream_turn(http: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int) -> Turn:
-    turn, ids, finish, done = Turn(), set(), None, False
+    turn, ids = Turn(), set()
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0,
             "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
+    try:
+        await read_stream(http, body, turn, ids, t0, state := {"finish": None, "done": False})
+    except httpx.TransportError as e:  # a stream the server cut is a finding of the run, not its end
+        turn.problems.append(f"{type(e).__name__}: {e}")
+    finish, done = state["finish"], state["done"]
+    turn.total_s = time.perf_counter() - t0
+    if len(ids) != 1:
+        turn.problems.append(f"{len(ids)} response ids in one stream")
+    if finish is None or not done:
+        turn.problems.append(f"incomplete stream (finish_reason={finish}, [DONE]={done})")
+    return turn
+
+
+async def read_stream(http: httpx.AsyncClient, body: dict, turn: Turn, ids: set, t0: float, state: dict) -> None:
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             turn.problems.append(f"status {r.status_code}: {(await r.aread())[:200]!r}")
-            return turn
+            return
         async for line in r.aiter_lines():
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
-                done = True
+                state["done"] = True
                 continue
             chunk = json.loads(data)
             ids.add(chunk["id"])
@@ -111,13 +125,7 @@ async def stream_turn(http: httpx.AsyncClient, model: str, messages: list[dict],
                 if piece and not turn.text:
                     turn.ttft_s = time.perf_counter() - t0
                 turn.text += piece
-                finish = choice.get("finish_reason") or finish
-    turn.total_s = time.perf_counter() - t0
-    if len(ids) != 1:
-        turn.problems.append(f"{len(ids)} response ids in one stream")
-    if finish is None or not done:
-        turn.problems.append(f"incomplete stream (finish_reason={finish}, [DONE]={done})")
-    return turn
+                state["finish"] = choice.get("finish_reason") or state["finish"]
 
 
 async def conversation(http, model: str, client: int, turns: int, max_tokens: int) -> tuple[list[dict], list[Turn]]:
