@@ -8,17 +8,15 @@ is token for token the one mlx_lm generates in-process from the same prompt.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from backends.remote import RemoteEngine
 from backends.sampling import GREEDY
-from tests.fake_servers import free_port
+from tests.fake_servers import free_port, server_process
 
 pytest.importorskip("mlx_lm")
 pytest.importorskip("mlx.core")
@@ -35,23 +33,8 @@ def mlx_server(tmp_path_factory):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path_factory.mktemp("hf-cache"))}
     command = [sys.executable, "-m", "mlx_lm.server", "--model", str(CHECKPOINT), "--host", "127.0.0.1",
                "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            try:
-                if httpx.get(url + "/models", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlx_lm.server did not start")
-            time.sleep(0.2)
+    with server_process(command, f"http://127.0.0.1:{port}/v1", "mlx_lm.server", 120, env=env) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def mlx_lm_greedy(thinking: bool, max_tokens: int) -> tuple[str, int]:

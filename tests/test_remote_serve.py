@@ -4,18 +4,15 @@ the local chat's greedy answers token for token, and a stopped answer frees the 
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.session import ChatSession
 from backends.remote import RemoteEngine
 from backends.sampling import GREEDY
-from tests.fake_servers import free_port
+from tests.fake_servers import free_port, server_process
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,23 +27,8 @@ pytestmark = [
 def serve_url():
     port = free_port()
     command = [sys.executable, "-m", "app", "serve", "--model-path", str(GGUF), "--port", str(port)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            try:
-                if httpx.get(url + "/models", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("smollm3 serve did not start")
-            time.sleep(0.3)
+    with server_process(command, f"http://127.0.0.1:{port}/v1", "smollm3 serve", 180, cwd=ROOT) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 def test_remote_and_local_chat_give_the_same_greedy_answers(serve_url):
