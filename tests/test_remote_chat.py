@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from app.session import ChatMessage, ChatSession
+from app.session import ChatSession
 from app.tui.app import ChatApp
 from app.tui.status import status_text
 from app.tui.store import ChatStore
 from app.tui.worker import Settings
-from app.tui.widgets import AssistantMessage, LoadingPanel, UserMessage
+from app.tui.widgets import LoadingPanel, UserMessage
 from backends.remote import RemoteEngine, RemoteServerError, RemoteStreamCut
 from backends.sampling import GREEDY, SamplingParams
 from test_remote_serve import serve_url  # noqa: F401 (a fixture: smollm3 serve on 127.0.0.1, once per module)
-from test_tui_support import ready, send, settle, wait_for
+from test_tui_support import answers, ready, send, settle, thinking_folds_when_the_answer_starts, wait_for
 from tests.fake_servers import FakePeer, Script, ServerThread, free_port
 
 SIZE = (100, 32)
@@ -50,9 +50,6 @@ def rows(tmp_path, sql="SELECT role, content, status FROM messages ORDER BY id")
     with sqlite3.connect(tmp_path / "chats.sqlite3") as db:
         return db.execute(sql).fetchall()
 
-
-def answers(app) -> list[AssistantMessage]:
-    return list(app.query(AssistantMessage))
 
 
 # --- the session ---
@@ -124,13 +121,7 @@ async def test_reasoning_folds_as_with_a_local_engine_and_the_chat_records_the_e
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "Hi", wait=False)
-        await wait_for(pilot, lambda: answers(app) and answers(app)[0].thinking_block is not None, what="the thinking block")
-        block = answers(app)[0].thinking_block
-        assert not block.collapsed and block.title == "Thinking…"
-        await wait_for(pilot, lambda: answers(app)[0].answer_text.strip(), what="the answer")
-        assert block.collapsed and block.title == "Thought"
-        await settle(pilot)
-        widget = answers(app)[0]
+        widget = await thinking_folds_when_the_answer_starts(pilot, app)
         assert widget.thinking_block.body.source == "Let me think about it."
         assert widget.answer.source == "Hello, world!"
         assert rows(tmp_path) == [("user", "Hi", "done"), ("assistant", "<think>Let me think about it.</think>Hello, world!", "done")]
@@ -309,7 +300,7 @@ async def test_the_chat_on_smollm3_serve_stops_mid_answer_and_the_server_is_free
         assert time.monotonic() - t0 < 30
         answer = app.chat.session.messages[-1]
         assert answer.status in ("done", "length") and answer.content
-    # The local chat, given the same conversation (the stopped answer as the server sent it), agrees.
-    local = ChatSession(local_engine)
-    local.messages = [ChatMessage(m.role, m.content) for m in app.chat.session.messages[:-1]]
-    assert "".join(local.generate(12, GREEDY)) == answer.content
+    # Token-for-token parity with the local chat is the three-turn test's, where both caches hold the
+    # same history. Here the server's cache holds the stopped story as decoded rows while a local
+    # session would prefill it in one chunk: the two paths agree to ~1e-6, and where the stop lands
+    # decides whether a near-tie of the 135M model flips ("2+2 = ", "2+2 is a", "two and two").

@@ -23,7 +23,8 @@ from app.tui.widgets import AssistantMessage, LoadingPanel, PromptInput, UserMes
 from backends import SamplingParams
 from backends.errors import ResolutionError
 from backends.sampling import GREEDY
-from test_tui_support import GenerateSpy, ScriptedEngine, ready, send, settle, tiny_engine, wait_for
+from test_tui_support import (GenerateSpy, ScriptedEngine, answers, ready, send, settle,
+                              thinking_folds_when_the_answer_starts, tiny_engine, wait_for)
 
 SIZE = (100, 32)
 THOUGHT_AND_CODE = (
@@ -49,9 +50,6 @@ def full_status(app) -> str:
     chat = app.chat
     return "the model did not load" if chat.load_failed else status_text(chat.engine, chat.context_used, chat.stats, chat.settings, chat.live)
 
-
-def answers(app) -> list[AssistantMessage]:
-    return list(app.query(AssistantMessage))
 
 
 async def test_send_streams_the_reply_and_stores_both_messages(tmp_path, monkeypatch):
@@ -304,13 +302,7 @@ async def test_thinking_streams_into_its_own_block_folded_when_the_answer_starts
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "Show me a loop", wait=False)
-        await wait_for(pilot, lambda: answers(app) and answers(app)[0].thinking_block is not None, what="the thinking block")
-        block = answers(app)[0].thinking_block
-        assert not block.collapsed and block.title == "Thinking…"
-        await wait_for(pilot, lambda: answers(app)[0].answer_text.strip(), what="the answer")
-        assert block.collapsed and block.title == "Thought"
-        await settle(pilot)
-        widget = answers(app)[0]
+        widget = await thinking_folds_when_the_answer_starts(pilot, app)
         assert widget.thinking_block.body.source == "The user wants a loop."
         # The fence is whole after the final render.
         assert widget.answer.source.endswith("```python\nfor i in range(3):\n    print(i)\n```\n\nDone.")

@@ -117,3 +117,21 @@ async def settle(pilot, timeout: float = 120.0) -> None:
     await pilot.pause()
     await wait_for(pilot, lambda: not app.chat.generating, timeout, what="the answer")
     await pilot.pause()
+
+
+def answers(app) -> list:
+    from app.tui.widgets import AssistantMessage
+
+    return list(app.query(AssistantMessage))
+
+
+async def thinking_folds_when_the_answer_starts(pilot, app):
+    """The first answer's thinking block is open while it streams and folds once the answer
+    starts; the settled answer widget."""
+    await wait_for(pilot, lambda: answers(app) and answers(app)[0].thinking_block is not None, what="the thinking block")
+    block = answers(app)[0].thinking_block
+    assert not block.collapsed and block.title == "Thinking…"
+    await wait_for(pilot, lambda: answers(app)[0].answer_text.strip(), what="the answer")
+    assert block.collapsed and block.title == "Thought"
+    await settle(pilot)
+    return answers(app)[0]
