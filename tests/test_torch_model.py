@@ -205,3 +205,41 @@ def test_native_layers_compute_torch_layers_maths(qtype, reference_kernels):
         steps += [model(torch.tensor([PROMPT[pos]]), pos) for pos in range(30, len(PROMPT))]
         logits.append(torch.cat(steps).numpy())
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-4)
+
+
+def _last_logits_in_chunks(engine, ids: list[int], chunks: list[int]) -> np.ndarray:
+    """The last row's logits with the prompt fed in forward passes of these sizes."""
+    engine.cached_ids, pos, logits = [], 0, None
+    for size in chunks:
+        logits = engine.forward(ids[pos : pos + size], pos, last_only=True)
+        pos += size
+    assert pos == len(ids)
+    return engine.to_numpy(logits)[-1].copy()
+
+
+CHUNKINGS = ([70], [1] * 70, [15, 16, 17, 22], [33, 1, 36], [2, 64, 4])
+
+
+@pytest.mark.xfail(strict=True, reason="prefill rows take the int8 GEMM and torch attention, decoded rows the C dots")
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K_M"])
+def test_native_prefill_is_bitwise_independent_of_chunking(qtype):
+    """A chat's or the server's KV cache history decides where a prompt's forward passes start;
+    on the native kernels each row's logits are those of the row decoded alone, bit for bit,
+    so greedy answers cannot depend on it."""
+    engine = backends.load(tiny_gguf(qtype), backend="torch")
+    ids = (PROMPT * 3)[:70]
+    first = _last_logits_in_chunks(engine, ids, CHUNKINGS[0])
+    for chunks in CHUNKINGS[1:]:
+        assert np.array_equal(_last_logits_in_chunks(engine, ids, chunks), first), chunks
+
+
+@pytest.mark.xfail(strict=True, reason="prefill rows take the int8 GEMM and torch attention, decoded rows the C dots")
+def test_native_prefill_is_bitwise_independent_of_chunking_on_the_real_smollm2(smollm2_gguf):
+    engine = backends.load(smollm2_gguf, backend="torch")
+    ids = engine.tokenizer.encode("The history of the printing press begins in China, where woodblock printing "
+                                  "was used on cloth and later on paper. Movable type made of clay appeared in the "
+                                  "eleventh century, and metal type followed in Korea. In Europe, Gutenberg")[:70]
+    ids += [ids[-1]] * (70 - len(ids))
+    first = _last_logits_in_chunks(engine, ids, CHUNKINGS[0])
+    for chunks in CHUNKINGS[1:]:
+        assert np.array_equal(_last_logits_in_chunks(engine, ids, chunks), first), chunks
