@@ -113,8 +113,11 @@ class WeightParts:
         self.c_rows = (ctypes.c_int * len(blocks))(*[b.shape[0] for b in blocks])
 
 
-def gguf_matmul(lib: ctypes.CDLL, ggml_type: int, weight: WeightParts | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ W^T for W [N, K] held as GGUF blocks (one tensor, or parts stacked by rows); float32 [M, N]."""
+def gguf_matmul(
+    lib: ctypes.CDLL, ggml_type: int, weight: WeightParts | torch.Tensor, x: torch.Tensor, threads: int | None = None
+) -> torch.Tensor:
+    """x [M, K] @ W^T for W [N, K] held as GGUF blocks (one tensor, or parts stacked by rows); float32 [M, N].
+    Row m of the result is bitwise what x[m] alone gives, whatever M and the thread count."""
     if isinstance(weight, torch.Tensor):
         weight = WeightParts([weight])
     if x.dtype != torch.float32 or not x.is_contiguous():  # (tests, not calls: a decoded token pays per op)
@@ -122,7 +125,8 @@ def gguf_matmul(lib: ctypes.CDLL, ggml_type: int, weight: WeightParts | torch.Te
     M, K = x.shape
     y = torch.empty(M, weight.rows)
     status = lib.gguf_matmul(
-        ggml_type, len(weight.blocks), weight.c_pointers, weight.c_rows, x.data_ptr(), y.data_ptr(), M, K, torch.get_num_threads()
+        ggml_type, len(weight.blocks), weight.c_pointers, weight.c_rows, x.data_ptr(), y.data_ptr(), M, K,
+        threads or torch.get_num_threads(),
     )
     if status:
         raise RuntimeError(f"gguf_matmul failed ({status}) for type {ggml_type}, K={K}")

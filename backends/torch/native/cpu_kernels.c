@@ -10,8 +10,9 @@
 // weight. As in llama.cpp, activations are quantized to int8 per block (32 values, or 256 for
 // the 256-value blocks), so each block is one integer dot product; the result is exactly
 // sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
-// takes the same activation blocks (an int8 GEMM), so a prompt's answer does not depend on how
-// it is split into forward passes, and no path is less exact than llama.cpp's.
+// takes the same activation blocks (an int8 GEMM) and gives each row bitwise the result it gets
+// decoded alone, for every row count, so a prompt's answer does not depend on how it is split
+// into forward passes, and no path is less exact than llama.cpp's.
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
@@ -122,90 +123,140 @@ static inline __m256i nibbles_32(const uint8_t *p) {
 }
 #endif
 
-// The 32-value formats: each block is a short dependent chain (dot, convert, multiply-add), so
-// four blocks go in flight at once on separate accumulators (measured 1.6x on one core).
+// --- one weight row, read straight off its blocks, against R activation rows ---
+//
+// R is a constant at each call (1 for a decoded token, DOT_ROWS for a prompt's rows), so the
+// loops over r unroll and every sum stays in a register. Each block's weights are decoded into
+// registers once for all R rows; each row then takes the operations it takes alone, in the same
+// order, so its result is bitwise the same for every R (tests/test_torch_native.py). That is what
+// makes a prompt's answer independent of how it is split into forward passes (a chat's cached
+// history, the server's batching, a speculative draft): the real models have near-ties that a
+// 1e-6 difference flips.
+
+#define ROWS_INLINE static inline __attribute__((always_inline))
+// Input rows per call for a prompt: R sets of sums in registers (AVX-512 has 32 of them).
+#define DOT_ROWS 4
+
+// Activation row r's block b (rows are x_row bytes apart).
+#define X_BLOCK(type, x, x_row, r, b) ((const type *)((x) + (size_t)(r) * (x_row)) + (b))
+
 #ifdef USE_AVX2
-static inline __m256 q8_0_block(const uint8_t *w, const x_block32 *x, __m256 acc) {
-    __m256i q = _mm256_loadu_si256((const __m256i *)(w + 2));
-    __m256i xq = _mm256_loadu_si256((const __m256i *)x->q);
-    // |q| as unsigned times x with q's sign: a signed product on an unsigned-signed op
-    __m256i p = dot_u8_s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xq, q));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(read_u16(w)) * x->d), acc);
+// The integer sums of 16-bit products p * s, added into 8 int32 lanes.
+static inline __m256i add_dot_i16(__m256i sum, __m256i p, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(sum, p, s);
+#else
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(p, s));
+#endif
 }
 
-// Q4_0, Q4_1: [d dx, m sx] (Q4_1) or [d dx, d sx] (Q4_0) from one f16 conversion and one
-// multiply: the codes' scale in lane 0, the block's offset term (before Q4_0's -8) in lane 1.
-static inline __m128 q4_scales(const uint8_t *w, const x_block32 *x, int with_min) {
-    uint32_t bits;
-    if (with_min) memcpy(&bits, w, 4);
-    else bits = read_u16(w) * 0x10001u;
-    __m128 xs = _mm_castpd_ps(_mm_load_sd((const double *)&x->d));  // [dx, sx]: adjacent fields
-    return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)bits)), xs);
-}
-
-static inline __m256 q4_block(const uint8_t *codes, __m128 scales, const x_block32 *x, __m256 acc) {
-    __m256i p = dot_u8_s8(nibbles_32(codes), _mm256_loadu_si256((const __m256i *)x->q));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(scales), acc);
+static inline float hsum_128(__m128 v) {
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 }
 #endif
 
-static float dot_q8_0(const uint8_t *w, const void *xv, int K) {
-    const x_block32 *x = xv;
+// Q8_0: w = d q. The 32-value blocks are each a short dependent chain (dot, convert,
+// multiply-add), so four blocks go in flight at once on separate accumulators (measured 1.6x on
+// one core); the last K / 32 % 4 blocks go on the first.
+#ifdef USE_AVX2
+ROWS_INLINE void q8_0_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], const int R) {
+    __m256i q = _mm256_loadu_si256((const __m256i *)(w + 2)), magnitude = _mm256_sign_epi8(q, q);
+    float d = f16_to_f32(read_u16(w));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+        // |q| as unsigned times x with q's sign: a signed product on an unsigned-signed op
+        __m256i p = dot_u8_s8(magnitude, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb->q), q));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xb->d), acc[r]);
+    }
+}
+#endif
+
+ROWS_INLINE void q8_0_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 32, b = 0;
 #ifdef USE_AVX2
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (; b + 3 < nb; b += 4, w += 4 * 34)
-        for (int u = 0; u < 4; u++) acc[u] = q8_0_block(w + 34 * u, x + b + u, acc[u]);
-    for (; b < nb; b++, w += 34) acc[0] = q8_0_block(w, x + b, acc[0]);
-    return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    __m256 acc[4][R];
+    for (int u = 0; u < 4; u++)
+        for (int r = 0; r < R; r++) acc[u][r] = _mm256_setzero_ps();
+    for (; b + 3 < nb; b += 4)
+        for (int u = 0; u < 4; u++) q8_0_block(w + 34 * (b + u), x, x_row, b + u, acc[u], R);
+    for (; b < nb; b++) q8_0_block(w + 34 * b, x, x_row, b, acc[0], R);
+    for (int r = 0; r < R; r++)
+        y[r * y_step] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r])));
 #else
-    float acc = 0;
+    float acc[R];
+    for (int r = 0; r < R; r++) acc[r] = 0;
     for (; b < nb; b++, w += 34) {
         const int8_t *q = (const int8_t *)(w + 2);
-        int sum = 0;
-        for (int j = 0; j < 32; j++) sum += q[j] * x[b].q[j];
-        acc += f16_to_f32(read_u16(w)) * x[b].d * sum;
-    }
-    return acc;
-#endif
-}
-
-// Q4_0: w = d (q - 8); Q4_1: w = d q + m. Both: sum_j w_j x_j = d dx sum(q xq) + c sx.
-static inline float dot_q4_01(const uint8_t *w, const void *xv, int K, int with_min) {
-    const x_block32 *x = xv;
-    int nb = K / 32, size = with_min ? 20 : 18, codes = with_min ? 4 : 2, b = 0;
-#ifdef USE_AVX2
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    __m128 offsets = _mm_setzero_ps();
-    for (; b + 3 < nb; b += 4) {
-        for (int u = 0; u < 4; u++, w += size) {
-            __m128 scales = q4_scales(w, x + b + u, with_min);
-            offsets = _mm_add_ps(offsets, scales);
-            acc[u] = q4_block(w + codes, scales, x + b + u, acc[u]);
+        float d = f16_to_f32(read_u16(w));
+        for (int r = 0; r < R; r++) {
+            const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+            int sum = 0;
+            for (int j = 0; j < 32; j++) sum += q[j] * xb->q[j];
+            acc[r] += d * xb->d * sum;
         }
     }
-    for (; b < nb; b++, w += size) {
-        __m128 scales = q4_scales(w, x + b, with_min);
-        offsets = _mm_add_ps(offsets, scales);
-        acc[0] = q4_block(w + codes, scales, x + b, acc[0]);
-    }
-    float offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets, offsets, 1)) * (with_min ? 1 : -8);
-    return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + offset;
-#else
-    float sum = 0, offset = 0;
-    for (; b < nb; b++, w += size) {
-        float d = f16_to_f32(read_u16(w));
-        offset += (with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d) * x[b].s;
-        int dot = 0;
-        for (int j = 0; j < 16; j++) dot += (w[codes + j] & 15) * x[b].q[j] + (w[codes + j] >> 4) * x[b].q[j + 16];
-        sum += d * x[b].d * dot;
-    }
-    return sum + offset;
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
 #endif
 }
 
-static float dot_q4_0(const uint8_t *w, const void *x, int K) { return dot_q4_01(w, x, K, 0); }
-static float dot_q4_1(const uint8_t *w, const void *x, int K) { return dot_q4_01(w, x, K, 1); }
+// Q4_0: w = d (q - 8); Q4_1: w = d q + m. Both: sum_j w_j x_j = d dx sum(q xq) + c sx, with
+// c = m (Q4_1) or -8 d (Q4_0). Blocks in flight as Q8_0's.
+#ifdef USE_AVX2
+ROWS_INLINE void q4_01_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], __m128 offsets[],
+                             const int with_min, const int R) {
+    __m256i q = nibbles_32(w + (with_min ? 4 : 2));
+    uint32_t bits;  // [d, m] (Q4_1) or [d, d] (Q4_0): one f16 conversion
+    if (with_min) memcpy(&bits, w, 4);
+    else bits = read_u16(w) * 0x10001u;
+    __m128 weight_scales = _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+        // [d dx, c sx]: the codes' scale in lane 0, the offset term (before Q4_0's -8) in lane 1
+        __m128 scales = _mm_mul_ps(weight_scales, _mm_castpd_ps(_mm_load_sd((const double *)&xb->d)));
+        offsets[r] = _mm_add_ps(offsets[r], scales);
+        __m256i p = dot_u8_s8(q, _mm256_loadu_si256((const __m256i *)xb->q));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(scales), acc[r]);
+    }
+}
+#endif
+
+ROWS_INLINE void q4_01_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
+                            const int with_min, const int R) {
+    int nb = K / 32, size = with_min ? 20 : 18, b = 0;
+#ifdef USE_AVX2
+    __m256 acc[4][R];
+    __m128 offsets[R];
+    for (int r = 0; r < R; r++) {
+        offsets[r] = _mm_setzero_ps();
+        for (int u = 0; u < 4; u++) acc[u][r] = _mm256_setzero_ps();
+    }
+    for (; b + 3 < nb; b += 4)
+        for (int u = 0; u < 4; u++) q4_01_block(w + size * (b + u), x, x_row, b + u, acc[u], offsets, with_min, R);
+    for (; b < nb; b++) q4_01_block(w + size * b, x, x_row, b, acc[0], offsets, with_min, R);
+    for (int r = 0; r < R; r++) {
+        float offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets[r], offsets[r], 1)) * (with_min ? 1 : -8);
+        y[r * y_step] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r]))) + offset;
+    }
+#else
+    int codes = with_min ? 4 : 2;
+    float sum[R], offset[R];
+    for (int r = 0; r < R; r++) sum[r] = offset[r] = 0;
+    for (; b < nb; b++, w += size) {
+        float d = f16_to_f32(read_u16(w)), c = with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d;
+        for (int r = 0; r < R; r++) {
+            const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+            offset[r] += c * xb->s;
+            int dot = 0;
+            for (int j = 0; j < 16; j++) dot += (w[codes + j] & 15) * xb->q[j] + (w[codes + j] >> 4) * xb->q[j + 16];
+            sum[r] += d * xb->d * dot;
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = sum[r] + offset[r];
+#endif
+}
 
 // Q4_K: 8 groups of 32 with 6-bit scales and mins: w = d sc q - dmin m. The 12 scale bytes as
 // three words a, b, c: scales 0-3 = a & 63, mins 0-3 = b & 63, scales 4-7 = low nibbles of c
@@ -221,87 +272,97 @@ static inline void q4_k_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2])
     mn[1] = ((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030);
 }
 
-static float dot_q4_k(const uint8_t *w, const void *xv, int K) {
-    const x_block256 *x = xv;
+ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 256;
 #ifdef USE_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    __m128 acc_min = _mm_setzero_ps();
+    __m256 acc[R];
+    __m128 acc_min[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), acc_min[r] = _mm_setzero_ps();
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     for (int b = 0; b < nb; b++, w += 144) {
-        float d = f16_to_f32(read_u16(w)) * x[b].d, dmin = f16_to_f32(read_u16(w + 2)) * x[b].d;
+        float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
         uint32_t sc[2], mn[2];
         q4_k_scales(w + 4, sc, mn);
-        __m128i mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, mn[1], mn[0])), _mm_loadu_si128((const __m128i *)x[b].sums32));
-        acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_set1_ps(dmin), acc_min);
+        __m128i mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, mn[1], mn[0]));
         // the 8 scales as int16 in both lanes; shuffles broadcast one to a whole register
         __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc[1], sc[0])));
+        __m256i sum[R];
+        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
         const uint8_t *qs = w + 16;
-        const int8_t *xq = x[b].q;
-        __m256i sum = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++, qs += 32, xq += 64) {
+        for (int j = 0; j < 4; j++, qs += 32) {
             __m256i q = _mm256_loadu_si256((const __m256i *)qs);
             __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-            // codes <= 15, |x| <= 127: the int16 pair sums cannot saturate; scales fold in via madd
-            __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq));
-            __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32)));
             __m256i slo = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 1) << 8 | 4 * j)));
             __m256i shi = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))));
-            sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_madd_epi16(plo, slo), _mm256_madd_epi16(phi, shi)));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 64 * j;
+                // codes <= 15, |x| <= 127: the int16 pair sums cannot saturate; scales fold in via madd
+                __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq));
+                __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32)));
+                sum[r] = add_dot_i16(add_dot_i16(sum[r], plo, slo), phi, shi);
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d), acc);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            __m128i m = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)xb->sums32));
+            acc_min[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_set1_ps(dmin * xb->d), acc_min[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * xb->d), acc[r]);
+        }
     }
-    __m128 m = _mm_add_ps(acc_min, _mm_movehl_ps(acc_min, acc_min));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    return hsum_ps(acc) - _mm_cvtss_f32(m);
+    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_128(acc_min[r]);
 #else
-    float acc = 0;
+    float acc[R];
+    for (int r = 0; r < R; r++) acc[r] = 0;
     for (int b = 0; b < nb; b++, w += 144) {
-        float d = f16_to_f32(read_u16(w)) * x[b].d, dmin = f16_to_f32(read_u16(w + 2)) * x[b].d;
+        float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
         uint32_t scw[2], mnw[2];
         q4_k_scales(w + 4, scw, mnw);
         const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw;
-        const uint8_t *qs = w + 16;
-        const int8_t *xq = x[b].q;
-        int sum = 0, mins = 0;
-        for (int j = 0; j < 8; j++) mins += mn[j] * x[b].sums32[j];
-        for (int j = 0; j < 4; j++, qs += 32, xq += 64) {
-            int lo = 0, hi = 0;
-            for (int l = 0; l < 32; l++) {
-                lo += (qs[l] & 15) * xq[l];
-                hi += (qs[l] >> 4) * xq[l + 32];
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            const uint8_t *qs = w + 16;
+            const int8_t *xq = xb->q;
+            int sum = 0, mins = 0;
+            for (int j = 0; j < 8; j++) mins += mn[j] * xb->sums32[j];
+            for (int j = 0; j < 4; j++, qs += 32, xq += 64) {
+                int lo = 0, hi = 0;
+                for (int l = 0; l < 32; l++) {
+                    lo += (qs[l] & 15) * xq[l];
+                    hi += (qs[l] >> 4) * xq[l + 32];
+                }
+                sum += sc[2 * j] * lo + sc[2 * j + 1] * hi;
             }
-            sum += sc[2 * j] * lo + sc[2 * j + 1] * hi;
+            acc[r] += d * xb->d * sum - dmin * xb->d * mins;
         }
-        acc += d * sum - dmin * mins;
     }
-    return acc;
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
 #endif
 }
 
 // Q6_K: 16 groups of 16 with int8 scales: w = d sc (q - 32), q = 4 low bits (ql) | 2 high (qh).
 // Per half of 128: codes l, l+32, l+64, l+96 take ql[l] low, ql[l+32] low, ql[l] high,
 // ql[l+32] high nibbles and bits 0-1, 2-3, 4-5, 6-7 of qh[l] (ggml's dequantize_row_q6_K).
-static float dot_q6_k(const uint8_t *w, const void *xv, int K) {
-    const x_block256 *x = xv;
+ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 256;
 #ifdef USE_AVX2
-    __m256 acc = _mm256_setzero_ps(), acc_shift = _mm256_setzero_ps();
+    __m256 acc[R], acc_shift[R];
+    for (int r = 0; r < R; r++) acc[r] = acc_shift[r] = _mm256_setzero_ps();
     const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
-#else
-    float acc = 0;
-#endif
     for (int b = 0; b < nb; b++, w += 210) {
         const uint8_t *ql = w, *qh = w + 128;
-        const int8_t *sc = (const int8_t *)(w + 192);
-        float d = f16_to_f32(read_u16(w + 208)) * x[b].d;
-        const int8_t *xq = x[b].q;
-#ifdef USE_AVX2
-        __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
-        __m256i shift = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)x[b].sums));
-        acc_shift = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shift), _mm256_set1_ps(32 * d), acc_shift);
-        __m256i sum = _mm256_setzero_si256();
-        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, xq += 128) {
+        float d = f16_to_f32(read_u16(w + 208));
+        __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
+        __m256i sum[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            __m256i shift = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)xb->sums));
+            acc_shift[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shift), _mm256_set1_ps(32 * (d * xb->d)), acc_shift[r]);
+            sum[r] = _mm256_setzero_si256();
+        }
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32) {
             __m256i half_scales = _mm256_broadcastsi128_si256(half ? _mm256_extracti128_si256(scales, 1) : _mm256_castsi256_si128(scales));
             __m256i h = _mm256_loadu_si256((const __m256i *)qh);
             __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
@@ -311,47 +372,77 @@ static float dot_q6_k(const uint8_t *w, const void *xv, int K) {
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), low2), 4)),
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), low2), 4)),
             };
-            for (int k = 0; k < 4; k++) {
+            // scale 2k for the low 16 codes, 2k + 1 for the high: int16 lanes of this half's 8
+            __m256i s[4];
+            for (int k = 0; k < 4; k++)
+                s[k] = _mm256_shuffle_epi8(half_scales, _mm256_set_m128i(_mm_set1_epi16((short)((4 * k + 3) << 8 | (4 * k + 2))),
+                                                                        _mm_set1_epi16((short)((4 * k + 1) << 8 | 4 * k))));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 128 * half;
                 // codes <= 63, |x| <= 127: no int16 saturation; each 16 codes take their own scale
-                __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(xq + 32 * k)));
-                // scale 2k for the low 16 codes, 2k + 1 for the high: int16 lanes of this half's 8
-                __m256i s = _mm256_shuffle_epi8(half_scales, _mm256_set_m128i(_mm_set1_epi16((short)((4 * k + 3) << 8 | (4 * k + 2))),
-                                                                             _mm_set1_epi16((short)((4 * k + 1) << 8 | 4 * k))));
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, s));
+                for (int k = 0; k < 4; k++)
+                    sum[r] = add_dot_i16(sum[r], _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(xq + 32 * k))), s[k]);
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d), acc);
-#else
-        int sum = 0, shift = 0;
-        for (int g = 0; g < 16; g++) shift += sc[g] * x[b].sums[g];
-        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, xq += 128) {
-            for (int l = 0; l < 32; l++) {
-                int g = l / 16;
-                sum += sc[g] * ((ql[l] & 15) | ((qh[l] & 3) << 4)) * xq[l];
-                sum += sc[g + 2] * ((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) * xq[l + 32];
-                sum += sc[g + 4] * ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) * xq[l + 64];
-                sum += sc[g + 6] * ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) * xq[l + 96];
-            }
-        }
-        acc += d * (sum - 32 * shift);
-#endif
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
     }
-#ifdef USE_AVX2
-    return hsum_ps(acc) - hsum_ps(acc_shift);
+    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_ps(acc_shift[r]);
 #else
-    return acc;
+    float acc[R];
+    for (int r = 0; r < R; r++) acc[r] = 0;
+    for (int b = 0; b < nb; b++, w += 210) {
+        float d = f16_to_f32(read_u16(w + 208));
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            const uint8_t *ql = w, *qh = w + 128;
+            const int8_t *sc = (const int8_t *)(w + 192), *xq = xb->q;
+            int sum = 0, shift = 0;
+            for (int g = 0; g < 16; g++) shift += sc[g] * xb->sums[g];
+            for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, xq += 128) {
+                for (int l = 0; l < 32; l++) {
+                    int g = l / 16;
+                    sum += sc[g] * ((ql[l] & 15) | ((qh[l] & 3) << 4)) * xq[l];
+                    sum += sc[g + 2] * ((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) * xq[l + 32];
+                    sum += sc[g + 4] * ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) * xq[l + 64];
+                    sum += sc[g + 6] * ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) * xq[l + 96];
+                }
+            }
+            acc[r] += d * xb->d * (sum - 32 * shift);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
 #endif
 }
 
-// --- weights unpacked to one form: prefill (several input rows per weight row) and the other types ---
+// Each type's row function with R as a constant: one input row (decode) or DOT_ROWS.
+typedef void (*rows_fn)(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, int R);
+
+#define ROWS_FN(name) \
+    static void dot_##name(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, int R) { \
+        if (R == DOT_ROWS) name##_rows(w, x, x_row, K, y, y_step, DOT_ROWS); \
+        else name##_rows(w, x, x_row, K, y, y_step, 1); \
+    }
+#define q4_0_rows(w, x, x_row, K, y, y_step, R) q4_01_rows(w, x, x_row, K, y, y_step, 0, R)
+#define q4_1_rows(w, x, x_row, K, y, y_step, R) q4_01_rows(w, x, x_row, K, y, y_step, 1, R)
+ROWS_FN(q8_0)
+ROWS_FN(q4_0)
+ROWS_FN(q4_1)
+ROWS_FN(q4_k)
+ROWS_FN(q6_k)
+
+// --- the other types: each weight row unpacked to one form, then dot_unpacked ---
 //
-// Every type's block becomes 8-bit codes q, one integer scale per 16 codes, a float d per block
+// Every such type's block becomes 8-bit codes q, one integer scale per 16 codes, a float d per block
 // and a float offset per offset group (16 codes for the 256-value blocks, 32 for the others):
 // w_j = d * sc * q_j + off. Against int8 activations xq (scale dx per activation block, which is
 // as long as the weight block) a block's sum is d * dx * sum_g sc_g * sum_{j in g} q_j xq_j plus
 // the offsets times the activations' sums: integers first, one float multiply per block.
-// The codes are unsigned (0..63) except for the types whose codes are signed values (Q8_0 and
-// the IQ4 tables), which take the sign trick the Q8_0 dot uses.
+// The codes are unsigned (0..63) except for the types whose codes are signed values (the IQ4
+// tables), which take the sign trick the Q8_0 dot uses. As with the types' own dots, a row's
+// arithmetic does not depend on how many rows share the call (R).
 
 typedef struct {
     uint8_t *q;   // K codes
@@ -380,14 +471,6 @@ static inline __m256i bits_as_0x10(uint32_t bits) {
 }
 #endif
 
-static void unpack_q8_0(const uint8_t *w, int K, unpacked_row *u) {
-    for (int b = 0; b < K / 32; b++, w += 34) {
-        u->d[b] = f16_to_f32(read_u16(w));
-        memcpy(u->q + 32 * b, w + 2, 32);
-        set_scales(u->sc + 16 * b, 1, 1);
-    }
-}
-
 // Q4_0, Q4_1, Q5_0, Q5_1: 32 codes, low nibbles first; Q5_x's bit 4 of code j is bit j of qh.
 static inline void unpack_q4_q5(const uint8_t *w, int K, unpacked_row *u, int with_min, int with_high) {
     int qh_at = with_min ? 4 : 2, qs_at = qh_at + (with_high ? 4 : 0), size = qs_at + 16;
@@ -413,8 +496,6 @@ static inline void unpack_q4_q5(const uint8_t *w, int K, unpacked_row *u, int wi
     }
 }
 
-static void unpack_q4_0(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 0, 0); }
-static void unpack_q4_1(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 1, 0); }
 static void unpack_q5_0(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 0, 1); }
 static void unpack_q5_1(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 1, 1); }
 
@@ -501,28 +582,7 @@ static inline void unpack_q4_q5_k(const uint8_t *w, int K, unpacked_row *u, int 
     }
 }
 
-static void unpack_q4_k(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5_k(w, K, u, 0); }
 static void unpack_q5_k(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5_k(w, K, u, 1); }
-
-static void unpack_q6_k(const uint8_t *w, int K, unpacked_row *u) {  // layout: see dot_q6_k
-    for (int b = 0; b < K / 256; b++, w += 210) {
-        const uint8_t *ql = w, *qh = w + 128;
-        const int8_t *sc = (const int8_t *)(w + 192);
-        float d = f16_to_f32(read_u16(w + 208));
-        uint8_t *q = u->q + 256 * b;
-        for (int half = 0; half < 2; half++, ql += 64, qh += 32, q += 128) {
-            for (int l = 0; l < 32; l++) {
-                q[l] = (uint8_t)((ql[l] & 15) | (qh[l] & 3) << 4);
-                q[l + 32] = (uint8_t)((ql[l + 32] & 15) | ((qh[l] >> 2) & 3) << 4);
-                q[l + 64] = (uint8_t)((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4);
-                q[l + 96] = (uint8_t)((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4);
-            }
-        }
-        u->d[b] = d;
-        for (int g = 0; g < 16; g++) u->off[16 * b + g] = -32 * d * sc[g];
-        for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), sc[2 * c], sc[2 * c + 1]);
-    }
-}
 
 // Q3_K: hmask[32], qs[64], scales[12], d: 16 groups of 16 with 6-bit scales minus 32; code
 // 32 j + l of each half n (128 values) is 2 bits of qs[32 n + l] at shift 2 j, and 4 when bit
@@ -580,29 +640,28 @@ static void unpack_q2_k(const uint8_t *w, int K, unpacked_row *u) {
 
 // --- the matmul ---
 
-typedef float (*dot_fn)(const uint8_t *, const void *, int);
 typedef void (*unpack_fn)(const uint8_t *, int, unpacked_row *);
 
 typedef struct {
     int type, block, block_bytes, x_block, x_block_bytes;
+    rows_fn dot;  // straight off the blocks; or NULL: unpacked, then dot_unpacked
     unpack_fn unpack;
-    int signed_codes, has_offset;
-    dot_fn dot;  // one row against one input row, straight off the blocks (decode); or NULL
+    int signed_codes, has_offset;  // of the unpacked form
 } format;
 
 static const format FORMATS[] = {
-    {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), unpack_q4_0, 0, 1, dot_q4_0},
-    {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), unpack_q4_1, 0, 1, dot_q4_1},
-    {GGML_Q5_0, 32, 22, 32, sizeof(x_block32), unpack_q5_0, 0, 1, NULL},
-    {GGML_Q5_1, 32, 24, 32, sizeof(x_block32), unpack_q5_1, 0, 1, NULL},
-    {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), unpack_q8_0, 1, 0, dot_q8_0},
-    {GGML_IQ4_NL, 32, 18, 32, sizeof(x_block32), unpack_iq4_nl, 1, 0, NULL},
-    {GGML_Q2_K, 256, 84, 256, sizeof(x_block256), unpack_q2_k, 0, 1, NULL},
-    {GGML_Q3_K, 256, 110, 256, sizeof(x_block256), unpack_q3_k, 0, 1, NULL},
-    {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), unpack_q4_k, 0, 1, dot_q4_k},
-    {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), unpack_q5_k, 0, 1, NULL},
-    {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), unpack_q6_k, 0, 1, dot_q6_k},
-    {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), unpack_iq4_xs, 1, 0, NULL},
+    {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), dot_q4_0},
+    {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), dot_q4_1},
+    {GGML_Q5_0, 32, 22, 32, sizeof(x_block32), NULL, unpack_q5_0, 0, 1},
+    {GGML_Q5_1, 32, 24, 32, sizeof(x_block32), NULL, unpack_q5_1, 0, 1},
+    {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), dot_q8_0},
+    {GGML_IQ4_NL, 32, 18, 32, sizeof(x_block32), NULL, unpack_iq4_nl, 1, 0},
+    {GGML_Q2_K, 256, 84, 256, sizeof(x_block256), NULL, unpack_q2_k, 0, 1},
+    {GGML_Q3_K, 256, 110, 256, sizeof(x_block256), NULL, unpack_q3_k, 0, 1},
+    {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), dot_q4_k},
+    {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), NULL, unpack_q5_k, 0, 1},
+    {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), dot_q6_k},
+    {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), NULL, unpack_iq4_xs, 1, 0},
 };
 
 // Values per offset: the 256-value blocks' offsets are per 16 codes (sums[g] of the activations'
@@ -622,9 +681,6 @@ static float dot_f32(const float *a, const float *b, int n) {
     for (; j < n; j++) sum += a[j] * b[j];
     return sum + ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
-
-// Input rows per dot_unpacked call: 4 sums and 4 accumulators in registers.
-#define DOT_ROWS 4
 
 // R activation rows (quantized, x_row bytes apart) against one unpacked weight row: y[r * y_step].
 // Each block's codes and scales are loaded once for all R rows (register blocking); R is a
@@ -749,11 +805,6 @@ int gguf_matmul_simd(void) {
 #define ROWS_PER_TASK 16
 // Input rows per pass: their codes (up to ~350 KB for K = 11008) stay in L2.
 #define INPUTS_PER_PASS 32
-// From this many input rows on (a prompt), each weight row is unpacked once and multiplied with
-// the rows DOT_ROWS at a time. Below it (a decoded token, a speculative draft's few) each input
-// row is computed exactly as a row alone, bit for bit: verifying a draft must give the logits
-// decoding would (backends/speculative.py; ROWS_AS_DECODED in native_layers.py).
-#define UNPACK_MIN_ROWS 16
 
 static size_t unpacked_bytes(const format *f, int K) {
     return (size_t)K + (size_t)K * sizeof(int16_t) / 2 + (size_t)(K / f->block + K / 16) * sizeof(float);
@@ -778,7 +829,7 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
     size_t x_row = x_sums_at(f, K) + (size_t)(K / 16) * sizeof(float), w_row = (size_t)(K / f->block) * f->block_bytes;
     int N = 0;
     for (int p = 0; p < parts; p++) N += part_rows[p];
-    int unpack = M >= UNPACK_MIN_ROWS || !f->dot;
+    int unpack = !f->dot;
     // a whole task's rows unpacked at once where several passes over the inputs reuse them
     int unpacked_rows = M > INPUTS_PER_PASS ? ROWS_PER_TASK : 1;
     size_t u_bytes = (unpacked_bytes(f, K) + 63) / 64 * 64, per_thread = unpack ? u_bytes * unpacked_rows : 0;
@@ -814,15 +865,15 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
                 for (int m0 = 0; m0 < M; m0 += INPUTS_PER_PASS) {
                     int m1 = m0 + INPUTS_PER_PASS < M ? m0 + INPUTS_PER_PASS : M;
                     for (int i = 0; i < rows; i++) {
+                        // DOT_ROWS input rows a call, the rest one at a time: a row's sum is the
+                        // same either way (see the dots), so no row depends on its neighbours
                         float *out = y + (size_t)m0 * N + n + i;
-                        if (!unpack) {
-                            for (int m = m0; m < m1; m++, out += N) *out = f->dot(row[i], xq + m * x_row, K);
-                            continue;
+                        for (int m = m0; m < m1; ) {
+                            int R = m + DOT_ROWS <= m1 ? DOT_ROWS : 1;
+                            if (unpack) dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, R);
+                            else f->dot(row[i], xq + m * x_row, x_row, K, out, N, R);
+                            m += R, out += (size_t)R * N;
                         }
-                        int m = m0, batch = M >= UNPACK_MIN_ROWS ? DOT_ROWS : 1;
-                        for (; m + batch <= m1; m += batch, out += batch * (size_t)N)
-                            dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, batch);
-                        for (; m < m1; m++, out += N) dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, 1);
                     }
                 }
             }
