@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 import backends
 from backends.sampling import GREEDY
 from backends.torch import native
-from conftest import FIXTURES
+from conftest import FIXTURES, tiny_gguf
 from test_quants import F16_FIELDS
 
 F16_FIELDS = {**F16_FIELDS, T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
@@ -149,6 +149,31 @@ def test_silu_mul_is_swiglu():
     gate_up = torch.randn(3, 2 * 40) * 4
     want = torch.nn.functional.silu(gate_up[:, :40]) * gate_up[:, 40:]
     torch.testing.assert_close(native.silu_mul(native.library(), gate_up), want, rtol=1e-6, atol=1e-6)
+
+
+def test_silu_mul_rows_are_bitwise_the_row_alone():
+    gate_up = torch.randn(100, 2 * 1536, generator=torch.Generator().manual_seed(0)) * 4  # threaded from ~22 rows
+    alone = torch.cat([native.silu_mul(native.library(), gate_up[m : m + 1], threads=1) for m in range(100)])
+    for threads in (1, 2):
+        for M in ROW_COUNTS:
+            assert torch.equal(native.silu_mul(native.library(), gate_up[:M], threads=threads), alone[:M]), (threads, M)
+
+
+def test_native_mlp_rows_are_bitwise_the_row_alone():
+    """The MLP of a prompt's rows (matmuls and silu) is each row's MLP decoded alone."""
+    from backends.checkpoint import open_checkpoint
+    from backends.torch.loader import load_weights
+    from backends.torch.model import Transformer
+    from backends.torch.native_layers import NATIVE_LAYERS
+
+    ckpt = open_checkpoint(tiny_gguf("Q4_K_M"))  # gate/up and down of mixed types
+    model = Transformer(ckpt.config, torch.float32, torch.device("cpu"), NATIVE_LAYERS)
+    load_weights(model, ckpt)
+    mlp = model.layers[0].mlp
+    x = torch.randn(100, ckpt.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    alone = torch.cat([mlp(x[m : m + 1]) for m in range(100)])
+    for M in ROW_COUNTS:
+        assert torch.equal(mlp(x[:M]), alone[:M]), M
 
 
 # --- the real SmolLM2-135M: every kernel path gives the exact reference's greedy tokens ---

@@ -70,7 +70,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.rms_norm_f32.restype = None
     lib.attend_one_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     lib.attend_one_f32.restype = ctypes.c_int
-    lib.silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+    lib.silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
     lib.silu_mul_f32.restype = None
     lib.gguf_matmul_supports.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.gguf_matmul_simd.restype = ctypes.c_int
@@ -157,10 +157,11 @@ def attend_one(lib, q, k, v, k_cache, v_cache, pos: int, heads: int, cos, signed
     return out
 
 
-def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for float32 rows [M, 2F] holding [gate | up]; returns [M, F]."""
+def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """silu(gate) * up for float32 rows [M, 2F] holding [gate | up]; returns [M, F], each row
+    bitwise what it gives alone."""
     gate_up = gate_up.contiguous()
     M, F = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(M, F)
-    lib.silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), M, F)
+    lib.silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), M, F, threads or torch.get_num_threads())
     return out

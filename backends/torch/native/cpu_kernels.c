@@ -961,8 +961,14 @@ int attend_one_f32(float *q, float *k_new, const float *v_new, float *k_cache, f
     return 0;
 }
 
-// SwiGLU's silu(gate) * up for rows of [gate | up] (the fused gate/up projection's output).
-void silu_mul_f32(const float *gate_up, float *out, int M, int F) {
-    for (int m = 0; m < M; m++, gate_up += 2 * F, out += F)
-        for (int j = 0; j < F; j++) out[j] = gate_up[j] / (1 + expf(-gate_up[j])) * gate_up[F + j];
+// SwiGLU's silu(gate) * up for rows of [gate | up] (the fused gate/up projection's output), for
+// every row count: each row's bits are the same alone or in a prompt (torch's vectorized silu
+// rounds differently from expf), threaded over rows where a prompt's rows outweigh waking threads.
+void silu_mul_f32(const float *gate_up, float *out, int M, int F, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)M * F > (1 << 16))
+    for (int m = 0; m < M; m++) {
+        const float *g = gate_up + (size_t)m * 2 * F;
+        float *o = out + (size_t)m * F;
+        for (int j = 0; j < F; j++) o[j] = g[j] / (1 + expf(-g[j])) * g[F + j];
+    }
 }
