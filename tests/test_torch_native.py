@@ -1,7 +1,10 @@
 """backends/torch/native.py: the C matmul over GGUF blocks computes exactly
-sum_j w_j * dequantized(int8 x)_j, on its SIMD and its scalar build, for every type it takes."""
+sum_j w_j * dequantized(int8 x)_j, on its SIMD builds (AVX-512, AVX2) and its scalar build, for
+every type it takes, and gives each input row the bits it gets alone."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -34,11 +37,19 @@ def reference(raw: np.ndarray, ggml_type: T) -> torch.Tensor:
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler to build the native kernels")
 
 
-@pytest.fixture(scope="module", params=["simd", "scalar"])
-def lib(request):
+@pytest.fixture(scope="module", params=["simd", "scalar", "avx2"])
+def lib(request, tmp_path_factory):
     if request.param == "simd":
         return native.library()
-    return native.load(native.build(native.compiler(), scalar=True))
+    if request.param == "scalar":
+        return native.load(native.build(native.compiler(), scalar=True))
+    # the AVX2 path, which the native build replaces with AVX-512's where the CPU has it
+    if "avx512_vnni" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("the native build is the AVX2 one here")
+    out = tmp_path_factory.mktemp("avx2") / "cpu_kernels.so"
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-march=native", "-mno-avx512f"]
+    subprocess.run([native.compiler(), *flags, str(native.SOURCE), "-o", str(out), "-lm"], check=True, timeout=120)
+    return native.load(out)
 
 
 def quantized_activations(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -27,6 +27,10 @@
 #if defined(__AVX2__) && defined(__FMA__) && !defined(SMOLLM3_SCALAR)
 #define USE_AVX2 1
 #include <immintrin.h>
+// 512-bit integer dots (VNNI) for the K-quants: twice the codes per instruction
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define USE_AVX512 1
+#endif
 #endif
 
 enum {
@@ -176,16 +180,17 @@ ROWS_INLINE void q8_0_block(const uint8_t *w, const uint8_t *x, size_t x_row, in
 ROWS_INLINE void q8_0_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 32, b = 0;
 #ifdef USE_AVX2
-    __m256 acc[4][R];
+    __m256 acc[4][DOT_ROWS];
     for (int u = 0; u < 4; u++)
         for (int r = 0; r < R; r++) acc[u][r] = _mm256_setzero_ps();
     for (; b + 3 < nb; b += 4)
+#pragma GCC unroll 4
         for (int u = 0; u < 4; u++) q8_0_block(w + 34 * (b + u), x, x_row, b + u, acc[u], R);
     for (; b < nb; b++) q8_0_block(w + 34 * b, x, x_row, b, acc[0], R);
     for (int r = 0; r < R; r++)
         y[r * y_step] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r])));
 #else
-    float acc[R];
+    float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
     for (; b < nb; b++, w += 34) {
         const int8_t *q = (const int8_t *)(w + 2);
@@ -227,13 +232,14 @@ ROWS_INLINE void q4_01_rows(const uint8_t *w, const uint8_t *x, size_t x_row, in
                             const int with_min, const int R) {
     int nb = K / 32, size = with_min ? 20 : 18, b = 0;
 #ifdef USE_AVX2
-    __m256 acc[4][R];
-    __m128 offsets[R];
+    __m256 acc[4][DOT_ROWS];
+    __m128 offsets[DOT_ROWS];
     for (int r = 0; r < R; r++) {
         offsets[r] = _mm_setzero_ps();
         for (int u = 0; u < 4; u++) acc[u][r] = _mm256_setzero_ps();
     }
     for (; b + 3 < nb; b += 4)
+#pragma GCC unroll 4
         for (int u = 0; u < 4; u++) q4_01_block(w + size * (b + u), x, x_row, b + u, acc[u], offsets, with_min, R);
     for (; b < nb; b++) q4_01_block(w + size * b, x, x_row, b, acc[0], offsets, with_min, R);
     for (int r = 0; r < R; r++) {
@@ -242,7 +248,7 @@ ROWS_INLINE void q4_01_rows(const uint8_t *w, const uint8_t *x, size_t x_row, in
     }
 #else
     int codes = with_min ? 4 : 2;
-    float sum[R], offset[R];
+    float sum[DOT_ROWS], offset[DOT_ROWS];
     for (int r = 0; r < R; r++) sum[r] = offset[r] = 0;
     for (; b < nb; b++, w += size) {
         float d = f16_to_f32(read_u16(w)), c = with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d;
@@ -274,9 +280,47 @@ static inline void q4_k_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2])
 
 ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 256;
-#ifdef USE_AVX2
-    __m256 acc[R];
-    __m128 acc_min[R];
+#if defined(USE_AVX512)
+    __m512 acc[DOT_ROWS];
+    __m128 acc_min[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps(), acc_min[r] = _mm_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    // 32 bytes of nibbles in both halves: the low nibbles kept in the lower half, the high ones
+    // shifted down in the upper, so 64 codes lie in the activations' order
+    const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    for (int b = 0; b < nb; b++, w += 144) {
+        float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
+        uint32_t sc[2], mn[2];
+        q4_k_scales(w + 4, sc, mn);
+        __m128i mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, mn[1], mn[0]));
+        __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc[1], sc[0])));
+        __m512i sum[DOT_ROWS];
+        for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) {
+            __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 16 + 32 * j)));
+            __m512i codes = _mm512_and_si512(_mm512_srlv_epi16(q, nibble_shift), low4);
+            // int16 lanes of the low 32 codes take scale 2j, the high 32's scale 2j + 1
+            __m512i lanes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)(2 * j))), _mm256_set1_epi16((short)(2 * j + 1)), 1);
+            __m512i s = _mm512_permutexvar_epi16(lanes, scales);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 64 * j;
+                // codes <= 15, |x| <= 127: the int16 pair sums cannot saturate
+                sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(codes, _mm512_loadu_si512(xq)), s);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            __m128i m = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)xb->sums32));
+            acc_min[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_set1_ps(dmin * xb->d), acc_min[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * xb->d), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = _mm512_reduce_add_ps(acc[r]) - hsum_128(acc_min[r]);
+#elif defined(USE_AVX2)
+    __m256 acc[DOT_ROWS];
+    __m128 acc_min[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), acc_min[r] = _mm_setzero_ps();
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     for (int b = 0; b < nb; b++, w += 144) {
@@ -286,7 +330,7 @@ ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
         __m128i mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, mn[1], mn[0]));
         // the 8 scales as int16 in both lanes; shuffles broadcast one to a whole register
         __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc[1], sc[0])));
-        __m256i sum[R];
+        __m256i sum[DOT_ROWS];
         for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
         const uint8_t *qs = w + 16;
         for (int j = 0; j < 4; j++, qs += 32) {
@@ -313,7 +357,7 @@ ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
     }
     for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_128(acc_min[r]);
 #else
-    float acc[R];
+    float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
     for (int b = 0; b < nb; b++, w += 144) {
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
@@ -344,17 +388,65 @@ ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
 // Q6_K: 16 groups of 16 with int8 scales: w = d sc (q - 32), q = 4 low bits (ql) | 2 high (qh).
 // Per half of 128: codes l, l+32, l+64, l+96 take ql[l] low, ql[l+32] low, ql[l] high,
 // ql[l+32] high nibbles and bits 0-1, 2-3, 4-5, 6-7 of qh[l] (ggml's dequantize_row_q6_K).
+#ifdef USE_AVX512
+// Q6_K's int16 lanes of 64 codes (after maddubs) to their scale among a half's 8: 16 codes a scale.
+static const int16_t Q6_K_SCALE_LANES[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                             2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+#endif
+
 ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 256;
-#ifdef USE_AVX2
-    __m256 acc[R], acc_shift[R];
+#if defined(USE_AVX512)
+    __m512 acc[DOT_ROWS];
+    __m256 acc_shift[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps(), acc_shift[r] = _mm256_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(0x0f), low2 = _mm512_set1_epi8(0x03);
+    const __m512i scale_lanes = _mm512_loadu_si512(Q6_K_SCALE_LANES);
+    // codes 0-63 of a half take qh's bits 0-1 (lower 32) and 2-3 (upper); codes 64-127 bits 4-5 and 6-7
+    const __m512i shift_01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    const __m512i shift_23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+    for (int b = 0; b < nb; b++, w += 210) {
+        const uint8_t *ql = w, *qh = w + 128;
+        float d = f16_to_f32(read_u16(w + 208));
+        __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
+        __m512i sum[DOT_ROWS];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            __m256i shift = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)xb->sums));
+            acc_shift[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shift), _mm256_set1_ps(32 * (d * xb->d)), acc_shift[r]);
+            sum[r] = _mm512_setzero_si512();
+        }
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32) {
+            __m512i l = _mm512_loadu_si512(ql), h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qh));
+            __m512i q01 = _mm512_or_si512(_mm512_and_si512(l, low4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(h, shift_01), low2), 4));
+            __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
+                                          _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(h, shift_23), low2), 4));
+            __m512i lanes = _mm512_add_epi16(scale_lanes, _mm512_set1_epi16((short)(8 * half)));
+            __m512i s01 = _mm512_permutexvar_epi16(lanes, _mm512_castsi256_si512(scales));
+            __m512i s23 = _mm512_permutexvar_epi16(_mm512_add_epi16(lanes, _mm512_set1_epi16(4)), _mm512_castsi256_si512(scales));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 128 * half;
+                // codes <= 63, |x| <= 127: no int16 saturation
+                sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(q01, _mm512_loadu_si512(xq)), s01);
+                sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(q23, _mm512_loadu_si512(xq + 64)), s23);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = _mm512_reduce_add_ps(acc[r]) - hsum_ps(acc_shift[r]);
+#elif defined(USE_AVX2)
+    __m256 acc[DOT_ROWS], acc_shift[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = acc_shift[r] = _mm256_setzero_ps();
     const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
     for (int b = 0; b < nb; b++, w += 210) {
         const uint8_t *ql = w, *qh = w + 128;
         float d = f16_to_f32(read_u16(w + 208));
         __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
-        __m256i sum[R];
+        __m256i sum[DOT_ROWS];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
@@ -391,7 +483,7 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
     }
     for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_ps(acc_shift[r]);
 #else
-    float acc[R];
+    float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
     for (int b = 0; b < nb; b++, w += 210) {
         float d = f16_to_f32(read_u16(w + 208));
@@ -691,10 +783,10 @@ static inline __attribute__((always_inline)) void dot_unpacked(const format *f, 
     int nb = K / f->block, block = wide ? 256 : 32;
     size_t codes_at = wide ? offsetof(x_block256, q) : offsetof(x_block32, q);
 #ifdef USE_AVX2
-    __m256 acc[R];
+    __m256 acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
 #else
-    float acc[R];
+    float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
 #endif
     for (int b = 0; b < nb; b++) {
@@ -702,7 +794,7 @@ static inline __attribute__((always_inline)) void dot_unpacked(const format *f, 
         const uint8_t *q = u->q + (size_t)b * block;
         const int16_t *sc = u->sc + (size_t)b * block / 2;
 #ifdef USE_AVX2
-        __m256i sum[R];
+        __m256i sum[DOT_ROWS];
         for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
         for (int c = 0; c < block / 32; c++) {
             __m256i codes = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
@@ -801,10 +893,8 @@ int gguf_matmul_simd(void) {
 #endif
 }
 
-// Weight rows per task: a few KB of weights that stay in L1 while every input row passes.
+// Weight rows per task: each DOT_ROWS input rows (in L1) meet all of them, read from L1 or L2.
 #define ROWS_PER_TASK 16
-// Input rows per pass: their codes (up to ~350 KB for K = 11008) stay in L2.
-#define INPUTS_PER_PASS 32
 
 static size_t unpacked_bytes(const format *f, int K) {
     return (size_t)K + (size_t)K * sizeof(int16_t) / 2 + (size_t)(K / f->block + K / 16) * sizeof(float);
@@ -831,7 +921,7 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
     for (int p = 0; p < parts; p++) N += part_rows[p];
     int unpack = !f->dot;
     // a whole task's rows unpacked at once where several passes over the inputs reuse them
-    int unpacked_rows = M > INPUTS_PER_PASS ? ROWS_PER_TASK : 1;
+    int unpacked_rows = M > DOT_ROWS ? ROWS_PER_TASK : 1;
     size_t u_bytes = (unpacked_bytes(f, K) + 63) / 64 * 64, per_thread = unpack ? u_bytes * unpacked_rows : 0;
     uint8_t *xq = malloc(x_row * M + per_thread * threads + 64);
     if (!xq) return -2;
@@ -862,19 +952,17 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
                         f->unpack(row[i], K, &u[i]);
                     }
                 }
-                for (int m0 = 0; m0 < M; m0 += INPUTS_PER_PASS) {
-                    int m1 = m0 + INPUTS_PER_PASS < M ? m0 + INPUTS_PER_PASS : M;
+                // DOT_ROWS input rows a call (they stay in L1 while the task's weight rows pass),
+                // the last M % DOT_ROWS one at a time: a row's sums are the same either way (see
+                // the dots), so no row depends on its neighbours
+                for (int m = 0; m < M;) {
+                    int R = m + DOT_ROWS <= M ? DOT_ROWS : 1;
                     for (int i = 0; i < rows; i++) {
-                        // DOT_ROWS input rows a call, the rest one at a time: a row's sum is the
-                        // same either way (see the dots), so no row depends on its neighbours
-                        float *out = y + (size_t)m0 * N + n + i;
-                        for (int m = m0; m < m1; ) {
-                            int R = m + DOT_ROWS <= m1 ? DOT_ROWS : 1;
-                            if (unpack) dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, R);
-                            else f->dot(row[i], xq + m * x_row, x_row, K, out, N, R);
-                            m += R, out += (size_t)R * N;
-                        }
+                        float *out = y + (size_t)m * N + n + i;
+                        if (unpack) dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, R);
+                        else f->dot(row[i], xq + m * x_row, x_row, K, out, N, R);
                     }
+                    m += R;
                 }
             }
         }
