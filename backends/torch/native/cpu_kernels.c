@@ -127,6 +127,21 @@ static inline __m256i nibbles_32(const uint8_t *p) {
 }
 #endif
 
+// IQ4_NL's and IQ4_XS's 16 non-uniform levels (ggml's kvalues_iq4nl).
+static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+#ifdef USE_AVX2
+// 32 bits as 32 bytes, 0x10 where the bit is set (Q5_x's fifth bits): byte j takes byte j / 8 of
+// the word, then tests its bit j % 8.
+static inline __m256i bits_as_0x10(uint32_t bits) {
+    const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+#endif
+
 // --- one weight row, read straight off its blocks, against R activation rows ---
 //
 // R is a constant at each call (1 for a decoded token, DOT_ROWS for a prompt's rows), so the
@@ -160,12 +175,15 @@ static inline float hsum_128(__m128 v) {
 }
 #endif
 
-// Q8_0: w = d q. The 32-value blocks are each a short dependent chain (dot, convert,
-// multiply-add), so four blocks go in flight at once on separate accumulators (measured 1.6x on
-// one core); the last K / 32 % 4 blocks go on the first.
+// Q8_0: w = d q; IQ4_NL (d, qs[16]): w = d level[q] with 4-bit q in Q4_0's order. The 32-value
+// blocks are each a short dependent chain (dot, convert, multiply-add), so four blocks go in
+// flight at once on separate accumulators (measured 1.6x on one core); the last K / 32 % 4
+// blocks go on the first.
 #ifdef USE_AVX2
-ROWS_INLINE void q8_0_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], const int R) {
-    __m256i q = _mm256_loadu_si256((const __m256i *)(w + 2)), magnitude = _mm256_sign_epi8(q, q);
+ROWS_INLINE void signed_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], const int iq4, const int R) {
+    __m256i q = iq4 ? _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), nibbles_32(w + 2))
+                    : _mm256_loadu_si256((const __m256i *)(w + 2));
+    __m256i magnitude = _mm256_sign_epi8(q, q);
     float d = f16_to_f32(read_u16(w));
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
@@ -177,23 +195,26 @@ ROWS_INLINE void q8_0_block(const uint8_t *w, const uint8_t *x, size_t x_row, in
 }
 #endif
 
-ROWS_INLINE void q8_0_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
-    int nb = K / 32, b = 0;
+ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
+                           const int iq4, const int R) {
+    int nb = K / 32, size = iq4 ? 18 : 34, b = 0;
 #ifdef USE_AVX2
     __m256 acc[4][DOT_ROWS];
     for (int u = 0; u < 4; u++)
         for (int r = 0; r < R; r++) acc[u][r] = _mm256_setzero_ps();
     for (; b + 3 < nb; b += 4)
 #pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) q8_0_block(w + 34 * (b + u), x, x_row, b + u, acc[u], R);
-    for (; b < nb; b++) q8_0_block(w + 34 * b, x, x_row, b, acc[0], R);
+        for (int u = 0; u < 4; u++) signed_block(w + size * (b + u), x, x_row, b + u, acc[u], iq4, R);
+    for (; b < nb; b++) signed_block(w + size * b, x, x_row, b, acc[0], iq4, R);
     for (int r = 0; r < R; r++)
         y[r * y_step] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r])));
 #else
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
-    for (; b < nb; b++, w += 34) {
-        const int8_t *q = (const int8_t *)(w + 2);
+    for (; b < nb; b++, w += size) {
+        int8_t q[32];
+        for (int j = 0; j < 16 && iq4; j++) q[j] = IQ4_LEVELS[w[2 + j] & 15], q[j + 16] = IQ4_LEVELS[w[2 + j] >> 4];
+        if (!iq4) memcpy(q, w + 2, 32);
         float d = f16_to_f32(read_u16(w));
         for (int r = 0; r < R; r++) {
             const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
@@ -206,12 +227,19 @@ ROWS_INLINE void q8_0_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
 #endif
 }
 
-// Q4_0: w = d (q - 8); Q4_1: w = d q + m. Both: sum_j w_j x_j = d dx sum(q xq) + c sx, with
-// c = m (Q4_1) or -8 d (Q4_0). Blocks in flight as Q8_0's.
+// Q4_0: w = d (q - 8); Q4_1: w = d q + m; Q5_0 and Q5_1 the same with a fifth bit (qh, a u32
+// after d and m: bit j is code j's bit 4) and Q5_0's zero at 16. All: sum_j w_j x_j =
+// d dx sum(q xq) + c sx, with c = m or -zero d. Blocks in flight as Q8_0's.
 #ifdef USE_AVX2
-ROWS_INLINE void q4_01_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], __m128 offsets[],
-                             const int with_min, const int R) {
-    __m256i q = nibbles_32(w + (with_min ? 4 : 2));
+ROWS_INLINE void q4_q5_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], __m128 offsets[],
+                             const int with_min, const int with_high, const int R) {
+    int qh_at = with_min ? 4 : 2;
+    __m256i q = nibbles_32(w + qh_at + (with_high ? 4 : 0));
+    if (with_high) {
+        uint32_t qh;
+        memcpy(&qh, w + qh_at, 4);
+        q = _mm256_or_si256(q, bits_as_0x10(qh));
+    }
     uint32_t bits;  // [d, m] (Q4_1) or [d, d] (Q4_0): one f16 conversion
     if (with_min) memcpy(&bits, w, 4);
     else bits = read_u16(w) * 0x10001u;
@@ -219,7 +247,7 @@ ROWS_INLINE void q4_01_block(const uint8_t *w, const uint8_t *x, size_t x_row, i
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
         const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
-        // [d dx, c sx]: the codes' scale in lane 0, the offset term (before Q4_0's -8) in lane 1
+        // [d dx, c sx]: the codes' scale in lane 0, the offset term (before the -zero) in lane 1
         __m128 scales = _mm_mul_ps(weight_scales, _mm_castpd_ps(_mm_load_sd((const double *)&xb->d)));
         offsets[r] = _mm_add_ps(offsets[r], scales);
         __m256i p = dot_u8_s8(q, _mm256_loadu_si256((const __m256i *)xb->q));
@@ -228,9 +256,9 @@ ROWS_INLINE void q4_01_block(const uint8_t *w, const uint8_t *x, size_t x_row, i
 }
 #endif
 
-ROWS_INLINE void q4_01_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
-                            const int with_min, const int R) {
-    int nb = K / 32, size = with_min ? 20 : 18, b = 0;
+ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
+                            const int with_min, const int with_high, const int R) {
+    int nb = K / 32, size = (with_min ? 20 : 18) + (with_high ? 4 : 0), zero = with_high ? 16 : 8, b = 0;
 #ifdef USE_AVX2
     __m256 acc[4][DOT_ROWS];
     __m128 offsets[DOT_ROWS];
@@ -240,23 +268,30 @@ ROWS_INLINE void q4_01_rows(const uint8_t *w, const uint8_t *x, size_t x_row, in
     }
     for (; b + 3 < nb; b += 4)
 #pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) q4_01_block(w + size * (b + u), x, x_row, b + u, acc[u], offsets, with_min, R);
-    for (; b < nb; b++) q4_01_block(w + size * b, x, x_row, b, acc[0], offsets, with_min, R);
+        for (int u = 0; u < 4; u++) q4_q5_block(w + size * (b + u), x, x_row, b + u, acc[u], offsets, with_min, with_high, R);
+    for (; b < nb; b++) q4_q5_block(w + size * b, x, x_row, b, acc[0], offsets, with_min, with_high, R);
     for (int r = 0; r < R; r++) {
-        float offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets[r], offsets[r], 1)) * (with_min ? 1 : -8);
+        float offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets[r], offsets[r], 1)) * (with_min ? 1 : -zero);
         y[r * y_step] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r]))) + offset;
     }
 #else
-    int codes = with_min ? 4 : 2;
+    int qh_at = with_min ? 4 : 2, codes = qh_at + (with_high ? 4 : 0);
     float sum[DOT_ROWS], offset[DOT_ROWS];
     for (int r = 0; r < R; r++) sum[r] = offset[r] = 0;
     for (; b < nb; b++, w += size) {
-        float d = f16_to_f32(read_u16(w)), c = with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d;
+        float d = f16_to_f32(read_u16(w)), c = with_min ? f16_to_f32(read_u16(w + 2)) : -zero * d;
+        uint32_t qh = 0;
+        if (with_high) memcpy(&qh, w + qh_at, 4);
+        int q[32];
+        for (int j = 0; j < 16; j++) {
+            q[j] = (w[codes + j] & 15) | ((qh >> j) & 1) << 4;
+            q[j + 16] = (w[codes + j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
+        }
         for (int r = 0; r < R; r++) {
             const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
             offset[r] += c * xb->s;
             int dot = 0;
-            for (int j = 0; j < 16; j++) dot += (w[codes + j] & 15) * xb->q[j] + (w[codes + j] >> 4) * xb->q[j + 16];
+            for (int j = 0; j < 32; j++) dot += q[j] * xb->q[j];
             sum[r] += d * xb->d * dot;
         }
     }
@@ -264,7 +299,8 @@ ROWS_INLINE void q4_01_rows(const uint8_t *w, const uint8_t *x, size_t x_row, in
 #endif
 }
 
-// Q4_K: 8 groups of 32 with 6-bit scales and mins: w = d sc q - dmin m. The 12 scale bytes as
+// Q4_K: 8 groups of 32 with 6-bit scales and mins: w = d sc q - dmin m; Q5_K the same with
+// qh[32] after the scales (bit 4 of group s's code l is bit s of qh[l]) and qs after qh. The 12 scale bytes as
 // three words a, b, c: scales 0-3 = a & 63, mins 0-3 = b & 63, scales 4-7 = low nibbles of c
 // with a's top 2 bits above, mins 4-7 = high nibbles of c with b's top bits (ggml's get_scale_min_k4).
 static inline void q4_k_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2]) {
@@ -278,8 +314,9 @@ static inline void q4_k_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2])
     mn[1] = ((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030);
 }
 
-ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
-    int nb = K / 256;
+ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
+                              const int with_high, const int R) {
+    int nb = K / 256, size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
 #if defined(USE_AVX512)
     __m512 acc[DOT_ROWS];
     __m128 acc_min[DOT_ROWS];
@@ -288,7 +325,7 @@ ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
     // 32 bytes of nibbles in both halves: the low nibbles kept in the lower half, the high ones
     // shifted down in the upper, so 64 codes lie in the activations' order
     const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-    for (int b = 0; b < nb; b++, w += 144) {
+    for (int b = 0; b < nb; b++, w += size) {
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
         uint32_t sc[2], mn[2];
         q4_k_scales(w + 4, sc, mn);
@@ -297,8 +334,13 @@ ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
         __m512i sum[DOT_ROWS];
         for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_si512();
         for (int j = 0; j < 4; j++) {
-            __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 16 + 32 * j)));
+            __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * j)));
             __m512i codes = _mm512_and_si512(_mm512_srlv_epi16(q, nibble_shift), low4);
+            if (with_high) {  // bit 2j of qh[l] to bit 4 of the low code, bit 2j + 1 to the high's
+                __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 16)));
+                __m512i at = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1)), 1);
+                codes = _mm512_or_si512(codes, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(h, at), _mm512_set1_epi8(1)), 4));
+            }
             // int16 lanes of the low 32 codes take scale 2j, the high 32's scale 2j + 1
             __m512i lanes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)(2 * j))), _mm256_set1_epi16((short)(2 * j + 1)), 1);
             __m512i s = _mm512_permutexvar_epi16(lanes, scales);
@@ -323,7 +365,7 @@ ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
     __m128 acc_min[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), acc_min[r] = _mm_setzero_ps();
     const __m256i low4 = _mm256_set1_epi8(0x0f);
-    for (int b = 0; b < nb; b++, w += 144) {
+    for (int b = 0; b < nb; b++, w += size) {
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
         uint32_t sc[2], mn[2];
         q4_k_scales(w + 4, sc, mn);
@@ -332,10 +374,15 @@ ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
         __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc[1], sc[0])));
         __m256i sum[DOT_ROWS];
         for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
-        const uint8_t *qs = w + 16;
+        const uint8_t *qs = w + qs_at;
         for (int j = 0; j < 4; j++, qs += 32) {
             __m256i q = _mm256_loadu_si256((const __m256i *)qs);
             __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+            if (with_high) {  // bit 2j of qh[l] to bit 4 of the low code, bit 2j + 1 to the high's
+                __m256i h = _mm256_loadu_si256((const __m256i *)(w + 16)), one = _mm256_set1_epi8(1);
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j)), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j + 1)), one), 4));
+            }
             __m256i slo = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 1) << 8 | 4 * j)));
             __m256i shi = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))));
 #pragma GCC unroll 8
@@ -359,22 +406,23 @@ ROWS_INLINE void q4_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
 #else
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
-    for (int b = 0; b < nb; b++, w += 144) {
+    for (int b = 0; b < nb; b++, w += size) {
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
         uint32_t scw[2], mnw[2];
         q4_k_scales(w + 4, scw, mnw);
         const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw;
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
-            const uint8_t *qs = w + 16;
+            const uint8_t *qs = w + qs_at, *qh = w + 16;
             const int8_t *xq = xb->q;
             int sum = 0, mins = 0;
             for (int j = 0; j < 8; j++) mins += mn[j] * xb->sums32[j];
             for (int j = 0; j < 4; j++, qs += 32, xq += 64) {
                 int lo = 0, hi = 0;
                 for (int l = 0; l < 32; l++) {
-                    lo += (qs[l] & 15) * xq[l];
-                    hi += (qs[l] >> 4) * xq[l + 32];
+                    int h = with_high ? qh[l] >> 2 * j : 0;
+                    lo += ((qs[l] & 15) | (h & 1) << 4) * xq[l];
+                    hi += ((qs[l] >> 4) | (h & 2) << 3) * xq[l + 32];
                 }
                 sum += sc[2 * j] * lo + sc[2 * j + 1] * hi;
             }
@@ -517,12 +565,22 @@ typedef void (*rows_fn)(const uint8_t *w, const uint8_t *x, size_t x_row, int K,
         if (R == DOT_ROWS) name##_rows(w, x, x_row, K, y, y_step, DOT_ROWS); \
         else name##_rows(w, x, x_row, K, y, y_step, 1); \
     }
-#define q4_0_rows(w, x, x_row, K, y, y_step, R) q4_01_rows(w, x, x_row, K, y, y_step, 0, R)
-#define q4_1_rows(w, x, x_row, K, y, y_step, R) q4_01_rows(w, x, x_row, K, y, y_step, 1, R)
-ROWS_FN(q8_0)
+#define q4_k_rows(w, x, x_row, K, y, y_step, R) q4_q5_k_rows(w, x, x_row, K, y, y_step, 0, R)
+#define q5_k_rows(w, x, x_row, K, y, y_step, R) q4_q5_k_rows(w, x, x_row, K, y, y_step, 1, R)
+#define q4_0_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 0, 0, R)
+#define q4_1_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 1, 0, R)
+#define q5_0_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 0, 1, R)
+#define q5_1_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 1, 1, R)
+#define q8_0_rows(w, x, x_row, K, y, y_step, R) signed_rows(w, x, x_row, K, y, y_step, 0, R)
+#define iq4_nl_rows(w, x, x_row, K, y, y_step, R) signed_rows(w, x, x_row, K, y, y_step, 1, R)
 ROWS_FN(q4_0)
 ROWS_FN(q4_1)
+ROWS_FN(q5_0)
+ROWS_FN(q5_1)
+ROWS_FN(q8_0)
+ROWS_FN(iq4_nl)
 ROWS_FN(q4_k)
+ROWS_FN(q5_k)
 ROWS_FN(q6_k)
 
 // --- the other types: each weight row unpacked to one form, then dot_unpacked ---
@@ -551,48 +609,6 @@ static inline void set_scales(int16_t *sc, int lo, int hi) {
 #endif
 }
 
-#ifdef USE_AVX2
-// 32 bits as 32 bytes, 0x10 where the bit is set (Q5_x's fifth bits): byte j takes byte j / 8 of
-// the word, then tests its bit j % 8.
-static inline __m256i bits_as_0x10(uint32_t bits) {
-    const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
-    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
-}
-#endif
-
-// Q4_0, Q4_1, Q5_0, Q5_1: 32 codes, low nibbles first; Q5_x's bit 4 of code j is bit j of qh.
-static inline void unpack_q4_q5(const uint8_t *w, int K, unpacked_row *u, int with_min, int with_high) {
-    int qh_at = with_min ? 4 : 2, qs_at = qh_at + (with_high ? 4 : 0), size = qs_at + 16;
-    float zero = with_high ? 16 : 8;
-    for (int b = 0; b < K / 32; b++, w += size) {
-        float d = f16_to_f32(read_u16(w));
-        uint32_t qh = 0;
-        if (with_high) memcpy(&qh, w + qh_at, 4);
-        uint8_t *q = u->q + 32 * b;
-#ifdef USE_AVX2
-        __m256i codes = nibbles_32(w + qs_at);
-        if (with_high) codes = _mm256_or_si256(codes, bits_as_0x10(qh));
-        _mm256_storeu_si256((__m256i *)q, codes);
-#else
-        for (int j = 0; j < 16; j++) {
-            q[j] = (uint8_t)((w[qs_at + j] & 15) | ((qh >> j) & 1) << 4);
-            q[j + 16] = (uint8_t)((w[qs_at + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
-        }
-#endif
-        u->d[b] = d;
-        u->off[b] = with_min ? f16_to_f32(read_u16(w + 2)) : -zero * d;
-        set_scales(u->sc + 16 * b, 1, 1);
-    }
-}
-
-static void unpack_q5_0(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 0, 1); }
-static void unpack_q5_1(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 1, 1); }
-
-// IQ4_NL's and IQ4_XS's 16 non-uniform levels (ggml's kvalues_iq4nl).
-static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 static inline void iq4_codes(const uint8_t *qs, uint8_t *q) {
 #ifdef USE_AVX2
@@ -604,14 +620,6 @@ static inline void iq4_codes(const uint8_t *qs, uint8_t *q) {
         q[j + 16] = (uint8_t)IQ4_LEVELS[qs[j] >> 4];
     }
 #endif
-}
-
-static void unpack_iq4_nl(const uint8_t *w, int K, unpacked_row *u) {  // d, qs[16]: w = d * level
-    for (int b = 0; b < K / 32; b++, w += 18) {
-        u->d[b] = f16_to_f32(read_u16(w));
-        iq4_codes(w + 2, u->q + 32 * b);
-        set_scales(u->sc + 16 * b, 1, 1);
-    }
 }
 
 // IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]: 8 sub-blocks of 32 with 6-bit scales minus 32
@@ -627,54 +635,6 @@ static void unpack_iq4_xs(const uint8_t *w, int K, unpacked_row *u) {
         }
     }
 }
-
-#ifdef USE_AVX2
-// Each byte's bit `bit` moved to bit 4 (other bits are left to a mask): 16-bit shifts of at
-// most 4 keep each byte's bits inside it where it matters.
-static inline __m256i bit_to_4(__m256i v, int bit) {
-    return bit <= 4 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - bit)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(bit - 4));
-}
-#endif
-
-// Q4_K, Q5_K: 8 sub-blocks of 32, w = d sc q - dmin m; Q5_K's bit 4 of sub-block s's code l is
-// bit s of qh[l].
-static inline void unpack_q4_q5_k(const uint8_t *w, int K, unpacked_row *u, int with_high) {
-    int size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
-    for (int b = 0; b < K / 256; b++, w += size) {
-        float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
-        uint32_t scw[2], mnw[2];
-        q4_k_scales(w + 4, scw, mnw);
-        const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw, *qs = w + qs_at, *qh = w + 16;
-        uint8_t *q = u->q + 256 * b;
-        for (int j = 0; j < 4; j++, qs += 32, q += 64) {
-#ifdef USE_AVX2
-            const __m256i low4 = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(16);
-            __m256i codes = _mm256_loadu_si256((const __m256i *)qs);
-            __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
-            if (with_high) {  // bit 2j of qh[l] to bit 4 of the low code, bit 2j + 1 to the high's
-                __m256i h = _mm256_loadu_si256((const __m256i *)qh);
-                lo = _mm256_or_si256(lo, _mm256_and_si256(bit_to_4(h, 2 * j), bit4));
-                hi = _mm256_or_si256(hi, _mm256_and_si256(bit_to_4(h, 2 * j + 1), bit4));
-            }
-            _mm256_storeu_si256((__m256i *)q, lo);
-            _mm256_storeu_si256((__m256i *)(q + 32), hi);
-#else
-            for (int l = 0; l < 32; l++) {
-                int h = with_high ? qh[l] >> 2 * j : 0;
-                q[l] = (uint8_t)((qs[l] & 15) | (h & 1) << 4);
-                q[l + 32] = (uint8_t)((qs[l] >> 4) | (h & 2) << 3);
-            }
-#endif
-        }
-        u->d[b] = d;
-        for (int s = 0; s < 8; s++) {
-            set_scales(u->sc + 16 * (8 * b + s), sc[s], sc[s]);
-            u->off[16 * b + 2 * s] = u->off[16 * b + 2 * s + 1] = -dmin * mn[s];
-        }
-    }
-}
-
-static void unpack_q5_k(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5_k(w, K, u, 1); }
 
 // Q3_K: hmask[32], qs[64], scales[12], d: 16 groups of 16 with 6-bit scales minus 32; code
 // 32 j + l of each half n (128 values) is 2 bits of qs[32 n + l] at shift 2 j, and 4 when bit
@@ -744,14 +704,14 @@ typedef struct {
 static const format FORMATS[] = {
     {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), dot_q4_0},
     {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), dot_q4_1},
-    {GGML_Q5_0, 32, 22, 32, sizeof(x_block32), NULL, unpack_q5_0, 0, 1},
-    {GGML_Q5_1, 32, 24, 32, sizeof(x_block32), NULL, unpack_q5_1, 0, 1},
+    {GGML_Q5_0, 32, 22, 32, sizeof(x_block32), dot_q5_0},
+    {GGML_Q5_1, 32, 24, 32, sizeof(x_block32), dot_q5_1},
     {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), dot_q8_0},
-    {GGML_IQ4_NL, 32, 18, 32, sizeof(x_block32), NULL, unpack_iq4_nl, 1, 0},
+    {GGML_IQ4_NL, 32, 18, 32, sizeof(x_block32), dot_iq4_nl},
     {GGML_Q2_K, 256, 84, 256, sizeof(x_block256), NULL, unpack_q2_k, 0, 1},
     {GGML_Q3_K, 256, 110, 256, sizeof(x_block256), NULL, unpack_q3_k, 0, 1},
     {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), dot_q4_k},
-    {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), NULL, unpack_q5_k, 0, 1},
+    {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), dot_q5_k},
     {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), dot_q6_k},
     {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), NULL, unpack_iq4_xs, 1, 0},
 };
