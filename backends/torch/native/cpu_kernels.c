@@ -73,7 +73,7 @@ static inline int8_t round_code(float v) { return (int8_t)(v >= 0 ? (int)(v + 0.
 
 static void quantize_block(const float *x, int n, int8_t *q, float *d_out) {
     float amax = 0;
-    for (int j = 0; j < n; j++) amax = fmaxf(amax, fabsf(x[j]));
+    for (int j = 0; j < n; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;  // fmaxf: a call (NaN rules)
     float d = amax / 127, id = d ? 1 / d : 0;
     for (int j = 0; j < n; j++) q[j] = round_code(x[j] * id);
     *d_out = d;
@@ -557,6 +557,60 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
 #endif
 }
 
+// IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]: 8 sub-blocks of 32 with 6-bit scales minus 32
+// (low 4 bits from scales_l's nibbles, top 2 from scales_h), w = d * (ls - 32) * level[q], the
+// 4-bit q of each sub-block in Q4_0's order.
+static inline int iq4_xs_scale(const uint8_t *w, int s) {
+    return (((w[4 + s / 2] >> 4 * (s % 2)) & 15) | ((read_u16(w + 2) >> 2 * s) & 3) << 4) - 32;
+}
+
+ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
+    int nb = K / 256;
+#ifdef USE_AVX2
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+    for (int b = 0; b < nb; b++, w += 136) {
+        float d = f16_to_f32(read_u16(w));
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+        for (int s = 0; s < 8; s++) {
+            __m256i q = _mm256_shuffle_epi8(levels, nibbles_32(w + 8 + 16 * s)), magnitude = _mm256_sign_epi8(q, q);
+            __m256i scale = _mm256_set1_epi16((short)iq4_xs_scale(w, s));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 32 * s;
+                // |level| <= 127 and |x| <= 127: the int16 pair sums cannot saturate
+                __m256i p = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xq), q));
+                sum[r] = add_dot_i16(sum[r], p, scale);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]);
+#else
+    float acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = 0;
+    for (int b = 0; b < nb; b++, w += 136) {
+        float d = f16_to_f32(read_u16(w));
+        for (int r = 0; r < R; r++) {
+            const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q;
+            int sum = 0;
+            for (int s = 0; s < 8; s++, xq += 32) {
+                const uint8_t *qs = w + 8 + 16 * s;
+                int dot = 0;
+                for (int j = 0; j < 16; j++) dot += IQ4_LEVELS[qs[j] & 15] * xq[j] + IQ4_LEVELS[qs[j] >> 4] * xq[j + 16];
+                sum += iq4_xs_scale(w, s) * dot;
+            }
+            acc[r] += d * X_BLOCK(x_block256, x, x_row, r, b)->d * sum;
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
+#endif
+}
+
 // Each type's row function with R as a constant: one input row (decode) or DOT_ROWS.
 typedef void (*rows_fn)(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, int R);
 
@@ -582,6 +636,7 @@ ROWS_FN(iq4_nl)
 ROWS_FN(q4_k)
 ROWS_FN(q5_k)
 ROWS_FN(q6_k)
+ROWS_FN(iq4_xs)
 
 // --- the other types: each weight row unpacked to one form, then dot_unpacked ---
 //
@@ -609,32 +664,6 @@ static inline void set_scales(int16_t *sc, int lo, int hi) {
 #endif
 }
 
-
-static inline void iq4_codes(const uint8_t *qs, uint8_t *q) {
-#ifdef USE_AVX2
-    __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
-    _mm256_storeu_si256((__m256i *)q, _mm256_shuffle_epi8(levels, nibbles_32(qs)));
-#else
-    for (int j = 0; j < 16; j++) {
-        q[j] = (uint8_t)IQ4_LEVELS[qs[j] & 15];
-        q[j + 16] = (uint8_t)IQ4_LEVELS[qs[j] >> 4];
-    }
-#endif
-}
-
-// IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]: 8 sub-blocks of 32 with 6-bit scales minus 32
-// (low 4 bits from scales_l's nibbles, top 2 from scales_h), w = d * (ls - 32) * level.
-static void unpack_iq4_xs(const uint8_t *w, int K, unpacked_row *u) {
-    for (int b = 0; b < K / 256; b++, w += 136) {
-        u->d[b] = f16_to_f32(read_u16(w));
-        int high = read_u16(w + 2);
-        for (int s = 0; s < 8; s++) {
-            int ls = ((w[4 + s / 2] >> 4 * (s % 2)) & 15) | ((high >> 2 * s) & 3) << 4;
-            iq4_codes(w + 8 + 16 * s, u->q + 256 * b + 32 * s);
-            set_scales(u->sc + 16 * (8 * b + s), ls - 32, ls - 32);
-        }
-    }
-}
 
 // Q3_K: hmask[32], qs[64], scales[12], d: 16 groups of 16 with 6-bit scales minus 32; code
 // 32 j + l of each half n (128 values) is 2 bits of qs[32 n + l] at shift 2 j, and 4 when bit
@@ -713,7 +742,7 @@ static const format FORMATS[] = {
     {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), dot_q4_k},
     {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), dot_q5_k},
     {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), dot_q6_k},
-    {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), NULL, unpack_iq4_xs, 1, 0},
+    {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), dot_iq4_xs},
 };
 
 // Values per offset: the 256-value blocks' offsets are per 16 codes (sums[g] of the activations'
