@@ -100,7 +100,7 @@ static void quantize_x256(const float *x, int K, x_block256 *out) {
     }
 }
 
-// --- dot products of one weight row with one quantized activation row ---
+// --- SIMD helpers and tables the dots share ---
 
 #ifdef USE_AVX2
 static inline float hsum_ps(__m256 v) {
@@ -557,6 +557,107 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
 #endif
 }
 
+// Q2_K: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin: 16 groups of 16,
+// w = d sc q - dmin m. Q3_K: hmask[32], qs[64], scales[12], d: 16 groups of 16 with 6-bit scales
+// minus 32, w = d sc (q - 4), q's third bit from hmask. Code 32 j + l of each half n (128 values)
+// is 2 bits of qs[32 n + l] at shift 2 j (and Q3_K's bit 4 n + j of hmask[l]) (ggml's
+// dequantize_row_q2_K and _q3_K). Both offsets are per group: m (Q2_K) or 4 sc (Q3_K).
+// Q3_K's 16 scales from its 12 bytes (before the -32) as four words: low 4 bits from the nibbles
+// of bytes 0-7, top 2 from pairs of bits of bytes 8-11, four at a time (as ggml does).
+static inline void q3_k_scale_words(const uint8_t *s, uint32_t out[4]) {
+    uint32_t a[3];
+    memcpy(a, s, 12);
+    out[0] = (a[0] & 0x0f0f0f0f) | (a[2] & 0x03030303) << 4;
+    out[1] = (a[1] & 0x0f0f0f0f) | ((a[2] >> 2) & 0x03030303) << 4;
+    out[2] = ((a[0] >> 4) & 0x0f0f0f0f) | ((a[2] >> 4) & 0x03030303) << 4;
+    out[3] = ((a[1] >> 4) & 0x0f0f0f0f) | ((a[2] >> 6) & 0x03030303) << 4;
+}
+
+// The 16 groups' scales and offsets as int16: Q2_K's scale and min nibbles, Q3_K's scale twice.
+static inline void q2_q3_k_scales(const uint8_t *w, const int q3, int16_t sc[16], int16_t off[16]) {
+    uint32_t words[4];
+    q3_k_scale_words(w + 96, words);
+    for (int g = 0; g < 16; g++) {
+        sc[g] = q3 ? ((const uint8_t *)words)[g] - 32 : w[g] & 15;
+        off[g] = q3 ? sc[g] : w[g] >> 4;
+    }
+}
+
+ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
+                              const int q3, const int R) {
+    int nb = K / 256, size = q3 ? 110 : 84, qs_at = q3 ? 32 : 16;
+#ifdef USE_AVX2
+    __m256 acc[DOT_ROWS], acc_off[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = acc_off[r] = _mm256_setzero_ps();
+    const __m256i low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    for (int b = 0; b < nb; b++, w += size) {
+        float d = f16_to_f32(read_u16(w + (q3 ? 108 : 80))), off_scale = q3 ? 4 * d : f16_to_f32(read_u16(w + 82));
+        __m256i scales, offsets;
+        if (q3) {
+            uint32_t words[4];  // in registers: a store and a wider load would stall forwarding
+            q3_k_scale_words(w + 96, words);
+            __m128i sc = _mm_sub_epi8(_mm_set_epi32((int)words[3], (int)words[2], (int)words[1], (int)words[0]), _mm_set1_epi8(32));
+            scales = offsets = _mm256_cvtepi8_epi16(sc);
+        } else {
+            __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)w));
+            scales = _mm256_and_si256(bytes, _mm256_set1_epi16(15));
+            offsets = _mm256_srli_epi16(bytes, 4);
+        }
+        __m256i sum[DOT_ROWS];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            __m256i o = _mm256_madd_epi16(offsets, _mm256_loadu_si256((const __m256i *)xb->sums));
+            acc_off[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(o), _mm256_set1_ps(off_scale * xb->d), acc_off[r]);
+            sum[r] = _mm256_setzero_si256();
+        }
+        for (int n = 0; n < 2; n++) {
+            __m256i half_scales = _mm256_broadcastsi128_si256(n ? _mm256_extracti128_si256(scales, 1) : _mm256_castsi256_si128(scales));
+            __m256i bits = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * n)), high = _mm256_loadu_si256((const __m256i *)w);
+            for (int j = 0; j < 4; j++) {
+                __m256i q = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * j)), low2);
+                if (q3) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(4 * n + j)), one), 2));
+                // the low 16 codes take scale 2j of the half, the high 16 scale 2j + 1
+                __m256i s = _mm256_shuffle_epi8(half_scales, _mm256_set_m128i(_mm_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))),
+                                                                             _mm_set1_epi16((short)((4 * j + 1) << 8 | 4 * j))));
+#pragma GCC unroll 8
+                for (int r = 0; r < R; r++) {
+                    const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 128 * n + 32 * j;
+                    // codes <= 7, |x| <= 127: no int16 saturation
+                    sum[r] = add_dot_i16(sum[r], _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)xq)), s);
+                }
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_ps(acc_off[r]);
+#else
+    float acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = 0;
+    for (int b = 0; b < nb; b++, w += size) {
+        float d = f16_to_f32(read_u16(w + (q3 ? 108 : 80))), off_scale = q3 ? 4 * d : f16_to_f32(read_u16(w + 82));
+        int16_t sc[16], off[16];
+        q2_q3_k_scales(w, q3, sc, off);
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            int sum = 0, offset = 0;
+            for (int g = 0; g < 16; g++) offset += off[g] * xb->sums[g];
+            for (int n = 0; n < 2; n++)
+                for (int j = 0; j < 4; j++)
+                    for (int l = 0; l < 32; l++) {
+                        int q = (w[qs_at + 32 * n + l] >> 2 * j) & 3;
+                        if (q3) q |= ((w[l] >> (4 * n + j)) & 1) << 2;
+                        sum += sc[8 * n + 2 * j + l / 16] * q * xb->q[128 * n + 32 * j + l];
+                    }
+            acc[r] += d * xb->d * sum - off_scale * xb->d * offset;
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
+#endif
+}
+
 // IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]: 8 sub-blocks of 32 with 6-bit scales minus 32
 // (low 4 bits from scales_l's nibbles, top 2 from scales_h), w = d * (ls - 32) * level[q], the
 // 4-bit q of each sub-block in Q4_0's order.
@@ -621,6 +722,8 @@ typedef void (*rows_fn)(const uint8_t *w, const uint8_t *x, size_t x_row, int K,
     }
 #define q4_k_rows(w, x, x_row, K, y, y_step, R) q4_q5_k_rows(w, x, x_row, K, y, y_step, 0, R)
 #define q5_k_rows(w, x, x_row, K, y, y_step, R) q4_q5_k_rows(w, x, x_row, K, y, y_step, 1, R)
+#define q2_k_rows(w, x, x_row, K, y, y_step, R) q2_q3_k_rows(w, x, x_row, K, y, y_step, 0, R)
+#define q3_k_rows(w, x, x_row, K, y, y_step, R) q2_q3_k_rows(w, x, x_row, K, y, y_step, 1, R)
 #define q4_0_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 0, 0, R)
 #define q4_1_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 1, 0, R)
 #define q5_0_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 0, 1, R)
@@ -636,98 +739,15 @@ ROWS_FN(iq4_nl)
 ROWS_FN(q4_k)
 ROWS_FN(q5_k)
 ROWS_FN(q6_k)
+ROWS_FN(q2_k)
+ROWS_FN(q3_k)
 ROWS_FN(iq4_xs)
-
-// --- the other types: each weight row unpacked to one form, then dot_unpacked ---
-//
-// Every such type's block becomes 8-bit codes q, one integer scale per 16 codes, a float d per block
-// and a float offset per offset group (16 codes for the 256-value blocks, 32 for the others):
-// w_j = d * sc * q_j + off. Against int8 activations xq (scale dx per activation block, which is
-// as long as the weight block) a block's sum is d * dx * sum_g sc_g * sum_{j in g} q_j xq_j plus
-// the offsets times the activations' sums: integers first, one float multiply per block.
-// The codes are unsigned (0..63) except for the types whose codes are signed values (the IQ4
-// tables), which take the sign trick the Q8_0 dot uses. As with the types' own dots, a row's
-// arithmetic does not depend on how many rows share the call (R).
-
-typedef struct {
-    uint8_t *q;   // K codes
-    int16_t *sc;  // per 32 codes, 16 int16: the low 16 codes' scale 8 times, then the high 16's
-    float *d;     // per weight block
-    float *off;   // per offset group; unused where the type has no offset
-} unpacked_row;
-
-static inline void set_scales(int16_t *sc, int lo, int hi) {
-#ifdef USE_AVX2
-    _mm256_storeu_si256((__m256i *)sc, _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo)));
-#else
-    for (int i = 0; i < 8; i++) sc[i] = (int16_t)lo, sc[i + 8] = (int16_t)hi;
-#endif
-}
-
-
-// Q3_K: hmask[32], qs[64], scales[12], d: 16 groups of 16 with 6-bit scales minus 32; code
-// 32 j + l of each half n (128 values) is 2 bits of qs[32 n + l] at shift 2 j, and 4 when bit
-// 4 n + j of hmask[l] is set, minus 4 (ggml's dequantize_row_q3_K).
-static void unpack_q3_k(const uint8_t *w, int K, unpacked_row *u) {
-    for (int b = 0; b < K / 256; b++, w += 110) {
-        const uint8_t *hm = w, *qs = w + 32, *s = w + 96;
-        float d = f16_to_f32(read_u16(w + 108));
-        int sc[16];
-        for (int g = 0; g < 16; g++) {  // low 4 bits: nibbles of bytes 0-7; top 2: pairs of bits of bytes 8-11
-            int low = (s[g % 8] >> 4 * (g / 8)) & 15, top = (s[8 + g % 4] >> 2 * (g / 4)) & 3;
-            sc[g] = (low | top << 4) - 32;
-        }
-        uint8_t *q = u->q + 256 * b;
-        for (int n = 0; n < 2; n++)
-            for (int j = 0; j < 4; j++) {
-#ifdef USE_AVX2
-                __m256i low = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(qs + 32 * n)), _mm_cvtsi32_si128(2 * j));
-                __m256i high = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)hm), _mm_cvtsi32_si128(4 * n + j));
-                low = _mm256_and_si256(low, _mm256_set1_epi8(3));
-                high = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(1)), 2);
-                _mm256_storeu_si256((__m256i *)(q + 128 * n + 32 * j), _mm256_or_si256(low, high));
-#else
-                for (int l = 0; l < 32; l++)
-                    q[128 * n + 32 * j + l] = (uint8_t)(((qs[32 * n + l] >> 2 * j) & 3) | ((hm[l] >> (4 * n + j)) & 1) << 2);
-#endif
-            }
-        u->d[b] = d;
-        for (int g = 0; g < 16; g++) u->off[16 * b + g] = -4 * d * sc[g];
-        for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), sc[2 * c], sc[2 * c + 1]);
-    }
-}
-
-// Q2_K: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin: 16 groups of 16,
-// w = d sc q - dmin m; codes laid out as Q3_K's low bits.
-static void unpack_q2_k(const uint8_t *w, int K, unpacked_row *u) {
-    for (int b = 0; b < K / 256; b++, w += 84) {
-        const uint8_t *s = w, *qs = w + 16;
-        float d = f16_to_f32(read_u16(w + 80)), dmin = f16_to_f32(read_u16(w + 82));
-        uint8_t *q = u->q + 256 * b;
-        for (int n = 0; n < 2; n++)
-            for (int j = 0; j < 4; j++) {
-#ifdef USE_AVX2
-                __m256i codes = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(qs + 32 * n)), _mm_cvtsi32_si128(2 * j));
-                _mm256_storeu_si256((__m256i *)(q + 128 * n + 32 * j), _mm256_and_si256(codes, _mm256_set1_epi8(3)));
-#else
-                for (int l = 0; l < 32; l++) q[128 * n + 32 * j + l] = (uint8_t)((qs[32 * n + l] >> 2 * j) & 3);
-#endif
-            }
-        u->d[b] = d;
-        for (int g = 0; g < 16; g++) u->off[16 * b + g] = -dmin * (s[g] >> 4);
-        for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), s[2 * c] & 15, s[2 * c + 1] & 15);
-    }
-}
 
 // --- the matmul ---
 
-typedef void (*unpack_fn)(const uint8_t *, int, unpacked_row *);
-
 typedef struct {
     int type, block, block_bytes, x_block, x_block_bytes;
-    rows_fn dot;  // straight off the blocks; or NULL: unpacked, then dot_unpacked
-    unpack_fn unpack;
-    int signed_codes, has_offset;  // of the unpacked form
+    rows_fn dot;
 } format;
 
 static const format FORMATS[] = {
@@ -737,129 +757,18 @@ static const format FORMATS[] = {
     {GGML_Q5_1, 32, 24, 32, sizeof(x_block32), dot_q5_1},
     {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), dot_q8_0},
     {GGML_IQ4_NL, 32, 18, 32, sizeof(x_block32), dot_iq4_nl},
-    {GGML_Q2_K, 256, 84, 256, sizeof(x_block256), NULL, unpack_q2_k, 0, 1},
-    {GGML_Q3_K, 256, 110, 256, sizeof(x_block256), NULL, unpack_q3_k, 0, 1},
+    {GGML_Q2_K, 256, 84, 256, sizeof(x_block256), dot_q2_k},
+    {GGML_Q3_K, 256, 110, 256, sizeof(x_block256), dot_q3_k},
     {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), dot_q4_k},
     {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), dot_q5_k},
     {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), dot_q6_k},
     {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), dot_iq4_xs},
 };
 
-// Values per offset: the 256-value blocks' offsets are per 16 codes (sums[g] of the activations'
-// block), the 32-value blocks' per block (s).
-static inline int offset_group(const format *f) { return f->block == 256 ? 16 : 32; }
-
-// Where an activation row's float sums (dx times the codes' sum, one per offset group) start:
-// after its blocks, so that the offsets are one float dot product per weight row and input row.
-static inline size_t x_sums_at(const format *f, int K) { return (size_t)(K / f->x_block) * f->x_block_bytes; }
-
-static float dot_f32(const float *a, const float *b, int n) {
-    // 8 partial sums: a float reduction the compiler vectorizes (a single sum keeps its order)
-    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0;
-    int j = 0;
-    for (; j + 7 < n; j += 8)
-        for (int u = 0; u < 8; u++) part[u] += a[j + u] * b[j + u];
-    for (; j < n; j++) sum += a[j] * b[j];
-    return sum + ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
-// R activation rows (quantized, x_row bytes apart) against one unpacked weight row: y[r * y_step].
-// Each block's codes and scales are loaded once for all R rows (register blocking); R is a
-// constant at each call, so the loops over r unroll and the sums stay in registers.
-static inline __attribute__((always_inline)) void dot_unpacked(const format *f, const unpacked_row *u, int K,
-                                                              const uint8_t *x, size_t x_row, float *y, size_t y_step,
-                                                              const int R, const int wide, const int signed_codes) {
-    int nb = K / f->block, block = wide ? 256 : 32;
-    size_t codes_at = wide ? offsetof(x_block256, q) : offsetof(x_block32, q);
-#ifdef USE_AVX2
-    __m256 acc[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-#else
-    float acc[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = 0;
-#endif
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *xb = x + (size_t)b * f->x_block_bytes;
-        const uint8_t *q = u->q + (size_t)b * block;
-        const int16_t *sc = u->sc + (size_t)b * block / 2;
-#ifdef USE_AVX2
-        __m256i sum[DOT_ROWS];
-        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
-        for (int c = 0; c < block / 32; c++) {
-            __m256i codes = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
-            __m256i scales = _mm256_loadu_si256((const __m256i *)(sc + 16 * c));
-            __m256i magnitudes = signed_codes ? _mm256_sign_epi8(codes, codes) : codes;
-            for (int r = 0; r < R; r++) {
-                __m256i xq = _mm256_loadu_si256((const __m256i *)(xb + r * x_row + codes_at + 32 * c));
-                if (signed_codes) xq = _mm256_sign_epi8(xq, codes);
-                // codes <= 63 (or |code| <= 128 with the sign moved to x) and |x| <= 127: the
-                // int16 pair sums cannot saturate
-                __m256i p = _mm256_maddubs_epi16(magnitudes, xq);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-                sum[r] = _mm256_dpwssd_epi32(sum[r], p, scales);
-#else
-                sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, scales));
-#endif
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            float dx = *(const float *)(xb + r * x_row);  // d is the first field of both activation blocks
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(u->d[b] * dx), acc[r]);
-        }
-#else
-        for (int r = 0; r < R; r++) {
-            const int8_t *xq = (const int8_t *)(xb + r * x_row + codes_at);
-            int sum = 0;
-            for (int j = 0; j < block; j++) {
-                int code = signed_codes ? (int8_t)q[j] : q[j];
-                sum += sc[j / 32 * 16 + (j % 32 >= 16 ? 8 : 0)] * code * xq[j];
-            }
-            acc[r] += u->d[b] * *(const float *)(xb + r * x_row) * sum;
-        }
-#endif
-    }
-    for (int r = 0; r < R; r++) {
-        float offsets = f->has_offset ? dot_f32(u->off, (const float *)(x + r * x_row + x_sums_at(f, K)), K / offset_group(f)) : 0;
-#ifdef USE_AVX2
-        y[r * y_step] = hsum_ps(acc[r]) + offsets;
-#else
-        y[r * y_step] = acc[r] + offsets;
-#endif
-    }
-}
-
-// dot_unpacked with the block kind and the code signedness as constants (one loop body each).
-static void dot_unpacked_rows(const format *f, const unpacked_row *u, int K, const uint8_t *x, size_t x_row, float *y,
-                              size_t y_step, int R) {
-#define DOT(rows) \
-    if (f->block == 256) { \
-        if (f->signed_codes) dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 1, 1); \
-        else dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 1, 0); \
-    } else { \
-        if (f->signed_codes) dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 0, 1); \
-        else dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 0, 0); \
-    }
-    if (R == DOT_ROWS) {
-        DOT(DOT_ROWS)
-    } else {
-        DOT(1)
-    }
-#undef DOT
-}
-
-// One input row's int8 blocks, then its float sums per offset group (see x_sums_at).
+// One input row's int8 blocks.
 static void quantize_row(const format *f, const float *x, int K, uint8_t *out) {
-    float *sums = (float *)(out + x_sums_at(f, K));
-    if (f->x_block == 32) {
-        x_block32 *blocks = (x_block32 *)out;
-        quantize_x32(x, K, blocks);
-        for (int b = 0; b < K / 32; b++) sums[b] = blocks[b].s;
-    } else {
-        x_block256 *blocks = (x_block256 *)out;
-        quantize_x256(x, K, blocks);
-        for (int b = 0; b < K / 256; b++)
-            for (int g = 0; g < 16; g++) sums[16 * b + g] = blocks[b].d * blocks[b].sums[g];
-    }
+    if (f->x_block == 32) quantize_x32(x, K, (x_block32 *)out);
+    else quantize_x256(x, K, (x_block256 *)out);
 }
 
 static const format *find_format(int type) {
@@ -885,19 +794,6 @@ int gguf_matmul_simd(void) {
 // Weight rows per task: each DOT_ROWS input rows (in L1) meet all of them, read from L1 or L2.
 #define ROWS_PER_TASK 16
 
-static size_t unpacked_bytes(const format *f, int K) {
-    return (size_t)K + (size_t)K * sizeof(int16_t) / 2 + (size_t)(K / f->block + K / 16) * sizeof(float);
-}
-
-static unpacked_row unpacked_at(const format *f, int K, uint8_t *base) {
-    unpacked_row u;
-    u.q = base;
-    u.sc = (int16_t *)(base + K);
-    u.d = (float *)(base + K + (size_t)K * sizeof(int16_t) / 2);
-    u.off = u.d + K / f->block;
-    return u;
-}
-
 // x [M, K] float32; the weight's N rows of raw GGUF blocks in `parts` pieces (q, k and v as they
 // lie in the file: fused without a copy), part p holding part_rows[p] rows at w[p]; y [M, N].
 // Returns 0, or -1 for an unsupported type or K, -2 when out of memory.
@@ -905,16 +801,11 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
                 int threads) {
     if (!gguf_matmul_supports(type, K)) return -1;
     const format *f = find_format(type);
-    size_t x_row = x_sums_at(f, K) + (size_t)(K / 16) * sizeof(float), w_row = (size_t)(K / f->block) * f->block_bytes;
+    size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, w_row = (size_t)(K / f->block) * f->block_bytes;
     int N = 0;
     for (int p = 0; p < parts; p++) N += part_rows[p];
-    int unpack = !f->dot;
-    // a whole task's rows unpacked at once where several passes over the inputs reuse them
-    int unpacked_rows = M > DOT_ROWS ? ROWS_PER_TASK : 1;
-    size_t u_bytes = (unpacked_bytes(f, K) + 63) / 64 * 64, per_thread = unpack ? u_bytes * unpacked_rows : 0;
-    uint8_t *xq = malloc(x_row * M + per_thread * threads + 64);
+    uint8_t *xq = malloc(x_row * M);
     if (!xq) return -2;
-    uint8_t *scratch = (uint8_t *)(((uintptr_t)(xq + x_row * M) + 63) / 64 * 64);
     int tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     if (M == 1) quantize_row(f, x, K, xq);  // a decoded token: no parallel loop (and barrier) for one row
 #pragma omp parallel num_threads(threads)
@@ -923,36 +814,22 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) quantize_row(f, x + (size_t)m * K, K, xq + m * x_row);
         }
-        uint8_t *mine = scratch + per_thread * (size_t)omp_get_thread_num();
 #pragma omp for schedule(static)
         for (int t = 0; t < tasks; t++) {
-            int n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-            int step = unpack ? unpacked_rows : n1 - n0;
-            for (int n = n0; n < n1; n += step) {
-                int rows = n + step < n1 ? step : n1 - n;
-                const uint8_t *row[ROWS_PER_TASK];
-                unpacked_row u[ROWS_PER_TASK];
-                for (int i = 0; i < rows; i++) {
-                    int p = 0, r = n + i;
-                    while (p < parts - 1 && r >= part_rows[p]) r -= part_rows[p++];
-                    row[i] = w[p] + (size_t)r * w_row;
-                    if (unpack) {
-                        u[i] = unpacked_at(f, K, mine + u_bytes * i);
-                        f->unpack(row[i], K, &u[i]);
-                    }
-                }
-                // DOT_ROWS input rows a call (they stay in L1 while the task's weight rows pass),
-                // the last M % DOT_ROWS one at a time: a row's sums are the same either way (see
-                // the dots), so no row depends on its neighbours
-                for (int m = 0; m < M;) {
-                    int R = m + DOT_ROWS <= M ? DOT_ROWS : 1;
-                    for (int i = 0; i < rows; i++) {
-                        float *out = y + (size_t)m * N + n + i;
-                        if (unpack) dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, R);
-                        else f->dot(row[i], xq + m * x_row, x_row, K, out, N, R);
-                    }
-                    m += R;
-                }
+            int n0 = t * ROWS_PER_TASK, rows = n0 + ROWS_PER_TASK < N ? ROWS_PER_TASK : N - n0;
+            const uint8_t *row[ROWS_PER_TASK];
+            for (int i = 0; i < rows; i++) {
+                int p = 0, r = n0 + i;
+                while (p < parts - 1 && r >= part_rows[p]) r -= part_rows[p++];
+                row[i] = w[p] + (size_t)r * w_row;
+            }
+            // DOT_ROWS input rows a call (they stay in L1 while the task's weight rows pass), the
+            // last M % DOT_ROWS one at a time: a row's sums are the same either way (see the
+            // dots), so no row depends on its neighbours
+            for (int m = 0; m < M;) {
+                int R = m + DOT_ROWS <= M ? DOT_ROWS : 1;
+                for (int i = 0; i < rows; i++) f->dot(row[i], xq + m * x_row, x_row, K, y + (size_t)m * N + n0 + i, N, R);
+                m += R;
             }
         }
     }
