@@ -1,7 +1,10 @@
 """backends/torch/native.py: the C matmul over GGUF blocks computes exactly
-sum_j w_j * dequantized(int8 x)_j, on its SIMD and its scalar build, for every type it takes."""
+sum_j w_j * dequantized(int8 x)_j, on its SIMD builds (AVX-512, AVX2) and its scalar build, for
+every type it takes, and gives each input row the bits it gets alone."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -12,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 import backends
 from backends.sampling import GREEDY
 from backends.torch import native
-from conftest import FIXTURES
+from conftest import FIXTURES, tiny_gguf
 from test_quants import F16_FIELDS
 
 F16_FIELDS = {**F16_FIELDS, T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
@@ -34,11 +37,19 @@ def reference(raw: np.ndarray, ggml_type: T) -> torch.Tensor:
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler to build the native kernels")
 
 
-@pytest.fixture(scope="module", params=["simd", "scalar"])
-def lib(request):
+@pytest.fixture(scope="module", params=["simd", "scalar", "avx2"])
+def lib(request, tmp_path_factory):
     if request.param == "simd":
         return native.library()
-    return native.load(native.build(native.compiler(), scalar=True))
+    if request.param == "scalar":
+        return native.load(native.build(native.compiler(), scalar=True))
+    # the AVX2 path, which the native build replaces with AVX-512's where the CPU has it
+    if "avx512_vnni" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("the native build is the AVX2 one here")
+    out = tmp_path_factory.mktemp("avx2") / "cpu_kernels.so"
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-march=native", "-mno-avx512f"]
+    subprocess.run([native.compiler(), *flags, str(native.SOURCE), "-o", str(out), "-lm"], check=True, timeout=120)
+    return native.load(out)
 
 
 def quantized_activations(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -73,6 +84,28 @@ def test_matmul_is_the_exact_sum_over_int8_activations(lib, ggml_type, M):
     # the same rows held in three parts (fused q, k, v where they lie in the file)
     parts = native.WeightParts([blocks[:10], blocks[10:30], blocks[30:]])
     assert torch.equal(native.gguf_matmul(lib, ggml_type, parts, x).double(), got)
+
+
+ROW_COUNTS = [1, 2, 5, 15, 16, 17, 33, 64, 100]  # around DOT_ROWS and INPUTS_PER_PASS, and several passes
+
+
+@pytest.mark.parametrize("ggml_type", native.TYPES, ids=lambda t: t.name)
+def test_every_row_is_bitwise_the_row_computed_alone(lib, ggml_type):
+    """A prompt's rows give exactly what each gives decoded alone, for every row count and thread
+    count, so an answer does not depend on how a prompt is split into forward passes (a chat's
+    cached history, the server's batches): the real model's near-ties flip on a 1e-6 difference."""
+    rng = np.random.default_rng(int(ggml_type))
+    block = native.activation_block(ggml_type)
+    # 32-value blocks: 7 and 9 blocks leave 3 and 1 after the blocks taken four at a time
+    for K in [256, 512] + ([224, 288] if block == 32 else [768]):
+        N = 37
+        blocks = torch.from_numpy(random_rows(ggml_type, N, K // block, rng))
+        x = torch.from_numpy(rng.standard_normal((max(ROW_COUNTS), K)).astype(np.float32))
+        alone = torch.cat([native.gguf_matmul(lib, ggml_type, blocks, x[m : m + 1], threads=1) for m in range(len(x))])
+        for threads in (1, 2):
+            for M in ROW_COUNTS:
+                got = native.gguf_matmul(lib, ggml_type, blocks, x[:M], threads=threads)
+                assert torch.equal(got, alone[:M]), (K, threads, M, float((got - alone[:M]).abs().max()))
 
 
 def test_zero_activations_give_zero():
@@ -127,6 +160,31 @@ def test_silu_mul_is_swiglu():
     gate_up = torch.randn(3, 2 * 40) * 4
     want = torch.nn.functional.silu(gate_up[:, :40]) * gate_up[:, 40:]
     torch.testing.assert_close(native.silu_mul(native.library(), gate_up), want, rtol=1e-6, atol=1e-6)
+
+
+def test_silu_mul_rows_are_bitwise_the_row_alone():
+    gate_up = torch.randn(100, 2 * 1536, generator=torch.Generator().manual_seed(0)) * 4  # threaded from ~22 rows
+    alone = torch.cat([native.silu_mul(native.library(), gate_up[m : m + 1], threads=1) for m in range(100)])
+    for threads in (1, 2):
+        for M in ROW_COUNTS:
+            assert torch.equal(native.silu_mul(native.library(), gate_up[:M], threads=threads), alone[:M]), (threads, M)
+
+
+def test_native_mlp_rows_are_bitwise_the_row_alone():
+    """The MLP of a prompt's rows (matmuls and silu) is each row's MLP decoded alone."""
+    from backends.checkpoint import open_checkpoint
+    from backends.torch.loader import load_weights
+    from backends.torch.model import Transformer
+    from backends.torch.native_layers import NATIVE_LAYERS
+
+    ckpt = open_checkpoint(tiny_gguf("Q4_K_M"))  # gate/up and down of mixed types
+    model = Transformer(ckpt.config, torch.float32, torch.device("cpu"), NATIVE_LAYERS)
+    load_weights(model, ckpt)
+    mlp = model.layers[0].mlp
+    x = torch.randn(100, ckpt.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    alone = torch.cat([mlp(x[m : m + 1]) for m in range(100)])
+    for M in ROW_COUNTS:
+        assert torch.equal(mlp(x[:M]), alone[:M]), M
 
 
 # --- the real SmolLM2-135M: every kernel path gives the exact reference's greedy tokens ---

@@ -70,7 +70,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.rms_norm_f32.restype = None
     lib.attend_one_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     lib.attend_one_f32.restype = ctypes.c_int
-    lib.silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+    lib.silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
     lib.silu_mul_f32.restype = None
     lib.gguf_matmul_supports.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.gguf_matmul_simd.restype = ctypes.c_int
@@ -113,8 +113,11 @@ class WeightParts:
         self.c_rows = (ctypes.c_int * len(blocks))(*[b.shape[0] for b in blocks])
 
 
-def gguf_matmul(lib: ctypes.CDLL, ggml_type: int, weight: WeightParts | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ W^T for W [N, K] held as GGUF blocks (one tensor, or parts stacked by rows); float32 [M, N]."""
+def gguf_matmul(
+    lib: ctypes.CDLL, ggml_type: int, weight: WeightParts | torch.Tensor, x: torch.Tensor, threads: int | None = None
+) -> torch.Tensor:
+    """x [M, K] @ W^T for W [N, K] held as GGUF blocks (one tensor, or parts stacked by rows); float32 [M, N].
+    Row m of the result is bitwise what x[m] alone gives, whatever M and the thread count."""
     if isinstance(weight, torch.Tensor):
         weight = WeightParts([weight])
     if x.dtype != torch.float32 or not x.is_contiguous():  # (tests, not calls: a decoded token pays per op)
@@ -122,7 +125,8 @@ def gguf_matmul(lib: ctypes.CDLL, ggml_type: int, weight: WeightParts | torch.Te
     M, K = x.shape
     y = torch.empty(M, weight.rows)
     status = lib.gguf_matmul(
-        ggml_type, len(weight.blocks), weight.c_pointers, weight.c_rows, x.data_ptr(), y.data_ptr(), M, K, torch.get_num_threads()
+        ggml_type, len(weight.blocks), weight.c_pointers, weight.c_rows, x.data_ptr(), y.data_ptr(), M, K,
+        threads or torch.get_num_threads(),
     )
     if status:
         raise RuntimeError(f"gguf_matmul failed ({status}) for type {ggml_type}, K={K}")
@@ -153,10 +157,11 @@ def attend_one(lib, q, k, v, k_cache, v_cache, pos: int, heads: int, cos, signed
     return out
 
 
-def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for float32 rows [M, 2F] holding [gate | up]; returns [M, F]."""
+def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """silu(gate) * up for float32 rows [M, 2F] holding [gate | up]; returns [M, F], each row
+    bitwise what it gives alone."""
     gate_up = gate_up.contiguous()
     M, F = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(M, F)
-    lib.silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), M, F)
+    lib.silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), M, F, threads or torch.get_num_threads())
     return out

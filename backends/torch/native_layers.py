@@ -14,9 +14,9 @@ from . import native
 from .model import MLP, TORCH_LAYERS, Attention, Layers, RMSNorm
 
 # Inputs of fewer rows (a decoded token, a speculative draft's few: backends/speculative.py) take
-# the decode's C kernels row by row, so each row's logits are bitwise those of the row decoded
-# alone: the int8 activation rounding turns a 1e-7 difference in attention into ~0.5 in logits.
-# cpu_kernels.c's UNPACK_MIN_ROWS keeps its matmul rows the same below this count.
+# the decode's attention kernel row by row, so each row's logits are bitwise those of the row
+# decoded alone: the int8 activation rounding turns a 1e-7 difference in attention into ~0.5 in
+# logits. The matmuls (cpu_kernels.c) and NativeMLP give each row its own bits at any row count.
 ROWS_AS_DECODED = 16
 
 
@@ -51,15 +51,14 @@ class NativeAttention(Attention):
 
 
 class NativeMLP(MLP):
-    """A decoded token (or a draft's few): silu(gate) * up in one C call, not three ops."""
+    """silu(gate) * up in one C call (not three ops for a decoded token), for every row count, so
+    that with the matmuls' rows (cpu_kernels.c) a prompt row's MLP is bitwise the row's alone."""
 
     def __init__(self, config):
         super().__init__(config)
         self.lib = native.library()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= ROWS_AS_DECODED:
-            return super().forward(x)
         return self.down_proj(native.silu_mul(self.lib, self.gate_up(x)))  # (T, 2F) -> (T, F) -> (T, C)
 
 

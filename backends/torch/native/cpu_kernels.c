@@ -10,8 +10,9 @@
 // weight. As in llama.cpp, activations are quantized to int8 per block (32 values, or 256 for
 // the 256-value blocks), so each block is one integer dot product; the result is exactly
 // sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
-// takes the same activation blocks (an int8 GEMM), so a prompt's answer does not depend on how
-// it is split into forward passes, and no path is less exact than llama.cpp's.
+// takes the same activation blocks (an int8 GEMM) and gives each row bitwise the result it gets
+// decoded alone, for every row count, so a prompt's answer does not depend on how it is split
+// into forward passes, and no path is less exact than llama.cpp's.
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
@@ -26,6 +27,10 @@
 #if defined(__AVX2__) && defined(__FMA__) && !defined(SMOLLM3_SCALAR)
 #define USE_AVX2 1
 #include <immintrin.h>
+// 512-bit integer dots (VNNI) for the K-quants: twice the codes per instruction
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define USE_AVX512 1
+#endif
 #endif
 
 enum {
@@ -68,7 +73,7 @@ static inline int8_t round_code(float v) { return (int8_t)(v >= 0 ? (int)(v + 0.
 
 static void quantize_block(const float *x, int n, int8_t *q, float *d_out) {
     float amax = 0;
-    for (int j = 0; j < n; j++) amax = fmaxf(amax, fabsf(x[j]));
+    for (int j = 0; j < n; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;  // fmaxf: a call (NaN rules)
     float d = amax / 127, id = d ? 1 / d : 0;
     for (int j = 0; j < n; j++) q[j] = round_code(x[j] * id);
     *d_out = d;
@@ -95,7 +100,7 @@ static void quantize_x256(const float *x, int K, x_block256 *out) {
     }
 }
 
-// --- dot products of one weight row with one quantized activation row ---
+// --- SIMD helpers and tables the dots share ---
 
 #ifdef USE_AVX2
 static inline float hsum_ps(__m256 v) {
@@ -122,251 +127,8 @@ static inline __m256i nibbles_32(const uint8_t *p) {
 }
 #endif
 
-// The 32-value formats: each block is a short dependent chain (dot, convert, multiply-add), so
-// four blocks go in flight at once on separate accumulators (measured 1.6x on one core).
-#ifdef USE_AVX2
-static inline __m256 q8_0_block(const uint8_t *w, const x_block32 *x, __m256 acc) {
-    __m256i q = _mm256_loadu_si256((const __m256i *)(w + 2));
-    __m256i xq = _mm256_loadu_si256((const __m256i *)x->q);
-    // |q| as unsigned times x with q's sign: a signed product on an unsigned-signed op
-    __m256i p = dot_u8_s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xq, q));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_to_f32(read_u16(w)) * x->d), acc);
-}
-
-// Q4_0, Q4_1: [d dx, m sx] (Q4_1) or [d dx, d sx] (Q4_0) from one f16 conversion and one
-// multiply: the codes' scale in lane 0, the block's offset term (before Q4_0's -8) in lane 1.
-static inline __m128 q4_scales(const uint8_t *w, const x_block32 *x, int with_min) {
-    uint32_t bits;
-    if (with_min) memcpy(&bits, w, 4);
-    else bits = read_u16(w) * 0x10001u;
-    __m128 xs = _mm_castpd_ps(_mm_load_sd((const double *)&x->d));  // [dx, sx]: adjacent fields
-    return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)bits)), xs);
-}
-
-static inline __m256 q4_block(const uint8_t *codes, __m128 scales, const x_block32 *x, __m256 acc) {
-    __m256i p = dot_u8_s8(nibbles_32(codes), _mm256_loadu_si256((const __m256i *)x->q));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(scales), acc);
-}
-#endif
-
-static float dot_q8_0(const uint8_t *w, const void *xv, int K) {
-    const x_block32 *x = xv;
-    int nb = K / 32, b = 0;
-#ifdef USE_AVX2
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (; b + 3 < nb; b += 4, w += 4 * 34)
-        for (int u = 0; u < 4; u++) acc[u] = q8_0_block(w + 34 * u, x + b + u, acc[u]);
-    for (; b < nb; b++, w += 34) acc[0] = q8_0_block(w, x + b, acc[0]);
-    return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-#else
-    float acc = 0;
-    for (; b < nb; b++, w += 34) {
-        const int8_t *q = (const int8_t *)(w + 2);
-        int sum = 0;
-        for (int j = 0; j < 32; j++) sum += q[j] * x[b].q[j];
-        acc += f16_to_f32(read_u16(w)) * x[b].d * sum;
-    }
-    return acc;
-#endif
-}
-
-// Q4_0: w = d (q - 8); Q4_1: w = d q + m. Both: sum_j w_j x_j = d dx sum(q xq) + c sx.
-static inline float dot_q4_01(const uint8_t *w, const void *xv, int K, int with_min) {
-    const x_block32 *x = xv;
-    int nb = K / 32, size = with_min ? 20 : 18, codes = with_min ? 4 : 2, b = 0;
-#ifdef USE_AVX2
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    __m128 offsets = _mm_setzero_ps();
-    for (; b + 3 < nb; b += 4) {
-        for (int u = 0; u < 4; u++, w += size) {
-            __m128 scales = q4_scales(w, x + b + u, with_min);
-            offsets = _mm_add_ps(offsets, scales);
-            acc[u] = q4_block(w + codes, scales, x + b + u, acc[u]);
-        }
-    }
-    for (; b < nb; b++, w += size) {
-        __m128 scales = q4_scales(w, x + b, with_min);
-        offsets = _mm_add_ps(offsets, scales);
-        acc[0] = q4_block(w + codes, scales, x + b, acc[0]);
-    }
-    float offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets, offsets, 1)) * (with_min ? 1 : -8);
-    return hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + offset;
-#else
-    float sum = 0, offset = 0;
-    for (; b < nb; b++, w += size) {
-        float d = f16_to_f32(read_u16(w));
-        offset += (with_min ? f16_to_f32(read_u16(w + 2)) : -8 * d) * x[b].s;
-        int dot = 0;
-        for (int j = 0; j < 16; j++) dot += (w[codes + j] & 15) * x[b].q[j] + (w[codes + j] >> 4) * x[b].q[j + 16];
-        sum += d * x[b].d * dot;
-    }
-    return sum + offset;
-#endif
-}
-
-static float dot_q4_0(const uint8_t *w, const void *x, int K) { return dot_q4_01(w, x, K, 0); }
-static float dot_q4_1(const uint8_t *w, const void *x, int K) { return dot_q4_01(w, x, K, 1); }
-
-// Q4_K: 8 groups of 32 with 6-bit scales and mins: w = d sc q - dmin m. The 12 scale bytes as
-// three words a, b, c: scales 0-3 = a & 63, mins 0-3 = b & 63, scales 4-7 = low nibbles of c
-// with a's top 2 bits above, mins 4-7 = high nibbles of c with b's top bits (ggml's get_scale_min_k4).
-static inline void q4_k_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2]) {
-    uint32_t a, b, c;
-    memcpy(&a, s, 4);
-    memcpy(&b, s + 4, 4);
-    memcpy(&c, s + 8, 4);
-    sc[0] = a & 0x3f3f3f3f;
-    mn[0] = b & 0x3f3f3f3f;
-    sc[1] = (c & 0x0f0f0f0f) | ((a >> 2) & 0x30303030);
-    mn[1] = ((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030);
-}
-
-static float dot_q4_k(const uint8_t *w, const void *xv, int K) {
-    const x_block256 *x = xv;
-    int nb = K / 256;
-#ifdef USE_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    __m128 acc_min = _mm_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
-    for (int b = 0; b < nb; b++, w += 144) {
-        float d = f16_to_f32(read_u16(w)) * x[b].d, dmin = f16_to_f32(read_u16(w + 2)) * x[b].d;
-        uint32_t sc[2], mn[2];
-        q4_k_scales(w + 4, sc, mn);
-        __m128i mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, mn[1], mn[0])), _mm_loadu_si128((const __m128i *)x[b].sums32));
-        acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_set1_ps(dmin), acc_min);
-        // the 8 scales as int16 in both lanes; shuffles broadcast one to a whole register
-        __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc[1], sc[0])));
-        const uint8_t *qs = w + 16;
-        const int8_t *xq = x[b].q;
-        __m256i sum = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++, qs += 32, xq += 64) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)qs);
-            __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-            // codes <= 15, |x| <= 127: the int16 pair sums cannot saturate; scales fold in via madd
-            __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq));
-            __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32)));
-            __m256i slo = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 1) << 8 | 4 * j)));
-            __m256i shi = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))));
-            sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_madd_epi16(plo, slo), _mm256_madd_epi16(phi, shi)));
-        }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d), acc);
-    }
-    __m128 m = _mm_add_ps(acc_min, _mm_movehl_ps(acc_min, acc_min));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    return hsum_ps(acc) - _mm_cvtss_f32(m);
-#else
-    float acc = 0;
-    for (int b = 0; b < nb; b++, w += 144) {
-        float d = f16_to_f32(read_u16(w)) * x[b].d, dmin = f16_to_f32(read_u16(w + 2)) * x[b].d;
-        uint32_t scw[2], mnw[2];
-        q4_k_scales(w + 4, scw, mnw);
-        const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw;
-        const uint8_t *qs = w + 16;
-        const int8_t *xq = x[b].q;
-        int sum = 0, mins = 0;
-        for (int j = 0; j < 8; j++) mins += mn[j] * x[b].sums32[j];
-        for (int j = 0; j < 4; j++, qs += 32, xq += 64) {
-            int lo = 0, hi = 0;
-            for (int l = 0; l < 32; l++) {
-                lo += (qs[l] & 15) * xq[l];
-                hi += (qs[l] >> 4) * xq[l + 32];
-            }
-            sum += sc[2 * j] * lo + sc[2 * j + 1] * hi;
-        }
-        acc += d * sum - dmin * mins;
-    }
-    return acc;
-#endif
-}
-
-// Q6_K: 16 groups of 16 with int8 scales: w = d sc (q - 32), q = 4 low bits (ql) | 2 high (qh).
-// Per half of 128: codes l, l+32, l+64, l+96 take ql[l] low, ql[l+32] low, ql[l] high,
-// ql[l+32] high nibbles and bits 0-1, 2-3, 4-5, 6-7 of qh[l] (ggml's dequantize_row_q6_K).
-static float dot_q6_k(const uint8_t *w, const void *xv, int K) {
-    const x_block256 *x = xv;
-    int nb = K / 256;
-#ifdef USE_AVX2
-    __m256 acc = _mm256_setzero_ps(), acc_shift = _mm256_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
-#else
-    float acc = 0;
-#endif
-    for (int b = 0; b < nb; b++, w += 210) {
-        const uint8_t *ql = w, *qh = w + 128;
-        const int8_t *sc = (const int8_t *)(w + 192);
-        float d = f16_to_f32(read_u16(w + 208)) * x[b].d;
-        const int8_t *xq = x[b].q;
-#ifdef USE_AVX2
-        __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
-        __m256i shift = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)x[b].sums));
-        acc_shift = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shift), _mm256_set1_ps(32 * d), acc_shift);
-        __m256i sum = _mm256_setzero_si256();
-        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, xq += 128) {
-            __m256i half_scales = _mm256_broadcastsi128_si256(half ? _mm256_extracti128_si256(scales, 1) : _mm256_castsi256_si128(scales));
-            __m256i h = _mm256_loadu_si256((const __m256i *)qh);
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-            __m256i q[4] = {
-                _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(h, low2), 4)),
-                _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), low2), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), low2), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), low2), 4)),
-            };
-            for (int k = 0; k < 4; k++) {
-                // codes <= 63, |x| <= 127: no int16 saturation; each 16 codes take their own scale
-                __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(xq + 32 * k)));
-                // scale 2k for the low 16 codes, 2k + 1 for the high: int16 lanes of this half's 8
-                __m256i s = _mm256_shuffle_epi8(half_scales, _mm256_set_m128i(_mm_set1_epi16((short)((4 * k + 3) << 8 | (4 * k + 2))),
-                                                                             _mm_set1_epi16((short)((4 * k + 1) << 8 | 4 * k))));
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, s));
-            }
-        }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d), acc);
-#else
-        int sum = 0, shift = 0;
-        for (int g = 0; g < 16; g++) shift += sc[g] * x[b].sums[g];
-        for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, xq += 128) {
-            for (int l = 0; l < 32; l++) {
-                int g = l / 16;
-                sum += sc[g] * ((ql[l] & 15) | ((qh[l] & 3) << 4)) * xq[l];
-                sum += sc[g + 2] * ((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) * xq[l + 32];
-                sum += sc[g + 4] * ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) * xq[l + 64];
-                sum += sc[g + 6] * ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) * xq[l + 96];
-            }
-        }
-        acc += d * (sum - 32 * shift);
-#endif
-    }
-#ifdef USE_AVX2
-    return hsum_ps(acc) - hsum_ps(acc_shift);
-#else
-    return acc;
-#endif
-}
-
-// --- weights unpacked to one form: prefill (several input rows per weight row) and the other types ---
-//
-// Every type's block becomes 8-bit codes q, one integer scale per 16 codes, a float d per block
-// and a float offset per offset group (16 codes for the 256-value blocks, 32 for the others):
-// w_j = d * sc * q_j + off. Against int8 activations xq (scale dx per activation block, which is
-// as long as the weight block) a block's sum is d * dx * sum_g sc_g * sum_{j in g} q_j xq_j plus
-// the offsets times the activations' sums: integers first, one float multiply per block.
-// The codes are unsigned (0..63) except for the types whose codes are signed values (Q8_0 and
-// the IQ4 tables), which take the sign trick the Q8_0 dot uses.
-
-typedef struct {
-    uint8_t *q;   // K codes
-    int16_t *sc;  // per 32 codes, 16 int16: the low 16 codes' scale 8 times, then the high 16's
-    float *d;     // per weight block
-    float *off;   // per offset group; unused where the type has no offset
-} unpacked_row;
-
-static inline void set_scales(int16_t *sc, int lo, int hi) {
-#ifdef USE_AVX2
-    _mm256_storeu_si256((__m256i *)sc, _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo)));
-#else
-    for (int i = 0; i < 8; i++) sc[i] = (int16_t)lo, sc[i + 8] = (int16_t)hi;
-#endif
-}
+// IQ4_NL's and IQ4_XS's 16 non-uniform levels (ggml's kvalues_iq4nl).
+static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 #ifdef USE_AVX2
 // 32 bits as 32 bytes, 0x10 where the bit is set (Q5_x's fifth bits): byte j takes byte j / 8 of
@@ -380,349 +142,633 @@ static inline __m256i bits_as_0x10(uint32_t bits) {
 }
 #endif
 
-static void unpack_q8_0(const uint8_t *w, int K, unpacked_row *u) {
-    for (int b = 0; b < K / 32; b++, w += 34) {
-        u->d[b] = f16_to_f32(read_u16(w));
-        memcpy(u->q + 32 * b, w + 2, 32);
-        set_scales(u->sc + 16 * b, 1, 1);
-    }
+// --- one weight row, read straight off its blocks, against R activation rows ---
+//
+// R is a constant at each call (1 for a decoded token, DOT_ROWS for a prompt's rows), so the
+// loops over r unroll and every sum stays in a register. Each block's weights are decoded into
+// registers once for all R rows; each row then takes the operations it takes alone, in the same
+// order, so its result is bitwise the same for every R (tests/test_torch_native.py). That is what
+// makes a prompt's answer independent of how it is split into forward passes (a chat's cached
+// history, the server's batching, a speculative draft): the real models have near-ties that a
+// 1e-6 difference flips.
+
+#define ROWS_INLINE static inline __attribute__((always_inline))
+// Input rows per call for a prompt: R sets of sums in registers (AVX-512 has 32 of them).
+#define DOT_ROWS 4
+
+// Activation row r's block b (rows are x_row bytes apart).
+#define X_BLOCK(type, x, x_row, r, b) ((const type *)((x) + (size_t)(r) * (x_row)) + (b))
+
+#ifdef USE_AVX2
+// The integer sums of 16-bit products p * s, added into 8 int32 lanes.
+static inline __m256i add_dot_i16(__m256i sum, __m256i p, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(sum, p, s);
+#else
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(p, s));
+#endif
 }
 
-// Q4_0, Q4_1, Q5_0, Q5_1: 32 codes, low nibbles first; Q5_x's bit 4 of code j is bit j of qh.
-static inline void unpack_q4_q5(const uint8_t *w, int K, unpacked_row *u, int with_min, int with_high) {
-    int qh_at = with_min ? 4 : 2, qs_at = qh_at + (with_high ? 4 : 0), size = qs_at + 16;
-    float zero = with_high ? 16 : 8;
-    for (int b = 0; b < K / 32; b++, w += size) {
+static inline float hsum_128(__m128 v) {
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+#endif
+
+// Q8_0: w = d q; IQ4_NL (d, qs[16]): w = d level[q] with 4-bit q in Q4_0's order. The 32-value
+// blocks are each a short dependent chain (dot, convert, multiply-add), so four blocks go in
+// flight at once on separate accumulators (measured 1.6x on one core); the last K / 32 % 4
+// blocks go on the first.
+#ifdef USE_AVX2
+ROWS_INLINE void signed_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], const int iq4, const int R) {
+    __m256i q = iq4 ? _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), nibbles_32(w + 2))
+                    : _mm256_loadu_si256((const __m256i *)(w + 2));
+    __m256i magnitude = _mm256_sign_epi8(q, q);
+    float d = f16_to_f32(read_u16(w));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+        // |q| as unsigned times x with q's sign: a signed product on an unsigned-signed op
+        __m256i p = dot_u8_s8(magnitude, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb->q), q));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xb->d), acc[r]);
+    }
+}
+#endif
+
+ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
+                           const int iq4, const int R) {
+    int nb = K / 32, size = iq4 ? 18 : 34, b = 0;
+#ifdef USE_AVX2
+    __m256 acc[4][DOT_ROWS];
+    for (int u = 0; u < 4; u++)
+        for (int r = 0; r < R; r++) acc[u][r] = _mm256_setzero_ps();
+    for (; b + 3 < nb; b += 4)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) signed_block(w + size * (b + u), x, x_row, b + u, acc[u], iq4, R);
+    for (; b < nb; b++) signed_block(w + size * b, x, x_row, b, acc[0], iq4, R);
+    for (int r = 0; r < R; r++)
+        y[r * y_step] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r])));
+#else
+    float acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = 0;
+    for (; b < nb; b++, w += size) {
+        int8_t q[32];
+        for (int j = 0; j < 16 && iq4; j++) q[j] = IQ4_LEVELS[w[2 + j] & 15], q[j + 16] = IQ4_LEVELS[w[2 + j] >> 4];
+        if (!iq4) memcpy(q, w + 2, 32);
         float d = f16_to_f32(read_u16(w));
+        for (int r = 0; r < R; r++) {
+            const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+            int sum = 0;
+            for (int j = 0; j < 32; j++) sum += q[j] * xb->q[j];
+            acc[r] += d * xb->d * sum;
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
+#endif
+}
+
+// Q4_0: w = d (q - 8); Q4_1: w = d q + m; Q5_0 and Q5_1 the same with a fifth bit (qh, a u32
+// after d and m: bit j is code j's bit 4) and Q5_0's zero at 16. All: sum_j w_j x_j =
+// d dx sum(q xq) + c sx, with c = m or -zero d. Blocks in flight as Q8_0's.
+#ifdef USE_AVX2
+ROWS_INLINE void q4_q5_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], __m128 offsets[],
+                             const int with_min, const int with_high, const int R) {
+    int qh_at = with_min ? 4 : 2;
+    __m256i q = nibbles_32(w + qh_at + (with_high ? 4 : 0));
+    if (with_high) {
+        uint32_t qh;
+        memcpy(&qh, w + qh_at, 4);
+        q = _mm256_or_si256(q, bits_as_0x10(qh));
+    }
+    uint32_t bits;  // [d, m] (Q4_1) or [d, d] (Q4_0): one f16 conversion
+    if (with_min) memcpy(&bits, w, 4);
+    else bits = read_u16(w) * 0x10001u;
+    __m128 weight_scales = _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+        // [d dx, c sx]: the codes' scale in lane 0, the offset term (before the -zero) in lane 1
+        __m128 scales = _mm_mul_ps(weight_scales, _mm_castpd_ps(_mm_load_sd((const double *)&xb->d)));
+        offsets[r] = _mm_add_ps(offsets[r], scales);
+        __m256i p = dot_u8_s8(q, _mm256_loadu_si256((const __m256i *)xb->q));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(scales), acc[r]);
+    }
+}
+#endif
+
+ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
+                            const int with_min, const int with_high, const int R) {
+    int nb = K / 32, size = (with_min ? 20 : 18) + (with_high ? 4 : 0), zero = with_high ? 16 : 8, b = 0;
+#ifdef USE_AVX2
+    __m256 acc[4][DOT_ROWS];
+    __m128 offsets[DOT_ROWS];
+    for (int r = 0; r < R; r++) {
+        offsets[r] = _mm_setzero_ps();
+        for (int u = 0; u < 4; u++) acc[u][r] = _mm256_setzero_ps();
+    }
+    for (; b + 3 < nb; b += 4)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) q4_q5_block(w + size * (b + u), x, x_row, b + u, acc[u], offsets, with_min, with_high, R);
+    for (; b < nb; b++) q4_q5_block(w + size * b, x, x_row, b, acc[0], offsets, with_min, with_high, R);
+    for (int r = 0; r < R; r++) {
+        float offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets[r], offsets[r], 1)) * (with_min ? 1 : -zero);
+        y[r * y_step] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r]))) + offset;
+    }
+#else
+    int qh_at = with_min ? 4 : 2, codes = qh_at + (with_high ? 4 : 0);
+    float sum[DOT_ROWS], offset[DOT_ROWS];
+    for (int r = 0; r < R; r++) sum[r] = offset[r] = 0;
+    for (; b < nb; b++, w += size) {
+        float d = f16_to_f32(read_u16(w)), c = with_min ? f16_to_f32(read_u16(w + 2)) : -zero * d;
         uint32_t qh = 0;
         if (with_high) memcpy(&qh, w + qh_at, 4);
-        uint8_t *q = u->q + 32 * b;
-#ifdef USE_AVX2
-        __m256i codes = nibbles_32(w + qs_at);
-        if (with_high) codes = _mm256_or_si256(codes, bits_as_0x10(qh));
-        _mm256_storeu_si256((__m256i *)q, codes);
-#else
+        int q[32];
         for (int j = 0; j < 16; j++) {
-            q[j] = (uint8_t)((w[qs_at + j] & 15) | ((qh >> j) & 1) << 4);
-            q[j + 16] = (uint8_t)((w[qs_at + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
+            q[j] = (w[codes + j] & 15) | ((qh >> j) & 1) << 4;
+            q[j + 16] = (w[codes + j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
         }
-#endif
-        u->d[b] = d;
-        u->off[b] = with_min ? f16_to_f32(read_u16(w + 2)) : -zero * d;
-        set_scales(u->sc + 16 * b, 1, 1);
+        for (int r = 0; r < R; r++) {
+            const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+            offset[r] += c * xb->s;
+            int dot = 0;
+            for (int j = 0; j < 32; j++) dot += q[j] * xb->q[j];
+            sum[r] += d * xb->d * dot;
+        }
     }
+    for (int r = 0; r < R; r++) y[r * y_step] = sum[r] + offset[r];
+#endif
 }
 
-static void unpack_q4_0(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 0, 0); }
-static void unpack_q4_1(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 1, 0); }
-static void unpack_q5_0(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 0, 1); }
-static void unpack_q5_1(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5(w, K, u, 1, 1); }
+// Q4_K: 8 groups of 32 with 6-bit scales and mins: w = d sc q - dmin m; Q5_K the same with
+// qh[32] after the scales (bit 4 of group s's code l is bit s of qh[l]) and qs after qh. The 12 scale bytes as
+// three words a, b, c: scales 0-3 = a & 63, mins 0-3 = b & 63, scales 4-7 = low nibbles of c
+// with a's top 2 bits above, mins 4-7 = high nibbles of c with b's top bits (ggml's get_scale_min_k4).
+static inline void q4_k_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2]) {
+    uint32_t a, b, c;
+    memcpy(&a, s, 4);
+    memcpy(&b, s + 4, 4);
+    memcpy(&c, s + 8, 4);
+    sc[0] = a & 0x3f3f3f3f;
+    mn[0] = b & 0x3f3f3f3f;
+    sc[1] = (c & 0x0f0f0f0f) | ((a >> 2) & 0x30303030);
+    mn[1] = ((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030);
+}
 
-// IQ4_NL's and IQ4_XS's 16 non-uniform levels (ggml's kvalues_iq4nl).
-static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-
-static inline void iq4_codes(const uint8_t *qs, uint8_t *q) {
-#ifdef USE_AVX2
-    __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
-    _mm256_storeu_si256((__m256i *)q, _mm256_shuffle_epi8(levels, nibbles_32(qs)));
+ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
+                              const int with_high, const int R) {
+    int nb = K / 256, size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
+#if defined(USE_AVX512)
+    __m512 acc[DOT_ROWS];
+    __m128 acc_min[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps(), acc_min[r] = _mm_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    // 32 bytes of nibbles in both halves: the low nibbles kept in the lower half, the high ones
+    // shifted down in the upper, so 64 codes lie in the activations' order
+    const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    for (int b = 0; b < nb; b++, w += size) {
+        float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
+        uint32_t sc[2], mn[2];
+        q4_k_scales(w + 4, sc, mn);
+        __m128i mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, mn[1], mn[0]));
+        __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc[1], sc[0])));
+        __m512i sum[DOT_ROWS];
+        for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) {
+            __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * j)));
+            __m512i codes = _mm512_and_si512(_mm512_srlv_epi16(q, nibble_shift), low4);
+            if (with_high) {  // bit 2j of qh[l] to bit 4 of the low code, bit 2j + 1 to the high's
+                __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 16)));
+                __m512i at = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * j)), _mm256_set1_epi16((short)(2 * j + 1)), 1);
+                codes = _mm512_or_si512(codes, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(h, at), _mm512_set1_epi8(1)), 4));
+            }
+            // int16 lanes of the low 32 codes take scale 2j, the high 32's scale 2j + 1
+            __m512i lanes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)(2 * j))), _mm256_set1_epi16((short)(2 * j + 1)), 1);
+            __m512i s = _mm512_permutexvar_epi16(lanes, scales);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 64 * j;
+                // codes <= 15, |x| <= 127: the int16 pair sums cannot saturate
+                sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(codes, _mm512_loadu_si512(xq)), s);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            __m128i m = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)xb->sums32));
+            acc_min[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_set1_ps(dmin * xb->d), acc_min[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * xb->d), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = _mm512_reduce_add_ps(acc[r]) - hsum_128(acc_min[r]);
+#elif defined(USE_AVX2)
+    __m256 acc[DOT_ROWS];
+    __m128 acc_min[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), acc_min[r] = _mm_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b++, w += size) {
+        float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
+        uint32_t sc[2], mn[2];
+        q4_k_scales(w + 4, sc, mn);
+        __m128i mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, mn[1], mn[0]));
+        // the 8 scales as int16 in both lanes; shuffles broadcast one to a whole register
+        __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc[1], sc[0])));
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+        const uint8_t *qs = w + qs_at;
+        for (int j = 0; j < 4; j++, qs += 32) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)qs);
+            __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+            if (with_high) {  // bit 2j of qh[l] to bit 4 of the low code, bit 2j + 1 to the high's
+                __m256i h = _mm256_loadu_si256((const __m256i *)(w + 16)), one = _mm256_set1_epi8(1);
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j)), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j + 1)), one), 4));
+            }
+            __m256i slo = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 1) << 8 | 4 * j)));
+            __m256i shi = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 64 * j;
+                // codes <= 15, |x| <= 127: the int16 pair sums cannot saturate; scales fold in via madd
+                __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq));
+                __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32)));
+                sum[r] = add_dot_i16(add_dot_i16(sum[r], plo, slo), phi, shi);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            __m128i m = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)xb->sums32));
+            acc_min[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_set1_ps(dmin * xb->d), acc_min[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * xb->d), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_128(acc_min[r]);
 #else
-    for (int j = 0; j < 16; j++) {
-        q[j] = (uint8_t)IQ4_LEVELS[qs[j] & 15];
-        q[j + 16] = (uint8_t)IQ4_LEVELS[qs[j] >> 4];
-    }
-#endif
-}
-
-static void unpack_iq4_nl(const uint8_t *w, int K, unpacked_row *u) {  // d, qs[16]: w = d * level
-    for (int b = 0; b < K / 32; b++, w += 18) {
-        u->d[b] = f16_to_f32(read_u16(w));
-        iq4_codes(w + 2, u->q + 32 * b);
-        set_scales(u->sc + 16 * b, 1, 1);
-    }
-}
-
-// IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]: 8 sub-blocks of 32 with 6-bit scales minus 32
-// (low 4 bits from scales_l's nibbles, top 2 from scales_h), w = d * (ls - 32) * level.
-static void unpack_iq4_xs(const uint8_t *w, int K, unpacked_row *u) {
-    for (int b = 0; b < K / 256; b++, w += 136) {
-        u->d[b] = f16_to_f32(read_u16(w));
-        int high = read_u16(w + 2);
-        for (int s = 0; s < 8; s++) {
-            int ls = ((w[4 + s / 2] >> 4 * (s % 2)) & 15) | ((high >> 2 * s) & 3) << 4;
-            iq4_codes(w + 8 + 16 * s, u->q + 256 * b + 32 * s);
-            set_scales(u->sc + 16 * (8 * b + s), ls - 32, ls - 32);
-        }
-    }
-}
-
-#ifdef USE_AVX2
-// Each byte's bit `bit` moved to bit 4 (other bits are left to a mask): 16-bit shifts of at
-// most 4 keep each byte's bits inside it where it matters.
-static inline __m256i bit_to_4(__m256i v, int bit) {
-    return bit <= 4 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - bit)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(bit - 4));
-}
-#endif
-
-// Q4_K, Q5_K: 8 sub-blocks of 32, w = d sc q - dmin m; Q5_K's bit 4 of sub-block s's code l is
-// bit s of qh[l].
-static inline void unpack_q4_q5_k(const uint8_t *w, int K, unpacked_row *u, int with_high) {
-    int size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
-    for (int b = 0; b < K / 256; b++, w += size) {
+    float acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = 0;
+    for (int b = 0; b < nb; b++, w += size) {
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
         uint32_t scw[2], mnw[2];
         q4_k_scales(w + 4, scw, mnw);
-        const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw, *qs = w + qs_at, *qh = w + 16;
-        uint8_t *q = u->q + 256 * b;
-        for (int j = 0; j < 4; j++, qs += 32, q += 64) {
-#ifdef USE_AVX2
-            const __m256i low4 = _mm256_set1_epi8(15), bit4 = _mm256_set1_epi8(16);
-            __m256i codes = _mm256_loadu_si256((const __m256i *)qs);
-            __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
-            if (with_high) {  // bit 2j of qh[l] to bit 4 of the low code, bit 2j + 1 to the high's
-                __m256i h = _mm256_loadu_si256((const __m256i *)qh);
-                lo = _mm256_or_si256(lo, _mm256_and_si256(bit_to_4(h, 2 * j), bit4));
-                hi = _mm256_or_si256(hi, _mm256_and_si256(bit_to_4(h, 2 * j + 1), bit4));
+        const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw;
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            const uint8_t *qs = w + qs_at, *qh = w + 16;
+            const int8_t *xq = xb->q;
+            int sum = 0, mins = 0;
+            for (int j = 0; j < 8; j++) mins += mn[j] * xb->sums32[j];
+            for (int j = 0; j < 4; j++, qs += 32, xq += 64) {
+                int lo = 0, hi = 0;
+                for (int l = 0; l < 32; l++) {
+                    int h = with_high ? qh[l] >> 2 * j : 0;
+                    lo += ((qs[l] & 15) | (h & 1) << 4) * xq[l];
+                    hi += ((qs[l] >> 4) | (h & 2) << 3) * xq[l + 32];
+                }
+                sum += sc[2 * j] * lo + sc[2 * j + 1] * hi;
             }
-            _mm256_storeu_si256((__m256i *)q, lo);
-            _mm256_storeu_si256((__m256i *)(q + 32), hi);
-#else
-            for (int l = 0; l < 32; l++) {
-                int h = with_high ? qh[l] >> 2 * j : 0;
-                q[l] = (uint8_t)((qs[l] & 15) | (h & 1) << 4);
-                q[l + 32] = (uint8_t)((qs[l] >> 4) | (h & 2) << 3);
-            }
-#endif
-        }
-        u->d[b] = d;
-        for (int s = 0; s < 8; s++) {
-            set_scales(u->sc + 16 * (8 * b + s), sc[s], sc[s]);
-            u->off[16 * b + 2 * s] = u->off[16 * b + 2 * s + 1] = -dmin * mn[s];
+            acc[r] += d * xb->d * sum - dmin * xb->d * mins;
         }
     }
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
+#endif
 }
 
-static void unpack_q4_k(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5_k(w, K, u, 0); }
-static void unpack_q5_k(const uint8_t *w, int K, unpacked_row *u) { unpack_q4_q5_k(w, K, u, 1); }
+// Q6_K: 16 groups of 16 with int8 scales: w = d sc (q - 32), q = 4 low bits (ql) | 2 high (qh).
+// Per half of 128: codes l, l+32, l+64, l+96 take ql[l] low, ql[l+32] low, ql[l] high,
+// ql[l+32] high nibbles and bits 0-1, 2-3, 4-5, 6-7 of qh[l] (ggml's dequantize_row_q6_K).
+#ifdef USE_AVX512
+// Q6_K's int16 lanes of 64 codes (after maddubs) to their scale among a half's 8: 16 codes a scale.
+static const int16_t Q6_K_SCALE_LANES[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                             2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+#endif
 
-static void unpack_q6_k(const uint8_t *w, int K, unpacked_row *u) {  // layout: see dot_q6_k
-    for (int b = 0; b < K / 256; b++, w += 210) {
+ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
+    int nb = K / 256;
+#if defined(USE_AVX512)
+    __m512 acc[DOT_ROWS];
+    __m256 acc_shift[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps(), acc_shift[r] = _mm256_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(0x0f), low2 = _mm512_set1_epi8(0x03);
+    const __m512i scale_lanes = _mm512_loadu_si512(Q6_K_SCALE_LANES);
+    // codes 0-63 of a half take qh's bits 0-1 (lower 32) and 2-3 (upper); codes 64-127 bits 4-5 and 6-7
+    const __m512i shift_01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    const __m512i shift_23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+    for (int b = 0; b < nb; b++, w += 210) {
         const uint8_t *ql = w, *qh = w + 128;
-        const int8_t *sc = (const int8_t *)(w + 192);
         float d = f16_to_f32(read_u16(w + 208));
-        uint8_t *q = u->q + 256 * b;
-        for (int half = 0; half < 2; half++, ql += 64, qh += 32, q += 128) {
-            for (int l = 0; l < 32; l++) {
-                q[l] = (uint8_t)((ql[l] & 15) | (qh[l] & 3) << 4);
-                q[l + 32] = (uint8_t)((ql[l + 32] & 15) | ((qh[l] >> 2) & 3) << 4);
-                q[l + 64] = (uint8_t)((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4);
-                q[l + 96] = (uint8_t)((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4);
+        __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
+        __m512i sum[DOT_ROWS];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            __m256i shift = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)xb->sums));
+            acc_shift[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shift), _mm256_set1_ps(32 * (d * xb->d)), acc_shift[r]);
+            sum[r] = _mm512_setzero_si512();
+        }
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32) {
+            __m512i l = _mm512_loadu_si512(ql), h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qh));
+            __m512i q01 = _mm512_or_si512(_mm512_and_si512(l, low4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(h, shift_01), low2), 4));
+            __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
+                                          _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(h, shift_23), low2), 4));
+            __m512i lanes = _mm512_add_epi16(scale_lanes, _mm512_set1_epi16((short)(8 * half)));
+            __m512i s01 = _mm512_permutexvar_epi16(lanes, _mm512_castsi256_si512(scales));
+            __m512i s23 = _mm512_permutexvar_epi16(_mm512_add_epi16(lanes, _mm512_set1_epi16(4)), _mm512_castsi256_si512(scales));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 128 * half;
+                // codes <= 63, |x| <= 127: no int16 saturation
+                sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(q01, _mm512_loadu_si512(xq)), s01);
+                sum[r] = _mm512_dpwssd_epi32(sum[r], _mm512_maddubs_epi16(q23, _mm512_loadu_si512(xq + 64)), s23);
             }
         }
-        u->d[b] = d;
-        for (int g = 0; g < 16; g++) u->off[16 * b + g] = -32 * d * sc[g];
-        for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), sc[2 * c], sc[2 * c + 1]);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
     }
-}
-
-// Q3_K: hmask[32], qs[64], scales[12], d: 16 groups of 16 with 6-bit scales minus 32; code
-// 32 j + l of each half n (128 values) is 2 bits of qs[32 n + l] at shift 2 j, and 4 when bit
-// 4 n + j of hmask[l] is set, minus 4 (ggml's dequantize_row_q3_K).
-static void unpack_q3_k(const uint8_t *w, int K, unpacked_row *u) {
-    for (int b = 0; b < K / 256; b++, w += 110) {
-        const uint8_t *hm = w, *qs = w + 32, *s = w + 96;
-        float d = f16_to_f32(read_u16(w + 108));
-        int sc[16];
-        for (int g = 0; g < 16; g++) {  // low 4 bits: nibbles of bytes 0-7; top 2: pairs of bits of bytes 8-11
-            int low = (s[g % 8] >> 4 * (g / 8)) & 15, top = (s[8 + g % 4] >> 2 * (g / 4)) & 3;
-            sc[g] = (low | top << 4) - 32;
+    for (int r = 0; r < R; r++) y[r * y_step] = _mm512_reduce_add_ps(acc[r]) - hsum_ps(acc_shift[r]);
+#elif defined(USE_AVX2)
+    __m256 acc[DOT_ROWS], acc_shift[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = acc_shift[r] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
+    for (int b = 0; b < nb; b++, w += 210) {
+        const uint8_t *ql = w, *qh = w + 128;
+        float d = f16_to_f32(read_u16(w + 208));
+        __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
+        __m256i sum[DOT_ROWS];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            __m256i shift = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)xb->sums));
+            acc_shift[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shift), _mm256_set1_ps(32 * (d * xb->d)), acc_shift[r]);
+            sum[r] = _mm256_setzero_si256();
         }
-        uint8_t *q = u->q + 256 * b;
-        for (int n = 0; n < 2; n++)
-            for (int j = 0; j < 4; j++) {
-#ifdef USE_AVX2
-                __m256i low = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(qs + 32 * n)), _mm_cvtsi32_si128(2 * j));
-                __m256i high = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)hm), _mm_cvtsi32_si128(4 * n + j));
-                low = _mm256_and_si256(low, _mm256_set1_epi8(3));
-                high = _mm256_slli_epi16(_mm256_and_si256(high, _mm256_set1_epi8(1)), 2);
-                _mm256_storeu_si256((__m256i *)(q + 128 * n + 32 * j), _mm256_or_si256(low, high));
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32) {
+            __m256i half_scales = _mm256_broadcastsi128_si256(half ? _mm256_extracti128_si256(scales, 1) : _mm256_castsi256_si128(scales));
+            __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(h, low2), 4)),
+                _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), low2), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), low2), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), low2), 4)),
+            };
+            // scale 2k for the low 16 codes, 2k + 1 for the high: int16 lanes of this half's 8
+            __m256i s[4];
+            for (int k = 0; k < 4; k++)
+                s[k] = _mm256_shuffle_epi8(half_scales, _mm256_set_m128i(_mm_set1_epi16((short)((4 * k + 3) << 8 | (4 * k + 2))),
+                                                                        _mm_set1_epi16((short)((4 * k + 1) << 8 | 4 * k))));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 128 * half;
+                // codes <= 63, |x| <= 127: no int16 saturation; each 16 codes take their own scale
+                for (int k = 0; k < 4; k++)
+                    sum[r] = add_dot_i16(sum[r], _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(xq + 32 * k))), s[k]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_ps(acc_shift[r]);
 #else
-                for (int l = 0; l < 32; l++)
-                    q[128 * n + 32 * j + l] = (uint8_t)(((qs[32 * n + l] >> 2 * j) & 3) | ((hm[l] >> (4 * n + j)) & 1) << 2);
-#endif
+    float acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = 0;
+    for (int b = 0; b < nb; b++, w += 210) {
+        float d = f16_to_f32(read_u16(w + 208));
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            const uint8_t *ql = w, *qh = w + 128;
+            const int8_t *sc = (const int8_t *)(w + 192), *xq = xb->q;
+            int sum = 0, shift = 0;
+            for (int g = 0; g < 16; g++) shift += sc[g] * xb->sums[g];
+            for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, xq += 128) {
+                for (int l = 0; l < 32; l++) {
+                    int g = l / 16;
+                    sum += sc[g] * ((ql[l] & 15) | ((qh[l] & 3) << 4)) * xq[l];
+                    sum += sc[g + 2] * ((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) * xq[l + 32];
+                    sum += sc[g + 4] * ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) * xq[l + 64];
+                    sum += sc[g + 6] * ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) * xq[l + 96];
+                }
             }
-        u->d[b] = d;
-        for (int g = 0; g < 16; g++) u->off[16 * b + g] = -4 * d * sc[g];
-        for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), sc[2 * c], sc[2 * c + 1]);
+            acc[r] += d * xb->d * (sum - 32 * shift);
+        }
     }
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
+#endif
 }
 
 // Q2_K: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin: 16 groups of 16,
-// w = d sc q - dmin m; codes laid out as Q3_K's low bits.
-static void unpack_q2_k(const uint8_t *w, int K, unpacked_row *u) {
-    for (int b = 0; b < K / 256; b++, w += 84) {
-        const uint8_t *s = w, *qs = w + 16;
-        float d = f16_to_f32(read_u16(w + 80)), dmin = f16_to_f32(read_u16(w + 82));
-        uint8_t *q = u->q + 256 * b;
-        for (int n = 0; n < 2; n++)
-            for (int j = 0; j < 4; j++) {
-#ifdef USE_AVX2
-                __m256i codes = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(qs + 32 * n)), _mm_cvtsi32_si128(2 * j));
-                _mm256_storeu_si256((__m256i *)(q + 128 * n + 32 * j), _mm256_and_si256(codes, _mm256_set1_epi8(3)));
-#else
-                for (int l = 0; l < 32; l++) q[128 * n + 32 * j + l] = (uint8_t)((qs[32 * n + l] >> 2 * j) & 3);
-#endif
-            }
-        u->d[b] = d;
-        for (int g = 0; g < 16; g++) u->off[16 * b + g] = -dmin * (s[g] >> 4);
-        for (int c = 0; c < 8; c++) set_scales(u->sc + 16 * (8 * b + c), s[2 * c] & 15, s[2 * c + 1] & 15);
+// w = d sc q - dmin m. Q3_K: hmask[32], qs[64], scales[12], d: 16 groups of 16 with 6-bit scales
+// minus 32, w = d sc (q - 4), q's third bit from hmask. Code 32 j + l of each half n (128 values)
+// is 2 bits of qs[32 n + l] at shift 2 j (and Q3_K's bit 4 n + j of hmask[l]) (ggml's
+// dequantize_row_q2_K and _q3_K). Both offsets are per group: m (Q2_K) or 4 sc (Q3_K).
+// Q3_K's 16 scales from its 12 bytes (before the -32) as four words: low 4 bits from the nibbles
+// of bytes 0-7, top 2 from pairs of bits of bytes 8-11, four at a time (as ggml does).
+static inline void q3_k_scale_words(const uint8_t *s, uint32_t out[4]) {
+    uint32_t a[3];
+    memcpy(a, s, 12);
+    out[0] = (a[0] & 0x0f0f0f0f) | (a[2] & 0x03030303) << 4;
+    out[1] = (a[1] & 0x0f0f0f0f) | ((a[2] >> 2) & 0x03030303) << 4;
+    out[2] = ((a[0] >> 4) & 0x0f0f0f0f) | ((a[2] >> 4) & 0x03030303) << 4;
+    out[3] = ((a[1] >> 4) & 0x0f0f0f0f) | ((a[2] >> 6) & 0x03030303) << 4;
+}
+
+// The 16 groups' scales and offsets as int16: Q2_K's scale and min nibbles, Q3_K's scale twice.
+static inline void q2_q3_k_scales(const uint8_t *w, const int q3, int16_t sc[16], int16_t off[16]) {
+    uint32_t words[4];
+    q3_k_scale_words(w + 96, words);
+    for (int g = 0; g < 16; g++) {
+        sc[g] = q3 ? ((const uint8_t *)words)[g] - 32 : w[g] & 15;
+        off[g] = q3 ? sc[g] : w[g] >> 4;
     }
 }
+
+ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
+                              const int q3, const int R) {
+    int nb = K / 256, size = q3 ? 110 : 84, qs_at = q3 ? 32 : 16;
+#ifdef USE_AVX2
+    __m256 acc[DOT_ROWS], acc_off[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = acc_off[r] = _mm256_setzero_ps();
+    const __m256i low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    for (int b = 0; b < nb; b++, w += size) {
+        float d = f16_to_f32(read_u16(w + (q3 ? 108 : 80))), off_scale = q3 ? 4 * d : f16_to_f32(read_u16(w + 82));
+        __m256i scales, offsets;
+        if (q3) {
+            uint32_t words[4];  // in registers: a store and a wider load would stall forwarding
+            q3_k_scale_words(w + 96, words);
+            __m128i sc = _mm_sub_epi8(_mm_set_epi32((int)words[3], (int)words[2], (int)words[1], (int)words[0]), _mm_set1_epi8(32));
+            scales = offsets = _mm256_cvtepi8_epi16(sc);
+        } else {
+            __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)w));
+            scales = _mm256_and_si256(bytes, _mm256_set1_epi16(15));
+            offsets = _mm256_srli_epi16(bytes, 4);
+        }
+        __m256i sum[DOT_ROWS];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            __m256i o = _mm256_madd_epi16(offsets, _mm256_loadu_si256((const __m256i *)xb->sums));
+            acc_off[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(o), _mm256_set1_ps(off_scale * xb->d), acc_off[r]);
+            sum[r] = _mm256_setzero_si256();
+        }
+        for (int n = 0; n < 2; n++) {
+            __m256i half_scales = _mm256_broadcastsi128_si256(n ? _mm256_extracti128_si256(scales, 1) : _mm256_castsi256_si128(scales));
+            __m256i bits = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * n)), high = _mm256_loadu_si256((const __m256i *)w);
+            for (int j = 0; j < 4; j++) {
+                __m256i q = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * j)), low2);
+                if (q3) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(4 * n + j)), one), 2));
+                // the low 16 codes take scale 2j of the half, the high 16 scale 2j + 1
+                __m256i s = _mm256_shuffle_epi8(half_scales, _mm256_set_m128i(_mm_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))),
+                                                                             _mm_set1_epi16((short)((4 * j + 1) << 8 | 4 * j))));
+#pragma GCC unroll 8
+                for (int r = 0; r < R; r++) {
+                    const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 128 * n + 32 * j;
+                    // codes <= 7, |x| <= 127: no int16 saturation
+                    sum[r] = add_dot_i16(sum[r], _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)xq)), s);
+                }
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_ps(acc_off[r]);
+#else
+    float acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = 0;
+    for (int b = 0; b < nb; b++, w += size) {
+        float d = f16_to_f32(read_u16(w + (q3 ? 108 : 80))), off_scale = q3 ? 4 * d : f16_to_f32(read_u16(w + 82));
+        int16_t sc[16], off[16];
+        q2_q3_k_scales(w, q3, sc, off);
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
+            int sum = 0, offset = 0;
+            for (int g = 0; g < 16; g++) offset += off[g] * xb->sums[g];
+            for (int n = 0; n < 2; n++)
+                for (int j = 0; j < 4; j++)
+                    for (int l = 0; l < 32; l++) {
+                        int q = (w[qs_at + 32 * n + l] >> 2 * j) & 3;
+                        if (q3) q |= ((w[l] >> (4 * n + j)) & 1) << 2;
+                        sum += sc[8 * n + 2 * j + l / 16] * q * xb->q[128 * n + 32 * j + l];
+                    }
+            acc[r] += d * xb->d * sum - off_scale * xb->d * offset;
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
+#endif
+}
+
+// IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]: 8 sub-blocks of 32 with 6-bit scales minus 32
+// (low 4 bits from scales_l's nibbles, top 2 from scales_h), w = d * (ls - 32) * level[q], the
+// 4-bit q of each sub-block in Q4_0's order.
+static inline int iq4_xs_scale(const uint8_t *w, int s) {
+    return (((w[4 + s / 2] >> 4 * (s % 2)) & 15) | ((read_u16(w + 2) >> 2 * s) & 3) << 4) - 32;
+}
+
+ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
+    int nb = K / 256;
+#ifdef USE_AVX2
+    __m256 acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+    for (int b = 0; b < nb; b++, w += 136) {
+        float d = f16_to_f32(read_u16(w));
+        __m256i sum[DOT_ROWS];
+        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+        for (int s = 0; s < 8; s++) {
+            __m256i q = _mm256_shuffle_epi8(levels, nibbles_32(w + 8 + 16 * s)), magnitude = _mm256_sign_epi8(q, q);
+            __m256i scale = _mm256_set1_epi16((short)iq4_xs_scale(w, s));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 32 * s;
+                // |level| <= 127 and |x| <= 127: the int16 pair sums cannot saturate
+                __m256i p = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xq), q));
+                sum[r] = add_dot_i16(sum[r], p, scale);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]);
+#else
+    float acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = 0;
+    for (int b = 0; b < nb; b++, w += 136) {
+        float d = f16_to_f32(read_u16(w));
+        for (int r = 0; r < R; r++) {
+            const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q;
+            int sum = 0;
+            for (int s = 0; s < 8; s++, xq += 32) {
+                const uint8_t *qs = w + 8 + 16 * s;
+                int dot = 0;
+                for (int j = 0; j < 16; j++) dot += IQ4_LEVELS[qs[j] & 15] * xq[j] + IQ4_LEVELS[qs[j] >> 4] * xq[j + 16];
+                sum += iq4_xs_scale(w, s) * dot;
+            }
+            acc[r] += d * X_BLOCK(x_block256, x, x_row, r, b)->d * sum;
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
+#endif
+}
+
+// Each type's row function with R as a constant: one input row (decode) or DOT_ROWS.
+typedef void (*rows_fn)(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, int R);
+
+#define ROWS_FN(name) \
+    static void dot_##name(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, int R) { \
+        if (R == DOT_ROWS) name##_rows(w, x, x_row, K, y, y_step, DOT_ROWS); \
+        else name##_rows(w, x, x_row, K, y, y_step, 1); \
+    }
+#define q4_k_rows(w, x, x_row, K, y, y_step, R) q4_q5_k_rows(w, x, x_row, K, y, y_step, 0, R)
+#define q5_k_rows(w, x, x_row, K, y, y_step, R) q4_q5_k_rows(w, x, x_row, K, y, y_step, 1, R)
+#define q2_k_rows(w, x, x_row, K, y, y_step, R) q2_q3_k_rows(w, x, x_row, K, y, y_step, 0, R)
+#define q3_k_rows(w, x, x_row, K, y, y_step, R) q2_q3_k_rows(w, x, x_row, K, y, y_step, 1, R)
+#define q4_0_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 0, 0, R)
+#define q4_1_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 1, 0, R)
+#define q5_0_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 0, 1, R)
+#define q5_1_rows(w, x, x_row, K, y, y_step, R) q4_q5_rows(w, x, x_row, K, y, y_step, 1, 1, R)
+#define q8_0_rows(w, x, x_row, K, y, y_step, R) signed_rows(w, x, x_row, K, y, y_step, 0, R)
+#define iq4_nl_rows(w, x, x_row, K, y, y_step, R) signed_rows(w, x, x_row, K, y, y_step, 1, R)
+ROWS_FN(q4_0)
+ROWS_FN(q4_1)
+ROWS_FN(q5_0)
+ROWS_FN(q5_1)
+ROWS_FN(q8_0)
+ROWS_FN(iq4_nl)
+ROWS_FN(q4_k)
+ROWS_FN(q5_k)
+ROWS_FN(q6_k)
+ROWS_FN(q2_k)
+ROWS_FN(q3_k)
+ROWS_FN(iq4_xs)
 
 // --- the matmul ---
 
-typedef float (*dot_fn)(const uint8_t *, const void *, int);
-typedef void (*unpack_fn)(const uint8_t *, int, unpacked_row *);
-
 typedef struct {
     int type, block, block_bytes, x_block, x_block_bytes;
-    unpack_fn unpack;
-    int signed_codes, has_offset;
-    dot_fn dot;  // one row against one input row, straight off the blocks (decode); or NULL
+    rows_fn dot;
 } format;
 
 static const format FORMATS[] = {
-    {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), unpack_q4_0, 0, 1, dot_q4_0},
-    {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), unpack_q4_1, 0, 1, dot_q4_1},
-    {GGML_Q5_0, 32, 22, 32, sizeof(x_block32), unpack_q5_0, 0, 1, NULL},
-    {GGML_Q5_1, 32, 24, 32, sizeof(x_block32), unpack_q5_1, 0, 1, NULL},
-    {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), unpack_q8_0, 1, 0, dot_q8_0},
-    {GGML_IQ4_NL, 32, 18, 32, sizeof(x_block32), unpack_iq4_nl, 1, 0, NULL},
-    {GGML_Q2_K, 256, 84, 256, sizeof(x_block256), unpack_q2_k, 0, 1, NULL},
-    {GGML_Q3_K, 256, 110, 256, sizeof(x_block256), unpack_q3_k, 0, 1, NULL},
-    {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), unpack_q4_k, 0, 1, dot_q4_k},
-    {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), unpack_q5_k, 0, 1, NULL},
-    {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), unpack_q6_k, 0, 1, dot_q6_k},
-    {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), unpack_iq4_xs, 1, 0, NULL},
+    {GGML_Q4_0, 32, 18, 32, sizeof(x_block32), dot_q4_0},
+    {GGML_Q4_1, 32, 20, 32, sizeof(x_block32), dot_q4_1},
+    {GGML_Q5_0, 32, 22, 32, sizeof(x_block32), dot_q5_0},
+    {GGML_Q5_1, 32, 24, 32, sizeof(x_block32), dot_q5_1},
+    {GGML_Q8_0, 32, 34, 32, sizeof(x_block32), dot_q8_0},
+    {GGML_IQ4_NL, 32, 18, 32, sizeof(x_block32), dot_iq4_nl},
+    {GGML_Q2_K, 256, 84, 256, sizeof(x_block256), dot_q2_k},
+    {GGML_Q3_K, 256, 110, 256, sizeof(x_block256), dot_q3_k},
+    {GGML_Q4_K, 256, 144, 256, sizeof(x_block256), dot_q4_k},
+    {GGML_Q5_K, 256, 176, 256, sizeof(x_block256), dot_q5_k},
+    {GGML_Q6_K, 256, 210, 256, sizeof(x_block256), dot_q6_k},
+    {GGML_IQ4_XS, 256, 136, 256, sizeof(x_block256), dot_iq4_xs},
 };
 
-// Values per offset: the 256-value blocks' offsets are per 16 codes (sums[g] of the activations'
-// block), the 32-value blocks' per block (s).
-static inline int offset_group(const format *f) { return f->block == 256 ? 16 : 32; }
-
-// Where an activation row's float sums (dx times the codes' sum, one per offset group) start:
-// after its blocks, so that the offsets are one float dot product per weight row and input row.
-static inline size_t x_sums_at(const format *f, int K) { return (size_t)(K / f->x_block) * f->x_block_bytes; }
-
-static float dot_f32(const float *a, const float *b, int n) {
-    // 8 partial sums: a float reduction the compiler vectorizes (a single sum keeps its order)
-    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0;
-    int j = 0;
-    for (; j + 7 < n; j += 8)
-        for (int u = 0; u < 8; u++) part[u] += a[j + u] * b[j + u];
-    for (; j < n; j++) sum += a[j] * b[j];
-    return sum + ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
-// Input rows per dot_unpacked call: 4 sums and 4 accumulators in registers.
-#define DOT_ROWS 4
-
-// R activation rows (quantized, x_row bytes apart) against one unpacked weight row: y[r * y_step].
-// Each block's codes and scales are loaded once for all R rows (register blocking); R is a
-// constant at each call, so the loops over r unroll and the sums stay in registers.
-static inline __attribute__((always_inline)) void dot_unpacked(const format *f, const unpacked_row *u, int K,
-                                                              const uint8_t *x, size_t x_row, float *y, size_t y_step,
-                                                              const int R, const int wide, const int signed_codes) {
-    int nb = K / f->block, block = wide ? 256 : 32;
-    size_t codes_at = wide ? offsetof(x_block256, q) : offsetof(x_block32, q);
-#ifdef USE_AVX2
-    __m256 acc[R];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-#else
-    float acc[R];
-    for (int r = 0; r < R; r++) acc[r] = 0;
-#endif
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *xb = x + (size_t)b * f->x_block_bytes;
-        const uint8_t *q = u->q + (size_t)b * block;
-        const int16_t *sc = u->sc + (size_t)b * block / 2;
-#ifdef USE_AVX2
-        __m256i sum[R];
-        for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
-        for (int c = 0; c < block / 32; c++) {
-            __m256i codes = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
-            __m256i scales = _mm256_loadu_si256((const __m256i *)(sc + 16 * c));
-            __m256i magnitudes = signed_codes ? _mm256_sign_epi8(codes, codes) : codes;
-            for (int r = 0; r < R; r++) {
-                __m256i xq = _mm256_loadu_si256((const __m256i *)(xb + r * x_row + codes_at + 32 * c));
-                if (signed_codes) xq = _mm256_sign_epi8(xq, codes);
-                // codes <= 63 (or |code| <= 128 with the sign moved to x) and |x| <= 127: the
-                // int16 pair sums cannot saturate
-                __m256i p = _mm256_maddubs_epi16(magnitudes, xq);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-                sum[r] = _mm256_dpwssd_epi32(sum[r], p, scales);
-#else
-                sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, scales));
-#endif
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            float dx = *(const float *)(xb + r * x_row);  // d is the first field of both activation blocks
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(u->d[b] * dx), acc[r]);
-        }
-#else
-        for (int r = 0; r < R; r++) {
-            const int8_t *xq = (const int8_t *)(xb + r * x_row + codes_at);
-            int sum = 0;
-            for (int j = 0; j < block; j++) {
-                int code = signed_codes ? (int8_t)q[j] : q[j];
-                sum += sc[j / 32 * 16 + (j % 32 >= 16 ? 8 : 0)] * code * xq[j];
-            }
-            acc[r] += u->d[b] * *(const float *)(xb + r * x_row) * sum;
-        }
-#endif
-    }
-    for (int r = 0; r < R; r++) {
-        float offsets = f->has_offset ? dot_f32(u->off, (const float *)(x + r * x_row + x_sums_at(f, K)), K / offset_group(f)) : 0;
-#ifdef USE_AVX2
-        y[r * y_step] = hsum_ps(acc[r]) + offsets;
-#else
-        y[r * y_step] = acc[r] + offsets;
-#endif
-    }
-}
-
-// dot_unpacked with the block kind and the code signedness as constants (one loop body each).
-static void dot_unpacked_rows(const format *f, const unpacked_row *u, int K, const uint8_t *x, size_t x_row, float *y,
-                              size_t y_step, int R) {
-#define DOT(rows) \
-    if (f->block == 256) { \
-        if (f->signed_codes) dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 1, 1); \
-        else dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 1, 0); \
-    } else { \
-        if (f->signed_codes) dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 0, 1); \
-        else dot_unpacked(f, u, K, x, x_row, y, y_step, rows, 0, 0); \
-    }
-    if (R == DOT_ROWS) {
-        DOT(DOT_ROWS)
-    } else {
-        DOT(1)
-    }
-#undef DOT
-}
-
-// One input row's int8 blocks, then its float sums per offset group (see x_sums_at).
+// One input row's int8 blocks.
 static void quantize_row(const format *f, const float *x, int K, uint8_t *out) {
-    float *sums = (float *)(out + x_sums_at(f, K));
-    if (f->x_block == 32) {
-        x_block32 *blocks = (x_block32 *)out;
-        quantize_x32(x, K, blocks);
-        for (int b = 0; b < K / 32; b++) sums[b] = blocks[b].s;
-    } else {
-        x_block256 *blocks = (x_block256 *)out;
-        quantize_x256(x, K, blocks);
-        for (int b = 0; b < K / 256; b++)
-            for (int g = 0; g < 16; g++) sums[16 * b + g] = blocks[b].d * blocks[b].sums[g];
-    }
+    if (f->x_block == 32) quantize_x32(x, K, (x_block32 *)out);
+    else quantize_x256(x, K, (x_block256 *)out);
 }
 
 static const format *find_format(int type) {
@@ -745,28 +791,8 @@ int gguf_matmul_simd(void) {
 #endif
 }
 
-// Weight rows per task: a few KB of weights that stay in L1 while every input row passes.
+// Weight rows per task: each DOT_ROWS input rows (in L1) meet all of them, read from L1 or L2.
 #define ROWS_PER_TASK 16
-// Input rows per pass: their codes (up to ~350 KB for K = 11008) stay in L2.
-#define INPUTS_PER_PASS 32
-// From this many input rows on (a prompt), each weight row is unpacked once and multiplied with
-// the rows DOT_ROWS at a time. Below it (a decoded token, a speculative draft's few) each input
-// row is computed exactly as a row alone, bit for bit: verifying a draft must give the logits
-// decoding would (backends/speculative.py; ROWS_AS_DECODED in native_layers.py).
-#define UNPACK_MIN_ROWS 16
-
-static size_t unpacked_bytes(const format *f, int K) {
-    return (size_t)K + (size_t)K * sizeof(int16_t) / 2 + (size_t)(K / f->block + K / 16) * sizeof(float);
-}
-
-static unpacked_row unpacked_at(const format *f, int K, uint8_t *base) {
-    unpacked_row u;
-    u.q = base;
-    u.sc = (int16_t *)(base + K);
-    u.d = (float *)(base + K + (size_t)K * sizeof(int16_t) / 2);
-    u.off = u.d + K / f->block;
-    return u;
-}
 
 // x [M, K] float32; the weight's N rows of raw GGUF blocks in `parts` pieces (q, k and v as they
 // lie in the file: fused without a copy), part p holding part_rows[p] rows at w[p]; y [M, N].
@@ -775,16 +801,11 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
                 int threads) {
     if (!gguf_matmul_supports(type, K)) return -1;
     const format *f = find_format(type);
-    size_t x_row = x_sums_at(f, K) + (size_t)(K / 16) * sizeof(float), w_row = (size_t)(K / f->block) * f->block_bytes;
+    size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, w_row = (size_t)(K / f->block) * f->block_bytes;
     int N = 0;
     for (int p = 0; p < parts; p++) N += part_rows[p];
-    int unpack = M >= UNPACK_MIN_ROWS || !f->dot;
-    // a whole task's rows unpacked at once where several passes over the inputs reuse them
-    int unpacked_rows = M > INPUTS_PER_PASS ? ROWS_PER_TASK : 1;
-    size_t u_bytes = (unpacked_bytes(f, K) + 63) / 64 * 64, per_thread = unpack ? u_bytes * unpacked_rows : 0;
-    uint8_t *xq = malloc(x_row * M + per_thread * threads + 64);
+    uint8_t *xq = malloc(x_row * M);
     if (!xq) return -2;
-    uint8_t *scratch = (uint8_t *)(((uintptr_t)(xq + x_row * M) + 63) / 64 * 64);
     int tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     if (M == 1) quantize_row(f, x, K, xq);  // a decoded token: no parallel loop (and barrier) for one row
 #pragma omp parallel num_threads(threads)
@@ -793,38 +814,22 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) quantize_row(f, x + (size_t)m * K, K, xq + m * x_row);
         }
-        uint8_t *mine = scratch + per_thread * (size_t)omp_get_thread_num();
 #pragma omp for schedule(static)
         for (int t = 0; t < tasks; t++) {
-            int n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-            int step = unpack ? unpacked_rows : n1 - n0;
-            for (int n = n0; n < n1; n += step) {
-                int rows = n + step < n1 ? step : n1 - n;
-                const uint8_t *row[ROWS_PER_TASK];
-                unpacked_row u[ROWS_PER_TASK];
-                for (int i = 0; i < rows; i++) {
-                    int p = 0, r = n + i;
-                    while (p < parts - 1 && r >= part_rows[p]) r -= part_rows[p++];
-                    row[i] = w[p] + (size_t)r * w_row;
-                    if (unpack) {
-                        u[i] = unpacked_at(f, K, mine + u_bytes * i);
-                        f->unpack(row[i], K, &u[i]);
-                    }
-                }
-                for (int m0 = 0; m0 < M; m0 += INPUTS_PER_PASS) {
-                    int m1 = m0 + INPUTS_PER_PASS < M ? m0 + INPUTS_PER_PASS : M;
-                    for (int i = 0; i < rows; i++) {
-                        float *out = y + (size_t)m0 * N + n + i;
-                        if (!unpack) {
-                            for (int m = m0; m < m1; m++, out += N) *out = f->dot(row[i], xq + m * x_row, K);
-                            continue;
-                        }
-                        int m = m0, batch = M >= UNPACK_MIN_ROWS ? DOT_ROWS : 1;
-                        for (; m + batch <= m1; m += batch, out += batch * (size_t)N)
-                            dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, batch);
-                        for (; m < m1; m++, out += N) dot_unpacked_rows(f, &u[i], K, xq + m * x_row, x_row, out, N, 1);
-                    }
-                }
+            int n0 = t * ROWS_PER_TASK, rows = n0 + ROWS_PER_TASK < N ? ROWS_PER_TASK : N - n0;
+            const uint8_t *row[ROWS_PER_TASK];
+            for (int i = 0; i < rows; i++) {
+                int p = 0, r = n0 + i;
+                while (p < parts - 1 && r >= part_rows[p]) r -= part_rows[p++];
+                row[i] = w[p] + (size_t)r * w_row;
+            }
+            // DOT_ROWS input rows a call (they stay in L1 while the task's weight rows pass), the
+            // last M % DOT_ROWS one at a time: a row's sums are the same either way (see the
+            // dots), so no row depends on its neighbours
+            for (int m = 0; m < M;) {
+                int R = m + DOT_ROWS <= M ? DOT_ROWS : 1;
+                for (int i = 0; i < rows; i++) f->dot(row[i], xq + m * x_row, x_row, K, y + (size_t)m * N + n0 + i, N, R);
+                m += R;
             }
         }
     }
@@ -910,8 +915,14 @@ int attend_one_f32(float *q, float *k_new, const float *v_new, float *k_cache, f
     return 0;
 }
 
-// SwiGLU's silu(gate) * up for rows of [gate | up] (the fused gate/up projection's output).
-void silu_mul_f32(const float *gate_up, float *out, int M, int F) {
-    for (int m = 0; m < M; m++, gate_up += 2 * F, out += F)
-        for (int j = 0; j < F; j++) out[j] = gate_up[j] / (1 + expf(-gate_up[j])) * gate_up[F + j];
+// SwiGLU's silu(gate) * up for rows of [gate | up] (the fused gate/up projection's output), for
+// every row count: each row's bits are the same alone or in a prompt (torch's vectorized silu
+// rounds differently from expf), threaded over rows where a prompt's rows outweigh waking threads.
+void silu_mul_f32(const float *gate_up, float *out, int M, int F, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)M * F > (1 << 16))
+    for (int m = 0; m < M; m++) {
+        const float *g = gate_up + (size_t)m * 2 * F;
+        float *o = out + (size_t)m * F;
+        for (int j = 0; j < F; j++) o[j] = g[j] / (1 + expf(-g[j])) * g[F + j];
+    }
 }
