@@ -10,6 +10,8 @@ setting, one line at the CLI like any other bad input.
 |                          |         | (slow, simplest: what the fast kernels are checked with)  |
 | SMOLLM3_NATIVE           | 1       | `0`: never build or load our C kernels (torch's run)      |
 | SMOLLM3_COMPILE          | 1       | `0`: no torch.compile'd decode kernel for group-16 types  |
+| SMOLLM3_KV_CACHE         | f16     | the native CPU path's KV cache: `f16` (half the memory,   |
+|                          |         | as llama.cpp) or `f32` (the default with reference kernels)|
 | SMOLLM3_SPECULATE        | auto    | prompt-lookup drafts (speculative.py): `0` off, `1` on,    |
 |                          |         | `auto` where a batch's rows are bitwise decoded rows      |
 | SMOLLM3_TOKENIZER_CACHE  | 1       | `0`: build a GGUF's tokenizer afresh, never cache it      |
@@ -59,6 +61,14 @@ def native_kernels() -> bool:
 def compile_kernels() -> bool:
     """SMOLLM3_COMPILE: whether torch.compile may build the group-16 decode kernel."""
     return _flag("SMOLLM3_COMPILE", True)
+
+
+def kv_cache() -> str:
+    """SMOLLM3_KV_CACHE: 'f16' or 'f32'; f32 by default with reference kernels, which are exact."""
+    value = os.environ.get("SMOLLM3_KV_CACHE") or ("f32" if kernels() == "reference" else "f16")
+    if value not in ("f16", "f32"):
+        raise SettingError(f"SMOLLM3_KV_CACHE={value!r}: use f16 or f32")
+    return value
 
 
 def speculate() -> str:

@@ -37,7 +37,7 @@ MODELS = {  # None: the SmolLM2 file; the rest are 3B-shaped files llama.cpp's q
 }  # fmt: skip
 ENGINES = ("ours", "llamacpp", "transformers")
 PEER_DEPS = {"llamacpp": "llamacpp", "transformers": "accelerate"}  # bench/deps.py packages each peer imports
-KV_BYTES = 4  # our CPU engine keeps keys and values in f32
+KV_BYTES = 2  # our CPU engine keeps keys and values in f16, as llama.cpp
 
 
 

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults(monkeypatch):
-    for name in ("KERNELS", "NATIVE", "COMPILE", "TOKENIZER_CACHE", "DATA_DIR", "DEBUG"):
+    for name in ("KERNELS", "NATIVE", "COMPILE", "TOKENIZER_CACHE", "DATA_DIR", "DEBUG", "KV_CACHE"):
         monkeypatch.delenv(f"SMOLLM3_{name}", raising=False)
-    assert settings.kernels() == "fast"
+    assert settings.kernels() == "fast" and settings.kv_cache() == "f16"
     assert settings.native_kernels() and settings.compile_kernels() and settings.tokenizer_cache()
     assert settings.data_dir() is None and not settings.debug()
 
@@ -26,6 +26,9 @@ def test_values(monkeypatch, tmp_path):
     monkeypatch.setenv("SMOLLM3_DATA_DIR", str(tmp_path))
     assert settings.kernels() == "reference" and not settings.native_kernels()
     assert settings.data_dir() == tmp_path
+    assert settings.kv_cache() == "f32"  # the reference kernels are exact: so is their cache
+    monkeypatch.setenv("SMOLLM3_KV_CACHE", "f16")
+    assert settings.kv_cache() == "f16"
 
 
 @pytest.mark.parametrize(
@@ -34,6 +37,7 @@ def test_values(monkeypatch, tmp_path):
         ("SMOLLM3_KERNELS", "fastest", settings.kernels),
         ("SMOLLM3_NATIVE", "off", settings.native_kernels),
         ("SMOLLM3_TOKENIZER_CACHE", "yes", settings.tokenizer_cache),
+        ("SMOLLM3_KV_CACHE", "bf16", settings.kv_cache),
     ],
 )
 def test_bad_value_names_the_setting(monkeypatch, name, value, read):

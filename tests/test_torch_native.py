@@ -131,13 +131,15 @@ def test_the_simd_build_is_the_one_loaded_on_x86():
 
 @pytest.mark.parametrize("rope", [True, False], ids=["rope", "nope"])
 @pytest.mark.parametrize("pos", [0, 37, 3000])  # 3000: long enough for the threaded path
-def test_attend_one_is_rope_cache_write_and_sdpa(rope, pos):
+def test_attend_is_rope_cache_write_and_sdpa(rope, pos):
+    """One decoded token with a float32 cache (tests/test_torch_native_attention.py: prompts, float16)."""
     from backends.torch.model import apply_rope
 
     H, KV, D, capacity = 8, 2, 64, 3072
     g = torch.Generator().manual_seed(pos)
     k_cache, v_cache = torch.randn(1, KV, capacity, D, generator=g), torch.randn(1, KV, capacity, D, generator=g)
-    q, k, v = torch.randn(1, H * D, generator=g), torch.randn(1, KV * D, generator=g), torch.randn(1, KV * D, generator=g)
+    qkv = torch.randn(1, (H + 2 * KV) * D, generator=g)
+    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
     angles = torch.rand(1, D // 2, generator=g) * 6
     cos = torch.cat((angles.cos(), angles.cos()), -1)
     sin = torch.cat((-angles.sin(), angles.sin()), -1)
@@ -151,7 +153,7 @@ def test_attend_one_is_rope_cache_write_and_sdpa(rope, pos):
     keys, values = want_k_cache[:, :, : pos + 1], want_v_cache[:, :, : pos + 1]
     want = torch.nn.functional.scaled_dot_product_attention(want_q, keys, values, enable_gqa=True)
 
-    got = native.attend_one(native.library(), q, k, v, k_cache, v_cache, pos, H, *((cos, sin) if rope else (None, None)))
+    got = native.attend(native.library(), qkv, k_cache, v_cache, pos, H, *((cos, sin) if rope else (None, None)))
     torch.testing.assert_close(got, want.squeeze(0).transpose(0, 1).reshape(1, -1), rtol=1e-5, atol=1e-5)
     assert torch.equal(k_cache, want_k_cache) and torch.equal(v_cache, want_v_cache)
 

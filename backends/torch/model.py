@@ -26,7 +26,8 @@ META = torch.device("meta")
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for one layer: (1, nkv, capacity, hs)."""
+    """Preallocated keys and values for one layer: (1, nkv, capacity, hs), in the model's dtype or
+    the one its attention reads (Layers.cache_dtype)."""
 
     def __init__(self, config: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -118,6 +119,7 @@ class Layers:
     norm: type[RMSNorm] = RMSNorm
     attention: type[Attention] = Attention
     mlp: type[MLP] = MLP
+    cache_dtype: torch.dtype | None = None  # the KV cache's, where not the model's
 
 
 TORCH_LAYERS = Layers()
@@ -139,6 +141,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, layers: Layers = TORCH_LAYERS):
         super().__init__()
         self.config, self.dtype, self.device = config, dtype, device
+        self.cache_dtype = layers.cache_dtype or dtype
         # The embedding's (vocab, C) matrix, looked up by rows; also the output head when tied.
         self.embed_tokens = linear_slot(config.hidden_size, config.vocab_size)
         self.layers = nn.ModuleList(Block(config, i, layers) for i in range(config.num_layers))
@@ -160,7 +163,7 @@ class Transformer(nn.Module):
         capacity = needed if exact else min(max(needed, 2 * self.capacity, 256), self.config.context_length)
         capacity = min(find_multiple(capacity, step), max(self.config.context_length, needed))
         old = list(self.caches)
-        self.caches = nn.ModuleList(KVCache(self.config, capacity, self.dtype, self.device) for _ in self.layers)
+        self.caches = nn.ModuleList(KVCache(self.config, capacity, self.cache_dtype, self.device) for _ in self.layers)
         for new, prev in zip(self.caches, old):
             new.k[:, :, : self.capacity] = prev.k
             new.v[:, :, : self.capacity] = prev.v

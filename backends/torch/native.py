@@ -1,5 +1,5 @@
 """Our C kernels for the CPU (native/cpu_kernels.c): matmul and dequantization on GGUF blocks,
-plus RMSNorm, SwiGLU and decode attention; built once per machine, loaded with ctypes.
+plus RMSNorm, SwiGLU and attention; built once per machine, loaded with ctypes.
 
 Built with the system C compiler into the user cache (keyed by the source, the compiler and
 the CPU, since it is compiled for this CPU's instruction set) and loaded after torch, so its
@@ -68,8 +68,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.gguf_matmul.restype = ctypes.c_int
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.rms_norm_f32.restype = None
-    lib.attend_one_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
-    lib.attend_one_f32.restype = ctypes.c_int
+    pointers, ints = [ctypes.c_void_p] * 3, [ctypes.c_int] * 7
+    lib.attend_f32.argtypes = pointers + [ctypes.c_long] + pointers[:2] + ints + pointers + [ctypes.c_int]
+    lib.attend_f32.restype = ctypes.c_int
     lib.silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
     lib.silu_mul_f32.restype = None
     lib.gguf_matmul_supports.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -141,19 +142,25 @@ def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float
     return y
 
 
-def attend_one(lib, q, k, v, k_cache, v_cache, pos: int, heads: int, cos, signed_sin) -> torch.Tensor:
-    """Decode attention for one token (see attend_one_f32): q [1, H * D], k and v [1, KV * D]
-    (q and k are rotated in place), caches [1, KV, capacity, D]; returns [1, H * D]."""
+def attend(lib, qkv, k_cache, v_cache, pos: int, heads: int, cos, signed_sin) -> torch.Tensor:
+    """Causal attention for T rows at positions pos..pos+T-1 (see attend_f32): qkv [T, (H + 2 KV) * D]
+    the fused projection's rows (its q and k are rotated in place), caches [1, KV, capacity, D]
+    float16 or float32, cos and signed_sin [T, D] or None (NoPE); returns [T, H * D]."""
     _, kv_heads, capacity, head_dim = k_cache.shape
-    out = torch.empty(1, heads * head_dim)
+    T, stride = qkv.shape
+    assert qkv.dtype == torch.float32 and qkv.stride(1) == 1 and k_cache.dtype in (torch.float16, torch.float32)
+    q = qkv.data_ptr()
+    k = q + heads * head_dim * 4
+    v = k + kv_heads * head_dim * 4
+    out = torch.empty(T, heads * head_dim)
     rotate = cos is not None
-    status = lib.attend_one_f32(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), capacity, pos,
+    status = lib.attend_f32(
+        q, k, v, qkv.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.dtype == torch.float16, capacity, pos, T,
         heads, kv_heads, head_dim, cos.data_ptr() if rotate else None, signed_sin.data_ptr() if rotate else None,
         out.data_ptr(), torch.get_num_threads(),
     )
     if status:
-        raise MemoryError(f"attention scores for {pos + 1} positions")
+        raise MemoryError(f"attention scores for {pos + T} positions")
     return out
 
 

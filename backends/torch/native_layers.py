@@ -3,13 +3,17 @@ the CPU. `layers_for` picks them, or torch's, once, when the model is built.
 
 Each runs the C kernel where it is faster and torch's maths elsewhere: one decoded token's
 attention and SwiGLU are a dozen small ops in torch whose per-op cost is as much as a small
-model's matmuls (~45 us a layer), while a prompt's rows are better served by torch's threaded,
-vectorized ops."""
+model's matmuls (~45 us a layer), while a prompt's SwiGLU is better served by torch's threaded,
+vectorized ops. Attention takes the C kernel for any row count: its rows are then bitwise the
+rows decoded one at a time."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from .. import settings
 from . import native
 from .model import MLP, TORCH_LAYERS, Attention, Layers, RMSNorm
 
@@ -30,24 +34,19 @@ class NativeRMSNorm(RMSNorm):
 
 
 class NativeAttention(Attention):
-    """A decoded token (or a draft's few, row by row): RoPE, the cache write and attention in
-    one C call a row."""
+    """RoPE, the cache write and causal attention in one C call for all T rows, each row computed
+    exactly as when it is decoded alone (attend_f32), so a prompt's logits do not depend on how
+    it is split into forward passes (a chat's cache history, --split-prompt, drafts)."""
 
     def __init__(self, config, layer: int):
         super().__init__(config, layer)
         self.lib = native.library()
 
     def forward(self, x, pos: int, cos, sin, cache, mask) -> torch.Tensor:
-        T = x.shape[0]
-        if T >= ROWS_AS_DECODED:
-            return super().forward(x, pos, cos, sin, cache, mask)
-        q, k, v = self.qkv(x).split(self.sizes, -1)  # (T, nh * hs), (T, nkv * hs) x2
-        rows = []
-        for t in range(T):  # q and k rotated in place
-            rotate = (cos[t : t + 1], sin[t : t + 1]) if self.use_rope else (None, None)
-            rows.append(native.attend_one(self.lib, q[t : t + 1], k[t : t + 1], v[t : t + 1], cache.k, cache.v,
-                                          pos + t, self.num_heads, *rotate))  # (1, nh * hs)
-        return self.o_proj(rows[0] if T == 1 else torch.cat(rows))  # (T, C)
+        qkv = self.qkv(x)  # (T, (nh + 2 nkv) * hs)
+        rotate = (cos, sin) if self.use_rope else (None, None)
+        y = native.attend(self.lib, qkv, cache.k, cache.v, pos, self.num_heads, *rotate)  # (T, nh * hs)
+        return self.o_proj(y)  # (T, C)
 
 
 class NativeMLP(MLP):
@@ -62,11 +61,13 @@ class NativeMLP(MLP):
         return self.down_proj(native.silu_mul(self.lib, self.gate_up(x)))  # (T, 2F) -> (T, F) -> (T, C)
 
 
-NATIVE_LAYERS = Layers(norm=NativeRMSNorm, attention=NativeAttention, mlp=NativeMLP)
+# float16 keys and values, as llama.cpp keeps them: half the memory of a long context, and the
+# logits move less than llama.cpp's own activation rounding moves them (tests bound it).
+NATIVE_LAYERS = Layers(norm=NativeRMSNorm, attention=NativeAttention, mlp=NativeMLP, cache_dtype=torch.float16)
 
 
 def layers_for(device: torch.device, dtype: torch.dtype) -> Layers:
     """Our kernels where they apply (float32 on the CPU, with the library built), torch's elsewhere."""
     if device.type == "cpu" and dtype == torch.float32 and native.library() is not None:
-        return NATIVE_LAYERS
+        return NATIVE_LAYERS if settings.kv_cache() == "f16" else replace(NATIVE_LAYERS, cache_dtype=torch.float32)
     return TORCH_LAYERS

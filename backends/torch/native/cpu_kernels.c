@@ -865,53 +865,222 @@ void rope_f32(float *x, long row_stride, int T, int heads, int D, const float *c
     }
 }
 
-// Attention for one new token at position `pos` (decode), in one call instead of a dozen torch
-// ops: RoPE on q and the new key (unless cos is NULL: a NoPE layer), the new key and value
-// written into the caches [KV, capacity, D], then per query head softmax(q k / sqrt(D)) v over
-// positions 0..pos into out [H * D]. Query heads h share key/value head h / (H / KV) (GQA).
-// Returns 0, or -2 when out of memory.
-int attend_one_f32(float *q, float *k_new, const float *v_new, float *k_cache, float *v_cache, int capacity, int pos,
-                   int H, int KV, int D, const float *cos, const float *signed_sin, float *out, int threads) {
+// --- attention: a prompt's rows and a decoded token through the same per-(row, head) maths ---
+//
+// The caches hold keys and values [KV, capacity, D] per layer as float16 (llama.cpp's default:
+// a 3B model's 64k context in 4.8 GB, not 9.6) or float32. A row's own key and value are written
+// first and read back from the cache like every other position, so a row sees the same (rounded)
+// numbers whether its prompt came in one forward or token by token.
+
+#if defined(USE_AVX2) && defined(__F16C__)
+#define USE_F16C 1
+#endif
+
+// Round to nearest even, as F16C's _cvtss_sh and torch's .half() do (ggml's scalar fallback).
+static inline uint16_t f32_to_f16(float f) {
+#if defined(__F16C__)
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    uint32_t w, bits;
+    memcpy(&w, &f, 4);
+    uint32_t shl1_w = w + w, sign = w & 0x80000000u, bias = shl1_w & 0xff000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    uint32_t bias_bits = (bias >> 1) + 0x07800000u;
+    float bias_f;
+    memcpy(&bias_f, &bias_bits, 4);
+    base = bias_f + base;
+    memcpy(&bits, &base, 4);
+    uint32_t nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+#endif
+}
+
+static inline float cached(const void *cache, size_t at, int f16) {
+    return f16 ? f16_to_f32(((const uint16_t *)cache)[at]) : ((const float *)cache)[at];
+}
+
+static void write_cached(void *cache, size_t at, const float *x, int D, int f16) {
+    if (!f16) {
+        memcpy((float *)cache + at, x, D * sizeof(float));
+        return;
+    }
+    uint16_t *dst = (uint16_t *)cache + at;
+    int j = 0;
+#ifdef USE_F16C
+    for (; j + 7 < D; j += 8)
+        _mm_storeu_si128((__m128i *)(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; j < D; j++) dst[j] = f32_to_f16(x[j]);
+}
+
+#ifdef USE_F16C
+static inline __m256 cached8(const void *cache, size_t at, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + at)))
+               : _mm256_loadu_ps((const float *)cache + at);
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+// q . key: 8 lanes of multiply-adds over D, then the lanes summed pairwise.
+static inline float key_dot(const float *q, const void *keys, size_t at, int D, int f16) {
+#ifdef USE_F16C
+    if (D % 8 == 0) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int j = 0; j < D; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), cached8(keys, at + j, f16), acc);
+        return sum8(acc);
+    }
+#endif
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, dot = 0;
+    int j = 0;
+    for (; j + 7 < D; j += 8)
+        for (int u = 0; u < 8; u++) part[u] += q[j + u] * cached(keys, at + j + u, f16);
+    for (; j < D; j++) dot += q[j] * cached(keys, at + j, f16);
+    return dot + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
+}
+
+// key_dot for 4 consecutive keys (D floats apart), each in exactly key_dot's order: 4
+// independent chains of multiply-adds keep the FMA units busy where one chain waits on each.
+static inline void key_dots4(const float *q, const void *keys, size_t at, int D, int f16, float *dots) {
+#ifdef USE_F16C
+    if (D % 8 == 0) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < D; j += 8) {
+            __m256 x = _mm256_loadu_ps(q + j);
+            a0 = _mm256_fmadd_ps(x, cached8(keys, at + j, f16), a0);
+            a1 = _mm256_fmadd_ps(x, cached8(keys, at + D + j, f16), a1);
+            a2 = _mm256_fmadd_ps(x, cached8(keys, at + 2 * (size_t)D + j, f16), a2);
+            a3 = _mm256_fmadd_ps(x, cached8(keys, at + 3 * (size_t)D + j, f16), a3);
+        }
+        dots[0] = sum8(a0), dots[1] = sum8(a1), dots[2] = sum8(a2), dots[3] = sum8(a3);
+        return;
+    }
+#endif
+    for (int u = 0; u < 4; u++) dots[u] = key_dot(q, keys, at + u * (size_t)D, D, f16);
+}
+
+#ifdef USE_F16C
+// e^x for x <= 0 (scores minus their max), 8 at a time: 2^n e^r with n = round(x / ln 2) and
+// |r| <= ln(2) / 2 (ln 2 split in two so r is exact), e^r by its Taylor series to degree 7
+// (truncation under 4e-9 relative); below -87 (2^n no longer a normal float) it gives 0.
+static inline __m256 exp8_nonpositive(__m256 x) {
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-6f), r);
+    __m256 e = _mm256_set1_ps(1.f / 5040);
+    static const float taylor[7] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1, 1};
+    for (int i = 0; i < 7; i++) e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(taylor[i]));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 normal = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ);
+    return _mm256_and_ps(normal, _mm256_mul_ps(e, _mm256_castsi256_ps(scale)));
+}
+#endif
+
+// p[l] = e^(p[l] - top) for l < L; returns their sum.
+static inline float exp_and_sum(float *p, int L, float top) {
+    int l = 0;
+    float total = 0;
+#ifdef USE_F16C
+    __m256 tops = _mm256_set1_ps(top), sums = _mm256_setzero_ps();
+    for (; l + 7 < L; l += 8) {
+        __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + l), tops));
+        _mm256_storeu_ps(p + l, e);
+        sums = _mm256_add_ps(sums, e);
+    }
+    if (l < L) {  // the tail through the same function, so a position's weight never depends on L % 8
+        float tail[8] = {0};
+        memcpy(tail, p + l, (L - l) * sizeof(float));
+        __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tail), tops));
+        _mm256_storeu_ps(tail, e);
+        memcpy(p + l, tail, (L - l) * sizeof(float));
+        for (; l < L; l++) total += p[l];
+    }
+    return sum8(sums) + total;
+#else
+    for (; l < L; l++) {
+        p[l] = expf(p[l] - top);
+        total += p[l];
+    }
+    return total;
+#endif
+}
+
+// One query head of one row: softmax(q k / sqrt(D)) v over the cached positions 0..L-1 of its
+// key/value head (element offset `at` in the caches) into out[D], with p[L] as scratch. Every
+// path (a decoded token, a prompt's rows, any thread count) computes a (row, head) here, so a
+// row's output does not depend on how its prompt was split into forward passes.
+static void attend_head(const float *q, const void *keys, const void *values, size_t at, int f16, int L, int D,
+                        float *p, float *out) {
+    float scale = 1 / sqrtf((float)D), top = -INFINITY;
+    int l = 0;
+    for (; l + 3 < L; l += 4) key_dots4(q, keys, at + (size_t)l * D, D, f16, p + l);
+    for (; l < L; l++) p[l] = key_dot(q, keys, at + (size_t)l * D, D, f16);
+    for (l = 0; l < L; l++) {
+        p[l] *= scale;
+        top = fmaxf(top, p[l]);
+    }
+    float total = exp_and_sum(p, L, top);
+#ifdef USE_F16C
+    if (D % 64 == 0) {  // 64 outputs in 8 registers a pass: each value row read once per pass
+        __m256 totals = _mm256_set1_ps(total);
+        for (int c = 0; c < D; c += 64) {
+            __m256 o[8];
+            for (int u = 0; u < 8; u++) o[u] = _mm256_setzero_ps();
+            for (int l = 0; l < L; l++) {
+                __m256 w = _mm256_set1_ps(p[l]);
+                size_t row = at + (size_t)l * D + c;
+                for (int u = 0; u < 8; u++) o[u] = _mm256_fmadd_ps(w, cached8(values, row + 8 * u, f16), o[u]);
+            }
+            for (int u = 0; u < 8; u++) _mm256_storeu_ps(out + c + 8 * u, _mm256_div_ps(o[u], totals));
+        }
+        return;
+    }
+#endif
+    for (int j = 0; j < D; j++) out[j] = 0;
+    for (int l = 0; l < L; l++)
+        for (int j = 0; j < D; j++) out[j] += p[l] * cached(values, at + (size_t)l * D + j, f16);
+    for (int j = 0; j < D; j++) out[j] /= total;
+}
+
+// Causal attention for T rows at positions pos..pos+T-1 (a prompt's chunk, or a decoded token):
+// RoPE on q and k (unless cos is NULL: a NoPE layer), the rows' keys and values written into the
+// caches, then each row t's query heads over positions 0..pos+t into out [T, H * D]. Row t of
+// q, k and v starts at + t * stride (the fused qkv projection's columns); q and k are rotated in
+// place. Query heads h share key/value head h / (H / KV) (GQA). Returns 0, or -2 out of memory.
+int attend_f32(float *q, float *k, const float *v, long stride, void *k_cache, void *v_cache, int f16, int capacity,
+               int pos, int T, int H, int KV, int D, const float *cos, const float *signed_sin, float *out, int threads) {
     if (cos) {
-        rope_f32(q, 0, 1, H, D, cos, signed_sin);
-        rope_f32(k_new, 0, 1, KV, D, cos, signed_sin);
+        rope_f32(q, stride, T, H, D, cos, signed_sin);
+        rope_f32(k, stride, T, KV, D, cos, signed_sin);
     }
-    for (int h = 0; h < KV; h++) {
-        memcpy(k_cache + ((size_t)h * capacity + pos) * D, k_new + h * D, D * sizeof(float));
-        memcpy(v_cache + ((size_t)h * capacity + pos) * D, v_new + h * D, D * sizeof(float));
-    }
-    int L = pos + 1, group = H / KV;
-    float scale = 1 / sqrtf((float)D), *all_scores = malloc((size_t)H * L * sizeof(float));
-    if (!all_scores) return -2;
-    // Threads only where the work outweighs waking them (long contexts).
-#pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)L * H * D > (1 << 16))
-    for (int h = 0; h < H; h++) {
-        const float *qh = q + h * D, *keys = k_cache + (size_t)(h / group) * capacity * D;
-        const float *values = v_cache + (size_t)(h / group) * capacity * D;
-        float *scores = all_scores + (size_t)h * L, top = -INFINITY, total = 0;
-        for (int l = 0; l < L; l++) {
-            // 8 partial sums: a float reduction the compiler may vectorize (it keeps a single
-            // sum's order otherwise, one multiply-add at a time: 3 ms a token at 512 positions)
-            float part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, dot = 0;
-            const float *key = keys + (size_t)l * D;
-            int j = 0;
-            for (; j + 7 < D; j += 8)
-                for (int u = 0; u < 8; u++) part[u] += qh[j + u] * key[j + u];
-            for (; j < D; j++) dot += qh[j] * key[j];
-            dot += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-            scores[l] = dot * scale;
-            top = fmaxf(top, scores[l]);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < KV; h++) {
+            size_t at = ((size_t)h * capacity + pos + t) * D;
+            write_cached(k_cache, at, k + t * stride + h * D, D, f16);
+            write_cached(v_cache, at, v + t * stride + h * D, D, f16);
         }
-        float *o = out + h * D;
-        for (int j = 0; j < D; j++) o[j] = 0;
-        for (int l = 0; l < L; l++) {
-            float p = expf(scores[l] - top);
-            total += p;
-            for (int j = 0; j < D; j++) o[j] += p * values[(size_t)l * D + j];
+    int L = pos + T, group = H / KV;
+    // Threads only where the work outweighs waking them (a prompt, a long context).
+    if ((size_t)T * H * L * D < (1 << 16)) threads = 1;
+    float *scratch = malloc((size_t)threads * L * sizeof(float));
+    if (!scratch) return -2;
+#pragma omp parallel num_threads(threads)
+    {
+        float *p = scratch + (size_t)omp_get_thread_num() * L;
+        // Longest rows first, one (row, head) at a time: the rows' lengths differ (causal).
+#pragma omp for schedule(dynamic, 1)
+        for (int i = T * H - 1; i >= 0; i--) {
+            int t = i / H, h = i % H;
+            attend_head(q + t * stride + h * D, k_cache, v_cache, (size_t)(h / group) * capacity * D, f16, pos + t + 1, D,
+                        p, out + ((size_t)t * H + h) * D);
         }
-        for (int j = 0; j < D; j++) o[j] /= total;
     }
-    free(all_scores);
+    free(scratch);
     return 0;
 }
 
