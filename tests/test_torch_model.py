@@ -240,7 +240,6 @@ def _last_logits_in_chunks(engine, ids: list[int], chunks: list[int]) -> np.ndar
 CHUNKINGS = ([70], [1] * 70, [15, 16, 17, 22], [33, 1, 36], [2, 64, 4])
 
 
-@pytest.mark.xfail(strict=True, reason="prefill rows take the int8 GEMM and torch attention, decoded rows the C dots")
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K_M"])
 def test_native_prefill_is_bitwise_independent_of_chunking(qtype):
     """A chat's or the server's KV cache history decides where a prompt's forward passes start;
@@ -253,7 +252,6 @@ def test_native_prefill_is_bitwise_independent_of_chunking(qtype):
         assert np.array_equal(_last_logits_in_chunks(engine, ids, chunks), first), chunks
 
 
-@pytest.mark.xfail(strict=True, reason="prefill rows take the int8 GEMM and torch attention, decoded rows the C dots")
 def test_native_prefill_is_bitwise_independent_of_chunking_on_the_real_smollm2(smollm2_gguf):
     engine = backends.load(smollm2_gguf, backend="torch")
     ids = engine.tokenizer.encode("The history of the printing press begins in China, where woodblock printing "
