@@ -57,7 +57,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--prompt", default="Give me a short haiku about autumn leaves.")
-    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=32, help="tokens to decode before stopping")
+    p.add_argument("-n", "--sample-len", type=int, default=1000,
+                   help="the generation's length limit, as the CLI's -n (what the KV cache is reserved for)")
     p.add_argument("--prompt-tokens", type=int, help="feed this many tokens of the prompt repeated, without the template")
     p.add_argument("--modules", action="store_true", help="the heavy packages each phase imported")
     p.add_argument("--smaps", action="store_true", help="at the end, the largest mappings (libraries, heap, the file)")
@@ -94,14 +96,18 @@ def main() -> None:
     if args.prompt_tokens:
         text_ids = engine.tokenizer.encode(args.prompt)
         ids = (text_ids * (args.prompt_tokens // len(text_ids) + 1))[: args.prompt_tokens]
-        stream = engine.generate(ids, args.tokens, cli.sampling_from(cli_args))
+        stream = engine.generate(ids, args.sample_len, cli.sampling_from(cli_args))
     else:
         from app.session import ChatSession
 
-        stream = ChatSession(engine, use_template=use_template).reply(args.prompt, args.tokens, cli.sampling_from(cli_args))
+        stream = ChatSession(engine, use_template=use_template).reply(args.prompt, args.sample_len, cli.sampling_from(cli_args))
     next(stream)
     phase(f"first token (p={engine.stats.prompt_tokens})")
-    n = 1 + sum(1 for _ in stream)
+    n = 1
+    for _ in stream:
+        n += 1
+        if engine.stats.generated_tokens >= args.tokens:
+            break
     phase(f"{engine.stats.generated_tokens} tokens ({n} texts)")
 
     if args.smaps:
