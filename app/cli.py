@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 import backends
 from backends import SamplingParams, SmolLMError, Tracer, settings
 
-from backends.remote import DIALECTS, RemoteEngine
+from backends.remote import DIALECTS
 
 from .resolve import MODELS, QUANTIZATIONS, resolve
 from .oneshot import InterruptedAnswer, run_prompt
@@ -217,6 +217,8 @@ def load_engine(args: argparse.Namespace, tracer: Tracer, chatter: bool = True) 
     """The engine the model flags (add_model_arguments, checked by check_model_flags) describe,
     with its context limited to --ctx-size; and whether the chat template applies."""
     if getattr(args, "endpoint", None) is not None:
+        from backends.remote import RemoteEngine
+
         # The server applies its chat template; RemoteError (unreachable, 401, ...) is one line.
         return RemoteEngine(args.endpoint, args.api_key, args.served_model, args.dialect), True
     resolved = resolve(args.model, args.model_type, args.quantization or DEFAULT_QUANTIZATION, args.model_path)

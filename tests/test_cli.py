@@ -358,3 +358,13 @@ def test_given_flags_are_told_from_defaults():
     assert not given_flags([]) & {"temperature", "sample_len", "top_k", "top_p"}
     assert "top_p" not in given_flags(["--temperature", "0.8"])  # equal to the default, still given
     assert "temperature" in given_flags(["--temperature", "0.8"])
+
+
+def test_one_shot_imports_no_remote_or_chat_packages():
+    """The one-shot path stays light: httpx (with rich, click, pygments) is for remote chats and
+    Textual for the TUI; each costs start-up time and resident memory on every local run."""
+    code = ("import sys, app.cli; heavy = {'httpx', 'rich', 'click', 'pygments', 'textual', 'transformers', "
+            "'huggingface_hub', 'mlx'} & {m.split('.')[0] for m in sys.modules}; print(sorted(heavy))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
