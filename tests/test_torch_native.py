@@ -64,7 +64,7 @@ def quantized_activations(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("ggml_type", native.TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("M", [1, 3, 4, 7, 40])  # decode, the types' own dots, the unpacked GEMM (several passes)
+@pytest.mark.parametrize("M", [1, 3, 4, 7, 40])  # decode, DOT_ROWS rows a call and the rows left over
 def test_matmul_is_the_exact_sum_over_int8_activations(lib, ggml_type, M):
     rng = np.random.default_rng(int(ggml_type) * 100 + M)
     block = native.activation_block(ggml_type)
