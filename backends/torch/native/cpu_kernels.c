@@ -952,7 +952,14 @@ static inline void key_dots4(const float *q, const void *keys, size_t at, int D,
             a2 = _mm256_fmadd_ps(x, cached8(keys, at + 2 * (size_t)D + j, f16), a2);
             a3 = _mm256_fmadd_ps(x, cached8(keys, at + 3 * (size_t)D + j, f16), a3);
         }
-        dots[0] = sum8(a0), dots[1] = sum8(a1), dots[2] = sum8(a2), dots[3] = sum8(a3);
+        // sum8 of each, four at a time: the same additions of the same lanes, in one set of shuffles
+        __m256 s01 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31));
+        __m256 s23 = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31));
+        __m256 halves = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, 0x44), _mm256_shuffle_ps(s01, s23, 0xee));
+        __m256 sums = _mm256_hadd_ps(halves, halves);  // lanes 0, 4, 1, 5: keys 0, 1, 2, 3
+        float lanes[8];
+        _mm256_storeu_ps(lanes, sums);
+        dots[0] = lanes[0], dots[1] = lanes[4], dots[2] = lanes[1], dots[3] = lanes[5];
         return;
     }
 #endif
