@@ -178,5 +178,5 @@ def test_merge_replaces_only_the_remeasured_cells():
     assert [s["ttft_s"] for s in ours["samples"]] == [0.2, 2.0]
     assert run["lengths"] == [32, 512] and run["argv"] == [["--models", "135m"], ["-p", "512"]]
     assert run["models"]["135m"]["ratios"]["prefill_tok_s@512"] == pytest.approx(2.0)
-    assert run["models"]["135m"]["kv_mb"] == pytest.approx(2 * 2 * 64 * 544 * 4 / 2**20)
+    assert run["models"]["135m"]["kv_mb"] == pytest.approx(2 * 2 * 64 * 544 * harness.KV_BYTES / 2**20)
     assert "then `python bench/run.py -p 512`" in harness.report_markdown(run)

@@ -57,19 +57,21 @@ def test_prompt_rows_are_bitwise_the_rows_attended_one_at_a_time(lib, shape, rop
         assert all(torch.equal(a, b) for a, b in zip(caches_whole, caches_rows))
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_the_result_does_not_depend_on_the_thread_count(threads):
-    H, KV, D = SHAPES["smollm2-135m"]
-    qkv = torch.randn(20, (H + 2 * KV) * D, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("rows", [1, 20])  # 1: a decoded token, whose heads split by key/value head or one by one
+@pytest.mark.parametrize("shape", ["smollm2-135m", "smollm3-3b"])
+def test_the_result_does_not_depend_on_the_thread_count(shape, rows, threads):
+    H, KV, D = SHAPES[shape]
+    qkv = torch.randn(rows, (H + 2 * KV) * D, generator=torch.Generator().manual_seed(1))
     previous = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        want = rows_in_one_call_and_one_at_a_time(native.library(), qkv, 3000, H, KV, D, torch.float16, True, 4096)[0]
-        torch.set_num_threads(threads)
-        got = rows_in_one_call_and_one_at_a_time(native.library(), qkv, 3000, H, KV, D, torch.float16, True, 4096)[0]
+        for count in (1, threads):
+            torch.set_num_threads(count)
+            results.append(rows_in_one_call_and_one_at_a_time(native.library(), qkv, 3000, H, KV, D, torch.float16, True, 4096))
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(got, want)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("cache", CACHES)
@@ -156,6 +158,17 @@ def test_prompts_split_in_chunks_of_decoded_size_give_bitwise_the_same_logits(sm
     sizes.append(len(prompt) - sum(sizes))
     assert 0 < sizes[-1] < 16
     assert torch.equal(logits_in_chunks(sizes), one_by_one)
+
+
+# Passes with the matmul's GEMM (UNPACK_MIN_ROWS) and torch's SwiGLU (ROWS_AS_DECODED) kept off
+# 16+ rows: attention is no longer what splits a prompt's logits. Strict: drop the mark when the
+# matmul and SwiGLU are row-exact too.
+@pytest.mark.xfail(strict=True, reason="the GEMM and SwiGLU for 16+ rows are not yet bitwise their decode paths")
+def test_a_whole_prompt_in_one_forward_gives_bitwise_its_token_by_token_logits(smollm2):
+    prompt = AGREED[1]["prompt_ids"]
+    model = smollm2.model
+    one_by_one = torch.cat([model(torch.tensor(prompt[pos : pos + 1]), pos) for pos in range(len(prompt))])
+    assert torch.equal(model(torch.tensor(prompt), 0), one_by_one)
 
 
 def rms(a: np.ndarray) -> float:

@@ -957,7 +957,14 @@ static inline void key_dots4(const float *q, const void *keys, size_t at, int D,
             a2 = _mm256_fmadd_ps(x, cached8(keys, at + 2 * (size_t)D + j, f16), a2);
             a3 = _mm256_fmadd_ps(x, cached8(keys, at + 3 * (size_t)D + j, f16), a3);
         }
-        dots[0] = sum8(a0), dots[1] = sum8(a1), dots[2] = sum8(a2), dots[3] = sum8(a3);
+        // sum8 of each, four at a time: the same additions of the same lanes, in one set of shuffles
+        __m256 s01 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31));
+        __m256 s23 = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31));
+        __m256 halves = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, 0x44), _mm256_shuffle_ps(s01, s23, 0xee));
+        __m256 sums = _mm256_hadd_ps(halves, halves);  // lanes 0, 4, 1, 5: keys 0, 1, 2, 3
+        float lanes[8];
+        _mm256_storeu_ps(lanes, sums);
+        dots[0] = lanes[0], dots[1] = lanes[4], dots[2] = lanes[1], dots[3] = lanes[5];
         return;
     }
 #endif
@@ -1010,41 +1017,62 @@ static inline float exp_and_sum(float *p, int L, float top) {
 #endif
 }
 
-// One query head of one row: softmax(q k / sqrt(D)) v over the cached positions 0..L-1 of its
-// key/value head (element offset `at` in the caches) into out[D], with p[L] as scratch. Every
-// path (a decoded token, a prompt's rows, any thread count) computes a (row, head) here, so a
+// Positions per pass over the cache: 64 keys or values of a head (16-32 KB) stay in L1 while
+// every query head that shares them reads them, so a long context is read from memory once.
+enum { ATTEND_BLOCK = 64 };
+
+// Query heads q[0..n) (D floats apart) of one row, sharing one key/value head: softmax(q k /
+// sqrt(D)) v over its cached positions 0..L-1 (element offset `at` in the caches) into out[n * D],
+// with p[n * L] and o[n * D] as scratch. Each (row, head) takes the same operations whatever n
+// (blocks of positions only reorder independent sums; o holds a sum between blocks exactly),
+// and every path (a decoded token, a prompt's rows, any thread count) computes it here, so a
 // row's output does not depend on how its prompt was split into forward passes.
-static void attend_head(const float *q, const void *keys, const void *values, size_t at, int f16, int L, int D,
-                        float *p, float *out) {
-    float scale = 1 / sqrtf((float)D), top = -INFINITY;
-    int l = 0;
-    for (; l + 3 < L; l += 4) key_dots4(q, keys, at + (size_t)l * D, D, f16, p + l);
-    for (; l < L; l++) p[l] = key_dot(q, keys, at + (size_t)l * D, D, f16);
-    for (l = 0; l < L; l++) {
-        p[l] *= scale;
-        top = fmaxf(top, p[l]);
-    }
-    float total = exp_and_sum(p, L, top);
-#ifdef USE_F16C
-    if (D % 64 == 0) {  // 64 outputs in 8 registers a pass: each value row read once per pass
-        __m256 totals = _mm256_set1_ps(total);
-        for (int c = 0; c < D; c += 64) {
-            __m256 o[8];
-            for (int u = 0; u < 8; u++) o[u] = _mm256_setzero_ps();
-            for (int l = 0; l < L; l++) {
-                __m256 w = _mm256_set1_ps(p[l]);
-                size_t row = at + (size_t)l * D + c;
-                for (int u = 0; u < 8; u++) o[u] = _mm256_fmadd_ps(w, cached8(values, row + 8 * u, f16), o[u]);
-            }
-            for (int u = 0; u < 8; u++) _mm256_storeu_ps(out + c + 8 * u, _mm256_div_ps(o[u], totals));
+static void attend_heads(const float *q, int n, const void *keys, const void *values, size_t at, int f16, int L, int D,
+                         float *p, float *o, float *out) {
+    float scale = 1 / sqrtf((float)D), totals[n];
+    for (int b = 0; b < L; b += ATTEND_BLOCK) {
+        int end = b + ATTEND_BLOCK < L ? b + ATTEND_BLOCK : L;
+        for (int h = 0; h < n; h++) {
+            int l = b;
+            for (; l + 3 < end; l += 4) key_dots4(q + h * D, keys, at + (size_t)l * D, D, f16, p + (size_t)h * L + l);
+            for (; l < end; l++) p[(size_t)h * L + l] = key_dot(q + h * D, keys, at + (size_t)l * D, D, f16);
         }
-        return;
     }
+    for (int h = 0; h < n; h++) {
+        float *ph = p + (size_t)h * L, top = -INFINITY;
+        for (int l = 0; l < L; l++) {
+            ph[l] *= scale;
+            top = fmaxf(top, ph[l]);
+        }
+        totals[h] = exp_and_sum(ph, L, top);
+    }
+    for (int j = 0; j < n * D; j++) o[j] = 0;
+    for (int b = 0; b < L; b += ATTEND_BLOCK) {
+        int end = b + ATTEND_BLOCK < L ? b + ATTEND_BLOCK : L;
+        for (int h = 0; h < n; h++) {
+            const float *ph = p + (size_t)h * L;
+            float *oh = o + h * D;
+#ifdef USE_F16C
+            if (D % 64 == 0) {  // 64 outputs in 8 registers a pass
+                for (int c = 0; c < D; c += 64) {
+                    __m256 acc[8];
+                    for (int u = 0; u < 8; u++) acc[u] = _mm256_loadu_ps(oh + c + 8 * u);
+                    for (int l = b; l < end; l++) {
+                        __m256 w = _mm256_set1_ps(ph[l]);
+                        size_t row = at + (size_t)l * D + c;
+                        for (int u = 0; u < 8; u++) acc[u] = _mm256_fmadd_ps(w, cached8(values, row + 8 * u, f16), acc[u]);
+                    }
+                    for (int u = 0; u < 8; u++) _mm256_storeu_ps(oh + c + 8 * u, acc[u]);
+                }
+                continue;
+            }
 #endif
-    for (int j = 0; j < D; j++) out[j] = 0;
-    for (int l = 0; l < L; l++)
-        for (int j = 0; j < D; j++) out[j] += p[l] * cached(values, at + (size_t)l * D + j, f16);
-    for (int j = 0; j < D; j++) out[j] /= total;
+            for (int l = b; l < end; l++)
+                for (int j = 0; j < D; j++) oh[j] += ph[l] * cached(values, at + (size_t)l * D + j, f16);
+        }
+    }
+    for (int h = 0; h < n; h++)
+        for (int j = 0; j < D; j++) out[h * D + j] = o[h * D + j] / totals[h];
 }
 
 // Causal attention for T rows at positions pos..pos+T-1 (a prompt's chunk, or a decoded token):
@@ -1067,17 +1095,21 @@ int attend_f32(float *q, float *k, const float *v, long stride, void *k_cache, v
     int L = pos + T, group = H / KV;
     // Threads only where the work outweighs waking them (a prompt, a long context).
     if ((size_t)T * H * L * D < (1 << 16)) threads = 1;
-    float *scratch = malloc((size_t)threads * L * sizeof(float));
+    // A task is a row's heads of one key/value head (its keys read once), or a single head where
+    // those tasks are too few to share evenly between threads (a decoded token: 3 KV heads, 2 threads).
+    int heads = T * KV % threads == 0 || T * KV >= 4 * threads ? group : 1, tasks = T * H / heads;
+    float *scratch = malloc((size_t)threads * heads * (L + D) * sizeof(float));
     if (!scratch) return -2;
 #pragma omp parallel num_threads(threads)
     {
-        float *p = scratch + (size_t)omp_get_thread_num() * L;
-        // Longest rows first, one (row, head) at a time: the rows' lengths differ (causal).
+        float *p = scratch + (size_t)omp_get_thread_num() * heads * (L + D), *o = p + (size_t)heads * L;
+        // Longest rows first (causal: the rows' lengths differ); a decoded token's heads in order,
+        // so a thread's consecutive heads share their keys.
 #pragma omp for schedule(dynamic, 1)
-        for (int i = T * H - 1; i >= 0; i--) {
-            int t = i / H, h = i % H;
-            attend_head(q + t * stride + h * D, k_cache, v_cache, (size_t)(h / group) * capacity * D, f16, pos + t + 1, D,
-                        p, out + ((size_t)t * H + h) * D);
+        for (int i = tasks - 1; i >= 0; i--) {
+            int task = T > 1 ? i : tasks - 1 - i, t = task / (H / heads), h = task % (H / heads) * heads;
+            attend_heads(q + t * stride + h * D, heads, k_cache, v_cache, (size_t)(h / group) * capacity * D, f16,
+                         pos + t + 1, D, p, o, out + ((size_t)t * H + h) * D);
         }
     }
     free(scratch);
