@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from . import settings
 
-# Rows per verifying forward stay under 16 (1 + MAX_DRAFT): the native CPU layers take fewer
-# than 16 rows row by row, as they take one token (ROWS_AS_DECODED in
-# backends/torch/native_layers.py), so a verified row is a decoded row.
+# The native CPU layers compute every row of a forward as that row decoded alone
+# (backends/torch/native_layers.py), so a verified row is a decoded row. Drafts stay short: a
+# rejected drafted row costs about a fifth of a forward.
 MAX_DRAFT = 10
 # Suffixes of 4 down to 2 tokens are looked up: a single token matches nearly everywhere and
 # predicts badly (SmolLM2, bench/speculative.py's tasks: 1 drafted token in 5 accepted, against

@@ -141,8 +141,8 @@ def test_a_models_attention_rows_in_one_call_are_its_decoded_rows(model, request
 
 
 def test_prompts_split_in_chunks_of_decoded_size_give_bitwise_the_same_logits(smollm2):
-    """Chunks under the matmul's row-count switch (native_layers.ROWS_AS_DECODED), as a chat's cache
-    history or drafts split a prompt: every row's logits are bitwise its token-by-token logits."""
+    """Chunks as a chat's cache history or drafts split a prompt: every row's logits are bitwise
+    its token-by-token logits."""
     prompt = AGREED[1]["prompt_ids"]
     model = smollm2.model
 
@@ -160,10 +160,6 @@ def test_prompts_split_in_chunks_of_decoded_size_give_bitwise_the_same_logits(sm
     assert torch.equal(logits_in_chunks(sizes), one_by_one)
 
 
-# Passes with the matmul's GEMM (UNPACK_MIN_ROWS) and torch's SwiGLU (ROWS_AS_DECODED) kept off
-# 16+ rows: attention is no longer what splits a prompt's logits. Strict: drop the mark when the
-# matmul and SwiGLU are row-exact too.
-@pytest.mark.xfail(strict=True, reason="the GEMM and SwiGLU for 16+ rows are not yet bitwise their decode paths")
 def test_a_whole_prompt_in_one_forward_gives_bitwise_its_token_by_token_logits(smollm2):
     prompt = AGREED[1]["prompt_ids"]
     model = smollm2.model

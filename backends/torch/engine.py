@@ -47,7 +47,7 @@ class TorchEngine(Engine):
         self.model = load_model(ckpt, TORCH_DTYPES[name], dev)
         self.device = dev
         self.sampler = TorchSampler(dev)
-        # Only the native kernels take a few rows row by row as they take one (model.ROWS_AS_DECODED);
+        # Only the native kernels compute each row of a forward as that row alone (native_layers.py);
         # every weight handler (weights.linear) has rows().
         handlers = [m for m in self.model.modules() if hasattr(m, "rows")]
         self.rows_exact = dev.type == "cpu" and name == "f32" and all(isinstance(m, NativeLinear) for m in handlers)

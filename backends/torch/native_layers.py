@@ -1,11 +1,12 @@
 """The model's layers with part of their maths in our C kernels (native.py), for float32 on
 the CPU. `layers_for` picks them, or torch's, once, when the model is built.
 
-Each runs the C kernel where it is faster and torch's maths elsewhere: one decoded token's
-attention and SwiGLU are a dozen small ops in torch whose per-op cost is as much as a small
-model's matmuls (~45 us a layer), while a prompt's SwiGLU is better served by torch's threaded,
-vectorized ops. Attention takes the C kernel for any row count: its rows are then bitwise the
-rows decoded one at a time."""
+One decoded token's attention and SwiGLU are a dozen small ops in torch whose per-op cost is as
+much as a small model's matmuls (~45 us a layer); and with the matmuls (cpu_kernels.c) every
+kernel here computes a row of a prompt with the operations it takes for that row decoded alone,
+so a prompt's logits are bitwise the same however it is split into forward passes (a chat's
+cache history, the server's, --split-prompt, speculative drafts): the int8 activation rounding
+would turn a 1e-7 difference into ~0.5 in logits and flip near-ties."""
 
 from __future__ import annotations
 
@@ -16,13 +17,6 @@ import torch
 from .. import settings
 from . import native
 from .model import MLP, TORCH_LAYERS, Attention, Layers, RMSNorm
-
-# Inputs of fewer rows (a decoded token, a speculative draft's few: backends/speculative.py) take
-# the decode's attention kernel row by row, so each row's logits are bitwise those of the row
-# decoded alone: the int8 activation rounding turns a 1e-7 difference in attention into ~0.5 in
-# logits. The matmuls (cpu_kernels.c) and NativeMLP give each row its own bits at any row count.
-ROWS_AS_DECODED = 16
-
 
 class NativeRMSNorm(RMSNorm):
     def __init__(self, dim: int, eps: float):
