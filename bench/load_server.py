@@ -31,6 +31,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from backends.numbers import ceil_div  # noqa: E402
 from bench.deps import DEPS_DIR, env_with, installed, target  # noqa: E402
 
 TOPICS = ["rivers", "bread", "the moon", "trains", "bees", "chess", "snow", "music", "maps", "glass", "tea",
@@ -233,8 +234,10 @@ async def run(args, engine: str) -> dict:
         async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as http:
             turns, first_round, t_start, rounds = [], None, time.perf_counter(), 0
             while len(turns) < args.requests:
+                # the last round has only as many conversations as requests are left
+                clients = min(args.clients, ceil_div(args.requests - len(turns), args.turns))
                 done = await asyncio.gather(*(conversation(http, model, c, args.turns, args.max_tokens, rss)
-                                              for c in range(args.clients)))
+                                              for c in range(clients)))
                 first_round = first_round or done
                 turns += [t for _, ts in done for t in ts]
                 rounds += 1
@@ -280,7 +283,8 @@ def main() -> None:
     p.add_argument("--server-venv", type=Path, default=DEPS_DIR / "llamacpp-server-venv",
                    help="llamacpp: a virtual environment for llama_cpp.server's packages, made on first use "
                         "(default: bench/.deps/llamacpp-server-venv)")
-    p.add_argument("--server-log", metavar="PREFIX", help="write each server's output (one line per request for smollm3) to PREFIX-ENGINE.log")
+    p.add_argument("--server-log", metavar="PREFIX",
+                   help="write each server's output (one line per request for smollm3) to PREFIX-ENGINE.log")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
