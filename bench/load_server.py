@@ -92,9 +92,9 @@ def server_requirements() -> list[str]:
 
 def llamacpp_server_python(venv: Path) -> Path:
     """The python of a virtual environment that holds llama_cpp.server's web stack (fastapi,
-    sse-starlette, starlette-context, ...) as pip resolves it for them, apart from ours: run with
-    our venv's starlette and sse-starlette, its streams break. llama_cpp itself is the harness's
-    build in bench/.deps (AMX-free where the native build crashes), put on PYTHONPATH."""
+    sse-starlette, starlette-context, ...) as pip resolves it for llama-cpp-python's own pins,
+    apart from the project's venv, which they would otherwise change. llama_cpp itself is the
+    harness's build in bench/.deps (AMX-free where the native build crashes), put on PYTHONPATH."""
     python = venv / "bin" / "python"
     if not python.exists():
         print(f"creating {venv} for llama_cpp.server", file=sys.stderr)
