@@ -115,6 +115,17 @@ def test_thinking_budget_closes_the_block_and_the_model_answers(url, engine):
     assert r["usage"]["completion_tokens"] == opened + 4 + len(closing) + len(engine.tokenizer.encode("The answer."))
 
 
+def test_continue_final_message_continues_the_reasoning_then_answers(url, engine):
+    partial = "<think>\nThe user says hi."
+    engine.say(" They want a greeting.\n</think>\nHello!")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": partial}]
+    r = chat(url, messages=messages, continue_final_message=True).json()
+    assert engine.prompt_text().endswith(f"<|im_start|>assistant\n{partial}")  # no <|im_end|>, no new turn
+    # the continuation only, as the client appends it to what it sent (its leading space kept)
+    assert r["choices"][0]["message"] == {"role": "assistant", "content": "Hello!",
+                                          "reasoning_content": " They want a greeting."}
+
+
 # --- tools ---
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -221,6 +232,7 @@ def test_error_statuses(url):
     post = lambda content, **kw: httpx.post(f"{url}/v1/chat/completions", content=content, **kw)  # noqa: E731
     assert error_of(post(b'{"messages": ['), 400)["code"] == "invalid_json"
     assert error_of(chat(url, n=3), 400)["param"] == "n"
+    assert error_of(chat(url, continue_final_message=True), 400)["param"] == "continue_final_message"
     assert error_of(chat(url, model="gpt-4"), 404)["code"] == "model_not_found"
     assert error_of(post(b"x" * (4 << 20 + 1)), 413)["code"] == "request_too_large"
     assert error_of(httpx.get(f"{url}/v2/nothing"), 404)

@@ -92,6 +92,19 @@ def test_a_resent_conversation_prefills_only_the_new_turn(server):
     assert cached == first.usage.prompt_tokens + first.usage.completion_tokens
 
 
+def test_continue_final_message_resumes_the_answer(server, cli_answer):
+    """The start of the CLI's greedy answer, sent back as the assistant's message to continue
+    (extra_body, as for vLLM and SGLang): the model writes the rest of that same answer."""
+    client = openai.OpenAI(base_url=server, api_key="x", max_retries=0)
+    answer = cli_answer[0]
+    head = answer[: answer.index(" ", len(answer) // 3)]
+    started = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": head}]
+    r = client.chat.completions.create(**{**ask(), "messages": started}, extra_body={"continue_final_message": True})
+    assert (head + r.choices[0].message.content).startswith(answer)
+    with pytest.raises(openai.BadRequestError, match="continue_final_message"):
+        client.chat.completions.create(**ask(), extra_body={"continue_final_message": True})
+
+
 def test_models_and_sdk_errors(server):
     client = openai.OpenAI(base_url=server, api_key="x", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct.Q4_1"]

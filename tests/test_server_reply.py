@@ -145,6 +145,9 @@ def chat(**fields):
     ({"tools": [{"type": "function"}]}, "tools[0]"),
     ({"chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking"),
     ({"thinking_budget": -5}, "thinking_budget"),
+    ({"continue_final_message": True}, "continue_final_message"),  # the last message is the user's
+    ({"continue_final_message": "yes"}, "continue_final_message"),
+    ({"chat_template_kwargs": {"add_generation_prompt": 1}}, "chat_template_kwargs.add_generation_prompt"),
 ])
 def test_bad_fields_are_400s_naming_the_field(fields, param):
     assert bad(chat(**fields)).param == param
@@ -155,6 +158,33 @@ def test_thinking_switches():
     assert parse_chat(chat(chat_template_kwargs={"enable_thinking": False})).enable_thinking is False
     assert parse_chat(chat()).enable_thinking is None
     assert parse_chat(chat(max_completion_tokens=7, max_tokens=3)).max_tokens == 7
+
+
+PARTIAL = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello, I"}]
+
+
+@pytest.mark.parametrize("fields", [
+    {"continue_final_message": True},  # SGLang's clients send it alone
+    {"continue_final_message": True, "add_generation_prompt": False},  # vLLM's
+    {"chat_template_kwargs": {"continue_final_message": True, "add_generation_prompt": False}},
+    {"continue_final_message": False, "chat_template_kwargs": {"continue_final_message": True}},
+])
+def test_continue_final_message(fields):
+    request = parse_chat(chat(messages=PARTIAL, **fields))
+    assert (request.continue_final_message, request.add_generation_prompt) == (True, False)
+    assert "continue_final_message" not in request.template_kwargs
+
+
+def test_continue_final_message_refusals():
+    assert "add_generation_prompt" in bad(chat(messages=PARTIAL, continue_final_message=True,
+                                               add_generation_prompt=True)).message
+    assert bad(chat(continue_final_message=True)).message.endswith("the last message is the user's")
+    forced = chat(messages=PARTIAL, continue_final_message=True, tool_choice="required",
+                  tools=[{"type": "function", "function": {"name": "f"}}])
+    assert bad(forced).param == "tool_choice"
+    plain = parse_chat(chat(messages=PARTIAL))
+    assert (plain.continue_final_message, plain.add_generation_prompt) == (False, True)
+    assert parse_chat(chat(add_generation_prompt=False)).add_generation_prompt is False
 
 
 @pytest.mark.parametrize("raw", [b"{", b"[1]", b'{"a": NaN}', b"\xff\xfe{}", b"[" * 100_000, b"1" * 5000])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backends import Engine
+from backends import ChatTemplate, Engine
 
 from ..session import THINK_CLOSE, THINK_OPEN, has_open_think
 from .protocol import ApiError, ChatRequest
@@ -17,6 +17,8 @@ from .toolcalls import OPEN as TOOL_OPEN
 from .toolcalls import format_tool_call
 
 EMPTY_THINKING = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n"
+# transformers' marker for continue_final_message, written after the last message and cut off again
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 @dataclass
@@ -58,6 +60,21 @@ def _for_template(message: dict, thinking: bool, template_reads_reasoning: bool)
     return turn
 
 
+def render_continuing(template: ChatTemplate, messages: list[dict], **kwargs) -> str:
+    """The conversation rendered to end inside its last message, with no end of turn after it, so
+    the model continues that message: transformers' apply_chat_template(continue_final_message=True).
+    As there, the message is rendered with a marker after its text and the prompt cut at the
+    marker; a template that trims the message's end trims the space before the marker too."""
+    last = messages[-1]
+    text = template.render([*messages[:-1], {**last, "content": last["content"] + CONTINUE_TAG}],
+                           add_generation_prompt=False, **kwargs)
+    at = text.rfind(CONTINUE_TAG.strip())
+    if at < 0 or last["content"].strip() not in text:
+        raise ApiError(400, "the chat template leaves out part of the last message, so it cannot be continued",
+                       param="continue_final_message", code="template_error")
+    return text[:at] if text.startswith(CONTINUE_TAG, at) else text[:at].rstrip()
+
+
 def chat_prompt(engine: Engine, request: ChatRequest) -> ChatPrompt:
     template = engine.chat_template
     if template is None:
@@ -73,7 +90,11 @@ def chat_prompt(engine: Engine, request: ChatRequest) -> ChatPrompt:
             kwargs["xml_tools"] = [t.for_template() for t in request.tools]
         else:
             kwargs["tools"] = [{"type": "function", "function": t.for_template()} for t in request.tools]
-    text = template.render(messages, add_generation_prompt=True, enable_thinking=request.enable_thinking, **kwargs)
+    if request.continue_final_message:
+        text = render_continuing(template, messages, enable_thinking=request.enable_thinking, **kwargs)
+    else:
+        text = template.render(messages, add_generation_prompt=request.add_generation_prompt,
+                               enable_thinking=request.enable_thinking, **kwargs)
     forced = ""
     if use_tools and request.tool_choice not in (None, "auto"):
         # "required" and a named tool: the server writes the start of the call and the model

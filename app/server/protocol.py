@@ -19,7 +19,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 # Names the server passes to the template itself: a client's chat_template_kwargs cannot replace them.
 RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "xml_tools", "documents", "add_generation_prompt",
-                            "enable_thinking", "bos_token", "eos_token")
+                            "continue_final_message", "enable_thinking", "bos_token", "eos_token")
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
@@ -100,6 +100,8 @@ class ChatRequest(CompletionRequest):
     enable_thinking: bool | None = None
     template_kwargs: dict = field(default_factory=dict)
     thinking_budget: int | None = None
+    add_generation_prompt: bool = True  # open a new assistant turn after the messages
+    continue_final_message: bool = False  # end the prompt inside the last (assistant) message
 
 
 # --- field readers ---
@@ -246,10 +248,35 @@ def parse_chat(body: dict) -> ChatRequest:
         enable_thinking = False
     elif effort is not None and enable_thinking is None:
         enable_thinking = True
+    generation_prompt, continuing = _generation_prompt(body, kwargs, messages, tool_choice)
     return ChatRequest(
         prompt="", messages=messages, tools=tools, tool_choice=tool_choice, enable_thinking=enable_thinking,
-        template_kwargs=extra, thinking_budget=_int(body, "thinking_budget", 0), **common,
+        template_kwargs=extra, thinking_budget=_int(body, "thinking_budget", 0),
+        add_generation_prompt=generation_prompt, continue_final_message=continuing, **common,
     )
+
+
+def _generation_prompt(body: dict, kwargs: dict, messages: list[dict], tool_choice: str | None) -> tuple[bool, bool]:
+    """add_generation_prompt and continue_final_message, as vLLM reads them: top-level fields or
+    chat_template_kwargs (which win). Continuing implies no generation prompt, as in SGLang,
+    where the field is sent alone; asking for both is vLLM's 400."""
+    def flag(name):
+        value = _bool(kwargs, name, f"chat_template_kwargs.{name}")
+        return _bool(body, name) if value is None else value
+
+    continuing = bool(flag("continue_final_message"))
+    generation_prompt = flag("add_generation_prompt")
+    if not continuing:
+        return generation_prompt is not False, False
+    if generation_prompt:
+        raise _bad("continue_final_message", "cannot be true together with add_generation_prompt: the prompt "
+                   "either ends inside the last message or opens a new one")
+    if messages[-1]["role"] != "assistant":
+        raise _bad("continue_final_message", f"continues the last message, which must be the assistant's; "
+                   f"the last message is the {messages[-1]['role']}'s")
+    if tool_choice not in (None, "auto", "none"):
+        raise _bad("tool_choice", "a forced tool call starts a new answer: it cannot continue_final_message")
+    return False, True
 
 
 def _messages(raw) -> list[dict]:
