@@ -26,7 +26,7 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 F16_NAME = "smollm3-3b-random-F16.gguf"
 # llama_ftype values (llama.h): the types people download, each made from the same F16
 QUANT_FTYPES = {
-    "Q4_K_M": 15, "Q8_0": 7, "Q5_K_M": 17, "Q3_K_M": 12, "Q2_K": 10, "Q5_0": 8, "Q5_1": 9, "IQ4_NL": 25, "IQ4_XS": 30,
+    "Q4_K_M": 15, "Q8_0": 7, "Q5_K_M": 17, "Q3_K_M": 12, "Q2_K": 10, "Q5_0": 8, "Q5_1": 9, "IQ4_NL": 25, "IQ4_XS": 30, "Q6_K": 18,
 }  # fmt: skip
 SEED = 20250708
 STD = 0.02
