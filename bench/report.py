@@ -29,9 +29,10 @@ def header(run: dict) -> list[str]:
         f"{run['threads']} threads, best of 6): **{run['bandwidth'] / 1e9:.1f} GB/s**.",
         f"- Versions: smollm3 {v.get('ours')}, torch {v.get('torch')}, llama-cpp-python {v.get('llamacpp', '-')}"
         + (f", transformers {v['transformers']}" if v.get("transformers") else ""),
-        f"- llama.cpp build: {v.get('llamacpp_system_info', '-')}. On a CPU with AMX, bench/deps.py builds it with "
-        "every x86 feature named except AMX (the native AMX build of 0.3.36 segfaults in llama_decode here); "
-        "elsewhere natively.",
+        f"- llama.cpp build: {v.get('llamacpp_system_info', '-').strip(' |')}. "
+        + ("This CPU has AMX, and llama.cpp 0.3.36 built natively segfaults in llama_decode on it, so bench/deps.py "
+           "builds it with each of the CPU's other x86 features named and AMX off: llama.cpp runs here without its "
+           "AMX kernels." if "amx_int8" in m.get("flags", []) else "Built natively (-march=native) by bench/deps.py."),
         f"- Protocol: {run['threads']} threads for every engine, greedy, EOS ignored, speculation off (except in the "
         f"speculative tasks); prompts of real text, the same token ids for every engine; {run['n_gen']} generated "
         f"tokens. Each prompt length in a fresh process: load, a cold first token on that prompt (the first "

@@ -193,9 +193,10 @@ def measure_speculative(key: str, path: Path, args, run: dict) -> None:
     run["speculative"][key] = result
 
 
-def estimate_s(models: dict[str, str], lengths: list[int], engines: list[str], args) -> float:
-    """Seconds the run should take on this machine (rates from bench/RESULTS.md's runs), as a rough guide."""
-    total = 15.0  # bandwidth
+def estimate_s(models: dict[str, str], lengths: list[int], engines: list[str], args) -> dict[str, float]:
+    """Seconds each part of the run should take on this machine (rates near bench/RESULTS.md's), a rough guide."""
+    parts = dict.fromkeys(("main files", "other types", "long context", "speculative", "making files"), 0.0)
+    parts["bandwidth"] = 15.0
     for key, protocol in models.items():
         params = PARAMS["135m" if key == "135m" else "3b"]
         decode = EST_BANDWIDTH / (params * BITS_PER_WEIGHT[MODELS[key]] / 8)
@@ -205,16 +206,16 @@ def estimate_s(models: dict[str, str], lengths: list[int], engines: list[str], a
         per_engine = sum(EST_PROCESS_S + (args.reps + 2) * run_s(p, args.n_gen) for p in lens)
         if protocol == "full":
             per_engine += args.cold_reps * sum(EST_PROCESS_S + run_s(p, 1) for p in lens if p < 512)
-        total += per_engine * len(engines)
+        parts["main files" if protocol == "full" else "other types"] += per_engine * len(engines)
         if key in args.long_models_list:
             # attention over the long cache makes the prefill ~1.5x slower per token than a short one
-            total += 2 * (EST_PROCESS_S + 1.5 * args.long_context / prefill + 3 * args.n_gen / decode)
+            parts["long context"] += 2 * (EST_PROCESS_S + 1.5 * args.long_context / prefill + 3 * args.n_gen / decode)
         if key in args.spec_models_list:
             gens = args.spec_runs * 3 * 3 + 2  # 3 tasks x (ours plain, ours speculative, llama.cpp) + warm-ups
-            total += 2 * EST_PROCESS_S + gens * run_s(800, args.spec_tokens)
+            parts["speculative"] += 2 * EST_PROCESS_S + gens * run_s(800, args.spec_tokens)
         if MODELS[key] and not (BENCH / "models" / f"smollm3-3b-random-{MODELS[key]}.gguf").exists():
-            total += 120 if MODELS[key] == "F16" else 90
-    return total
+            parts["making files"] += 120 if MODELS[key] == "F16" else 90
+    return parts
 
 
 def merge_runs(old: dict, new: dict) -> dict:
@@ -345,9 +346,10 @@ def main(argv: list[str]) -> int:
     if old and old["n_gen"] != args.n_gen:
         raise BenchError(f"--merge: that run generated {old['n_gen']} tokens per run, this one -n {args.n_gen}")
     started, t_start = datetime.now(), time.perf_counter()
-    est = estimate_s(models, lengths, [e for e in engines if e != "transformers"], args)
-    log(f"estimated duration: {est / 60:.0f} min (plus up to {args.wait_quiet:.0f} s per process waiting for the "
-        f"machine to go quiet)")
+    parts = estimate_s(models, lengths, [e for e in engines if e != "transformers"], args)
+    est = sum(parts.values())
+    log(f"estimated duration: {est / 60:.0f} min (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in parts.items() if v)
+        + f"), plus up to {args.wait_quiet:.0f} s per process while the machine is busy elsewhere")
     with_transformers = "transformers" in engines and ("135m" in models or args.transformers_on_3b)
     needed = ["llamacpp"] * ("llamacpp" in engines or any(MODELS[m] for m in models))
     needed += ["accelerate"] * with_transformers
