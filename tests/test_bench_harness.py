@@ -120,6 +120,20 @@ def test_report_shows_targets_ceilings_long_context_and_speculation():
     assert "AMX off: llama.cpp runs here without its AMX kernels" in amx
 
 
+def test_other_types_share_one_table_and_a_file_ours_cannot_run_misses_its_target():
+    run = _run()
+    run["models"]["3b-q4km"]["protocol"] = "reduced"
+    iq = {"file": "iq.gguf", "size_mb": 1700.0, "dims": DIMS, "protocol": "reduced", "weight_bytes": 10**9}
+    run["models"]["3b-iq4xs"] = iq
+    run["results"].append({"model": "3b-iq4xs", "engine": "llamacpp", "samples": [_sample(32, 2.5, 0.7, 0.7, 14.0, 3000)]})
+    harness.complete(run)
+    text = report.report_markdown(run)
+    assert "### 3b-q4km" not in text
+    assert "| 3b-q4km | 1823 | 1.20x | 1.17x | **0.70x** | 0.44x | 0.73x |" in text  # prompt 32's figures
+    assert "| 3b-iq4xs | 1700 | **ours failed** | **ours failed** |" in text
+    assert "3b-iq4xs: runs on our engine" in text
+
+
 def test_merge_replaces_only_the_remeasured_cells():
     def result(model, engine, samples):
         return {"model": model, "engine": engine, "samples": samples}
