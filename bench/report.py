@@ -114,7 +114,7 @@ def ceiling_section(run: dict) -> list[str]:
 def long_section(run: dict) -> list[str]:
     if not run.get("long"):
         return []
-    lines = [f"## Decode at a long context", "",
+    lines = ["## Decode at a long context", "",
              f"One prefill of the context (timed once: it is expensive), then {run['n_gen']} tokens decoded three times "
              "(the cache rewound to the context between), median.", "",
              "| model | engine | context | prefill s | prefill tok/s | decode tok/s (runs) | peak RSS MiB | ours / llama.cpp |",

@@ -19,7 +19,6 @@ from conftest import SMOLLM3_META, tiny_gguf
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import make_models  # noqa: E402
-import run as harness  # noqa: E402
 
 
 def test_parse_lengths_sorts_and_dedups():
