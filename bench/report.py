@@ -137,9 +137,10 @@ def speculative_section(run: dict) -> list[str]:
     lines = ["## Speculative decoding (prompt lookup) on the tasks where it matters", "",
              f"{run['spec_tokens']} greedy tokens per task (EOS ignored), median of {run['spec_runs']} run(s) per mode; "
              "decode tok/s counts the tokens after the first. Targets: speculative >= 1.50x our plain and > llama.cpp "
-             "plain; the speculative output identical to plain (checked on every run).", "",
+             "plain; the speculative output identical to plain (checked on every run). The last column: the leading "
+             "tokens of our plain output that llama.cpp's equals.", "",
              "| model | task | prompt | ours plain | ours speculative | llama.cpp plain | spec / plain | spec / llama.cpp "
-             "| accepted / drafted | identical |", "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+             "| accepted / drafted | identical | tokens as llama.cpp's |", "|---|---|--:|--:|--:|--:|--:|--:|--:|---|--:|"]
     for key, result in run["speculative"].items():
         peer = result.get("llamacpp", {}).get("tasks", {})
         for name, t in result.get("ours", {}).get("tasks", {}).items():
@@ -151,8 +152,17 @@ def speculative_section(run: dict) -> list[str]:
             lines.append(
                 f"| {key} | {name} | {t['prompt_len']} | {plain:.2f} | {spec:.2f} | {f'{llama:.2f}' if llama else '-'} "
                 f"| {mark(vs_plain >= 1.5, f'{vs_plain:.2f}x')} | {mark(bool(llama) and spec > llama, vs_llama)} "
-                f"| {t['speculative']['accepted']} / {t['speculative']['drafted']} | {'yes' if t['identical'] else '**NO**'} |")
+                f"| {t['speculative']['accepted']} / {t['speculative']['drafted']} | {'yes' if t['identical'] else '**NO**'} "
+                f"| {same_prefix(t['plain'].get('tokens'), peer.get(name, {}).get('plain', {}).get('tokens'))} |")
     return lines + [""]
+
+
+def same_prefix(ours: list[int] | None, peer: list[int] | None) -> str:
+    """How many leading greedy tokens two engines agree on, of how many ("-" when either is missing)."""
+    if not ours or not peer:
+        return "-"
+    n = next((i for i, (a, b) in enumerate(zip(ours, peer)) if a != b), min(len(ours), len(peer)))
+    return f"{n} / {len(ours)}"
 
 
 def report_markdown(run: dict) -> str:

@@ -75,7 +75,7 @@ def _run():
 
     long = {"context": 4096, "n_gen": 32, "load_s": 1.0, "prefill_s": 90.0, "prefill_tok_s": 45.5,
             "decode_tok_s": 9.0, "decode_all": [9.0, 8.8, 9.1], "peak_rss_mb": 2600, "others_cores": 0.0}
-    tasks = {"summarize": {"prompt_len": 800, "identical": True, "plain": {"decode_tok_s": 10.0},
+    tasks = {"summarize": {"prompt_len": 800, "identical": True, "plain": {"decode_tok_s": 10.0, "tokens": [5, 6, 7, 8]},
                            "speculative": {"decode_tok_s": 16.0, "accepted": 60, "drafted": 80}}}
     return {"argv": ["--models", "3b-q4km"], "started": "2026-12-01 23:00", "machine": MACHINE, "lengths": [32, 512],
             "n_gen": 32, "reps": 3, "cold_reps": 1, "threads": 2, "bandwidth": 40e9, "estimate_s": 600.0,
@@ -85,7 +85,8 @@ def _run():
             "results": pair(16.8, 2300),
             "long": {"3b-q4km": {"ours": {**long}, "llamacpp": {**long, "decode_tok_s": 10.0, "prefill_s": 100.0}}},
             "speculative": {"3b-q4km": {"ours": {"tasks": tasks},
-                                        "llamacpp": {"tasks": {"summarize": {"plain": {"decode_tok_s": 14.0}}}}}}}
+                                        "llamacpp": {"tasks": {"summarize": {"plain": {"decode_tok_s": 14.0,
+                                                                                       "tokens": [5, 6, 9, 8]}}}}}}}
 
 
 def test_complete_puts_targets_and_ceilings_on_each_model():
@@ -114,7 +115,7 @@ def test_report_shows_targets_ceilings_long_context_and_speculation():
     assert f"of {n} targets met." in text
     assert "| 3b-q4km | 1907 | 4096 | " in text  # weights 2e9 bytes in MiB
     assert "| 3b-q4km | ours | 4096 | 90.0 | 45.5 | 9.00 (9.00, 8.80, 9.10) | 2600 | decode 0.90x, prefill 1.11x |" in text
-    assert "| 3b-q4km | summarize | 800 | 10.00 | 16.00 | 14.00 | 1.60x | 1.14x | 60 / 80 | yes |" in text
+    assert "| 3b-q4km | summarize | 800 | 10.00 | 16.00 | 14.00 | 1.60x | 1.14x | 60 / 80 | yes | 2 / 4 |" in text
     assert "Built natively" in text and "flags that matter here: avx2." in text
     amx = report.report_markdown({**run, "machine": {**MACHINE, "flags": ["avx512f", "amx_tile", "amx_int8"]}})
     assert "AMX off: llama.cpp runs here without its AMX kernels" in amx
