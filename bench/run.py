@@ -1,7 +1,7 @@
 """Our torch backend against llama.cpp (and optionally transformers) on the same GGUF files, in one command.
 
     python bench/run.py --results bench/RESULTS.md        # everything issue 14 asks for, ~40 min on 2 cores
-    python bench/run.py --models 135m --reduced-models '' --long-models '' --spec-models '' -p 32 -r 1   # a quick look
+    python bench/run.py --models 135m --reduced-models "" -p 32 -r 1      # a quick look (with its long and speculative rows)
 
 What one run measures (it prints an estimate of its duration first):
 - the main files (135M Q4_1, 3B-shaped Q4_K_M and Q8_0) at prompt lengths 32/128/512, each
@@ -50,6 +50,7 @@ MODELS = {  # None: the SmolLM2 file; the rest are 3B-shaped files llama.cpp's q
 }  # fmt: skip
 MAIN_MODELS = "135m,3b-q4km,3b-q8"
 REDUCED_MODELS = "3b-q5km,3b-q3km,3b-q2k,3b-q5_0,3b-q5_1,3b-iq4nl,3b-iq4xs,3b-q6k"
+LONG_MODELS = SPEC_MODELS = "135m,3b-q4km"
 ENGINES = ("ours", "llamacpp", "transformers")
 PEER_DEPS = {"ours": (), "llamacpp": ("llamacpp",), "transformers": ("accelerate",)}  # bench/deps.py packages
 # Bits per weight of each file type, and the rates the estimate assumes (this machine, 2 threads).
@@ -303,9 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=MAIN_MODELS, help=f"full protocol (default: {MAIN_MODELS}); from {', '.join(MODELS)}")
     p.add_argument("--reduced-models", default=REDUCED_MODELS,
                    help=f"the shortest prompt only (default: {REDUCED_MODELS}; '' for none)")
-    p.add_argument("--long-models", default="135m,3b-q4km", help="decode at --long-context (default: 135m,3b-q4km)")
+    p.add_argument("--long-models", help=f"decode at --long-context (default: those of {LONG_MODELS} measured)")
     p.add_argument("--long-context", type=int, default=4096, help="tokens of context for the long row (default: 4096)")
-    p.add_argument("--spec-models", default="135m,3b-q4km", help="the speculative tasks (default: 135m,3b-q4km)")
+    p.add_argument("--spec-models", help=f"the speculative tasks (default: those of {SPEC_MODELS} measured)")
     p.add_argument("--spec-tokens", type=int, default=128, help="tokens per speculative task run (default: 128)")
     p.add_argument("--spec-runs", type=int, default=1, help="runs per task and mode (default: 1)")
     p.add_argument("--engines", default="ours,llamacpp", help="ours, llamacpp, transformers (default: ours,llamacpp)")
@@ -320,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, help="write the Markdown report here too (e.g. bench/RESULTS.md)")
     p.add_argument("--merge", type=Path,
                    help="a previous run's JSON: keep its measurements except those this run repeats (to redo a "
-                        "contended cell, e.g. --models 3b-q4km --reduced-models '' --engines ours -p 512)")
+                        "contended cell, e.g. --models 3b-q4km --reduced-models '' --long-models '' "
+                        "--spec-models '' --engines ours -p 512)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per measuring process")
     p.add_argument("--wait-quiet", type=float, default=30,
                    help="before each measuring process, wait up to this many seconds for other processes to go "
@@ -334,10 +336,14 @@ def names(text: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    main_models, reduced = names(args.models), [m for m in names(args.reduced_models) if m not in args.models]
-    args.long_models_list, args.spec_models_list = names(args.long_models), names(args.spec_models)
+    main_models = names(args.models)
+    reduced = [m for m in names(args.reduced_models) if m not in main_models]
     engines = names(args.engines)
     models = {**{m: "full" for m in main_models}, **{m: "reduced" for m in reduced}}
+    args.long_models_list = names(args.long_models) if args.long_models is not None else [
+        m for m in names(LONG_MODELS) if m in models]
+    args.spec_models_list = names(args.spec_models) if args.spec_models is not None else [
+        m for m in names(SPEC_MODELS) if m in models]
     extra = [m for m in args.long_models_list + args.spec_models_list if m not in models]
     if bad := [m for m in [*models, *extra] if m not in MODELS] + [e for e in engines if e not in ENGINES]:
         raise BenchError(f"unknown model or engine: {', '.join(bad)}")
