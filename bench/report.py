@@ -96,7 +96,7 @@ def ceiling_section(run: dict) -> list[str]:
              f"Ceiling = {run['bandwidth'] / 1e9:.1f} GB/s / bytes a decode step reads (every weight tensor once, "
              "the token embedding table only as the tied output matrix, plus a 16-bit KV cache at the mean "
              "context of the run).", "",
-             "| model | MiB read per token (weights) | context | ceiling tok/s | ours tok/s | ours % | llama.cpp tok/s "
+             "| model | MiB read per token (weights) | prompt or context | ceiling tok/s | ours tok/s | ours % | llama.cpp tok/s "
              "| llama.cpp % |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
     for key, model in run["models"].items():
         c = model.get("ceiling", {})
