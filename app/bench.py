@@ -247,7 +247,7 @@ def bench_main(argv: list[str]) -> int:
         peer = summaries["llamacpp"]["engine_info"]
         print(f"llama-cpp-python {peer['version']}, {peer['threads']} threads, {peer['gpu_layers']} layers offloaded "
               f"(-1: all); {peer['system_info']}")
-        print(format_table([(model.name, e, summaries[e]) for e in engines]))
+        print(format_table([(model.name, {"llamacpp": "llama.cpp"}.get(e, e), summaries[e]) for e in engines]))
         print()
         print(format_targets(target_rows(summaries["ours"], summaries["llamacpp"])))
     else:

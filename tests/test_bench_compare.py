@@ -103,4 +103,4 @@ def test_compare_measures_both_engines_on_the_same_ids(smollm2_gguf, tmp_path, m
     assert ours["tokens"] == peer["tokens"]  # the real model, greedy, the same ids: the same answer
     assert report["ratios"]["decode_tok_s@32"] == pytest.approx(ours["decode_tok_s"] / peer["decode_tok_s"])
     assert "| decode tok/s, prompt 32 | >= 1.15x | " in text and "| load + first token | <= 1.00x | " in text
-    assert "| SmolLM2-135M-Instruct.Q4_1.gguf | llamacpp | " in text
+    assert "| SmolLM2-135M-Instruct.Q4_1.gguf | llama.cpp | " in text
