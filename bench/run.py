@@ -25,6 +25,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -110,8 +111,6 @@ def run_child(engine: str, spec: Spec, args, kind: str = "bench", job: dict | No
     env["SMOLLM3_SPECULATE"] = "0"  # plain decoding, as the peers; the speculative tasks switch it per run
     if job is None:
         return run_in_subprocess(cmd, spec, args.timeout, env=env)
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="smollm3-bench-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
