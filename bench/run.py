@@ -273,7 +273,7 @@ def complete(run: dict) -> None:
         if "ours" in pair and "llamacpp" in pair:
             model["ratios"] = ratios(pair["ours"], pair["llamacpp"])
             both_long = (long["ours"], long["llamacpp"]) if {"ours", "llamacpp"} <= set(long) else None
-            rows = target_rows(pair["ours"], pair["llamacpp"], DECODE_SHORT if model["protocol"] == "full" else DECODE,
+            rows = target_rows(pair["ours"], pair["llamacpp"], DECODE_SHORT if model.get("protocol", "full") == "full" else DECODE,
                                rss=key != "135m", long=both_long)
             model["targets"] = [{"metric": t.metric, "bound": t.bound, "ratio": t.ratio, "at_least": t.at_least,
                                  "detail": t.detail, "met": t.met, "miss": t.miss, "row": t.row()} for t in rows]
