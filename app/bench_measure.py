@@ -183,18 +183,19 @@ def measure_long(adapter: BenchAdapter, spec: Spec, progress=lambda text: None) 
     ids = spec.prompt_ids[: spec.prompt_len]
     with CpuMeter() as meter:
         prefill_s, decode_s, steps = adapter.generate(ids, spec.n_gen)
-    decodes, others = [steps / decode_s], [meter.others_cores]
+    decodes, others, tokens = [steps / decode_s], [meter.others_cores], [list(adapter.tokens)]
     progress(f"prefill {len(ids)} tokens {prefill_s:.1f} s, decode {decodes[-1]:.2f} tok/s")
     for _ in range(2):
         with CpuMeter() as meter:
             _, decode_s, steps = adapter.generate(ids, spec.n_gen, rewind=True)
         decodes.append(steps / decode_s)
         others.append(meter.others_cores)
+        tokens.append(list(adapter.tokens))
         progress(f"rewound to {len(ids)}: decode {decodes[-1]:.2f} tok/s")
     return {"context": len(ids), "n_gen": spec.n_gen, "load_s": load_s, "prefill_s": prefill_s,
             "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": statistics.median(decodes),
             "decode_all": decodes, "others_cores": statistics.median(others), "peak_rss_mb": rss_mb()[1],
-            "engine_info": adapter.describe()}
+            "tokens_all": tokens, "engine_info": adapter.describe()}
 
 
 class OursAdapter:
