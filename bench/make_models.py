@@ -3,7 +3,8 @@
 The shape is the real SmolLM3-3B config (tests/fixtures/smollm3-3b-meta/config.json); the
 F16 file is written tensor by tensor the way llama.cpp's converter writes arch `smollm3`
 (norms F32, matrices F16, tied embeddings so no `output`), then llama.cpp's own quantizer
-makes the Q4_K_M and Q8_0 files. Weights are seeded normal(0, 0.02) (norms 1.0), so
+makes each type in QUANT_FTYPES from it (the types people download: Q4_K_M, Q8_0, Q5_K_M,
+Q3_K_M, Q2_K, Q5_0, Q5_1, IQ4_NL, IQ4_XS, Q6_K). Weights are seeded normal(0, 0.02) (norms 1.0), so
 activations stay in a sane range and every engine does the same arithmetic as on the real
 model. Q/K rows are random, so the converter's row permutation changes nothing here.
 

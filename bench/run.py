@@ -42,6 +42,7 @@ from app.bench import (  # noqa: E402
 from app.bench_compare import DECODE, DECODE_SHORT, ratios, target_rows  # noqa: E402
 from ceiling import ceiling_tok_s, gguf_tensor_bytes, kv_bytes_per_position, measure_bandwidth, weight_bytes  # noqa: E402
 from deps import env_with, start_install, wait_install  # noqa: E402
+from make_models import F16_NAME, MODELS_DIR  # noqa: E402
 from report import report_markdown, write_results  # noqa: E402
 
 MODELS = {  # None: the SmolLM2 file; the rest are 3B-shaped files llama.cpp's quantizer makes (make_models.py)
@@ -212,8 +213,10 @@ def estimate_s(models: dict[str, str], lengths: list[int], engines: list[str], a
         if key in args.spec_models_list:
             gens = args.spec_runs * 3 * 3 + 2  # 3 tasks x (ours plain, ours speculative, llama.cpp) + warm-ups
             parts["speculative"] += 2 * EST_PROCESS_S + gens * run_s(800, args.spec_tokens)
-        if MODELS[key] and not (BENCH / "models" / f"smollm3-3b-random-{MODELS[key]}.gguf").exists():
-            parts["making files"] += 120 if MODELS[key] == "F16" else 90
+        if MODELS[key] and not (MODELS_DIR / F16_NAME.replace("F16", MODELS[key])).exists():
+            parts["making files"] += 90
+    if parts["making files"] and not (MODELS_DIR / F16_NAME).exists():
+        parts["making files"] += 120  # the F16 every other type is quantized from
     return parts
 
 
