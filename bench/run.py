@@ -42,7 +42,7 @@ from app.bench import (  # noqa: E402
 from app.bench_compare import DECODE, DECODE_SHORT, ratios, target_rows  # noqa: E402
 from ceiling import ceiling_tok_s, gguf_tensor_bytes, kv_bytes_per_position, measure_bandwidth, weight_bytes  # noqa: E402
 from deps import env_with, start_install, wait_install  # noqa: E402
-from make_models import F16_NAME, MODELS_DIR  # noqa: E402
+from make_models import F16_NAME, MODELS_DIR, ensure_f16, ensure_models  # noqa: E402
 from report import report_markdown, write_results  # noqa: E402
 
 MODELS = {  # None: the SmolLM2 file; the rest are 3B-shaped files llama.cpp's quantizer makes (make_models.py)
@@ -372,8 +372,6 @@ def main(argv: list[str]) -> int:
     paths = {key: smollm2 for key in models if MODELS[key] is None}
     quantized = [MODELS[key] for key in models if MODELS[key]]
     if quantized:
-        from make_models import ensure_f16, ensure_models
-
         ensure_f16(smollm2, log=log)  # needs no llama.cpp: overlaps its build
     for name, proc in installs.items():
         if proc is not None:
