@@ -39,7 +39,7 @@ from app.bench import (  # noqa: E402
     QUIET_CORES, BenchError, CpuMeter, Spec, child_env, machine_info, parse_lengths, prompt_ids_for,
     run_in_subprocess, summarize,
 )
-from app.bench_compare import DECODE, DECODE_SHORT, ratios, target_rows  # noqa: E402
+from app.bench_compare import DECODE, DECODE_SHORT, Target, ratios, target_rows  # noqa: E402
 from ceiling import ceiling_tok_s, gguf_tensor_bytes, kv_bytes_per_position, measure_bandwidth, weight_bytes  # noqa: E402
 from deps import env_with, start_install, wait_install  # noqa: E402
 from make_models import F16_NAME, MODELS_DIR, ensure_f16, ensure_models  # noqa: E402
@@ -53,6 +53,7 @@ MODELS = {  # None: the SmolLM2 file; the rest are 3B-shaped files llama.cpp's q
 MAIN_MODELS = "135m,3b-q4km,3b-q8"
 REDUCED_MODELS = "3b-q5km,3b-q3km,3b-q2k,3b-q5_0,3b-q5_1,3b-iq4nl,3b-iq4xs,3b-q6k"
 LONG_MODELS = SPEC_MODELS = "135m,3b-q4km"
+SPECULATIVE = 1.5  # speculative decode tok/s over our plain decode, per task
 ENGINES = ("ours", "llamacpp", "transformers")
 PEER_DEPS = {"ours": (), "llamacpp": ("llamacpp",), "transformers": ("accelerate",)}  # bench/deps.py packages
 # Bits per weight of each file type, and the rates the estimate assumes (this machine, 2 threads).
@@ -276,10 +277,26 @@ def complete(run: dict) -> None:
         if "ours" in pair and "llamacpp" in pair:
             model["ratios"] = ratios(pair["ours"], pair["llamacpp"])
             both_long = (long["ours"], long["llamacpp"]) if {"ours", "llamacpp"} <= set(long) else None
-            rows = target_rows(pair["ours"], pair["llamacpp"], DECODE_SHORT if model.get("protocol", "full") == "full" else DECODE,
-                               rss=key != "135m", long=both_long)
+            decode_short = DECODE_SHORT if model.get("protocol", "full") == "full" else DECODE
+            rows = target_rows(pair["ours"], pair["llamacpp"], decode_short, rss=key != "135m", long=both_long)
+            rows += speculative_targets(run.get("speculative", {}).get(key, {}))
             model["targets"] = [{"metric": t.metric, "bound": t.bound, "ratio": t.ratio, "at_least": t.at_least,
                                  "detail": t.detail, "met": t.met, "miss": t.miss, "row": t.row()} for t in rows]
+
+
+def speculative_targets(result: dict) -> list[Target]:
+    """Per task: speculation >= 1.5x our plain decode, and ahead of llama.cpp's plain decode."""
+    rows = []
+    peer = result.get("llamacpp", {}).get("tasks", {})
+    for name, t in result.get("ours", {}).get("tasks", {}).items():
+        plain, spec = t["plain"]["decode_tok_s"], t["speculative"]["decode_tok_s"]
+        rows.append(Target(f"speculative / our plain, {name}", SPECULATIVE, spec / plain, True,
+                           f"{spec:.2f} vs {plain:.2f}"))
+        if name in peer:
+            llama = peer[name]["plain"]["decode_tok_s"]
+            rows.append(Target(f"speculative / llama.cpp plain, {name}", DECODE, spec / llama, True,
+                               f"{spec:.2f} vs {llama:.2f}"))
+    return rows
 
 
 def ceilings(run: dict, model: dict, pair: dict, long: dict) -> dict:

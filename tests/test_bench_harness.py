@@ -98,6 +98,8 @@ def test_complete_puts_targets_and_ceilings_on_each_model():
     assert met["decode tok/s, 4096-token context"] == (False, "10% short")
     assert met["peak RSS"] == (True, "")
     assert met["cold prefill tok/s, prompt 32"] == (False, "30% short")  # median cold 1.0 s against 0.7 s
+    assert met["speculative / our plain, summarize"] == (True, "")  # 16 against 10
+    assert met["speculative / llama.cpp plain, summarize"] == (True, "")  # 16 against 14
     top = 40e9 / (2e9 + ceiling.kv_bytes_per_position(DIMS) * 48)  # prompt 32 + 16: the mean context
     assert model["ceiling"]["ours"]["32"]["ceiling_tok_s"] == pytest.approx(top)
     assert model["ceiling"]["llamacpp"]["32"]["fraction"] == pytest.approx(14.0 / top)
