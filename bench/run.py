@@ -213,7 +213,7 @@ def estimate_s(models: dict[str, str], lengths: list[int], engines: list[str], a
             parts["long context"] += 2 * (EST_PROCESS_S + 1.5 * args.long_context / prefill + 3 * args.n_gen / decode)
         if key in args.spec_models_list:
             gens = args.spec_runs * 3 * 3 + 2  # 3 tasks x (ours plain, ours speculative, llama.cpp) + warm-ups
-            parts["speculative"] += 2 * EST_PROCESS_S + gens * run_s(800, args.spec_tokens)
+            parts["speculative"] += 2 * EST_PROCESS_S + gens * run_s(1000, args.spec_tokens)  # prompts of ~600-1150 tokens
         if MODELS[key] and not (MODELS_DIR / F16_NAME.replace("F16", MODELS[key])).exists():
             parts["making files"] += 90
     if parts["making files"] and not (MODELS_DIR / F16_NAME).exists():
