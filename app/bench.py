@@ -8,10 +8,13 @@ median is taken over the quiet runs when there are enough of them.
 
 Each prompt length runs in a fresh process, because load time and peak RSS are only honest
 in a process that has done nothing else; every such process also times a cold first token
-on the shortest prompt, so "load + first token" has as many samples as prompt lengths.
+(the first generate after load) on its own prompt: cold prefill at each length, and "load +
+first token" on the shortest.
 
-The measuring loop (`measure`, in app/bench_measure.py) takes any engine adapter, so the
-cross-engine harness in bench/ measures llama.cpp and transformers with the same code.
+`--compare llama.cpp` measures llama-cpp-python the same way on the same token ids and prints
+ours / llama.cpp against the project's targets (app/bench_compare.py). The measuring loop
+(`measure`, in app/bench_measure.py) takes any engine adapter, so the cross-engine harness in
+bench/ measures llama.cpp and transformers with the same code.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
+from .bench_compare import format_targets, llamacpp_missing, ratios, target_rows
 from .bench_measure import (  # noqa: F401  (bench/ imports the measuring side from here)
     PROGRESS, QUIET_CORES, BenchAdapter, CpuMeter, Sample, Spec, measure, rss_mb, run_worker,
 )
@@ -106,16 +110,27 @@ TEST_KEYS = ("ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "others_c
 
 
 def summarize(samples: list[dict]) -> dict:
-    """One engine on one model: medians across processes, peak RSS as the max."""
-    loads = [s["load_s"] for s in samples]
-    firsts = [s["load_s"] + s["first_token_s"] for s in samples]
+    """One engine on one model: medians across processes, peak RSS as the max.
+
+    Every process times a cold first token (the first generate after load) on its first_token_len
+    prompt; processes with no warm runs (decode_steps 0) only do that. "cold" holds the median per
+    prompt length, and load + first token is taken on the shortest such prompt."""
+    warm = [s for s in samples if s["decode_steps"] > 0] or samples
+    firsts = [s.get("first_token_len", warm[0]["prompt_len"]) for s in samples]
+    cold: dict[int, list[float]] = {}
+    for s, n in zip(samples, firsts):
+        cold.setdefault(n, []).append(s["first_token_s"])
+    shortest = min(firsts)
     return {
-        "load_s": statistics.median(loads),
-        "load_first_token_s": statistics.median(firsts),
-        "peak_rss_mb": max(s["peak_rss_mb"] for s in samples),
+        "load_s": statistics.median(s["load_s"] for s in samples),
+        "load_first_token_s": statistics.median(s["load_s"] + s["first_token_s"]
+                                                for s, n in zip(samples, firsts) if n == shortest),
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in warm),
         "import_s": statistics.median(s["import_s"] for s in samples),
         "load_others_cores": max(s["load_others_cores"] for s in samples),
-        "tests": {s["prompt_len"]: {k: s[k] for k in TEST_KEYS} for s in samples},
+        "tests": {s["prompt_len"]: {k: s[k] for k in TEST_KEYS} for s in warm},
+        "cold": {n: {"ttft_s": statistics.median(t), "prefill_tok_s": n / statistics.median(t), "runs": len(t)}
+                 for n, t in sorted(cold.items())},
         "loadavg": [s["loadavg"] for s in samples],
         "engine_info": samples[0]["engine_info"],
     }
@@ -124,13 +139,17 @@ def summarize(samples: list[dict]) -> dict:
 def format_table(rows: list[tuple[str, str, dict]]) -> str:
     """rows: (model, engine, summary) -> a Markdown table, one line per prompt length.
 
-    "busy elsewhere": CPU cores other processes used during the counted runs (2 cores here)."""
-    lines = ["| model | engine | load s | load + 1st token s | prompt | TTFT s | prefill tok/s | decode tok/s "
-             "| peak RSS MiB | busy elsewhere |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    "cold": the first prompt after load, in a fresh process (median over such processes);
+    "busy elsewhere": CPU cores other processes used during the counted runs."""
+    lines = ["| model | engine | load s | load + 1st token s | prompt | TTFT s | prefill tok/s | cold prefill tok/s "
+             "| decode tok/s | peak RSS MiB | busy elsewhere |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for model, engine, s in rows:
+        cold = {int(n): c for n, c in s.get("cold", {}).items()}
         for i, (p, t) in enumerate(sorted(s["tests"].items(), key=lambda kv: int(kv[0]))):
             head = (model, engine, f"{s['load_s']:.2f}", f"{s['load_first_token_s']:.2f}") if i == 0 else ("",) * 4
-            cells = (*head, str(p), f"{t['ttft_s']:.3f}", f"{t['prefill_tok_s']:.1f}", f"{t['decode_tok_s']:.2f}",
+            c = cold.get(int(p))
+            cells = (*head, str(p), f"{t['ttft_s']:.3f}", f"{t['prefill_tok_s']:.1f}",
+                     f"{c['prefill_tok_s']:.1f}" if c else "-", f"{t['decode_tok_s']:.2f}",
                      f"{t['peak_rss_mb']:.0f}", f"{t['others_cores']:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -184,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repetitions", type=number(int, minimum=1), default=3,
                    help="timed runs per test, after a warm-up (default: 3)")
     p.add_argument("-t", "--threads", type=number(int, minimum=1), help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--compare", choices=("llama.cpp",),
+                   help="also measure llama-cpp-python on the same file and token ids, and print ours / llama.cpp "
+                        "with the project's targets (speculation off: both decode one token per forward)")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
     p.add_argument("--timeout", type=number(float, above=0), default=3600,
                    help="seconds allowed per measuring process (default: 3600)")
@@ -197,35 +219,56 @@ def bench_main(argv: list[str]) -> int:
         model = Path(args.model_path)
         if not model.exists():
             raise BenchError(f"no such file or directory: {model}")
+        if args.compare and (why := llamacpp_missing()):
+            raise BenchError(why)
+        engines = ("ours", "llamacpp") if args.compare else ("ours",)
         ids = prompt_ids_for(str(model), lengths[-1])
-        samples = []
-        for length in lengths:
-            spec = Spec("ours", str(model), ids, length, lengths[0], args.n_gen, args.repetitions, args.threads,
-                        args.backend, args.device, args.dtype)
-            print(f"bench: prompt {length} + {args.n_gen} tokens, in a fresh process ({len(samples) + 1} of "
-                  f"{len(lengths)})", file=sys.stderr, flush=True)
-            samples.append(run_in_subprocess([sys.executable, "-m", "app.bench", "--worker"], spec, args.timeout,
-                                             env=child_env(), on_progress=show_progress))
+        samples: dict[str, list[dict]] = {e: [] for e in engines}
+        for i, length in enumerate(lengths):
+            for engine in engines:  # alternating, so a change in the machine's load falls on both
+                # Each process's first generate (cold) is on its own prompt: cold prefill at every length.
+                spec = Spec(engine, str(model), ids, length, length, args.n_gen, args.repetitions, args.threads,
+                            args.backend, args.device, args.dtype)
+                print(f"bench: {engine}, prompt {length} + {args.n_gen} tokens, in a fresh process ({i + 1} of "
+                      f"{len(lengths)})", file=sys.stderr, flush=True)
+                samples[engine].append(run_in_subprocess(
+                    [sys.executable, "-m", "app.bench", "--worker"], spec, args.timeout,
+                    env=child_env(speculate="0" if args.compare else None), on_progress=show_progress))
     except Exception as e:  # BenchError, SmolLMError from the tokenizer, a timeout: one line for the user
         print(f"smollm3 bench: error: {e}", file=sys.stderr)
         return 2
-    summary = summarize(samples)
-    info = summary["engine_info"]
+    summaries = {e: summarize(samples[e]) for e in engines}
+    info = summaries["ours"]["engine_info"]
     engine = f"{info['backend']} {info['device']} {info['dtype']}"
     size_mb = _size_mb(model)
     print(f"{model.name}: {info['weight_type']}, {size_mb:.0f} MiB, on {engine} with {info['threads']} threads")
     print(f"smollm3 {info['version']}, torch {info['torch']}; load average {os.getloadavg()[0]:.2f}")
-    print(format_summary(summary))
+    if args.compare:
+        peer = summaries["llamacpp"]["engine_info"]
+        print(f"llama-cpp-python {peer['version']}, {peer['threads']} threads, {peer['gpu_layers']} layers offloaded "
+              f"(-1: all); {peer['system_info']}")
+        print(format_table([(model.name, {"llamacpp": "llama.cpp"}.get(e, e), summaries[e]) for e in engines]))
+        print()
+        print(format_targets(target_rows(summaries["ours"], summaries["llamacpp"])))
+    else:
+        print(format_summary(summaries["ours"]))
     if args.json_path:
         report = {"model": str(model), "size_mb": size_mb, "n_gen": args.n_gen, "repetitions": args.repetitions,
-                  "machine": machine_info(), "summary": summary, "samples": samples}
+                  "machine": machine_info(), "summary": summaries["ours"], "samples": samples["ours"]}
+        if args.compare:
+            report["llamacpp"] = {"summary": summaries["llamacpp"], "samples": samples["llamacpp"]}
+            report["ratios"] = ratios(summaries["ours"], summaries["llamacpp"])
         Path(args.json_path).write_text(json.dumps(report, indent=1))
     return 0
 
 
-def child_env() -> dict:
-    """The child imports `app` and `backends` from this checkout, wherever the command runs from."""
+def child_env(speculate: str | None = None) -> dict:
+    """The child imports `app` and `backends` from this checkout, wherever the command runs from.
+
+    speculate: SMOLLM3_SPECULATE for the child ("0": plain decoding, as the peers do)."""
     env = dict(os.environ)
+    if speculate is not None:
+        env["SMOLLM3_SPECULATE"] = speculate
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -250,10 +293,27 @@ def machine_info() -> dict:
     except (ValueError, OSError):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb, "platform": platform.platform(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "flags": cpu_flags()}
+
+
+# The CPU features our kernels and llama.cpp's pick paths by (x86; ARM's show as asimd/dotprod/i8mm).
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm")
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    return [f for f in KERNEL_FLAGS if f in flags]
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        sys.exit(run_worker(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) == 4 and sys.argv[1] in ("--worker", "--worker-long"):
+        sys.exit(run_worker(sys.argv[2], sys.argv[3], long=sys.argv[1] == "--worker-long"))
     sys.exit(bench_main(sys.argv[1:]))

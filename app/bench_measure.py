@@ -36,13 +36,13 @@ class BenchAdapter(Protocol):
 class Spec:
     """What one measuring process does (written as JSON for the child)."""
 
-    engine: str  # "ours" here; bench/ adds "llamacpp", "transformers"
+    engine: str  # "ours" or "llamacpp" here; bench/ adds "transformers"
     model_path: str
     prompt_ids: list[int]  # the longest prompt; shorter ones are its prefixes
     prompt_len: int  # measured in this process
-    first_token_len: int  # the cold first token is timed on this (the shortest) prompt
+    first_token_len: int  # the cold first token (the first generate after load) is timed on this prompt
     n_gen: int
-    reps: int
+    reps: int  # 0: load and the cold first token only
     threads: int | None = None
     backend: str = "auto"
     device: str | None = None
@@ -55,6 +55,7 @@ class Sample:
 
     prompt_len: int
     n_gen: int
+    first_token_len: int
     import_s: float
     load_s: float
     first_token_s: float  # cold: the first generate after load, on first_token_len tokens
@@ -131,6 +132,8 @@ def measure(adapter: BenchAdapter, spec: Spec, import_s: float, progress=lambda 
         rss_after_load, _ = rss_mb()
         first_token_s, _, _ = adapter.generate(spec.prompt_ids[: spec.first_token_len], 1)
     progress(f"load {load_s:.2f} s, first token {first_token_s:.3f} s")
+    if spec.reps == 0:
+        return cold_sample(adapter, spec, import_s, load_s, first_token_s, rss_after_load, load_meter.others_cores)
     ids = spec.prompt_ids[: spec.prompt_len]
     adapter.generate(ids, spec.n_gen)  # warm-up: caches, compiled kernels, allocator
     progress("warm-up done")
@@ -146,7 +149,8 @@ def measure(adapter: BenchAdapter, spec: Spec, import_s: float, progress=lambda 
     ttft = statistics.median(r[0] for r in used)
     _, peak = rss_mb()
     return Sample(
-        prompt_len=spec.prompt_len, n_gen=spec.n_gen, import_s=import_s, load_s=load_s,
+        prompt_len=spec.prompt_len, n_gen=spec.n_gen, first_token_len=spec.first_token_len, import_s=import_s,
+        load_s=load_s,
         first_token_s=first_token_s, ttft_s=ttft, prefill_tok_s=spec.prompt_len / ttft,
         decode_tok_s=statistics.median(r[1] for r in used), decode_steps=steps,
         rss_after_load_mb=rss_after_load, peak_rss_mb=peak, ttft_all=[r[0] for r in runs],
@@ -155,6 +159,43 @@ def measure(adapter: BenchAdapter, spec: Spec, import_s: float, progress=lambda 
         best_prefill_tok_s=spec.prompt_len / min(r[0] for r in runs), best_decode_tok_s=max(r[1] for r in runs),
         loadavg=os.getloadavg(), engine_info=adapter.describe(), tokens=list(adapter.tokens),
     )
+
+
+def cold_sample(adapter, spec: Spec, import_s, load_s, first_token_s, rss_after_load, others_cores) -> Sample:
+    """A process that only loads and times the first token: cold prefill and load + first token."""
+    n = spec.first_token_len
+    return Sample(
+        prompt_len=n, n_gen=1, first_token_len=n, import_s=import_s, load_s=load_s, first_token_s=first_token_s,
+        ttft_s=first_token_s, prefill_tok_s=n / first_token_s, decode_tok_s=0.0, decode_steps=0,
+        rss_after_load_mb=rss_after_load, peak_rss_mb=rss_mb()[1], others_cores=others_cores,
+        load_others_cores=others_cores, best_prefill_tok_s=n / first_token_s, best_decode_tok_s=0.0,
+        loadavg=os.getloadavg(), engine_info=adapter.describe(), tokens=list(adapter.tokens),
+    )
+
+
+def measure_long(adapter: BenchAdapter, spec: Spec, progress=lambda text: None) -> dict:
+    """Decode at a long context: prefill spec.prompt_len tokens once (it is expensive), decode
+    n_gen tokens, then twice more rewind the cache to the prompt (the last prompt token is fed
+    again, for its logits) and decode n_gen again. Decode tok/s is the median of the three."""
+    t0 = time.perf_counter()
+    adapter.load()
+    load_s = time.perf_counter() - t0
+    ids = spec.prompt_ids[: spec.prompt_len]
+    with CpuMeter() as meter:
+        prefill_s, decode_s, steps = adapter.generate(ids, spec.n_gen)
+    decodes, others, tokens = [steps / decode_s], [meter.others_cores], [list(adapter.tokens)]
+    progress(f"prefill {len(ids)} tokens {prefill_s:.1f} s, decode {decodes[-1]:.2f} tok/s")
+    for _ in range(2):
+        with CpuMeter() as meter:
+            _, decode_s, steps = adapter.generate(ids, spec.n_gen, rewind=True)
+        decodes.append(steps / decode_s)
+        others.append(meter.others_cores)
+        tokens.append(list(adapter.tokens))
+        progress(f"rewound to {len(ids)}: decode {decodes[-1]:.2f} tok/s")
+    return {"context": len(ids), "n_gen": spec.n_gen, "load_s": load_s, "prefill_s": prefill_s,
+            "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": statistics.median(decodes),
+            "decode_all": decodes, "others_cores": statistics.median(others), "peak_rss_mb": rss_mb()[1],
+            "tokens_all": tokens, "engine_info": adapter.describe()}
 
 
 class OursAdapter:
@@ -174,17 +215,20 @@ class OursAdapter:
         self.engine.tokenizer.eos_ids = []
         self.engine.config = dataclasses.replace(self.engine.config, eos_token_ids=())
 
-    def generate(self, ids: list[int], n: int) -> tuple[float, float, int]:
+    def generate(self, ids: list[int], n: int, rewind: bool = False) -> tuple[float, float, int]:
+        """rewind: the cache holds `ids` (and more) from the last call; only the last prompt token is fed."""
         from backends.sampling import GREEDY
 
         engine = self.engine
-        engine.cached_ids = []  # no KV reuse between repetitions: every run prefills all of `ids`
+        if not rewind:
+            engine.cached_ids = []  # no KV reuse between repetitions: every run prefills all of `ids`
         self.tokens = list(engine.generate(list(ids), n, GREEDY))
         s = engine.stats
-        if len(self.tokens) != n or s.prefilled_tokens != len(ids):
-            raise RuntimeError(f"expected {len(ids)} prefilled and {n} generated tokens, "
+        if len(self.tokens) != n or s.prefilled_tokens != (1 if rewind else len(ids)):
+            raise RuntimeError(f"expected {1 if rewind else len(ids)} prefilled and {n} generated tokens, "
                                f"got {s.prefilled_tokens} and {len(self.tokens)}")
-        return s.prefill_s, s.decode_s, s.decode_steps
+        # With speculation a forward can confirm several tokens: count tokens, not forwards.
+        return s.prefill_s, s.decode_s, s.decode_steps + s.accepted_tokens
 
     def describe(self) -> dict:
         import backends
@@ -194,6 +238,60 @@ class OursAdapter:
                 "weight_type": i.weight_type, "version": _our_version(), "torch": _torch_version(),
                 "threads": _torch_threads(), "kernels": _kernels_setting(),
                 "backends_module": Path(backends.__file__).parent.name}
+
+
+class LlamaCppAdapter:
+    """llama-cpp-python's Llama, fed token ids through `eval`; greedy is an argmax over the last
+    logits (no sampler chain), so llama.cpp pays no Python sampling overhead: as llama-bench.
+    Every layer goes to the GPU where this llama.cpp build has one and our engine is not told cpu."""
+
+    def __init__(self, spec: Spec):
+        from backends.numbers import find_multiple
+
+        self.spec = spec
+        self.llm = None
+        self.tokens: list[int] = []
+        self.n_ctx = find_multiple(len(spec.prompt_ids) + spec.n_gen + 16, 256)
+        self.gpu_layers = 0
+
+    def load(self) -> None:
+        import llama_cpp
+
+        t = self.spec.threads
+        if self.spec.device != "cpu" and llama_cpp.llama_supports_gpu_offload():
+            self.gpu_layers = -1
+        self.llm = llama_cpp.Llama(self.spec.model_path, n_ctx=self.n_ctx, n_threads=t, n_threads_batch=t,
+                                   n_gpu_layers=self.gpu_layers, logits_all=False, verbose=False)
+
+    def _argmax_last(self) -> int:
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        return int(logits.argmax())
+
+    def generate(self, ids: list[int], n: int, rewind: bool = False) -> tuple[float, float, int]:
+        llm = self.llm
+        # n_tokens: where `eval` writes next; it drops the cached keys and values from there.
+        llm.n_tokens = len(ids) - 1 if rewind else 0
+        t0 = time.perf_counter()
+        llm.eval(ids[-1:] if rewind else ids)
+        tokens = [self._argmax_last()]
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval(tokens[-1:])
+            tokens.append(self._argmax_last())
+        self.tokens = tokens
+        return t1 - t0, time.perf_counter() - t1, n - 1
+
+    def describe(self) -> dict:
+        import llama_cpp
+
+        return {"engine": "llamacpp", "version": llama_cpp.__version__, "n_ctx": self.n_ctx,
+                "threads": self.llm.n_threads if self.llm else self.spec.threads, "gpu_layers": self.gpu_layers,
+                "system_info": llama_cpp.llama_print_system_info().decode()}
+
+
+ADAPTERS = {"ours": OursAdapter, "llamacpp": LlamaCppAdapter}  # bench/engines.py adds transformers
 
 
 def _kernels_setting() -> str:
@@ -232,20 +330,34 @@ def _torch_threads() -> int | None:
     return torch.get_num_threads() if torch is not None else None
 
 
-def run_worker(spec_path: str, out_path: str) -> int:
-    """Child process: measure one prompt length of the `ours` engine, write a Sample as JSON."""
+def run_worker(spec_path: str, out_path: str, adapters: dict = ADAPTERS, long: bool = False) -> int:
+    """Child process: one measurement of one engine (a Sample, or measure_long's dict), as JSON."""
     spec = Spec(**json.loads(Path(spec_path).read_text()))
     t0 = time.perf_counter()
+    import_engine(spec)
+    import_s = time.perf_counter() - t0
+    adapter = adapters[spec.engine](spec)
+    if long:
+        out = measure_long(adapter, spec, progress=report_progress)
+    else:
+        out = asdict(measure(adapter, spec, import_s, progress=report_progress))
+    Path(out_path).write_text(json.dumps(out))
+    return 0
+
+
+def import_engine(spec: Spec) -> None:
+    """The engine's imports, timed apart from its load."""
+    if spec.engine == "llamacpp":
+        import llama_cpp  # noqa: F401
+        return
     import torch
 
-    import backends  # noqa: F401
-
+    if spec.engine == "ours":
+        import backends  # noqa: F401
+    else:
+        import transformers  # noqa: F401
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    import_s = time.perf_counter() - t0
-    sample = measure(OursAdapter(spec), spec, import_s, progress=report_progress)
-    Path(out_path).write_text(json.dumps(asdict(sample)))
-    return 0
 
 
 PROGRESS = "@progress "  # a child's stderr line the parent shows as it comes

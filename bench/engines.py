@@ -1,4 +1,5 @@
-"""The peers, as adapters for app.bench's measuring loop: llama.cpp and transformers.
+"""transformers as a peer, an adapter for app.bench's measuring loop (llama.cpp's adapter lives
+in app/bench_measure.py, where `smollm3 bench --compare llama.cpp` uses it too).
 
 Run as `python bench/engines.py SPEC.json OUT.json` in a fresh process (PYTHONPATH holding
 the checkout and, for llama.cpp, bench/.deps): one prompt length, one engine, one model.
@@ -7,58 +8,13 @@ Every engine gets the same token ids and makes exactly n tokens greedily (EOS ig
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from app.bench import Spec, measure  # noqa: E402
-from backends.numbers import find_multiple  # noqa: E402
-
-
-class LlamaCppAdapter:
-    """llama-cpp-python's Llama, fed token ids through `eval`; greedy is an argmax over the last
-    logits (no sampler chain), so llama.cpp pays no Python sampling overhead: as llama-bench."""
-
-    def __init__(self, spec: Spec):
-        self.spec = spec
-        self.llm = None
-        self.tokens: list[int] = []
-        self.n_ctx = find_multiple(len(spec.prompt_ids) + spec.n_gen + 16, 256)
-
-    def load(self) -> None:
-        import llama_cpp
-
-        t = self.spec.threads or 2
-        self.llm = llama_cpp.Llama(self.spec.model_path, n_ctx=self.n_ctx, n_threads=t, n_threads_batch=t,
-                                   logits_all=False, verbose=False)
-
-    def _argmax_last(self) -> int:
-        import numpy as np
-
-        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
-        return int(logits.argmax())
-
-    def generate(self, ids: list[int], n: int) -> tuple[float, float, int]:
-        llm = self.llm
-        llm.reset()  # n_tokens = 0: eval drops the cached keys and values from there
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        tokens = [self._argmax_last()]
-        t1 = time.perf_counter()
-        for _ in range(n - 1):
-            llm.eval(tokens[-1:])
-            tokens.append(self._argmax_last())
-        self.tokens = tokens
-        return t1 - t0, time.perf_counter() - t1, n - 1
-
-    def describe(self) -> dict:
-        import llama_cpp
-
-        return {"engine": "llamacpp", "version": llama_cpp.__version__, "n_ctx": self.n_ctx,
-                "threads": self.spec.threads or 2, "system_info": llama_cpp.llama_print_system_info().decode()}
+from app.bench import Spec  # noqa: E402
+from app.bench_measure import ADAPTERS, run_worker  # noqa: E402
 
 
 class TransformersAdapter:
@@ -110,25 +66,5 @@ class TransformersAdapter:
                 "dtype": str(self.model.dtype), "threads": torch.get_num_threads()}
 
 
-ADAPTERS = {"llamacpp": LlamaCppAdapter, "transformers": TransformersAdapter}
-
-
-def main(spec_path: str, out_path: str) -> int:
-    spec = Spec(**json.loads(Path(spec_path).read_text()))
-    t0 = time.perf_counter()
-    if spec.engine == "llamacpp":
-        import llama_cpp  # noqa: F401
-    else:
-        import torch
-        import transformers  # noqa: F401
-
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
-    import_s = time.perf_counter() - t0
-    sample = measure(ADAPTERS[spec.engine](spec), spec, import_s)
-    Path(out_path).write_text(json.dumps(asdict(sample)))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(run_worker(sys.argv[1], sys.argv[2], {**ADAPTERS, "transformers": TransformersAdapter}))

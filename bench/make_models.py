@@ -3,7 +3,8 @@
 The shape is the real SmolLM3-3B config (tests/fixtures/smollm3-3b-meta/config.json); the
 F16 file is written tensor by tensor the way llama.cpp's converter writes arch `smollm3`
 (norms F32, matrices F16, tied embeddings so no `output`), then llama.cpp's own quantizer
-makes the Q4_K_M and Q8_0 files. Weights are seeded normal(0, 0.02) (norms 1.0), so
+makes each type in QUANT_FTYPES from it (the types people download: Q4_K_M, Q8_0, Q5_K_M,
+Q3_K_M, Q2_K, Q5_0, Q5_1, IQ4_NL, IQ4_XS, Q6_K). Weights are seeded normal(0, 0.02) (norms 1.0), so
 activations stay in a sane range and every engine does the same arithmetic as on the real
 model. Q/K rows are random, so the converter's row permutation changes nothing here.
 
@@ -26,7 +27,7 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 F16_NAME = "smollm3-3b-random-F16.gguf"
 # llama_ftype values (llama.h): the types people download, each made from the same F16
 QUANT_FTYPES = {
-    "Q4_K_M": 15, "Q8_0": 7, "Q5_K_M": 17, "Q3_K_M": 12, "Q2_K": 10, "Q5_0": 8, "Q5_1": 9, "IQ4_NL": 25, "IQ4_XS": 30,
+    "Q4_K_M": 15, "Q8_0": 7, "Q5_K_M": 17, "Q3_K_M": 12, "Q2_K": 10, "Q5_0": 8, "Q5_1": 9, "IQ4_NL": 25, "IQ4_XS": 30, "Q6_K": 18,
 }  # fmt: skip
 SEED = 20250708
 STD = 0.02

@@ -19,7 +19,6 @@ from conftest import SMOLLM3_META, tiny_gguf
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import make_models  # noqa: E402
-import run as harness  # noqa: E402
 
 
 def test_parse_lengths_sorts_and_dedups():
@@ -45,11 +44,12 @@ def test_rss_reads_this_process():
     assert 10 < current <= peak < 64 * 1024
 
 
-def _sample(p, load, first, ttft, decode, rss):
-    return {"prompt_len": p, "load_s": load, "first_token_s": first, "ttft_s": ttft, "prefill_tok_s": p / ttft,
-            "decode_tok_s": decode, "peak_rss_mb": rss, "import_s": 1.0, "loadavg": [0.5, 0.5, 0.5],
-            "others_cores": 0.1, "load_others_cores": 0.0, "best_prefill_tok_s": p / ttft * 1.1,
-            "best_decode_tok_s": decode * 1.1, "engine_info": {"engine": "x"}}
+def _sample(p, load, first, ttft, decode, rss, first_len=32):
+    """A made-up Sample dict; decode 0: a cold-only process (load and the first token on first_len)."""
+    return {"prompt_len": p, "first_token_len": first_len, "load_s": load, "first_token_s": first, "ttft_s": ttft,
+            "prefill_tok_s": p / ttft, "decode_tok_s": decode, "decode_steps": 31 if decode else 0, "peak_rss_mb": rss,
+            "import_s": 1.0, "loadavg": [0.5, 0.5, 0.5], "others_cores": 0.1, "load_others_cores": 0.0,
+            "best_prefill_tok_s": p / ttft * 1.1, "best_decode_tok_s": decode * 1.1, "engine_info": {"engine": "x"}}
 
 
 def test_summary_takes_medians_across_processes_and_the_largest_rss():
@@ -61,20 +61,24 @@ def test_summary_takes_medians_across_processes_and_the_largest_rss():
     assert s["tests"][128]["prefill_tok_s"] == pytest.approx(160.0)
     table = format_table([("m", "e", s)]).splitlines()
     assert len(table) == 5
-    assert table[2].split("|")[1:-1] == [" m ", " e ", " 2.00 ", " 2.60 ", " 32 ", " 0.200 ", " 160.0 ", " 10.00 ",
-                                         " 300 ", " 0.10 "]
+    assert table[2].split("|")[1:-1] == [" m ", " e ", " 2.00 ", " 2.60 ", " 32 ", " 0.200 ", " 160.0 ", " 53.3 ",
+                                         " 10.00 ", " 300 ", " 0.10 "]
 
 
-def test_ratios_and_targets_are_ours_over_llamacpp():
-    ours = summarize([_sample(32, 1.0, 0.5, 0.2, 12.0, 600), _sample(512, 1.0, 0.5, 2.0, 10.0, 700)])
-    peer = summarize([_sample(32, 0.5, 0.2, 0.2, 10.0, 200), _sample(512, 0.5, 0.2, 4.0, 10.0, 200)])
-    r = harness.ratios(ours, peer)
-    assert r["decode_tok_s@32"] == pytest.approx(1.2)
-    assert r["prefill_tok_s@512"] == pytest.approx(2.0)
-    assert r["peak_rss_mb"] == pytest.approx(3.5)
-    model = {"size_mb": 100.0, "kv_mb": 10.0}
-    met = {row[0].split(" (")[0]: row[3] for row in harness.check_targets("135m", model, ours, peer)}
-    assert met == {"decode tok/s": True, "prefill tok/s": True, "peak RSS": False, "load + first token": False}
+def test_summary_keeps_cold_first_tokens_per_prompt_and_load_first_token_on_the_shortest():
+    samples = [_sample(32, 1.0, 0.4, 0.2, 10.0, 300, first_len=32), _sample(128, 3.0, 1.6, 0.8, 9.0, 350, first_len=128),
+               _sample(32, 2.0, 0.8, 0.8, 0.0, 250, first_len=32), _sample(32, 1.5, 0.5, 0.5, 0.0, 250, first_len=32),
+               _sample(128, 1.0, 1.0, 1.0, 0.0, 250, first_len=128)]
+    s = summarize(samples)
+    assert sorted(s["tests"]) == [32, 128]  # the cold-only processes have no warm runs
+    assert s["tests"][32]["decode_tok_s"] == 10.0
+    assert s["cold"][32] == {"ttft_s": 0.5, "prefill_tok_s": 64.0, "runs": 3}
+    assert s["cold"][128]["ttft_s"] == pytest.approx(1.3) and s["cold"][128]["runs"] == 2
+    assert s["load_first_token_s"] == pytest.approx(2.0)  # median of 1.4, 2.8, 2.0: the 32-token processes only
+    assert s["load_s"] == 1.5
+    assert s["peak_rss_mb"] == 350
+    row = format_table([("m", "e", s)]).splitlines()[3].split("|")[1:-1]
+    assert row[4:8] == [" 128 ", " 0.800 ", " 160.0 ", f" {128 / 1.3:.1f} "]
 
 
 def test_bench_command_measures_each_prompt_length_in_its_own_process(tmp_path, monkeypatch, capsys):
@@ -154,29 +158,3 @@ def test_padded_tokenizer_keeps_smollm2_ids(smollm2_gguf):
     assert len(fields["tokenizer.ggml.tokens"]) == len(fields["tokenizer.ggml.token_type"]) == 128256
     paragraph = tokenizer_from_gguf(fields).encode(PROMPT_TEXT)
     assert paragraph == prompt_ids_for(str(smollm2_gguf), len(paragraph))
-
-
-def test_merge_replaces_only_the_remeasured_cells():
-    def result(model, engine, samples):
-        return {"model": model, "engine": engine, "samples": samples}
-
-    dims = {"layers": 2, "kv_heads": 1, "head_dim": 64}
-    machine = {"cpu": "x", "cores": 2, "ram_gb": 24.0, "platform": "linux", "python": "3.11"}
-    old = {"argv": ["--models", "135m"], "n_gen": 32, "lengths": [32, 512], "machine": machine, "wall_s": 60.0,
-           "started": "2026-01-01 10:00", "reps": 3, "threads": 2,
-           "models": {"135m": {"file": "f", "size_mb": 100.0, "dims": dims}},
-           "results": [result("135m", "ours", [_sample(32, 1.0, 0.5, 0.2, 12.0, 600), _sample(512, 1.0, 0.5, 9.0,
-                                                                                                1.0, 700)]),
-                       result("135m", "llamacpp", [_sample(32, 0.5, 0.2, 0.2, 10.0, 200),
-                                                   _sample(512, 0.5, 0.2, 4.0, 10.0, 200)])]}
-    new = {"argv": ["-p", "512"], "n_gen": 32, "lengths": [512], "machine": machine,
-           "models": {"135m": {"file": "f", "size_mb": 100.0, "dims": dims}},
-           "results": [result("135m", "ours", [_sample(512, 1.0, 0.5, 2.0, 11.0, 650)])]}
-    run = harness.merge_runs(old, new)
-    harness.complete(run)
-    ours = next(r for r in run["results"] if r["engine"] == "ours")
-    assert [s["ttft_s"] for s in ours["samples"]] == [0.2, 2.0]
-    assert run["lengths"] == [32, 512] and run["argv"] == [["--models", "135m"], ["-p", "512"]]
-    assert run["models"]["135m"]["ratios"]["prefill_tok_s@512"] == pytest.approx(2.0)
-    assert run["models"]["135m"]["kv_mb"] == pytest.approx(2 * 2 * 64 * 544 * harness.KV_BYTES / 2**20)
-    assert "then `python bench/run.py -p 512`" in harness.report_markdown(run)
