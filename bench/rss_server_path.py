@@ -4,7 +4,8 @@ thread), for the conversations bench/load_server.py sends, in the order it serve
 
     python bench/rss_server_path.py [--requests 500] [--max-tokens 32] [--every 50] [--threads 1]
 
-Prints RSS (MiB) every `--every` requests, and with --tracemalloc the Python allocations that
+Prints RSS and glibc's heap (in use, free but held), MiB, every `--every` requests; with
+--tracemalloc also Python's traced total, and at the end the Python allocations that
 grew most between the first sample and the last.
 """
 
@@ -13,16 +14,17 @@ from __future__ import annotations
 import argparse
 import ctypes
 import sys
-import threading
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from app.cli import sampling_from  # noqa: E402
 from app.server.main import build_serve_parser, check_serve_flags, load_served_engine  # noqa: E402
 from app.server.app import Api, ServerConfig  # noqa: E402
 from app.server.prompts import chat_prompt  # noqa: E402
@@ -64,13 +66,10 @@ def main() -> None:
     p.add_argument("--trim", action="store_true", help="malloc_trim(0) after every request")
     args = p.parse_args()
 
-    import torch
-
     torch.set_num_threads(args.threads)
     serve_args = build_serve_parser().parse_args(["--model-path", args.model_path])
     check_serve_flags(serve_args)
     engine = load_served_engine(serve_args)
-    from app.cli import sampling_from
 
     api = Api.__new__(Api)  # its job() only: no engine thread of its own
     api.engine = engine
