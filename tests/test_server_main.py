@@ -35,3 +35,17 @@ def test_ctx_size_over_the_model_is_refused(capsys):
 
     assert main(["serve", "--model-path", str(tiny_gguf("Q8_0")), "--port", "0", "--ctx-size", "100000"]) == 2
     assert "--ctx-size 100000 is more than the model's context (4096 tokens)" in capsys.readouterr().err
+
+
+def test_the_served_engine_keeps_no_spans():
+    """A server lives for many requests: spans kept per token would be resident memory without end."""
+    from conftest import tiny_gguf
+
+    from app.server.main import build_serve_parser, check_serve_flags, load_served_engine
+
+    args = build_serve_parser().parse_args(["--model-path", str(tiny_gguf("Q8_0")), "--ctx-size", "256"])
+    check_serve_flags(args)
+    engine = load_served_engine(args)
+    for _ in range(3):
+        list(engine.generate(engine.tokenizer.encode("Tell me one fact about owls."), 8))
+    assert engine.stats.prompt_tokens > 0 and engine.tracer.events == []
