@@ -13,7 +13,7 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 
 import backends
-from backends import SamplingParams, SmolLMError, Tracer, settings
+from backends import NullTracer, SamplingParams, SmolLMError, Tracer, settings
 
 from backends.remote import DIALECTS
 
@@ -310,10 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         from .server import serve_main
 
         return serve_main(argv[1:])
-    tracer = Tracer()
+    tracer: Tracer = NullTracer()  # spans kept for the whole run (a chat of hours) only when asked for
     args = None
     try:
         args = build_parser().parse_args(argv)
+        if args.tracing:
+            tracer = Tracer()
         check_flags(args)
         sampling_from(args)
         prompt = read_prompt(args)

@@ -59,6 +59,15 @@ def test_tracing_writes_a_chrome_trace(tmp_path, monkeypatch, capsys):
     assert names[0] == "load" and "prefill" in names and names.count("decode") == 3
 
 
+def test_without_tracing_no_span_is_kept(monkeypatch):
+    """A span is ~600 bytes and a token makes two: a chat of hours must not keep them."""
+    tracers = []
+    load_engine = app.cli.load_engine
+    monkeypatch.setattr(app.cli, "load_engine", lambda args, tracer, **kw: (tracers.append(tracer), load_engine(args, tracer, **kw))[1])
+    assert main(["--model-path", str(tiny_gguf("Q8_0")), "--prompt", "Hi", "-n", "4"]) == 0
+    assert len(tracers) == 1 and tracers[0].events == []
+
+
 def _gguf_with_arch(path, arch):
     w = GGUFWriter(str(path), arch)
     w.add_block_count(1)
