@@ -33,13 +33,16 @@ CHILD = """
 import contextlib, os, runpy, sys
 from backends import tracing
 phase_fd = int(os.environ["SMOLLM3_TEST_PHASE_FD"])
-plain_span = tracing.Tracer.span
-@contextlib.contextmanager
-def span(self, name, **args):
-    os.write(phase_fd, name.encode() + b"\\n")
-    with plain_span(self, name, **args):
-        yield
-tracing.Tracer.span = span
+def reporting(plain_span):
+    @contextlib.contextmanager
+    def span(self, name, **args):
+        os.write(phase_fd, name.encode() + b"\\n")
+        with plain_span(self, name, **args):
+            yield
+    return span
+# The CLI keeps no spans unless --tracing: its NullTracer reports phases too.
+tracing.Tracer.span = reporting(tracing.Tracer.span)
+tracing.NullTracer.span = reporting(tracing.NullTracer.span)
 sys.argv[0] = "smollm3"
 runpy.run_module("app", run_name="__main__", alter_sys=True)
 """
