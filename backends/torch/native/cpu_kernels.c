@@ -154,8 +154,13 @@ static inline __m256i bits_as_0x10(uint32_t bits) {
 // 1e-6 difference flips.
 
 #define ROWS_INLINE static inline __attribute__((always_inline))
-// Input rows per call for a prompt: R sets of sums in registers (AVX-512 has 32 of them).
+// Input rows per call for a prompt: R sets of sums in registers, 8 where AVX-512 gives 32 of
+// them (the weights' unpacking shared by more rows: prefill GEMM 6-13% faster than 4), else 4.
+#ifdef USE_AVX512
+#define DOT_ROWS 8
+#else
 #define DOT_ROWS 4
+#endif
 
 // Activation row r's block b (rows are x_row bytes apart).
 #define X_BLOCK(type, x, x_row, r, b) ((const type *)((x) + (size_t)(r) * (x_row)) + (b))
