@@ -10,6 +10,7 @@ from backends.checkpoint import RawTensor, open_checkpoint
 from backends.config import smollm3_rope_layers
 from backends.torch import native
 from backends.torch.engine import TorchEngine
+from backends.torch.weights import NativeLinear
 from conftest import GGUF_TYPES, TINY, TINY_HF, tiny_gguf
 
 # Max-abs logit error in f32: a correct implementation lands near 1e-5 here; layout errors
@@ -116,6 +117,22 @@ def test_missing_qk_unpermute_fails_the_reference(reference_kernels):
             permuted = raw.data.reshape(n_head, 2, c.head_dim // 2, -1).swapaxes(1, 2).reshape(raw.data.shape)
             ckpt.tensors[name] = RawTensor(name, raw.ggml_type, raw.shape, np.ascontiguousarray(permuted))
     assert max_error(_engine_from(ckpt), "logits_dequant_Q8_0.npy") > 100 * TOLERANCE
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler")
+def test_missing_qk_unpermute_fails_the_reference_on_the_native_kernels():
+    """The native path reads Q/K rows in HF order where they lie in the file (no copy): the model's
+    projections map the file, and a Q/K weight left in llama.cpp's order is caught."""
+    ckpt = open_checkpoint(tiny_gguf("Q8_0"))
+    engine = _engine_from(ckpt)
+    qkv = engine.model.layers[0].self_attn.qkv
+    assert isinstance(qkv, NativeLinear) and all(ckpt.maps(b.data_ptr()) for b in qkv.weight.blocks)
+    right = max_error(engine, "logits_dequant_Q8_0.npy")
+    assert right < 1.0  # int8 activations, as llama.cpp's (its logits are 0.35 off here)
+    for name, raw in list(ckpt.tensors.items()):
+        if raw.qk_heads:
+            ckpt.tensors[name] = RawTensor(name, raw.ggml_type, raw.shape, raw.stored)
+    assert max_error(_engine_from(ckpt), "logits_dequant_Q8_0.npy") > 10 * right
 
 
 def test_llamacpp_second_opinion():

@@ -84,6 +84,10 @@ def test_matmul_is_the_exact_sum_over_int8_activations(lib, ggml_type, M):
     # the same rows held in three parts (fused q, k, v where they lie in the file)
     parts = native.WeightParts([blocks[:10], blocks[10:30], blocks[30:]])
     assert torch.equal(native.gguf_matmul(lib, ggml_type, parts, x).double(), got)
+    # and in runs of every other row (a GGUF's Q/K heads in HF order, read where they lie)
+    order = torch.cat([torch.arange(0, N, 2), torch.arange(1, N, 2)])
+    runs = native.WeightParts([blocks[0::2], blocks[1::2]])
+    assert torch.equal(native.gguf_matmul(lib, ggml_type, runs, x).double(), got[:, order])
 
 
 ROW_COUNTS = [1, 2, 5, 8, 9, 16, 17, 33, 100]  # below, at and just past DOT_ROWS (4, or 8 with AVX-512) and its multiples

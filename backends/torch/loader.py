@@ -62,9 +62,8 @@ class WeightLoader:
         module = parts[0] if len(parts) == 1 else FusedLinear(parts)
         module_maps_file = any(self.ckpt.maps(b.data_ptr()) for b in module.buffers() if b is not None and b.numel())
         for name, raw in zip(names, raws):
-            # Pages of the file nothing reads again can go: those the module copied, and
-            # those of tensors the checkpoint reader already copied (Q/K, un-permuted).
-            if not (module_maps_file and raw.data.size and self.ckpt.maps(raw.data.ctypes.data)):
+            # Pages of the file nothing reads again can go: those of tensors the module copied.
+            if not (module_maps_file and raw.stored.size and self.ckpt.maps(raw.stored.ctypes.data)):
                 self.ckpt.release(name + ".weight")
         return module
 

@@ -64,7 +64,7 @@ def build(compiler: str, scalar: bool = False) -> Path:
 
 def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.gguf_matmul.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    lib.gguf_matmul.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3
     lib.gguf_matmul.restype = ctypes.c_int
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.rms_norm_f32.restype = None
@@ -104,14 +104,18 @@ def supports(ggml_type: GGMLQuantizationType, in_features: int) -> bool:
 
 
 class WeightParts:
-    """One weight's rows as one or more tensors of GGUF blocks (fused projections stay where they
-    lie in the file), with the pointer and row-count arrays the C side takes, built once."""
+    """One weight's rows as one or more tensors of GGUF blocks [rows, row_bytes], each row
+    contiguous but rows any stride apart (fused projections, and Q/K rows in Hugging Face's order,
+    read where they lie in the file), with the pointer, row-count and stride arrays the C side
+    takes, built once."""
 
     def __init__(self, blocks: list[torch.Tensor]):
+        assert all(b.dtype == torch.uint8 and b.stride(-1) == 1 for b in blocks)
         self.blocks = blocks  # keeps the memory alive
         self.rows = sum(b.shape[0] for b in blocks)
         self.c_pointers = (ctypes.c_void_p * len(blocks))(*[b.data_ptr() for b in blocks])
         self.c_rows = (ctypes.c_int * len(blocks))(*[b.shape[0] for b in blocks])
+        self.c_strides = (ctypes.c_long * len(blocks))(*[b.stride(0) for b in blocks])
 
 
 def gguf_matmul(
@@ -126,7 +130,7 @@ def gguf_matmul(
     M, K = x.shape
     y = torch.empty(M, weight.rows)
     status = lib.gguf_matmul(
-        ggml_type, len(weight.blocks), weight.c_pointers, weight.c_rows, x.data_ptr(), y.data_ptr(), M, K,
+        ggml_type, len(weight.blocks), weight.c_pointers, weight.c_rows, weight.c_strides, x.data_ptr(), y.data_ptr(), M, K,
         threads or torch.get_num_threads(),
     )
     if status:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
@@ -36,11 +37,15 @@ from . import native
 DENSE_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
-def raw_to_torch(raw: RawTensor, device: torch.device) -> torch.Tensor:
+def _mapped_tensor(data: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         # The mmap is read-only; we never write through this tensor.
         warnings.simplefilter("ignore", UserWarning)
-        data = torch.from_numpy(raw.data) if raw.data.size else torch.zeros(raw.data.shape, dtype=torch.uint8)
+        return torch.from_numpy(data) if data.size else torch.zeros(data.shape, dtype=torch.uint8)
+
+
+def raw_to_torch(raw: RawTensor, device: torch.device) -> torch.Tensor:
+    data = _mapped_tensor(raw.data)
     return data.to(device) if device.type != "cpu" else data
 
 
@@ -103,9 +108,10 @@ class NativeLinear(nn.Module):
         super().__init__()
         self.ggml_type, self.type_id = raws[0].ggml_type, int(raws[0].ggml_type)
         self.in_features, self.out_features = raws[0].shape[1], sum(raw.shape[0] for raw in raws)
-        for i, raw in enumerate(raws):
-            self.register_buffer(f"blocks{i}", raw_to_torch(raw, device), persistent=False)
-        self.weight = native.WeightParts([getattr(self, f"blocks{i}") for i in range(len(raws))])
+        runs = [run for raw in raws for run in raw.row_runs()]  # Q/K rows read where they lie, in HF order
+        for i, run in enumerate(runs):
+            self.register_buffer(f"blocks{i}", _mapped_tensor(run), persistent=False)
+        self.weight = native.WeightParts([getattr(self, f"blocks{i}") for i in range(len(runs))])
         self.lib = native.library()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

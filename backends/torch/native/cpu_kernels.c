@@ -828,13 +828,15 @@ int gguf_matmul_simd(void) {
 #define ROWS_PER_TASK 16
 
 // x [M, K] float32; the weight's N rows of raw GGUF blocks in `parts` pieces (q, k and v as they
-// lie in the file: fused without a copy), part p holding part_rows[p] rows at w[p]; y [M, N].
-// Returns 0, or -1 for an unsupported type or K, -2 when out of memory.
-int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_rows, const float *x, float *y, int M, int K,
-                int threads) {
+// lie in the file: fused without a copy; a Q/K weight's heads in Hugging Face's row order, each
+// a run of every other row of the file's), part p holding part_rows[p] rows at w[p],
+// part_stride[p] bytes apart; y [M, N]. Returns 0, or -1 for an unsupported type or K, -2 when
+// out of memory.
+int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
+                const float *x, float *y, int M, int K, int threads) {
     if (!gguf_matmul_supports(type, K)) return -1;
     const format *f = find_format(type);
-    size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, w_row = (size_t)(K / f->block) * f->block_bytes;
+    size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes;
     int N = 0;
     for (int p = 0; p < parts; p++) N += part_rows[p];
     uint8_t *xq = malloc(x_row * M);
@@ -851,10 +853,10 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
         for (int t = 0; t < tasks; t++) {
             int n0 = t * ROWS_PER_TASK, rows = n0 + ROWS_PER_TASK < N ? ROWS_PER_TASK : N - n0;
             const uint8_t *row[ROWS_PER_TASK];
-            for (int i = 0; i < rows; i++) {
-                int p = 0, r = n0 + i;
+            int p = 0, r = n0;
+            for (int i = 0; i < rows; i++, r++) {
                 while (p < parts - 1 && r >= part_rows[p]) r -= part_rows[p++];
-                row[i] = w[p] + (size_t)r * w_row;
+                row[i] = w[p] + (size_t)r * part_stride[p];
             }
             // DOT_ROWS input rows a call (they stay in L1 while the task's weight rows pass), the
             // last M % DOT_ROWS one at a time: a row's sums are the same either way (see the
