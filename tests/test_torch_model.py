@@ -244,6 +244,24 @@ def test_native_layers_compute_torch_layers_maths(qtype, reference_kernels):
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-4)
 
 
+@pytest.mark.skipif(native.library() is None, reason="no C compiler")
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q8_0"])  # Q4_K_M: q/k/v and gate/up of mixed types
+def test_a_decoded_token_runs_every_layer_in_one_call_bitwise_as_the_modules(qtype):
+    from backends.torch.native_layers import NativeDecoder
+
+    engine = backends.load(tiny_gguf(qtype), backend="torch")
+    decoder = engine.model.decoder
+    assert isinstance(decoder, NativeDecoder)
+    ids = (PROMPT * 12)[:300]  # past the cache's first growth (256 positions): new buffers to follow
+    runs = []
+    for engine.model.decoder in (decoder, None):
+        runs.append(np.concatenate([engine.to_numpy(engine.forward([t], pos, last_only=True)) for pos, t in enumerate(ids)]))
+    assert np.array_equal(runs[0], runs[1])
+    # not where a weight is not in native blocks (F16 here), nor for safetensors' dense weights
+    assert backends.load(tiny_gguf("F16"), backend="torch").model.decoder is None
+    assert backends.load(TINY_HF, backend="torch").model.decoder is None
+
+
 def _last_logits_in_chunks(engine, ids: list[int], chunks: list[int]) -> np.ndarray:
     """The last row's logits with the prompt fed in forward passes of these sizes."""
     engine.cached_ids, pos, logits = [], 0, None

@@ -73,6 +73,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.attend_f32.restype = ctypes.c_int
     lib.silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
     lib.silu_mul_f32.restype = None
+    lib.decode_layers.argtypes = [ctypes.c_void_p, ctypes.c_int] + pointers[:2] + [ctypes.c_int] * 2 + [ctypes.c_void_p] \
+        + [ctypes.c_int] * 6 + [ctypes.c_float] + pointers[:2] + [ctypes.c_int]
+    lib.decode_layers.restype = ctypes.c_int
     lib.gguf_matmul_supports.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.gguf_matmul_simd.restype = ctypes.c_int
     return lib
@@ -116,6 +119,33 @@ class WeightParts:
         self.c_pointers = (ctypes.c_void_p * len(blocks))(*[b.data_ptr() for b in blocks])
         self.c_rows = (ctypes.c_int * len(blocks))(*[b.shape[0] for b in blocks])
         self.c_strides = (ctypes.c_long * len(blocks))(*[b.stride(0) for b in blocks])
+
+
+class Segment(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("parts", ctypes.c_int), ("rows", ctypes.c_int), ("w", ctypes.c_void_p),
+                ("part_rows", ctypes.c_void_p), ("part_stride", ctypes.c_void_p)]
+
+
+class LinearMap(ctypes.Structure):
+    _fields_ = [("segments", ctypes.c_int), ("seg", Segment * 3)]
+
+
+class DecoderLayer(ctypes.Structure):
+    """One layer's weights as decode_layers (cpu_kernels.c) takes them."""
+
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("qkv", LinearMap), ("o", LinearMap),
+                ("gate_up", LinearMap), ("down", LinearMap), ("rope", ctypes.c_int)]
+
+
+def linear_map(segments: list[tuple[int, WeightParts]]) -> LinearMap:
+    """A linear map of one input as (GGML type id, weight) segments, outputs side by side."""
+    if not 1 <= len(segments) <= 3:
+        raise ValueError(f"a linear map of {len(segments)} segments")
+    out = LinearMap(segments=len(segments))
+    for i, (type_id, parts) in enumerate(segments):
+        out.seg[i] = Segment(type_id, len(parts.blocks), parts.rows, ctypes.cast(parts.c_pointers, ctypes.c_void_p),
+                             ctypes.cast(parts.c_rows, ctypes.c_void_p), ctypes.cast(parts.c_strides, ctypes.c_void_p))
+    return out
 
 
 def gguf_matmul(
