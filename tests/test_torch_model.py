@@ -246,20 +246,22 @@ def test_native_layers_compute_torch_layers_maths(qtype, reference_kernels):
 
 @pytest.mark.skipif(native.library() is None, reason="no C compiler")
 @pytest.mark.parametrize("qtype", ["Q4_K_M", "Q8_0"])  # Q4_K_M: q/k/v and gate/up of mixed types
-def test_a_decoded_token_runs_every_layer_in_one_call_bitwise_as_the_modules(qtype):
-    from backends.torch.native_layers import NativeDecoder
+def test_every_layer_in_one_call_is_bitwise_the_modules(qtype):
+    from backends.torch.native_layers import NativeLayerStack
 
     engine = backends.load(tiny_gguf(qtype), backend="torch")
-    decoder = engine.model.decoder
-    assert isinstance(decoder, NativeDecoder)
-    ids = (PROMPT * 12)[:300]  # past the cache's first growth (256 positions): new buffers to follow
+    stack = engine.model.layer_stack
+    assert isinstance(stack, NativeLayerStack)
+    ids = (PROMPT * 12)[:300]  # decoded past the cache's first growth (256 positions): new buffers to follow
     runs = []
-    for engine.model.decoder in (decoder, None):
-        runs.append(np.concatenate([engine.to_numpy(engine.forward([t], pos, last_only=True)) for pos, t in enumerate(ids)]))
+    for engine.model.layer_stack in (stack, None):
+        logits = [engine.forward(ids[:40], 0, last_only=False), engine.forward(ids[40:45], 40, last_only=False)]
+        logits += [engine.forward([t], pos, last_only=True) for pos, t in enumerate(ids[45:], 45)]
+        runs.append(np.concatenate([engine.to_numpy(x) for x in logits]))
     assert np.array_equal(runs[0], runs[1])
     # not where a weight is not in native blocks (F16 here), nor for safetensors' dense weights
-    assert backends.load(tiny_gguf("F16"), backend="torch").model.decoder is None
-    assert backends.load(TINY_HF, backend="torch").model.decoder is None
+    assert backends.load(tiny_gguf("F16"), backend="torch").model.layer_stack is None
+    assert backends.load(TINY_HF, backend="torch").model.layer_stack is None
 
 
 def _last_logits_in_chunks(engine, ids: list[int], chunks: list[int]) -> np.ndarray:

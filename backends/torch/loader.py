@@ -15,7 +15,7 @@ from torch import nn
 from ..checkpoint import Checkpoint, RawTensor
 from ..errors import CheckpointError
 from .model import Transformer
-from .native_layers import NativeDecoder, layers_for
+from .native_layers import NativeLayerStack, layers_for
 from .weights import FusedLinear, dense, linear, return_freed_memory
 
 
@@ -24,7 +24,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> Tr
         raise CheckpointError(f"{ckpt.path.name} is an MLX-quantized checkpoint: run it with --backend mlx")
     model = Transformer(ckpt.config, dtype, device, layers_for(device, dtype))
     load_weights(model, ckpt)
-    model.decoder = NativeDecoder.of(model)
+    model.layer_stack = NativeLayerStack.of(model)
     return model
 
 

@@ -154,9 +154,9 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", torch.from_numpy(inv_freq).to(device), persistent=False)
         self.caches = nn.ModuleList()
         self.capacity = 0
-        # All layers for one decoded token in one call, where the layers offer it (native_layers.py);
-        # set once the weights are in.
-        self.decoder = None
+        # Every layer in one call, where the layers offer it (native_layers.py); set once the
+        # weights are in.
+        self.layer_stack = None
 
     def ensure_capacity(self, needed: int, exact: bool = False) -> None:
         """Grow the KV cache (and the RoPE table) to hold `needed` positions, keeping what it holds.
@@ -191,8 +191,8 @@ class Transformer(nn.Module):
         mask = None
         if T > 1 and pos > 0:  # a chunk after cached positions: causal over the chunk, all of the past
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(diagonal=pos)
-        if T == 1 and self.decoder is not None:
-            x = self.decoder(x, pos)
+        if self.layer_stack is not None:
+            x = self.layer_stack(x, pos)
         else:
             for layer, cache in zip(self.layers, self.caches):
                 x = layer(x, pos, cos, sin, cache, mask)

@@ -73,9 +73,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.attend_f32.restype = ctypes.c_int
     lib.silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
     lib.silu_mul_f32.restype = None
-    lib.decode_layers.argtypes = [ctypes.c_void_p, ctypes.c_int] + pointers[:2] + [ctypes.c_int] * 2 + [ctypes.c_void_p] \
-        + [ctypes.c_int] * 6 + [ctypes.c_float] + pointers[:2] + [ctypes.c_int]
-    lib.decode_layers.restype = ctypes.c_int
+    lib.forward_layers.argtypes = [ctypes.c_void_p, ctypes.c_int] + pointers[:2] + [ctypes.c_int] * 2 + [ctypes.c_void_p] \
+        + [ctypes.c_int] * 7 + [ctypes.c_float] + pointers[:2] + [ctypes.c_int]
+    lib.forward_layers.restype = ctypes.c_int
     lib.gguf_matmul_supports.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.gguf_matmul_simd.restype = ctypes.c_int
     return lib
@@ -131,7 +131,7 @@ class LinearMap(ctypes.Structure):
 
 
 class DecoderLayer(ctypes.Structure):
-    """One layer's weights as decode_layers (cpu_kernels.c) takes them."""
+    """One layer's weights as forward_layers (cpu_kernels.c) takes them."""
 
     _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("qkv", LinearMap), ("o", LinearMap),
                 ("gate_up", LinearMap), ("down", LinearMap), ("rope", ctypes.c_int)]

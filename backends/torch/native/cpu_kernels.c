@@ -155,12 +155,14 @@ static inline __m256i bits_as_0x10(uint32_t bits) {
 
 #define ROWS_INLINE static inline __attribute__((always_inline))
 // Input rows per call for a prompt: R sets of sums in registers, 8 where AVX-512 gives 32 of
-// them (the weights' unpacking shared by more rows: prefill GEMM 6-13% faster than 4), else 4.
+// them (the weights' unpacking shared by more rows: prefill GEMM 6-13% faster than 4), else 4;
+// the rows left over go 4 at a time (a speculative draft's few rows), then one at a time.
 #ifdef USE_AVX512
 #define DOT_ROWS 8
 #else
 #define DOT_ROWS 4
 #endif
+#define FEW_ROWS 4
 
 // Activation row r's block b (rows are x_row bytes apart).
 #define X_BLOCK(type, x, x_row, r, b) ((const type *)((x) + (size_t)(r) * (x_row)) + (b))
@@ -751,6 +753,7 @@ typedef void (*rows_fn)(const uint8_t *w, const uint8_t *x, size_t x_row, int K,
 #define ROWS_FN(name) \
     static void dot_##name(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, int R) { \
         if (R == DOT_ROWS) name##_rows(w, x, x_row, K, y, y_step, DOT_ROWS); \
+        else if (R == FEW_ROWS) name##_rows(w, x, x_row, K, y, y_step, FEW_ROWS); \
         else name##_rows(w, x, x_row, K, y, y_step, 1); \
     }
 #define q4_k_rows(w, x, x_row, K, y, y_step, R) q4_q5_k_rows(w, x, x_row, K, y, y_step, 0, R)
@@ -830,10 +833,10 @@ int gguf_matmul_simd(void) {
 // x [M, K] float32; the weight's N rows of raw GGUF blocks in `parts` pieces (q, k and v as they
 // lie in the file: fused without a copy; a Q/K weight's heads in Hugging Face's row order, each
 // a run of every other row of the file's), part p holding part_rows[p] rows at w[p],
-// part_stride[p] bytes apart; y [M, N]. Returns 0, or -1 for an unsupported type or K, -2 when
-// out of memory.
-int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
-                const float *x, float *y, int M, int K, int threads) {
+// part_stride[p] bytes apart; y [M, N], its rows y_row floats apart (N, or more where this weight's
+// outputs sit beside another's). Returns 0, or -1 for an unsupported type or K, -2 when out of memory.
+static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
+                       const float *x, float *y, size_t y_row, int M, int K, int threads) {
     if (!gguf_matmul_supports(type, K)) return -1;
     const format *f = find_format(type);
     size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes;
@@ -859,17 +862,24 @@ int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_ro
                 row[i] = w[p] + (size_t)r * part_stride[p];
             }
             // DOT_ROWS input rows a call (they stay in L1 while the task's weight rows pass), the
-            // last M % DOT_ROWS one at a time: a row's sums are the same either way (see the
+            // rest FEW_ROWS then one at a time: a row's sums are the same either way (see the
             // dots), so no row depends on its neighbours
             for (int m = 0; m < M;) {
-                int R = m + DOT_ROWS <= M ? DOT_ROWS : 1;
-                for (int i = 0; i < rows; i++) f->dot(row[i], xq + m * x_row, x_row, K, y + (size_t)m * N + n0 + i, N, R);
+                int R = m + DOT_ROWS <= M ? DOT_ROWS : m + FEW_ROWS <= M ? FEW_ROWS : 1;
+                for (int i = 0; i < rows; i++) f->dot(row[i], xq + m * x_row, x_row, K, y + m * y_row + n0 + i, y_row, R);
                 m += R;
             }
         }
     }
     free(xq);
     return 0;
+}
+
+int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
+                const float *x, float *y, int M, int K, int threads) {
+    int N = 0;
+    for (int p = 0; p < parts; p++) N += part_rows[p];
+    return matmul_rows(type, parts, w, part_rows, part_stride, x, y, N, M, K, threads);
 }
 
 // y = w * x / sqrt(mean(x^2) + eps) per row of K, in float32 as transformers computes it: one
@@ -1163,7 +1173,7 @@ void silu_mul_f32(const float *gate_up, float *out, int M, int F, int threads) {
     }
 }
 
-// --- one decoded token through every layer ---
+// --- tokens through every layer ---
 
 // A linear map of one input as up to 3 segments of different types (a Q4_K_M file's Q6_K attn_v
 // beside Q4_K q and k), outputs side by side.
@@ -1185,41 +1195,48 @@ typedef struct {
     int rope;
 } decoder_layer;
 
-static int apply_linear(const linear_map *map, const float *x, float *y, int K, int threads) {
+// y [T, sum of the segments' rows] = x [T, K] through the map, segment by segment.
+static int apply_linear(const linear_map *map, const float *x, float *y, int T, int K, int threads) {
+    size_t y_row = 0;
+    for (int s = 0; s < map->segments; s++) y_row += map->seg[s].rows;
     for (int s = 0; s < map->segments; s++) {
         const segment *g = &map->seg[s];
-        int status = gguf_matmul(g->type, g->parts, g->w, g->part_rows, g->part_stride, x, y, 1, K, threads);
+        int status = matmul_rows(g->type, g->parts, g->w, g->part_rows, g->part_stride, x, y, y_row, T, K, threads);
         if (status) return status;
         y += g->rows;
     }
     return 0;
 }
 
-// The hidden state x [C] of one token at position `pos` through n layers, the keys and values
-// written into each layer's caches: the same kernels, in the same order, as the model's modules
-// call one by one for a row (native_layers.py), so the result is bitwise theirs, without a dozen
-// Python and ctypes calls a layer (on a 135M model that is ~2 ms of a 12 ms token).
-// Returns 0, or a kernel's error.
-int decode_layers(const decoder_layer *layers, int n, void *const *k_caches, void *const *v_caches, int f16, int capacity,
-                  float *x, int pos, int C, int H, int KV, int D, int F, float eps, const float *cos,
-                  const float *signed_sin, int threads) {
-    int width = (H + 2 * KV) * D, status = 0;
-    float *h = malloc(sizeof(float) * ((size_t)C + width + (size_t)H * D + 3 * (size_t)F + C));
+// The hidden states x [T, C] of T tokens at positions pos..pos+T-1 (a decoded token, a
+// speculative draft's rows, a prompt's chunk) through n layers, their keys and values written
+// into each layer's caches: the kernels the model's modules call one by one (native_layers.py),
+// in their order, so the result is bitwise theirs, without a dozen Python and ctypes calls a
+// layer (on a 135M model ~5 ms of a decoded token's 12). Returns 0, or a kernel's error.
+int forward_layers(const decoder_layer *layers, int n, void *const *k_caches, void *const *v_caches, int f16, int capacity,
+                   float *x, int T, int pos, int C, int H, int KV, int D, int F, float eps, const float *cos,
+                   const float *signed_sin, int threads) {
+    // per row: the norm's output and a projection's, then the attention's or the MLP's temporaries
+    size_t width = (size_t)(H + 2 * KV) * D, attention = width + (size_t)H * D, mlp = 3 * (size_t)F;
+    int status = 0;
+    float *h = malloc(sizeof(float) * (2 * (size_t)C + (attention > mlp ? attention : mlp)) * T);
     if (!h) return -2;
-    float *qkv = h + C, *att = qkv + width, *gate_up = att + (size_t)H * D, *act = gate_up + 2 * (size_t)F, *out = act + F;
+    float *out = h + (size_t)T * C, *qkv = out + (size_t)T * C, *att = qkv + T * width, *gate_up = qkv,
+          *act = gate_up + (size_t)T * 2 * F;
+    size_t all = (size_t)T * C;
     for (int i = 0; i < n && !status; i++) {
         const decoder_layer *l = &layers[i];
-        rms_norm_f32(x, l->attn_norm, h, 1, C, eps);
-        if ((status = apply_linear(&l->qkv, h, qkv, C, threads))) break;
-        status = attend_f32(qkv, qkv + H * D, qkv + (H + KV) * D, width, k_caches[i], v_caches[i], f16, capacity, pos, 1,
-                            H, KV, D, l->rope ? cos : NULL, signed_sin, att, threads);
-        if (status || (status = apply_linear(&l->o, att, out, H * D, threads))) break;
-        for (int j = 0; j < C; j++) x[j] += out[j];
-        rms_norm_f32(x, l->ffn_norm, h, 1, C, eps);
-        if ((status = apply_linear(&l->gate_up, h, gate_up, C, threads))) break;
-        silu_mul_f32(gate_up, act, 1, F, threads);
-        if ((status = apply_linear(&l->down, act, out, F, threads))) break;
-        for (int j = 0; j < C; j++) x[j] += out[j];
+        rms_norm_f32(x, l->attn_norm, h, T, C, eps);
+        if ((status = apply_linear(&l->qkv, h, qkv, T, C, threads))) break;
+        status = attend_f32(qkv, qkv + H * D, qkv + (H + KV) * D, (long)width, k_caches[i], v_caches[i], f16, capacity,
+                            pos, T, H, KV, D, l->rope ? cos : NULL, signed_sin, att, threads);
+        if (status || (status = apply_linear(&l->o, att, out, T, H * D, threads))) break;
+        for (size_t j = 0; j < all; j++) x[j] += out[j];
+        rms_norm_f32(x, l->ffn_norm, h, T, C, eps);
+        if ((status = apply_linear(&l->gate_up, h, gate_up, T, C, threads))) break;
+        silu_mul_f32(gate_up, act, T, F, threads);
+        if ((status = apply_linear(&l->down, act, out, T, F, threads))) break;
+        for (size_t j = 0; j < all; j++) x[j] += out[j];
     }
     free(h);
     return status;
