@@ -15,11 +15,12 @@ from . import settings
 
 # The native CPU layers compute every row of a forward as that row decoded alone
 # (backends/torch/native_layers.py), so a verified row is a decoded row. Drafts stay short: a
-# rejected drafted row costs about a fifth of a forward.
+# rejected drafted row costs a share of a forward (~0.4 on SmolLM2-135M, whose weights sit in
+# cache; less where they stream from memory).
 MAX_DRAFT = 10
 # Suffixes of 4 down to 2 tokens are looked up: a single token matches nearly everywhere and
 # predicts badly (SmolLM2, bench/speculative.py's tasks: 1 drafted token in 5 accepted, against
-# 4 in 5 from 2 tokens up), and on the CPU each drafted row costs about a fifth of a forward.
+# 4 in 5 from 2 tokens up), and each drafted row costs a share of a forward.
 MAX_NGRAM = 4
 MIN_NGRAM = 2
 FIRST_DRAFT = 4
