@@ -30,7 +30,10 @@ EXIT_BOUND_S = 1.0  # from the signal to the process's exit
 MiB = 1 << 20
 
 CHILD = """
-import contextlib, os, runpy, sys
+import contextlib, os, runpy, signal, sys
+# As a user's shell starts it: a suite started in the background (`cmd &` in a script) would
+# otherwise hand every child SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from backends import tracing
 phase_fd = int(os.environ["SMOLLM3_TEST_PHASE_FD"])
 def reporting(plain_span):

@@ -188,12 +188,12 @@ class Transformer(nn.Module):
         self.ensure_capacity(pos + T)
         x = self.embed_tokens.rows(tokens, self.dtype)  # (T, C)
         cos, sin = self.cos[pos : pos + T], self.sin[pos : pos + T]  # (T, hs)
-        mask = None
-        if T > 1 and pos > 0:  # a chunk after cached positions: causal over the chunk, all of the past
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(diagonal=pos)
         if self.layer_stack is not None:
             x = self.layer_stack(x, pos)
         else:
+            mask = None
+            if T > 1 and pos > 0:  # a chunk after cached positions: causal over the chunk, all of the past
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=self.device).tril(diagonal=pos)
             for layer, cache in zip(self.layers, self.caches):
                 x = layer(x, pos, cos, sin, cache, mask)
         if last_only:

@@ -1,5 +1,6 @@
 """The model's layers with part of their maths in our C kernels (native.py), for float32 on
-the CPU. `layers_for` picks them, or torch's, once, when the model is built.
+the CPU. `layers_for` picks them, or torch's, once, when the model is built; where every layer
+and weight is native, NativeLayerStack runs all the layers in one C call.
 
 One decoded token's attention and SwiGLU are a dozen small ops in torch whose per-op cost is as
 much as a small model's matmuls (~45 us a layer); and with the matmuls (cpu_kernels.c) every
@@ -103,8 +104,10 @@ class NativeLayerStack:
             x.data_ptr(), x.shape[0], pos, *self.dims, self.eps, model.cos[pos].data_ptr(), model.sin[pos].data_ptr(),
             torch.get_num_threads(),
         )
+        if status == -2:
+            raise MemoryError(f"the layers' scratch for {x.shape[0]} rows")
         if status:
-            raise MemoryError(f"the layers' scratch for {x.shape[0]} rows ({status})")
+            raise RuntimeError(f"forward_layers failed ({status}) for {x.shape[0]} rows at position {pos}")
         return x
 
 
