@@ -78,6 +78,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.forward_layers.restype = ctypes.c_int
     lib.gguf_matmul_supports.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.gguf_matmul_simd.restype = ctypes.c_int
+    lib.gguf_matmul_amx.restype = ctypes.c_int
     return lib
 
 

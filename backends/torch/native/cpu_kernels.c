@@ -19,6 +19,7 @@
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
 
+#define _DEFAULT_SOURCE  // syscall(), for AMX's permission
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -32,6 +33,12 @@
 // 512-bit integer dots (VNNI) for the K-quants: twice the codes per instruction
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define USE_AVX512 1
+// Intel's tile unit: a prompt's int8 products 16 x 16 at a time (amx_matmul)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define USE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 #endif
 
@@ -193,6 +200,19 @@ static inline float hsum_128(__m128 v) {
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 }
+
+static inline int hsum_i32_128(__m128i v) {
+    v = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
+    return _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32(v, 1)));
+}
+
+static inline int hsum_i32(__m256i v) { return hsum_i32_128(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1))); }
+
+// [sum(a), sum(b), sum(c), sum(d)] of 8 int32 each
+static inline __m128i hsum4_i32(__m256i a, __m256i b, __m256i c, __m256i d) {
+    __m256i all = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(all), _mm256_extracti128_si256(all, 1));
+}
 #endif
 
 // Q8_0: w = d q; IQ4_NL (d, qs[16]): w = d level[q] with 4-bit q in Q4_0's order. The 32-value
@@ -200,10 +220,14 @@ static inline float hsum_128(__m128 v) {
 // flight at once on separate accumulators (measured 1.6x on one core); the last K / 32 % 4
 // blocks go on the first.
 #ifdef USE_AVX2
+// a Q8_0 or IQ4_NL block's 32 codes as signed bytes
+static inline __m256i signed_codes(const uint8_t *w, const int iq4) {
+    return iq4 ? _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), nibbles_32(w + 2))
+               : _mm256_loadu_si256((const __m256i *)(w + 2));
+}
+
 ROWS_INLINE void signed_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], const int iq4, const int R) {
-    __m256i q = iq4 ? _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), nibbles_32(w + 2))
-                    : _mm256_loadu_si256((const __m256i *)(w + 2));
-    __m256i magnitude = _mm256_sign_epi8(q, q);
+    __m256i q = signed_codes(w, iq4), magnitude = _mm256_sign_epi8(q, q);
     float d = f16_to_f32(read_u16(w));
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
@@ -218,7 +242,48 @@ ROWS_INLINE void signed_block(const uint8_t *w, const uint8_t *x, size_t x_row, 
 ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
                            const int iq4, const int R) {
     int nb = K / 32, size = iq4 ? 18 : 34, b = 0;
-#ifdef USE_AVX2
+#if defined(USE_AMX)
+    // Each block's integer sum, then one multiply-add into chain b % 4 (the blocks past the last
+    // four on chain 0), the chains added in pairs: the steps AMX's tiles take too
+    // (amx_signed_task), so a prompt's rows there are bitwise a token decoded here.
+    __m128 acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm_setzero_ps();
+    for (; b + 3 < nb; b += 4) {
+        const uint8_t *wb = w + size * b;
+        prefetch_ahead(wb, 4 * size, R);
+        __m256i q[4], magnitude[4];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) q[u] = signed_codes(wb + size * u, iq4), magnitude[u] = _mm256_sign_epi8(q[u], q[u]);
+        // the four scales in registers: four stores and a wider load would stall forwarding
+        __m128 dw = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, (short)read_u16(wb + 3 * size), (short)read_u16(wb + 2 * size),
+                                               (short)read_u16(wb + size), (short)read_u16(wb)));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+            __m256i p[4];
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++)
+                p[u] = dot_u8_s8(magnitude[u], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb[u].q), q[u]));
+            __m128 scale = _mm_mul_ps(dw, _mm_set_ps(xb[3].d, xb[2].d, xb[1].d, xb[0].d));
+            acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_i32(p[0], p[1], p[2], p[3])), scale, acc[r]);
+        }
+    }
+    for (; b < nb; b++) {
+        const uint8_t *wb = w + size * b;
+        __m256i q = signed_codes(wb, iq4), magnitude = _mm256_sign_epi8(q, q);
+        float d = f16_to_f32(read_u16(wb));
+        for (int r = 0; r < R; r++) {
+            const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+            int sum = hsum_i32(dot_u8_s8(magnitude, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb->q), q)));
+            acc[r] = _mm_move_ss(acc[r], _mm_fmadd_ss(_mm_cvtepi32_ps(_mm_cvtsi32_si128(sum)), _mm_set_ss(d * xb->d), acc[r]));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float lanes[4];
+        _mm_storeu_ps(lanes, acc[r]);
+        y[r * y_step] = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    }
+#elif defined(USE_AVX2)
     __m256 acc[4][DOT_ROWS];
     for (int u = 0; u < 4; u++)
         for (int r = 0; r < R; r++) acc[u][r] = _mm256_setzero_ps();
@@ -344,9 +409,14 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
                               const int with_high, const int R) {
     int nb = K / 256, size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
 #if defined(USE_AVX512)
+#if defined(USE_AMX)
+    float acc[DOT_ROWS], acc_min[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = acc_min[r] = 0;
+#else
     __m512 acc[DOT_ROWS];
     __m128 acc_min[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps(), acc_min[r] = _mm_setzero_ps();
+#endif
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     // 32 bytes of nibbles in both halves: the low nibbles kept in the lower half, the high ones
     // shifted down in the upper, so 64 codes lie in the activations' order
@@ -382,11 +452,22 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
             __m128i m = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)xb->sums32));
+#if defined(USE_AMX)
+            // each block's integer sums, then one multiply-add each: the steps AMX's tiles take
+            // too (amx_q4_q5_k_task), so a prompt's rows there are bitwise a token decoded here
+            acc_min[r] = fmaf((float)hsum_i32_128(m), dmin * xb->d, acc_min[r]);
+            acc[r] = fmaf((float)_mm512_reduce_add_epi32(sum[r]), d * xb->d, acc[r]);
+#else
             acc_min[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_set1_ps(dmin * xb->d), acc_min[r]);
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * xb->d), acc[r]);
+#endif
         }
     }
+#if defined(USE_AMX)
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r] - acc_min[r];
+#else
     for (int r = 0; r < R; r++) y[r * y_step] = _mm512_reduce_add_ps(acc[r]) - hsum_128(acc_min[r]);
+#endif
 #elif defined(USE_AVX2)
     __m256 acc[DOT_ROWS];
     __m128 acc_min[DOT_ROWS];
@@ -780,6 +861,220 @@ ROWS_FN(q2_k)
 ROWS_FN(q3_k)
 ROWS_FN(iq4_xs)
 
+#ifdef USE_AMX
+// --- a prompt's rows on AMX tiles ---
+//
+// One tile multiply takes 16 weight rows and 16 activation rows over 32 values (a Q8_0 block, a
+// K-quant's sub-block) into their 16 x 16 integer sums, ~1000 int8 products a cycle where the
+// AVX-512 dots above reach ~20. The sums then take, lane by lane, the float steps the row
+// kernels take for one row (signed_rows, q4_q5_k_rows where USE_AMX), so every output is bitwise
+// the token decoded alone. The weights' codes are unpacked once per 16 rows into a thread's
+// scratch (A, row-major) and the activations once per call into B's layout.
+
+#define TILE 16
+// tile registers (the intrinsics take literal numbers)
+#define TILE_C 0
+#define TILE_A 1
+#define TILE_B 2
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+// Linux hands out the tile registers' state only on request; SMOLLM3_AMX=0 keeps the AVX-512 dots.
+static int amx_usable(void) {
+    static int state;  // 0: not asked yet, 1: granted, -1: refused (an older kernel, a sandbox, or the user)
+    if (!state) {
+        const char *env = getenv("SMOLLM3_AMX");
+        int wanted = !(env && env[0] == '0');
+        state = wanted && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+    }
+    return state > 0;
+}
+
+static void amx_begin(void) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    c.rows[TILE_C] = TILE, c.colsb[TILE_C] = 4 * TILE;  // int32 sums: weight rows x activation rows
+    c.rows[TILE_A] = TILE, c.colsb[TILE_A] = 32;         // 32 codes of each weight row
+    c.rows[TILE_B] = 8, c.colsb[TILE_B] = 4 * TILE;      // 32 codes of each activation row, 4 at a time
+    _tile_loadconfig(&c);
+}
+
+// The activations as the tiles take them, per 16 rows (rows past M are zeros): codes [G][8][64]
+// for each group g of 32 values, code k of row m at (k / 4) * 64 + m * 4 + k % 4; scales [blocks][16];
+// and for the K-quants the codes' sums of each 32 as int16 pairs [blocks][4][16] (their mins' term).
+typedef struct {
+    const int8_t *codes;
+    const float *dx;
+    const int32_t *sums;
+    int tiles;
+} amx_x;
+
+static void amx_pack_x(const uint8_t *xq, size_t x_row, int block, int M, int K, int tile, int8_t *codes, float *dx, int32_t *sums) {
+    int G = K / 32, nb = K / block;
+    codes += (size_t)tile * G * 512, dx += (size_t)tile * nb * TILE, sums += (size_t)tile * nb * 4 * TILE;
+    memset(codes, 0, (size_t)G * 512);
+    for (int m = 0; m < TILE; m++) {
+        int r = tile * TILE + m;
+        for (int b = 0; b < nb; b++) {
+            const int8_t *q = NULL;
+            if (block == 32) {
+                const x_block32 *xb = r < M ? X_BLOCK(x_block32, xq, x_row, r, b) : NULL;
+                dx[b * TILE + m] = xb ? xb->d : 0, q = xb ? xb->q : NULL;
+            } else {
+                const x_block256 *xb = r < M ? X_BLOCK(x_block256, xq, x_row, r, b) : NULL;
+                dx[b * TILE + m] = xb ? xb->d : 0, q = xb ? xb->q : NULL;
+                for (int k = 0; k < 4; k++)
+                    sums[(b * 4 + k) * TILE + m] = xb ? (int32_t)((uint16_t)xb->sums32[2 * k] | (uint32_t)(uint16_t)xb->sums32[2 * k + 1] << 16) : 0;
+            }
+            for (int g = 0; q && g < block / 32; g++) {
+                int8_t *dst = codes + (size_t)(b * block / 32 + g) * 512 + m * 4;
+                for (int k = 0; k < 32; k += 4) memcpy(dst + (k / 4) * 64, q + 32 * g + k, 4);
+            }
+        }
+    }
+}
+
+// A task's outputs, [16 weight rows][16 activation rows] per tile of activation rows, into y.
+static void amx_store(const float out[TILE][TILE], int rows, int tile, int M, float *y, size_t y_row) {
+    for (int m = 0; m < TILE && tile * TILE + m < M; m++)
+        for (int n = 0; n < rows; n++) y[(size_t)(tile * TILE + m) * y_row + n] = out[n][m];
+}
+
+// A thread's scratch for one task's unpacked weights, kept between calls (threads are torch's pool).
+static _Thread_local uint8_t *scratch_memory;
+static _Thread_local size_t scratch_size;
+
+static uint8_t *scratch(size_t bytes) {
+    if (bytes > scratch_size) {
+        free(scratch_memory);
+        scratch_memory = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        scratch_size = scratch_memory ? bytes : 0;
+    }
+    return scratch_memory;
+}
+
+// Q8_0, IQ4_NL: one tile multiply a block; chain b % 4 of each output takes the block's
+// multiply-add (the blocks past the last four chain 0), the chains added in pairs (signed_rows).
+static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row, const int iq4) {
+    int nb = K / 32, size = iq4 ? 18 : 34, last4 = nb & ~3;
+    uint8_t *mem = scratch((size_t)TILE * K + sizeof(float) * nb * TILE);
+    if (!mem) return -2;
+    int8_t *codes = (int8_t *)mem;
+    float *dw = (float *)(mem + (size_t)TILE * K);
+    for (int n = 0; n < TILE; n++)
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
+            _mm256_storeu_si256((__m256i *)(codes + (size_t)n * K + 32 * b), w ? signed_codes(w, iq4) : _mm256_setzero_si256());
+            dw[b * TILE + n] = w ? f16_to_f32(read_u16(w)) : 0;
+        }
+    int32_t sums[TILE][TILE] __attribute__((aligned(64)));
+    float out[TILE][TILE] __attribute__((aligned(64)));
+    for (int t = 0; t < x->tiles; t++) {
+        __m512 acc[4][TILE];
+        for (int u = 0; u < 4; u++)
+            for (int n = 0; n < TILE; n++) acc[u][n] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            _tile_loadd(TILE_A, codes + 32 * b, K);
+            _tile_loadd(TILE_B, x->codes + ((size_t)t * nb + b) * 512, 64);
+            _tile_zero(TILE_C);
+            _tile_dpbssd(TILE_C, TILE_A, TILE_B);
+            _tile_stored(TILE_C, sums, 64);
+            __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+            int u = b < last4 ? b % 4 : 0;
+            for (int n = 0; n < TILE; n++)
+                acc[u][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[n])), _mm512_mul_ps(_mm512_set1_ps(dw[b * TILE + n]), dx), acc[u][n]);
+        }
+        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]), _mm512_add_ps(acc[2][n], acc[3][n])));
+        amx_store(out, rows, t, M, y, y_row);
+    }
+    return 0;
+}
+
+// Q4_K, Q5_K: one tile multiply a sub-block of 32, its sums times the rows' 6-bit scales into a
+// block's integer sum; then the block's sum and its mins' term, one multiply-add each (q4_q5_k_rows).
+static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row, const int with_high) {
+    int nb = K / 256, size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
+    // codes [16][K]; per block: scales [8][16], mins as int16 pairs [4][16], d [16], dmin [16]
+    uint8_t *mem = scratch((size_t)TILE * K + (size_t)nb * TILE * 4 * (8 + 4 + 2));
+    if (!mem) return -2;
+    uint8_t *codes = mem;
+    int32_t *scales = (int32_t *)(mem + (size_t)TILE * K), *mins = scales + (size_t)nb * 8 * TILE;
+    float *d = (float *)(mins + (size_t)nb * 4 * TILE), *dmin = d + (size_t)nb * TILE;
+    const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    for (int n = 0; n < TILE; n++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *dst = codes + (size_t)n * K + 256 * b;
+            if (n >= rows) {
+                memset(dst, 0, 256);
+                for (int j = 0; j < 8; j++) scales[(b * 8 + j) * TILE + n] = 0;
+                for (int k = 0; k < 4; k++) mins[(b * 4 + k) * TILE + n] = 0;
+                d[b * TILE + n] = dmin[b * TILE + n] = 0;
+                continue;
+            }
+            const uint8_t *w = row[n] + (size_t)size * b;
+            for (int j = 0; j < 4; j++) {  // as q4_q5_k_rows: low nibbles are sub-block 2j, high 2j + 1
+                __m256i q = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * j));
+                __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+                if (with_high) {
+                    __m256i h = _mm256_loadu_si256((const __m256i *)(w + 16));
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j)), one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j + 1)), one), 4));
+                }
+                _mm256_storeu_si256((__m256i *)(dst + 64 * j), lo);
+                _mm256_storeu_si256((__m256i *)(dst + 64 * j + 32), hi);
+            }
+            uint32_t scw[2], mnw[2];
+            q4_k_scales(w + 4, scw, mnw);
+            const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw;
+            for (int j = 0; j < 8; j++) scales[(b * 8 + j) * TILE + n] = sc[j];
+            for (int k = 0; k < 4; k++) mins[(b * 4 + k) * TILE + n] = (int32_t)(mn[2 * k] | (uint32_t)mn[2 * k + 1] << 16);
+            d[b * TILE + n] = f16_to_f32(read_u16(w)), dmin[b * TILE + n] = f16_to_f32(read_u16(w + 2));
+        }
+    int32_t sums[TILE][TILE] __attribute__((aligned(64)));
+    float out[TILE][TILE] __attribute__((aligned(64)));
+    for (int t = 0; t < x->tiles; t++) {
+        __m512 acc[TILE], acc_min[TILE];
+        for (int n = 0; n < TILE; n++) acc[n] = acc_min[n] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m512i block[TILE];
+            for (int n = 0; n < TILE; n++) block[n] = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j++) {
+                _tile_loadd(TILE_A, codes + 256 * b + 32 * j, K);
+                _tile_loadd(TILE_B, x->codes + ((size_t)t * nb * 8 + b * 8 + j) * 512, 64);
+                _tile_zero(TILE_C);
+                _tile_dpbusd(TILE_C, TILE_A, TILE_B);
+                _tile_stored(TILE_C, sums, 64);
+                const int32_t *sc = scales + (b * 8 + j) * TILE;
+                for (int n = 0; n < TILE; n++)
+                    block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(_mm512_load_si512(sums[n]), _mm512_set1_epi32(sc[n])));
+            }
+            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+            const int32_t *xs = x->sums + ((size_t)t * nb + b) * 4 * TILE, *mn = mins + b * 4 * TILE;
+            for (int n = 0; n < TILE; n++) {
+                __m512i m = _mm512_setzero_si512();
+                for (int k = 0; k < 4; k++) m = _mm512_dpwssd_epi32(m, _mm512_loadu_si512(xs + k * TILE), _mm512_set1_epi32(mn[k * TILE + n]));
+                acc_min[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(_mm512_set1_ps(dmin[b * TILE + n]), dx), acc_min[n]);
+                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block[n]), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
+            }
+        }
+        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_min[n]));
+        amx_store(out, rows, t, M, y, y_row);
+    }
+    return 0;
+}
+
+typedef int (*amx_fn)(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row);
+static int amx_q8_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 0); }
+static int amx_iq4_nl(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 1); }
+static int amx_q4_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 0); }
+static int amx_q5_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 1); }
+#endif
+
 // --- the matmul ---
 
 typedef struct {
@@ -829,7 +1124,67 @@ int gguf_matmul_simd(void) {
 }
 
 // Weight rows per task: each DOT_ROWS input rows (in L1) meet all of them, read from L1 or L2.
-#define ROWS_PER_TASK 16
+#define ROWS_PER_TASK 16  // and a tile's 16 weight rows (amx_matmul)
+
+// Task t's weight rows (up to ROWS_PER_TASK from row t * ROWS_PER_TASK on, across the parts):
+// their pointers into row[], their count returned.
+static int task_rows(int t, int N, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
+                     const uint8_t *row[ROWS_PER_TASK]) {
+    int n0 = t * ROWS_PER_TASK, rows = n0 + ROWS_PER_TASK < N ? ROWS_PER_TASK : N - n0;
+    int p = 0, r = n0;
+    for (int i = 0; i < rows; i++, r++) {
+        while (p < parts - 1 && r >= part_rows[p]) r -= part_rows[p++];
+        row[i] = w[p] + (size_t)r * part_stride[p];
+    }
+    return rows;
+}
+
+#ifdef USE_AMX
+// Activation rows from which a call takes the tiles (fewer take the dots: unpacking 16 weight rows
+// for the tiles costs more than the dots' few rows save)
+#define AMX_MIN_ROWS 4
+
+static amx_fn amx_for(int type) {
+    switch (type) {
+    case GGML_Q8_0: return amx_q8_0;
+    case GGML_IQ4_NL: return amx_iq4_nl;
+    case GGML_Q4_K: return amx_q4_k;
+    case GGML_Q5_K: return amx_q5_k;
+    default: return NULL;
+    }
+}
+
+static int amx_matmul(const format *f, amx_fn task, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
+                      int N, const float *x, float *y, size_t y_row, int M, int K, int threads) {
+    size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, tiles = (M + TILE - 1) / TILE, nb = K / f->x_block;
+    size_t code_bytes = tiles * (K / 32) * 512, dx_bytes = tiles * nb * TILE * sizeof(float);
+    size_t sum_bytes = f->x_block == 256 ? tiles * nb * 4 * TILE * sizeof(int32_t) : 0;
+    uint8_t *xq = malloc(x_row * M + code_bytes + dx_bytes + sum_bytes);
+    if (!xq) return -2;
+    int8_t *codes = (int8_t *)(xq + x_row * M);
+    float *dx = (float *)(xq + x_row * M + code_bytes);
+    int32_t *sums = (int32_t *)(xq + x_row * M + code_bytes + dx_bytes);
+    const amx_x packed = {codes, dx, sums, (int)tiles};
+    int tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK, status = 0;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) quantize_row(f, x + (size_t)m * K, K, xq + m * x_row);
+#pragma omp for schedule(static)
+        for (int t = 0; t < (int)tiles; t++) amx_pack_x(xq, x_row, f->x_block, M, K, t, codes, dx, sums);
+        amx_begin();
+#pragma omp for schedule(static)
+        for (int t = 0; t < tasks; t++) {
+            const uint8_t *row[ROWS_PER_TASK];
+            int rows = task_rows(t, N, parts, w, part_rows, part_stride, row);
+            if (task(row, rows, K, &packed, M, y + (size_t)t * ROWS_PER_TASK, y_row)) status = -2;
+        }
+        _tile_release();
+    }
+    free(xq);
+    return status;
+}
+#endif
 
 // x [M, K] float32; the weight's N rows of raw GGUF blocks in `parts` pieces (q, k and v as they
 // lie in the file: fused without a copy; a Q/K weight's heads in Hugging Face's row order, each
@@ -840,9 +1195,13 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
                        const float *x, float *y, size_t y_row, int M, int K, int threads) {
     if (!gguf_matmul_supports(type, K)) return -1;
     const format *f = find_format(type);
-    size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes;
     int N = 0;
     for (int p = 0; p < parts; p++) N += part_rows[p];
+#ifdef USE_AMX
+    amx_fn task = amx_for(type);
+    if (M >= AMX_MIN_ROWS && task && amx_usable()) return amx_matmul(f, task, parts, w, part_rows, part_stride, N, x, y, y_row, M, K, threads);
+#endif
+    size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes;
     uint8_t *xq = malloc(x_row * M);
     if (!xq) return -2;
     int tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
@@ -855,13 +1214,8 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
         }
 #pragma omp for schedule(static)
         for (int t = 0; t < tasks; t++) {
-            int n0 = t * ROWS_PER_TASK, rows = n0 + ROWS_PER_TASK < N ? ROWS_PER_TASK : N - n0;
             const uint8_t *row[ROWS_PER_TASK];
-            int p = 0, r = n0;
-            for (int i = 0; i < rows; i++, r++) {
-                while (p < parts - 1 && r >= part_rows[p]) r -= part_rows[p++];
-                row[i] = w[p] + (size_t)r * part_stride[p];
-            }
+            int rows = task_rows(t, N, parts, w, part_rows, part_stride, row), n0 = t * ROWS_PER_TASK;
             // DOT_ROWS input rows a call (they stay in L1 while the task's weight rows pass), the
             // rest FEW_ROWS then one at a time: a row's sums are the same either way (see the
             // dots), so no row depends on its neighbours
@@ -874,6 +1228,15 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
     }
     free(xq);
     return 0;
+}
+
+// Whether prompts take the AMX tiles here (tests check that they do where the CPU has them).
+int gguf_matmul_amx(void) {
+#ifdef USE_AMX
+    return amx_usable();
+#else
+    return 0;
+#endif
 }
 
 int gguf_matmul(int type, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
