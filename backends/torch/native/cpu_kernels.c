@@ -873,9 +873,9 @@ ROWS_FN(iq4_xs)
 
 #define TILE 16
 // tile registers (the intrinsics take literal numbers)
-#define TILE_C 0
-#define TILE_A 1
-#define TILE_B 2
+#define TILE_C 0  // 0-3: four results
+#define TILE_A 4  // 4-5
+#define TILE_B 6  // 6-7
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -898,11 +898,43 @@ static void amx_begin(void) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    c.rows[TILE_C] = TILE, c.colsb[TILE_C] = 4 * TILE;  // int32 sums: weight rows x activation rows
-    c.rows[TILE_A] = TILE, c.colsb[TILE_A] = 32;         // 32 codes of each weight row
-    c.rows[TILE_B] = 8, c.colsb[TILE_B] = 4 * TILE;      // 32 codes of each activation row, 4 at a time
+    for (int i = 0; i < 2; i++) {
+        c.rows[TILE_A + i] = TILE, c.colsb[TILE_A + i] = 32;     // 32 codes of each weight row
+        c.rows[TILE_B + i] = 8, c.colsb[TILE_B + i] = 4 * TILE;  // 32 codes of each activation row, 4 at a time
+    }
+    for (int i = 0; i < 4; i++) c.rows[TILE_C + i] = TILE, c.colsb[TILE_C + i] = 4 * TILE;  // int32: weight rows x activation rows
     _tile_loadconfig(&c);
 }
+
+// Four groups of 32 values' sums, sums[j][weight row][activation row]: weight codes a (rows K
+// bytes apart, group j at a + 32 j) by packed activations bx (group j at bx + 512 j). Unsigned
+// weight codes (the K-quants') or signed (Q8_0's, IQ4_NL's levels).
+#define TILE_SUMS4(name, dp)                                                                          \
+    static inline void name(const void *a, int K, const int8_t *bx, int32_t sums[4][TILE][TILE]) { \
+        const uint8_t *w = a;                                                                         \
+        _tile_loadd(4, w, K);                                                                         \
+        _tile_loadd(6, bx, 64);                                                                       \
+        _tile_zero(0);                                                                                \
+        dp(0, 4, 6);                                                                                  \
+        _tile_loadd(5, w + 32, K);                                                                    \
+        _tile_loadd(7, bx + 512, 64);                                                                 \
+        _tile_zero(1);                                                                                \
+        dp(1, 5, 7);                                                                                  \
+        _tile_loadd(4, w + 64, K);                                                                    \
+        _tile_loadd(6, bx + 1024, 64);                                                                \
+        _tile_zero(2);                                                                                \
+        dp(2, 4, 6);                                                                                  \
+        _tile_loadd(5, w + 96, K);                                                                    \
+        _tile_loadd(7, bx + 1536, 64);                                                                \
+        _tile_zero(3);                                                                                \
+        dp(3, 5, 7);                                                                                  \
+        _tile_stored(0, sums[0], 64);                                                                 \
+        _tile_stored(1, sums[1], 64);                                                                 \
+        _tile_stored(2, sums[2], 64);                                                                 \
+        _tile_stored(3, sums[3], 64);                                                                 \
+    }
+TILE_SUMS4(tile_sums4_u8, _tile_dpbusd)
+TILE_SUMS4(tile_sums4_s8, _tile_dpbssd)
 
 // The activations as the tiles take them, per 16 rows (rows past M are zeros): codes [G][8][64]
 // for each group g of 32 values, code k of row m at (k / 4) * 64 + m * 4 + k % 4; scales [blocks][16];
@@ -962,32 +994,31 @@ static uint8_t *scratch(size_t bytes) {
 // multiply-add (the blocks past the last four chain 0), the chains added in pairs (signed_rows).
 static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row, const int iq4) {
     int nb = K / 32, size = iq4 ? 18 : 34, last4 = nb & ~3;
-    uint8_t *mem = scratch((size_t)TILE * K + sizeof(float) * nb * TILE);
+    uint8_t *mem = scratch((size_t)TILE * K + 96 + sizeof(float) * nb * TILE);  // 96: a fourth block read past the last
     if (!mem) return -2;
     int8_t *codes = (int8_t *)mem;
-    float *dw = (float *)(mem + (size_t)TILE * K);
+    float *dw = (float *)(mem + (size_t)TILE * K + 96);
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
             _mm256_storeu_si256((__m256i *)(codes + (size_t)n * K + 32 * b), w ? signed_codes(w, iq4) : _mm256_setzero_si256());
             dw[b * TILE + n] = w ? f16_to_f32(read_u16(w)) : 0;
         }
-    int32_t sums[TILE][TILE] __attribute__((aligned(64)));
+    int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
         __m512 acc[4][TILE];
         for (int u = 0; u < 4; u++)
             for (int n = 0; n < TILE; n++) acc[u][n] = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            _tile_loadd(TILE_A, codes + 32 * b, K);
-            _tile_loadd(TILE_B, x->codes + ((size_t)t * nb + b) * 512, 64);
-            _tile_zero(TILE_C);
-            _tile_dpbssd(TILE_C, TILE_A, TILE_B);
-            _tile_stored(TILE_C, sums, 64);
-            __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
-            int u = b < last4 ? b % 4 : 0;
-            for (int n = 0; n < TILE; n++)
-                acc[u][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[n])), _mm512_mul_ps(_mm512_set1_ps(dw[b * TILE + n]), dx), acc[u][n]);
+        for (int b0 = 0; b0 < nb; b0 += 4) {  // the codes have room for a fourth past the last block
+            tile_sums4_s8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, sums);
+            for (int b = b0; b < b0 + 4 && b < nb; b++) {
+                __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+                int u = b < last4 ? b % 4 : 0;
+                for (int n = 0; n < TILE; n++)
+                    acc[u][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[b - b0][n])),
+                                                _mm512_mul_ps(_mm512_set1_ps(dw[b * TILE + n]), dx), acc[u][n]);
+            }
         }
         for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]), _mm512_add_ps(acc[2][n], acc[3][n])));
         amx_store(out, rows, t, M, y, y_row);
@@ -1035,7 +1066,7 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
             for (int k = 0; k < 4; k++) mins[(b * 4 + k) * TILE + n] = (int32_t)(mn[2 * k] | (uint32_t)mn[2 * k + 1] << 16);
             d[b * TILE + n] = f16_to_f32(read_u16(w)), dmin[b * TILE + n] = f16_to_f32(read_u16(w + 2));
         }
-    int32_t sums[TILE][TILE] __attribute__((aligned(64)));
+    int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
         __m512 acc[TILE], acc_min[TILE];
@@ -1043,15 +1074,17 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
         for (int b = 0; b < nb; b++) {
             __m512i block[TILE];
             for (int n = 0; n < TILE; n++) block[n] = _mm512_setzero_si512();
-            for (int j = 0; j < 8; j++) {
-                _tile_loadd(TILE_A, codes + 256 * b + 32 * j, K);
-                _tile_loadd(TILE_B, x->codes + ((size_t)t * nb * 8 + b * 8 + j) * 512, 64);
-                _tile_zero(TILE_C);
-                _tile_dpbusd(TILE_C, TILE_A, TILE_B);
-                _tile_stored(TILE_C, sums, 64);
-                const int32_t *sc = scales + (b * 8 + j) * TILE;
-                for (int n = 0; n < TILE; n++)
-                    block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(_mm512_load_si512(sums[n]), _mm512_set1_epi32(sc[n])));
+            // four sub-blocks' multiplies before their sums are read back: a tile's store reaches
+            // the vector loads late, and four in flight hide it
+            for (int j0 = 0; j0 < 8; j0 += 4) {
+                const uint8_t *a = codes + 256 * b + 32 * j0;
+                const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8 + j0) * 512;
+                tile_sums4_u8(a, K, bx, sums);
+                for (int j = 0; j < 4; j++) {
+                    const int32_t *sc = scales + (b * 8 + j0 + j) * TILE;
+                    for (int n = 0; n < TILE; n++)
+                        block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(_mm512_load_si512(sums[j][n]), _mm512_set1_epi32(sc[n])));
+                }
             }
             const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
             const int32_t *xs = x->sums + ((size_t)t * nb + b) * 4 * TILE, *mn = mins + b * 4 * TILE;
@@ -1159,6 +1192,7 @@ static int amx_matmul(const format *f, amx_fn task, int parts, const uint8_t *co
     size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, tiles = (M + TILE - 1) / TILE, nb = K / f->x_block;
     size_t code_bytes = tiles * (K / 32) * 512, dx_bytes = tiles * nb * TILE * sizeof(float);
     size_t sum_bytes = f->x_block == 256 ? tiles * nb * 4 * TILE * sizeof(int32_t) : 0;
+    code_bytes += 3 * 512;  // a fourth group read past the last (amx_signed_task)
     uint8_t *xq = malloc(x_row * M + code_bytes + dx_bytes + sum_bytes);
     if (!xq) return -2;
     int8_t *codes = (int8_t *)(xq + x_row * M);
