@@ -3,6 +3,7 @@ sum_j w_j * dequantized(int8 x)_j, on its SIMD builds (AVX-512, AVX2) and its sc
 every type it takes, and gives each input row the bits it gets alone."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -110,6 +111,17 @@ def test_every_row_is_bitwise_the_row_computed_alone(lib, ggml_type):
             for M in ROW_COUNTS:
                 got = native.gguf_matmul(lib, ggml_type, blocks, x[:M], threads=threads)
                 assert torch.equal(got, alone[:M]), (K, threads, M, float((got - alone[:M]).abs().max()))
+
+
+def test_prompts_take_the_amx_tiles_where_the_cpu_has_them():
+    """Where the CPU has AMX (and Linux lists it, so grants it), a prompt's rows go through the tiles,
+    which the tests above then hold to the decoded rows bit for bit."""
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if not all(flag in cpu for flag in ("amx_int8", "amx_tile", "avx512_vnni")):
+        pytest.skip("no AMX here")
+    if os.environ.get("SMOLLM3_AMX") == "0":
+        pytest.skip("AMX turned off (SMOLLM3_AMX=0)")
+    assert native.library().gguf_matmul_amx() == 1
 
 
 def test_zero_activations_give_zero():

@@ -12,7 +12,8 @@
 // weight. As in llama.cpp, activations are quantized to int8 per block (32 values, or 256 for
 // the 256-value blocks), so each block is one integer dot product; the result is exactly
 // sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
-// takes the same activation blocks (an int8 GEMM) and gives each row bitwise the result it gets
+// takes the same activation blocks (an int8 GEMM: on AMX tiles for Q8_0, IQ4_NL, Q4_K, Q5_K and
+// Q6_K where the CPU has them, else the dots) and gives each row bitwise the result it gets
 // decoded alone, for every row count, so a prompt's answer does not depend on how it is split
 // into forward passes, and no path is less exact than llama.cpp's.
 //
@@ -555,9 +556,15 @@ static const int16_t Q6_K_SCALE_LANES[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1,
 ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 256;
 #if defined(USE_AVX512)
+#if defined(USE_AMX)
+    float block_acc[DOT_ROWS];  // each block's integer sum less its shift, one multiply-add: AMX's steps (amx_q6_k_task)
+    int shifts[DOT_ROWS];
+    for (int r = 0; r < R; r++) block_acc[r] = 0;
+#else
     __m512 acc[DOT_ROWS];
     __m256 acc_shift[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps(), acc_shift[r] = _mm256_setzero_ps();
+#endif
     const __m512i low4 = _mm512_set1_epi8(0x0f), low2 = _mm512_set1_epi8(0x03);
     const __m512i scale_lanes = _mm512_loadu_si512(Q6_K_SCALE_LANES);
     // codes 0-63 of a half take qh's bits 0-1 (lower 32) and 2-3 (upper); codes 64-127 bits 4-5 and 6-7
@@ -573,7 +580,11 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
             __m256i shift = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)xb->sums));
+#if defined(USE_AMX)
+            shifts[r] = hsum_i32(shift);
+#else
             acc_shift[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shift), _mm256_set1_ps(32 * (d * xb->d)), acc_shift[r]);
+#endif
             sum[r] = _mm512_setzero_si512();
         }
         for (int half = 0; half < 2; half++, ql += 64, qh += 32) {
@@ -594,9 +605,17 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
         }
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++)
+#if defined(USE_AMX)
+            block_acc[r] = fmaf((float)(_mm512_reduce_add_epi32(sum[r]) - 32 * shifts[r]), d * X_BLOCK(x_block256, x, x_row, r, b)->d, block_acc[r]);
+#else
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+#endif
     }
+#if defined(USE_AMX)
+    for (int r = 0; r < R; r++) y[r * y_step] = block_acc[r];
+#else
     for (int r = 0; r < R; r++) y[r * y_step] = _mm512_reduce_add_ps(acc[r]) - hsum_ps(acc_shift[r]);
+#endif
 #elif defined(USE_AVX2)
     __m256 acc[DOT_ROWS], acc_shift[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = acc_shift[r] = _mm256_setzero_ps();
@@ -894,38 +913,39 @@ static int amx_usable(void) {
     return state > 0;
 }
 
-static void amx_begin(void) {
+// Tiles for groups of 32 values (a block or sub-block with one scale), or 16 (Q6_K's)
+static void amx_begin(int group) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int i = 0; i < 2; i++) {
-        c.rows[TILE_A + i] = TILE, c.colsb[TILE_A + i] = 32;     // 32 codes of each weight row
-        c.rows[TILE_B + i] = 8, c.colsb[TILE_B + i] = 4 * TILE;  // 32 codes of each activation row, 4 at a time
+        c.rows[TILE_A + i] = TILE, c.colsb[TILE_A + i] = group;          // a group's codes of each weight row
+        c.rows[TILE_B + i] = group / 4, c.colsb[TILE_B + i] = 4 * TILE;  // of each activation row, 4 at a time
     }
     for (int i = 0; i < 4; i++) c.rows[TILE_C + i] = TILE, c.colsb[TILE_C + i] = 4 * TILE;  // int32: weight rows x activation rows
     _tile_loadconfig(&c);
 }
 
-// Four groups of 32 values' sums, sums[j][weight row][activation row]: weight codes a (rows K
-// bytes apart, group j at a + 32 j) by packed activations bx (group j at bx + 512 j). Unsigned
-// weight codes (the K-quants') or signed (Q8_0's, IQ4_NL's levels).
-#define TILE_SUMS4(name, dp)                                                                          \
-    static inline void name(const void *a, int K, const int8_t *bx, int32_t sums[4][TILE][TILE]) { \
-        const uint8_t *w = a;                                                                         \
-        _tile_loadd(4, w, K);                                                                         \
-        _tile_loadd(6, bx, 64);                                                                       \
-        _tile_zero(0);                                                                                \
-        dp(0, 4, 6);                                                                                  \
-        _tile_loadd(5, w + 32, K);                                                                    \
-        _tile_loadd(7, bx + 512, 64);                                                                 \
-        _tile_zero(1);                                                                                \
-        dp(1, 5, 7);                                                                                  \
-        _tile_loadd(4, w + 64, K);                                                                    \
-        _tile_loadd(6, bx + 1024, 64);                                                                \
-        _tile_zero(2);                                                                                \
-        dp(2, 4, 6);                                                                                  \
-        _tile_loadd(5, w + 96, K);                                                                    \
-        _tile_loadd(7, bx + 1536, 64);                                                                \
+// Four groups' sums, sums[j][weight row][activation row]: weight codes a (rows K bytes apart,
+// group j at a + group j) by packed activations bx (group j at bx + 16 group j). Unsigned weight
+// codes (the K-quants') or signed (Q8_0's, IQ4_NL's levels).
+#define TILE_SUMS4(name, dp)                                                                                     \
+    static inline void name(const void *a, int K, const int8_t *bx, int group, int32_t sums[4][TILE][TILE]) { \
+        const uint8_t *w = a;                                                                                    \
+        _tile_loadd(4, w, K);                                                                                    \
+        _tile_loadd(6, bx, 64);                                                                                  \
+        _tile_zero(0);                                                                                           \
+        dp(0, 4, 6);                                                                                             \
+        _tile_loadd(5, w + group, K);                                                                            \
+        _tile_loadd(7, bx + 16 * group, 64);                                                                     \
+        _tile_zero(1);                                                                                           \
+        dp(1, 5, 7);                                                                                             \
+        _tile_loadd(4, w + 2 * group, K);                                                                        \
+        _tile_loadd(6, bx + 32 * group, 64);                                                                     \
+        _tile_zero(2);                                                                                           \
+        dp(2, 4, 6);                                                                                             \
+        _tile_loadd(5, w + 3 * group, K);                                                                        \
+        _tile_loadd(7, bx + 48 * group, 64);                                                                     \
         _tile_zero(3);                                                                                \
         dp(3, 5, 7);                                                                                  \
         _tile_stored(0, sums[0], 64);                                                                 \
@@ -937,8 +957,9 @@ TILE_SUMS4(tile_sums4_u8, _tile_dpbusd)
 TILE_SUMS4(tile_sums4_s8, _tile_dpbssd)
 
 // The activations as the tiles take them, per 16 rows (rows past M are zeros): codes [G][8][64]
-// for each group g of 32 values, code k of row m at (k / 4) * 64 + m * 4 + k % 4; scales [blocks][16];
-// and for the K-quants the codes' sums of each 32 as int16 pairs [blocks][4][16] (their mins' term).
+// for each group g of 32 values, code k of row m at (k / 4) * 64 + m * 4 + k % 4 (a group of 16
+// is half of that); scales [blocks][16]; and for the K-quants the codes' sums as int16 pairs
+// [blocks][pairs][16], of each 32 (pairs 4: Q4_K's mins) or each 16 (pairs 8: Q6_K's shift).
 typedef struct {
     const int8_t *codes;
     const float *dx;
@@ -946,9 +967,9 @@ typedef struct {
     int tiles;
 } amx_x;
 
-static void amx_pack_x(const uint8_t *xq, size_t x_row, int block, int M, int K, int tile, int8_t *codes, float *dx, int32_t *sums) {
+static void amx_pack_x(const uint8_t *xq, size_t x_row, int block, int pairs, int M, int K, int tile, int8_t *codes, float *dx, int32_t *sums) {
     int G = K / 32, nb = K / block;
-    codes += (size_t)tile * G * 512, dx += (size_t)tile * nb * TILE, sums += (size_t)tile * nb * 4 * TILE;
+    codes += (size_t)tile * G * 512, dx += (size_t)tile * nb * TILE, sums += (size_t)tile * nb * pairs * TILE;
     memset(codes, 0, (size_t)G * 512);
     for (int m = 0; m < TILE; m++) {
         int r = tile * TILE + m;
@@ -960,8 +981,10 @@ static void amx_pack_x(const uint8_t *xq, size_t x_row, int block, int M, int K,
             } else {
                 const x_block256 *xb = r < M ? X_BLOCK(x_block256, xq, x_row, r, b) : NULL;
                 dx[b * TILE + m] = xb ? xb->d : 0, q = xb ? xb->q : NULL;
-                for (int k = 0; k < 4; k++)
-                    sums[(b * 4 + k) * TILE + m] = xb ? (int32_t)((uint16_t)xb->sums32[2 * k] | (uint32_t)(uint16_t)xb->sums32[2 * k + 1] << 16) : 0;
+                const int16_t *group_sums = !xb ? NULL : pairs == 4 ? xb->sums32 : xb->sums;
+                for (int k = 0; k < pairs; k++)
+                    sums[(b * pairs + k) * TILE + m] =
+                        xb ? (int32_t)((uint16_t)group_sums[2 * k] | (uint32_t)(uint16_t)group_sums[2 * k + 1] << 16) : 0;
             }
             for (int g = 0; q && g < block / 32; g++) {
                 int8_t *dst = codes + (size_t)(b * block / 32 + g) * 512 + m * 4;
@@ -1011,7 +1034,7 @@ static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx
         for (int u = 0; u < 4; u++)
             for (int n = 0; n < TILE; n++) acc[u][n] = _mm512_setzero_ps();
         for (int b0 = 0; b0 < nb; b0 += 4) {  // the codes have room for a fourth past the last block
-            tile_sums4_s8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, sums);
+            tile_sums4_s8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, sums);
             for (int b = b0; b < b0 + 4 && b < nb; b++) {
                 __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
                 int u = b < last4 ? b % 4 : 0;
@@ -1079,7 +1102,7 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
             for (int j0 = 0; j0 < 8; j0 += 4) {
                 const uint8_t *a = codes + 256 * b + 32 * j0;
                 const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8 + j0) * 512;
-                tile_sums4_u8(a, K, bx, sums);
+                tile_sums4_u8(a, K, bx, 32, sums);
                 for (int j = 0; j < 4; j++) {
                     const int32_t *sc = scales + (b * 8 + j0 + j) * TILE;
                     for (int n = 0; n < TILE; n++)
@@ -1096,6 +1119,75 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
             }
         }
         for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_min[n]));
+        amx_store(out, rows, t, M, y, y_row);
+    }
+    return 0;
+}
+
+// Q6_K: one tile multiply a group of 16, its sums times the rows' int8 scales into the block's
+// integer sum, less 32 times the scales by the activations' group sums; one multiply-add a block
+// (q6_k_rows).
+static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row) {
+    int nb = K / 256;
+    // codes [16][K]; per block: scales [16][16], scales as int16 pairs [8][16], d [16]
+    uint8_t *mem = scratch((size_t)TILE * K + (size_t)nb * TILE * 4 * (16 + 8 + 1));
+    if (!mem) return -2;
+    uint8_t *codes = mem;
+    int32_t *scales = (int32_t *)(mem + (size_t)TILE * K), *scale_pairs = scales + (size_t)nb * 16 * TILE;
+    float *d = (float *)(scale_pairs + (size_t)nb * 8 * TILE);
+    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
+    for (int n = 0; n < TILE; n++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *dst = codes + (size_t)n * K + 256 * b;
+            const uint8_t *w = n < rows ? row[n] + (size_t)210 * b : NULL;
+            for (int half = 0; half < 2; half++) {  // as q6_k_rows' AVX2 path: codes 32 at a time
+                if (!w) {
+                    memset(dst + 128 * half, 0, 128);
+                    continue;
+                }
+                const uint8_t *ql = w + 64 * half, *qh = w + 128 + 32 * half;
+                __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+                __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+                __m256i q[4] = {
+                    _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(h, low2), 4)),
+                    _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), low2), 4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), low2), 4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), low2), 4)),
+                };
+                for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(dst + 128 * half + 32 * i), q[i]);
+            }
+            const int8_t *sc = w ? (const int8_t *)(w + 192) : NULL;
+            for (int g = 0; g < 16; g++) scales[(b * 16 + g) * TILE + n] = sc ? sc[g] : 0;
+            for (int k = 0; k < 8; k++)
+                scale_pairs[(b * 8 + k) * TILE + n] = sc ? (int32_t)((uint16_t)sc[2 * k] | (uint32_t)(uint16_t)sc[2 * k + 1] << 16) : 0;
+            d[b * TILE + n] = w ? f16_to_f32(read_u16(w + 208)) : 0;
+        }
+    int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
+    float out[TILE][TILE] __attribute__((aligned(64)));
+    for (int t = 0; t < x->tiles; t++) {
+        __m512 acc[TILE];
+        for (int n = 0; n < TILE; n++) acc[n] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m512i block[TILE];
+            for (int n = 0; n < TILE; n++) block[n] = _mm512_setzero_si512();
+            for (int g0 = 0; g0 < 16; g0 += 4) {
+                tile_sums4_u8(codes + 256 * b + 16 * g0, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512 + 256 * g0, 16, sums);
+                for (int j = 0; j < 4; j++) {
+                    const int32_t *sc = scales + (b * 16 + g0 + j) * TILE;
+                    for (int n = 0; n < TILE; n++)
+                        block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(_mm512_load_si512(sums[j][n]), _mm512_set1_epi32(sc[n])));
+                }
+            }
+            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+            const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE, *sp = scale_pairs + b * 8 * TILE;
+            for (int n = 0; n < TILE; n++) {
+                __m512i shift = _mm512_setzero_si512();
+                for (int k = 0; k < 8; k++) shift = _mm512_dpwssd_epi32(shift, _mm512_loadu_si512(xs + k * TILE), _mm512_set1_epi32(sp[k * TILE + n]));
+                __m512i sum = _mm512_sub_epi32(block[n], _mm512_slli_epi32(shift, 5));
+                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
+            }
+        }
+        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], acc[n]);
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
@@ -1173,25 +1265,31 @@ static int task_rows(int t, int N, int parts, const uint8_t *const *w, const int
 }
 
 #ifdef USE_AMX
-// Activation rows from which a call takes the tiles (fewer take the dots: unpacking 16 weight rows
-// for the tiles costs more than the dots' few rows save)
-#define AMX_MIN_ROWS 4
+// A type's tile task, with its group of values a scale (the tiles' depth), the activation sums
+// it takes as int16 pairs a block (amx_pack_x), and the activation rows from which it beats the
+// dots (below, unpacking 16 weight rows for the tiles costs more than the dots' few rows save;
+// 3B shapes, 2 threads: Q4_K and Q8_0 from 8 rows, Q6_K's 16 groups a block from 16)
+typedef struct {
+    amx_fn task;
+    int group, pairs, min_rows;
+} amx_kernel;
 
-static amx_fn amx_for(int type) {
+static amx_kernel amx_for(int type) {
     switch (type) {
-    case GGML_Q8_0: return amx_q8_0;
-    case GGML_IQ4_NL: return amx_iq4_nl;
-    case GGML_Q4_K: return amx_q4_k;
-    case GGML_Q5_K: return amx_q5_k;
-    default: return NULL;
+    case GGML_Q8_0: return (amx_kernel){amx_q8_0, 32, 0, 8};
+    case GGML_IQ4_NL: return (amx_kernel){amx_iq4_nl, 32, 0, 8};
+    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 32, 4, 8};
+    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 32, 4, 8};
+    case GGML_Q6_K: return (amx_kernel){amx_q6_k_task, 16, 8, 16};
+    default: return (amx_kernel){NULL, 0, 0, 0};
     }
 }
 
-static int amx_matmul(const format *f, amx_fn task, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
+static int amx_matmul(const format *f, amx_kernel kernel, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
                       int N, const float *x, float *y, size_t y_row, int M, int K, int threads) {
     size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, tiles = (M + TILE - 1) / TILE, nb = K / f->x_block;
     size_t code_bytes = tiles * (K / 32) * 512, dx_bytes = tiles * nb * TILE * sizeof(float);
-    size_t sum_bytes = f->x_block == 256 ? tiles * nb * 4 * TILE * sizeof(int32_t) : 0;
+    size_t sum_bytes = tiles * nb * kernel.pairs * TILE * sizeof(int32_t);
     code_bytes += 3 * 512;  // a fourth group read past the last (amx_signed_task)
     uint8_t *xq = malloc(x_row * M + code_bytes + dx_bytes + sum_bytes);
     if (!xq) return -2;
@@ -1205,13 +1303,13 @@ static int amx_matmul(const format *f, amx_fn task, int parts, const uint8_t *co
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) quantize_row(f, x + (size_t)m * K, K, xq + m * x_row);
 #pragma omp for schedule(static)
-        for (int t = 0; t < (int)tiles; t++) amx_pack_x(xq, x_row, f->x_block, M, K, t, codes, dx, sums);
-        amx_begin();
+        for (int t = 0; t < (int)tiles; t++) amx_pack_x(xq, x_row, f->x_block, kernel.pairs, M, K, t, codes, dx, sums);
+        amx_begin(kernel.group);
 #pragma omp for schedule(static)
         for (int t = 0; t < tasks; t++) {
             const uint8_t *row[ROWS_PER_TASK];
             int rows = task_rows(t, N, parts, w, part_rows, part_stride, row);
-            if (task(row, rows, K, &packed, M, y + (size_t)t * ROWS_PER_TASK, y_row)) status = -2;
+            if (kernel.task(row, rows, K, &packed, M, y + (size_t)t * ROWS_PER_TASK, y_row)) status = -2;
         }
         _tile_release();
     }
@@ -1232,8 +1330,8 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
     int N = 0;
     for (int p = 0; p < parts; p++) N += part_rows[p];
 #ifdef USE_AMX
-    amx_fn task = amx_for(type);
-    if (M >= AMX_MIN_ROWS && task && amx_usable()) return amx_matmul(f, task, parts, w, part_rows, part_stride, N, x, y, y_row, M, K, threads);
+    amx_kernel kernel = amx_for(type);
+    if (kernel.task && M >= kernel.min_rows && amx_usable()) return amx_matmul(f, kernel, parts, w, part_rows, part_stride, N, x, y, y_row, M, K, threads);
 #endif
     size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes;
     uint8_t *xq = malloc(x_row * M);
