@@ -913,7 +913,7 @@ static int amx_usable(void) {
     return state > 0;
 }
 
-// Tiles for groups of 32 values (a block or sub-block with one scale), or 16 (Q6_K's)
+// Tiles for groups of 32 values (a block with one scale) or 64 (the K-quants', scales folded in)
 static void amx_begin(int group) {
     tile_config c;
     memset(&c, 0, sizeof c);
@@ -1049,28 +1049,39 @@ static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx
     return 0;
 }
 
-// Q4_K, Q5_K: one tile multiply a sub-block of 32, its sums times the rows' 6-bit scales into a
-// block's integer sum; then the block's sum and its mins' term, one multiply-add each (q4_q5_k_rows).
+// Bytes times a small constant (products under 256)
+static inline __m256i mul_u8(__m256i q, int c) {
+    const __m256i low = _mm256_set1_epi16(0xff), k = _mm256_set1_epi16((short)c);
+    __m256i even = _mm256_mullo_epi16(_mm256_and_si256(q, low), k), odd = _mm256_mullo_epi16(_mm256_srli_epi16(q, 8), k);
+    return _mm256_or_si256(_mm256_and_si256(even, low), _mm256_slli_epi16(odd, 8));
+}
+
+// Q4_K, Q5_K: each sub-block's 6-bit scale split in two 3-bit digits, sc = 8 hi + lo, folded into
+// two copies of the codes (q lo, q hi <= 31 * 7 fit a byte), so two tiles accumulate a whole
+// block 64 values a multiply, and the block's integer sum is 8 hi + lo with no per-sub-block work;
+// then the block's sum and its mins' term, one multiply-add each (q4_q5_k_rows).
 static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row, const int with_high) {
     int nb = K / 256, size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
-    // codes [16][K]; per block: scales [8][16], mins as int16 pairs [4][16], d [16], dmin [16]
-    uint8_t *mem = scratch((size_t)TILE * K + (size_t)nb * TILE * 4 * (8 + 4 + 2));
+    // codes times the low digits [16][K] and the high [16][K]; per block: mins as int16 pairs [4][16], d [16], dmin [16]
+    uint8_t *mem = scratch(2 * (size_t)TILE * K + (size_t)nb * TILE * 4 * (4 + 2));
     if (!mem) return -2;
-    uint8_t *codes = mem;
-    int32_t *scales = (int32_t *)(mem + (size_t)TILE * K), *mins = scales + (size_t)nb * 8 * TILE;
+    uint8_t *low = mem, *high = mem + (size_t)TILE * K;
+    int32_t *mins = (int32_t *)(mem + 2 * (size_t)TILE * K);
     float *d = (float *)(mins + (size_t)nb * 4 * TILE), *dmin = d + (size_t)nb * TILE;
     const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
-            uint8_t *dst = codes + (size_t)n * K + 256 * b;
+            size_t at = (size_t)n * K + 256 * b;
             if (n >= rows) {
-                memset(dst, 0, 256);
-                for (int j = 0; j < 8; j++) scales[(b * 8 + j) * TILE + n] = 0;
+                memset(low + at, 0, 256), memset(high + at, 0, 256);
                 for (int k = 0; k < 4; k++) mins[(b * 4 + k) * TILE + n] = 0;
                 d[b * TILE + n] = dmin[b * TILE + n] = 0;
                 continue;
             }
             const uint8_t *w = row[n] + (size_t)size * b;
+            uint32_t scw[2], mnw[2];
+            q4_k_scales(w + 4, scw, mnw);
+            const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw;
             for (int j = 0; j < 4; j++) {  // as q4_q5_k_rows: low nibbles are sub-block 2j, high 2j + 1
                 __m256i q = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * j));
                 __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
@@ -1079,43 +1090,40 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
                     lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j)), one), 4));
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j + 1)), one), 4));
                 }
-                _mm256_storeu_si256((__m256i *)(dst + 64 * j), lo);
-                _mm256_storeu_si256((__m256i *)(dst + 64 * j + 32), hi);
+                _mm256_storeu_si256((__m256i *)(low + at + 64 * j), mul_u8(lo, sc[2 * j] & 7));
+                _mm256_storeu_si256((__m256i *)(low + at + 64 * j + 32), mul_u8(hi, sc[2 * j + 1] & 7));
+                _mm256_storeu_si256((__m256i *)(high + at + 64 * j), mul_u8(lo, sc[2 * j] >> 3));
+                _mm256_storeu_si256((__m256i *)(high + at + 64 * j + 32), mul_u8(hi, sc[2 * j + 1] >> 3));
             }
-            uint32_t scw[2], mnw[2];
-            q4_k_scales(w + 4, scw, mnw);
-            const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw;
-            for (int j = 0; j < 8; j++) scales[(b * 8 + j) * TILE + n] = sc[j];
             for (int k = 0; k < 4; k++) mins[(b * 4 + k) * TILE + n] = (int32_t)(mn[2 * k] | (uint32_t)mn[2 * k + 1] << 16);
             d[b * TILE + n] = f16_to_f32(read_u16(w)), dmin[b * TILE + n] = f16_to_f32(read_u16(w + 2));
         }
-    int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
+    int32_t sums[2][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
         __m512 acc[TILE], acc_min[TILE];
         for (int n = 0; n < TILE; n++) acc[n] = acc_min[n] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            __m512i block[TILE];
-            for (int n = 0; n < TILE; n++) block[n] = _mm512_setzero_si512();
-            // four sub-blocks' multiplies before their sums are read back: a tile's store reaches
-            // the vector loads late, and four in flight hide it
-            for (int j0 = 0; j0 < 8; j0 += 4) {
-                const uint8_t *a = codes + 256 * b + 32 * j0;
-                const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8 + j0) * 512;
-                tile_sums4_u8(a, K, bx, 32, sums);
-                for (int j = 0; j < 4; j++) {
-                    const int32_t *sc = scales + (b * 8 + j0 + j) * TILE;
-                    for (int n = 0; n < TILE; n++)
-                        block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(_mm512_load_si512(sums[j][n]), _mm512_set1_epi32(sc[n])));
-                }
+            const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int k = 0; k < 4; k++) {  // 64 values a multiply: two packed groups of 32 are one B tile
+                _tile_loadd(6, bx + 1024 * k, 64);
+                _tile_loadd(4, high + 256 * b + 64 * k, K);
+                _tile_loadd(5, low + 256 * b + 64 * k, K);
+                _tile_dpbusd(0, 4, 6);
+                _tile_dpbusd(1, 5, 6);
             }
+            _tile_stored(0, sums[0], 64);
+            _tile_stored(1, sums[1], 64);
             const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
             const int32_t *xs = x->sums + ((size_t)t * nb + b) * 4 * TILE, *mn = mins + b * 4 * TILE;
             for (int n = 0; n < TILE; n++) {
+                __m512i block = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[0][n]), 3), _mm512_load_si512(sums[1][n]));
                 __m512i m = _mm512_setzero_si512();
                 for (int k = 0; k < 4; k++) m = _mm512_dpwssd_epi32(m, _mm512_loadu_si512(xs + k * TILE), _mm512_set1_epi32(mn[k * TILE + n]));
                 acc_min[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(_mm512_set1_ps(dmin[b * TILE + n]), dx), acc_min[n]);
-                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block[n]), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
+                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
             }
         }
         for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_min[n]));
@@ -1124,27 +1132,42 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
     return 0;
 }
 
-// Q6_K: one tile multiply a group of 16, its sums times the rows' int8 scales into the block's
-// integer sum, less 32 times the scales by the activations' group sums; one multiply-add a block
-// (q6_k_rows).
+// Signed bytes times int16 constants per 16-bit lane (products within a byte)
+static inline __m256i mul_s8(__m256i q, __m256i k) {
+    __m256i even = _mm256_mullo_epi16(_mm256_srai_epi16(_mm256_slli_epi16(q, 8), 8), k), odd = _mm256_mullo_epi16(_mm256_srai_epi16(q, 8), k);
+    return _mm256_or_si256(_mm256_and_si256(even, _mm256_set1_epi16(0xff)), _mm256_slli_epi16(odd, 8));
+}
+
+// Q6_K: each group's int8 scale as three balanced base-7 digits (sc = d0 + 7 d1 + 49 d2, digits
+// -3..3), folded into three copies of the signed codes (q - 32) d (|.| <= 96 fit a byte), so
+// three tiles accumulate a whole block 64 values a multiply; its integer sum d0 + 7 d1 + 49 d2
+// is exactly q6_k_rows' sum less 32 times its shift, and takes one multiply-add.
 static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row) {
     int nb = K / 256;
-    // codes [16][K]; per block: scales [16][16], scales as int16 pairs [8][16], d [16]
-    uint8_t *mem = scratch((size_t)TILE * K + (size_t)nb * TILE * 4 * (16 + 8 + 1));
+    // the codes times each digit [3][16][K]; per block: d [16]
+    uint8_t *mem = scratch(3 * (size_t)TILE * K + (size_t)nb * TILE * 4);
     if (!mem) return -2;
-    uint8_t *codes = mem;
-    int32_t *scales = (int32_t *)(mem + (size_t)TILE * K), *scale_pairs = scales + (size_t)nb * 16 * TILE;
-    float *d = (float *)(scale_pairs + (size_t)nb * 8 * TILE);
-    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
+    int8_t *digits = (int8_t *)mem;
+    float *d = (float *)(mem + 3 * (size_t)TILE * K);
+    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03), centre = _mm256_set1_epi8(32);
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
-            uint8_t *dst = codes + (size_t)n * K + 256 * b;
+            size_t at = (size_t)n * K + 256 * b, plane = (size_t)TILE * K;
             const uint8_t *w = n < rows ? row[n] + (size_t)210 * b : NULL;
+            d[b * TILE + n] = w ? f16_to_f32(read_u16(w + 208)) : 0;
+            if (!w) {
+                for (int i = 0; i < 3; i++) memset(digits + i * plane + at, 0, 256);
+                continue;
+            }
+            // the 16 scales' digits as int16 lanes: with v = sc + 143 >= 0, q = v / 7 (as v * 9363 >> 16,
+            // exact below 300), the digit is v - 7 q - 3 and the rest (sc - digit) / 7 = q - 20
+            __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192))), digit[3];
+            for (int i = 0; i < 3; i++) {
+                __m256i v = _mm256_add_epi16(sc, _mm256_set1_epi16(143)), q = _mm256_mulhi_epu16(v, _mm256_set1_epi16(9363));
+                digit[i] = _mm256_sub_epi16(_mm256_sub_epi16(v, _mm256_mullo_epi16(q, _mm256_set1_epi16(7))), _mm256_set1_epi16(3));
+                sc = _mm256_sub_epi16(q, _mm256_set1_epi16(20));
+            }
             for (int half = 0; half < 2; half++) {  // as q6_k_rows' AVX2 path: codes 32 at a time
-                if (!w) {
-                    memset(dst + 128 * half, 0, 128);
-                    continue;
-                }
                 const uint8_t *ql = w + 64 * half, *qh = w + 128 + 32 * half;
                 __m256i h = _mm256_loadu_si256((const __m256i *)qh);
                 __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
@@ -1154,37 +1177,47 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), low2), 4)),
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), low2), 4)),
                 };
-                for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(dst + 128 * half + 32 * i), q[i]);
+                for (int j = 0; j < 4; j++) {
+                    int g = 8 * half + 2 * j;  // 32 codes: groups g and g + 1
+                    __m256i centred = _mm256_sub_epi8(q[j], centre);
+                    __m256i lanes = _mm256_set_m128i(_mm_set1_epi16((short)(g + 1)), _mm_set1_epi16((short)g));
+                    for (int i = 0; i < 3; i++) {
+                        __m256i k = _mm256_permutexvar_epi16(lanes, digit[i]);
+                        _mm256_storeu_si256((__m256i *)(digits + i * plane + at + 128 * half + 32 * j), mul_s8(centred, k));
+                    }
+                }
             }
-            const int8_t *sc = w ? (const int8_t *)(w + 192) : NULL;
-            for (int g = 0; g < 16; g++) scales[(b * 16 + g) * TILE + n] = sc ? sc[g] : 0;
-            for (int k = 0; k < 8; k++)
-                scale_pairs[(b * 8 + k) * TILE + n] = sc ? (int32_t)((uint16_t)sc[2 * k] | (uint32_t)(uint16_t)sc[2 * k + 1] << 16) : 0;
-            d[b * TILE + n] = w ? f16_to_f32(read_u16(w + 208)) : 0;
         }
-    int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
+    const size_t plane = (size_t)TILE * K;
+    int32_t sums[3][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
         __m512 acc[TILE];
         for (int n = 0; n < TILE; n++) acc[n] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            __m512i block[TILE];
-            for (int n = 0; n < TILE; n++) block[n] = _mm512_setzero_si512();
-            for (int g0 = 0; g0 < 16; g0 += 4) {
-                tile_sums4_u8(codes + 256 * b + 16 * g0, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512 + 256 * g0, 16, sums);
-                for (int j = 0; j < 4; j++) {
-                    const int32_t *sc = scales + (b * 16 + g0 + j) * TILE;
-                    for (int n = 0; n < TILE; n++)
-                        block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(_mm512_load_si512(sums[j][n]), _mm512_set1_epi32(sc[n])));
-                }
+            const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
+            const int8_t *a = digits + 256 * b;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            for (int k = 0; k < 4; k++) {  // 64 values a multiply
+                _tile_loadd(6, bx + 1024 * k, 64);
+                _tile_loadd(4, a + 64 * k, K);
+                _tile_dpbssd(0, 4, 6);
+                _tile_loadd(5, a + plane + 64 * k, K);
+                _tile_dpbssd(1, 5, 6);
+                _tile_loadd(4, a + 2 * plane + 64 * k, K);
+                _tile_dpbssd(2, 4, 6);
             }
+            _tile_stored(0, sums[0], 64);
+            _tile_stored(1, sums[1], 64);
+            _tile_stored(2, sums[2], 64);
             const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
-            const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE, *sp = scale_pairs + b * 8 * TILE;
             for (int n = 0; n < TILE; n++) {
-                __m512i shift = _mm512_setzero_si512();
-                for (int k = 0; k < 8; k++) shift = _mm512_dpwssd_epi32(shift, _mm512_loadu_si512(xs + k * TILE), _mm512_set1_epi32(sp[k * TILE + n]));
-                __m512i sum = _mm512_sub_epi32(block[n], _mm512_slli_epi32(shift, 5));
-                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
+                __m512i block = _mm512_add_epi32(_mm512_load_si512(sums[0][n]),
+                                                 _mm512_add_epi32(_mm512_mullo_epi32(_mm512_load_si512(sums[1][n]), _mm512_set1_epi32(7)),
+                                                                  _mm512_mullo_epi32(_mm512_load_si512(sums[2][n]), _mm512_set1_epi32(49))));
+                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
             }
         }
         for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], acc[n]);
@@ -1278,9 +1311,9 @@ static amx_kernel amx_for(int type) {
     switch (type) {
     case GGML_Q8_0: return (amx_kernel){amx_q8_0, 32, 0, 8};
     case GGML_IQ4_NL: return (amx_kernel){amx_iq4_nl, 32, 0, 8};
-    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 32, 4, 8};
-    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 32, 4, 8};
-    case GGML_Q6_K: return (amx_kernel){amx_q6_k_task, 16, 8, 16};
+    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, 8};
+    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 64, 4, 8};
+    case GGML_Q6_K: return (amx_kernel){amx_q6_k_task, 64, 0, 16};
     default: return (amx_kernel){NULL, 0, 0, 0};
     }
 }
