@@ -719,8 +719,16 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
                               const int q3, const int R) {
     int nb = K / 256, size = q3 ? 110 : 84, qs_at = q3 ? 32 : 16;
 #ifdef USE_AVX2
+#if defined(USE_AMX)
+    // each block's integer sums, one multiply-add each: AMX's steps (amx_q2_k_task, amx_q3_k_task);
+    // Q3_K's offset in the integer sum (sc (q - 4) summed), Q2_K's mins on their own chain
+    float acc[DOT_ROWS], acc_off[DOT_ROWS];
+    int offset[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = acc_off[r] = 0;
+#else
     __m256 acc[DOT_ROWS], acc_off[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = acc_off[r] = _mm256_setzero_ps();
+#endif
     const __m256i low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
     for (int b = 0; b < nb; b++, w += size) {
         prefetch_ahead(w, size, R);
@@ -741,7 +749,11 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
             __m256i o = _mm256_madd_epi16(offsets, _mm256_loadu_si256((const __m256i *)xb->sums));
+#if defined(USE_AMX)
+            offset[r] = hsum_i32(o);
+#else
             acc_off[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(o), _mm256_set1_ps(off_scale * xb->d), acc_off[r]);
+#endif
             sum[r] = _mm256_setzero_si256();
         }
         for (int n = 0; n < 2; n++) {
@@ -762,10 +774,21 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
             }
         }
 #pragma GCC unroll 8
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+        for (int r = 0; r < R; r++) {
+            float dx = X_BLOCK(x_block256, x, x_row, r, b)->d;
+#if defined(USE_AMX)
+            if (q3) acc[r] = fmaf((float)(hsum_i32(sum[r]) - 4 * offset[r]), d * dx, acc[r]);
+            else acc[r] = fmaf((float)hsum_i32(sum[r]), d * dx, acc[r]), acc_off[r] = fmaf((float)offset[r], off_scale * dx, acc_off[r]);
+#else
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx), acc[r]);
+#endif
+        }
     }
+#if defined(USE_AMX)
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r] - acc_off[r];
+#else
     for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_ps(acc_off[r]);
+#endif
 #else
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
@@ -802,8 +825,13 @@ static inline int iq4_xs_scale(const uint8_t *w, int s) {
 ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 256;
 #ifdef USE_AVX2
+#if defined(USE_AMX)
+    float acc[DOT_ROWS];  // each block's integer sum, one multiply-add: AMX's steps (amx_iq4_xs_task)
+    for (int r = 0; r < R; r++) acc[r] = 0;
+#else
     __m256 acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+#endif
     const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
     for (int b = 0; b < nb; b++, w += 136) {
         prefetch_ahead(w, 136, R);
@@ -822,10 +850,20 @@ ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
             }
         }
 #pragma GCC unroll 8
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+        for (int r = 0; r < R; r++) {
+            float dx = X_BLOCK(x_block256, x, x_row, r, b)->d;
+#if defined(USE_AMX)
+            acc[r] = fmaf((float)hsum_i32(sum[r]), d * dx, acc[r]);
+#else
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx), acc[r]);
+#endif
+        }
     }
+#if defined(USE_AMX)
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
+#else
     for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]);
+#endif
 #else
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
@@ -1049,11 +1087,18 @@ static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx
     return 0;
 }
 
-// Bytes times a small constant (products under 256)
-static inline __m256i mul_u8(__m256i q, int c) {
-    const __m256i low = _mm256_set1_epi16(0xff), k = _mm256_set1_epi16((short)c);
+// Bytes times int16 constants per 16-bit lane (products under 256)
+static inline __m256i mul_u8_lanes(__m256i q, __m256i k) {
+    const __m256i low = _mm256_set1_epi16(0xff);
     __m256i even = _mm256_mullo_epi16(_mm256_and_si256(q, low), k), odd = _mm256_mullo_epi16(_mm256_srli_epi16(q, 8), k);
     return _mm256_or_si256(_mm256_and_si256(even, low), _mm256_slli_epi16(odd, 8));
+}
+
+static inline __m256i mul_u8(__m256i q, int c) { return mul_u8_lanes(q, _mm256_set1_epi16((short)c)); }
+
+// int16 lanes 0-7 taking lane g of v, 8-15 lane g + 1 (a scale each for two groups of 16 bytes)
+static inline __m256i two_groups(__m256i v, int g) {
+    return _mm256_permutexvar_epi16(_mm256_set_m128i(_mm_set1_epi16((short)(g + 1)), _mm_set1_epi16((short)g)), v);
 }
 
 // Q4_K, Q5_K: each sub-block's 6-bit scale split in two 3-bit digits, sc = 8 hi + lo, folded into
@@ -1226,11 +1271,154 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
     return 0;
 }
 
+// Q2_K and Q3_K: codes 32 j + l of each half n are 2 bits of qs[32 n + l] at shift 2 j (Q3_K's
+// third from bit 4 n + j of hmask[l]), group k / 16 (q2_q3_k_rows). Q2_K's 4-bit scale folds into
+// its codes (q sc <= 45), one tile a block, its mins on their own chain; Q3_K's scale minus 32 as
+// sc = 8 hi + lo (lo 0..7, hi -4..3) into two copies of (q - 4), whose sum 8 hi + lo is the
+// rows' sum less 4 times their offset.
+static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row, const int q3) {
+    int nb = K / 256, size = q3 ? 110 : 84, qs_at = q3 ? 32 : 16, planes = q3 ? 2 : 1;
+    // codes times scales (Q2_K) or digits (Q3_K) [planes][16][K]; per block: mins as int16 pairs [8][16], d [16], dmin [16]
+    uint8_t *mem = scratch(planes * (size_t)TILE * K + (size_t)nb * TILE * 4 * (8 + 2));
+    if (!mem) return -2;
+    const size_t plane = (size_t)TILE * K;
+    uint8_t *codes = mem;
+    int32_t *mins = (int32_t *)(mem + planes * plane);
+    float *d = (float *)(mins + (size_t)nb * 8 * TILE), *dmin = d + (size_t)nb * TILE;
+    const __m256i low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1), four = _mm256_set1_epi8(4);
+    for (int n = 0; n < TILE; n++)
+        for (int b = 0; b < nb; b++) {
+            size_t at = (size_t)n * K + 256 * b;
+            const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
+            if (!w) {
+                for (int i = 0; i < planes; i++) memset(codes + i * plane + at, 0, 256);
+                for (int k = 0; k < 8; k++) mins[(b * 8 + k) * TILE + n] = 0;
+                d[b * TILE + n] = dmin[b * TILE + n] = 0;
+                continue;
+            }
+            int16_t sc[16], off[16];
+            q2_q3_k_scales(w, q3, sc, off);
+            __m256i scales = _mm256_loadu_si256((const __m256i *)sc);
+            __m256i lo = _mm256_and_si256(scales, _mm256_set1_epi16(7)), hi = _mm256_srai_epi16(scales, 3);
+            __m256i high = _mm256_loadu_si256((const __m256i *)w);
+            for (int h = 0; h < 2; h++) {
+                __m256i bits = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * h));
+                for (int j = 0; j < 4; j++) {
+                    __m256i q = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * j)), low2);
+                    int g = 8 * h + 2 * j;
+                    uint8_t *dst = codes + at + 128 * h + 32 * j;
+                    if (q3) {
+                        q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(4 * h + j)), one), 2));
+                        q = _mm256_sub_epi8(q, four);
+                        _mm256_storeu_si256((__m256i *)dst, mul_s8(q, two_groups(lo, g)));
+                        _mm256_storeu_si256((__m256i *)(dst + plane), mul_s8(q, two_groups(hi, g)));
+                    } else {
+                        _mm256_storeu_si256((__m256i *)dst, mul_u8_lanes(q, two_groups(scales, g)));
+                    }
+                }
+            }
+            for (int k = 0; k < 8; k++) mins[(b * 8 + k) * TILE + n] = q3 ? 0 : (int32_t)((uint16_t)off[2 * k] | (uint32_t)(uint16_t)off[2 * k + 1] << 16);
+            d[b * TILE + n] = f16_to_f32(read_u16(w + (q3 ? 108 : 80)));
+            dmin[b * TILE + n] = q3 ? 0 : f16_to_f32(read_u16(w + 82));
+        }
+    int32_t sums[2][TILE][TILE] __attribute__((aligned(64)));
+    float out[TILE][TILE] __attribute__((aligned(64)));
+    for (int t = 0; t < x->tiles; t++) {
+        __m512 acc[TILE], acc_off[TILE];
+        for (int n = 0; n < TILE; n++) acc[n] = acc_off[n] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
+            const uint8_t *a = codes + 256 * b;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int k = 0; k < 4; k++) {  // 64 values a multiply
+                _tile_loadd(6, bx + 1024 * k, 64);
+                _tile_loadd(4, a + 64 * k, K);
+                if (q3) {
+                    _tile_dpbssd(0, 4, 6);
+                    _tile_loadd(5, a + plane + 64 * k, K);
+                    _tile_dpbssd(1, 5, 6);
+                } else {
+                    _tile_dpbusd(0, 4, 6);
+                }
+            }
+            _tile_stored(0, sums[0], 64);
+            if (q3) _tile_stored(1, sums[1], 64);
+            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+            const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE, *mn = mins + b * 8 * TILE;
+            for (int n = 0; n < TILE; n++) {
+                __m512i block = _mm512_load_si512(sums[0][n]);
+                if (q3) {
+                    block = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), block);
+                } else {
+                    __m512i m = _mm512_setzero_si512();
+                    for (int k = 0; k < 8; k++) m = _mm512_dpwssd_epi32(m, _mm512_loadu_si512(xs + k * TILE), _mm512_set1_epi32(mn[k * TILE + n]));
+                    acc_off[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(_mm512_set1_ps(dmin[b * TILE + n]), dx), acc_off[n]);
+                }
+                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
+            }
+        }
+        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_off[n]));
+        amx_store(out, rows, t, M, y, y_row);
+    }
+    return 0;
+}
+
+// IQ4_XS: levels (-127..113) leave no room for the scale, so one tile multiply a sub-block of 32,
+// its sums times the rows' scales (minus 32) into the block's integer sum; one multiply-add a
+// block (iq4_xs_rows).
+static int amx_iq4_xs_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row) {
+    int nb = K / 256;
+    // levels [16][K]; per block: scales [8][16], d [16]
+    uint8_t *mem = scratch((size_t)TILE * K + (size_t)nb * TILE * 4 * (8 + 1));
+    if (!mem) return -2;
+    int8_t *codes = (int8_t *)mem;
+    int32_t *scales = (int32_t *)(mem + (size_t)TILE * K);
+    float *d = (float *)(scales + (size_t)nb * 8 * TILE);
+    for (int n = 0; n < TILE; n++)
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *w = n < rows ? row[n] + (size_t)136 * b : NULL;
+            for (int j = 0; j < 8; j++) {
+                _mm256_storeu_si256((__m256i *)(codes + (size_t)n * K + 256 * b + 32 * j),
+                                    w ? _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), nibbles_32(w + 8 + 16 * j))
+                                      : _mm256_setzero_si256());
+                scales[(b * 8 + j) * TILE + n] = w ? iq4_xs_scale(w, j) : 0;
+            }
+            d[b * TILE + n] = w ? f16_to_f32(read_u16(w)) : 0;
+        }
+    int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
+    float out[TILE][TILE] __attribute__((aligned(64)));
+    for (int t = 0; t < x->tiles; t++) {
+        __m512 acc[TILE];
+        for (int n = 0; n < TILE; n++) acc[n] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m512i block[TILE];
+            for (int n = 0; n < TILE; n++) block[n] = _mm512_setzero_si512();
+            for (int j0 = 0; j0 < 8; j0 += 4) {
+                tile_sums4_s8(codes + 256 * b + 32 * j0, K, x->codes + ((size_t)t * nb * 8 + b * 8 + j0) * 512, 32, sums);
+                for (int j = 0; j < 4; j++) {
+                    const int32_t *sc = scales + (b * 8 + j0 + j) * TILE;
+                    for (int n = 0; n < TILE; n++)
+                        block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(_mm512_load_si512(sums[j][n]), _mm512_set1_epi32(sc[n])));
+                }
+            }
+            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+            for (int n = 0; n < TILE; n++)
+                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block[n]), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
+        }
+        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], acc[n]);
+        amx_store(out, rows, t, M, y, y_row);
+    }
+    return 0;
+}
+
 typedef int (*amx_fn)(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row);
 static int amx_q8_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 0); }
 static int amx_iq4_nl(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 1); }
 static int amx_q4_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 0); }
 static int amx_q5_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 1); }
+static int amx_q2_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 0); }
+static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 1); }
 #endif
 
 // --- the matmul ---
@@ -1301,7 +1489,7 @@ static int task_rows(int t, int N, int parts, const uint8_t *const *w, const int
 // A type's tile task, with its group of values a scale (the tiles' depth), the activation sums
 // it takes as int16 pairs a block (amx_pack_x), and the activation rows from which it beats the
 // dots (below, unpacking 16 weight rows for the tiles costs more than the dots' few rows save;
-// 3B shapes, 2 threads: Q4_K and Q8_0 from 8 rows, Q6_K's 16 groups a block from 16)
+// 3B shapes, 2 threads: Q4_K and Q8_0 from 8 rows, Q6_K's three copies of its codes from 16)
 typedef struct {
     amx_fn task;
     int group, pairs, min_rows;
@@ -1314,6 +1502,9 @@ static amx_kernel amx_for(int type) {
     case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, 8};
     case GGML_Q5_K: return (amx_kernel){amx_q5_k, 64, 4, 8};
     case GGML_Q6_K: return (amx_kernel){amx_q6_k_task, 64, 0, 16};
+    case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, 8};
+    case GGML_Q3_K: return (amx_kernel){amx_q3_k, 64, 0, 8};
+    case GGML_IQ4_XS: return (amx_kernel){amx_iq4_xs_task, 32, 0, 8};
     default: return (amx_kernel){NULL, 0, 0, 0};
     }
 }
