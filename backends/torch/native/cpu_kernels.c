@@ -345,10 +345,71 @@ ROWS_INLINE void q4_q5_block(const uint8_t *w, const uint8_t *x, size_t x_row, i
 }
 #endif
 
+#ifdef USE_AMX
+// A block's codes and its [d, c] scales (c = m, or d for the zero's term)
+static inline __m256i q4_q5_codes(const uint8_t *w, const int with_min, const int with_high, __m128 *weight_scales) {
+    int qh_at = with_min ? 4 : 2;
+    __m256i q = nibbles_32(w + qh_at + (with_high ? 4 : 0));
+    if (with_high) {
+        uint32_t qh;
+        memcpy(&qh, w + qh_at, 4);
+        q = _mm256_or_si256(q, bits_as_0x10(qh));
+    }
+    uint32_t bits;
+    if (with_min) memcpy(&bits, w, 4);
+    else bits = read_u16(w) * 0x10001u;
+    *weight_scales = _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits));
+    return q;
+}
+#endif
+
 ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
                             const int with_min, const int with_high, const int R) {
     int nb = K / 32, size = (with_min ? 20 : 18) + (with_high ? 4 : 0), zero = with_high ? 16 : 8, b = 0;
-#ifdef USE_AVX2
+#if defined(USE_AMX)
+    // Each block's integer sum, one multiply-add into chain b % 4 (the blocks past the last four on
+    // chain 0), the chains added in pairs, the offsets' chain beside: AMX's steps (amx_q4_q5_task)
+    __m128 acc[DOT_ROWS], offsets[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = offsets[r] = _mm_setzero_ps();
+    for (; b + 3 < nb; b += 4) {
+        const uint8_t *wb = w + size * b;
+        prefetch_ahead(wb, 4 * size, R);
+        __m256i q[4];
+        __m128 weight_scales[4];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) q[u] = q4_q5_codes(wb + size * u, with_min, with_high, &weight_scales[u]);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+            __m128 scales[4];
+            __m256i p[4];
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) {
+                scales[u] = _mm_mul_ps(weight_scales[u], _mm_castpd_ps(_mm_load_sd((const double *)&xb[u].d)));
+                offsets[r] = _mm_add_ps(offsets[r], scales[u]);
+                p[u] = dot_u8_s8(q[u], _mm256_loadu_si256((const __m256i *)xb[u].q));
+            }
+            __m128 d4 = _mm_movelh_ps(_mm_unpacklo_ps(scales[0], scales[1]), _mm_unpacklo_ps(scales[2], scales[3]));
+            acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(hsum4_i32(p[0], p[1], p[2], p[3])), d4, acc[r]);
+        }
+    }
+    for (; b < nb; b++) {
+        __m128 weight_scales;
+        __m256i q = q4_q5_codes(w + size * b, with_min, with_high, &weight_scales);
+        for (int r = 0; r < R; r++) {
+            const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+            __m128 scales = _mm_mul_ps(weight_scales, _mm_castpd_ps(_mm_load_sd((const double *)&xb->d)));
+            offsets[r] = _mm_add_ps(offsets[r], scales);
+            int sum = hsum_i32(dot_u8_s8(q, _mm256_loadu_si256((const __m256i *)xb->q)));
+            acc[r] = _mm_move_ss(acc[r], _mm_fmadd_ss(_mm_cvtepi32_ps(_mm_cvtsi32_si128(sum)), scales, acc[r]));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float lanes[4], offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets[r], offsets[r], 1)) * (with_min ? 1 : -zero);
+        _mm_storeu_ps(lanes, acc[r]);
+        y[r * y_step] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + offset;
+    }
+#elif defined(USE_AVX2)
     __m256 acc[4][DOT_ROWS];
     __m128 offsets[DOT_ROWS];
     for (int r = 0; r < R; r++) {
@@ -1000,14 +1061,15 @@ TILE_SUMS4(tile_sums4_s8, _tile_dpbssd)
 // [blocks][pairs][16], of each 32 (pairs 4: Q4_K's mins) or each 16 (pairs 8: Q6_K's shift).
 typedef struct {
     const int8_t *codes;
-    const float *dx;
+    const float *dx, *sx;  // sx: the 32-value blocks' d * sum(q) [blocks][16] (Q4_0's to Q5_1's offsets)
     const int32_t *sums;
     int tiles;
 } amx_x;
 
-static void amx_pack_x(const uint8_t *xq, size_t x_row, int block, int pairs, int M, int K, int tile, int8_t *codes, float *dx, int32_t *sums) {
+static void amx_pack_x(const uint8_t *xq, size_t x_row, int block, int pairs, int M, int K, int tile, int8_t *codes, float *dx,
+                       float *sx, int32_t *sums) {
     int G = K / 32, nb = K / block;
-    codes += (size_t)tile * G * 512, dx += (size_t)tile * nb * TILE, sums += (size_t)tile * nb * pairs * TILE;
+    codes += (size_t)tile * G * 512, dx += (size_t)tile * nb * TILE, sx += (size_t)tile * nb * TILE, sums += (size_t)tile * nb * pairs * TILE;
     memset(codes, 0, (size_t)G * 512);
     for (int m = 0; m < TILE; m++) {
         int r = tile * TILE + m;
@@ -1015,7 +1077,7 @@ static void amx_pack_x(const uint8_t *xq, size_t x_row, int block, int pairs, in
             const int8_t *q = NULL;
             if (block == 32) {
                 const x_block32 *xb = r < M ? X_BLOCK(x_block32, xq, x_row, r, b) : NULL;
-                dx[b * TILE + m] = xb ? xb->d : 0, q = xb ? xb->q : NULL;
+                dx[b * TILE + m] = xb ? xb->d : 0, sx[b * TILE + m] = xb ? xb->s : 0, q = xb ? xb->q : NULL;
             } else {
                 const x_block256 *xb = r < M ? X_BLOCK(x_block256, xq, x_row, r, b) : NULL;
                 dx[b * TILE + m] = xb ? xb->d : 0, q = xb ? xb->q : NULL;
@@ -1412,11 +1474,62 @@ static int amx_iq4_xs_task(const uint8_t *const *row, int rows, int K, const amx
     return 0;
 }
 
+// Q4_0, Q4_1, Q5_0, Q5_1: one tile multiply a block (unsigned codes), chain b % 4 of each output
+// taking d dx times the block's sum, the offsets' chain c sx beside (q4_q5_rows).
+static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row,
+                          const int with_min, const int with_high) {
+    int nb = K / 32, size = (with_min ? 20 : 18) + (with_high ? 4 : 0), zero = with_high ? 16 : 8, last4 = nb & ~3;
+    uint8_t *mem = scratch((size_t)TILE * K + 96 + 2 * sizeof(float) * nb * TILE);  // 96: a fourth block read past the last
+    if (!mem) return -2;
+    uint8_t *codes = mem;
+    float *d = (float *)(mem + (size_t)TILE * K + 96), *c = d + (size_t)nb * TILE;
+    for (int n = 0; n < TILE; n++)
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
+            __m128 weight_scales = _mm_setzero_ps();
+            __m256i q = w ? q4_q5_codes(w, with_min, with_high, &weight_scales) : _mm256_setzero_si256();
+            _mm256_storeu_si256((__m256i *)(codes + (size_t)n * K + 32 * b), q);
+            d[b * TILE + n] = _mm_cvtss_f32(weight_scales), c[b * TILE + n] = _mm_cvtss_f32(_mm_shuffle_ps(weight_scales, weight_scales, 1));
+        }
+    int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
+    float out[TILE][TILE] __attribute__((aligned(64)));
+    const __m512 factor = _mm512_set1_ps(with_min ? 1.0f : (float)-zero);
+    for (int t = 0; t < x->tiles; t++) {
+        __m512 acc[4][TILE], offsets[TILE];
+        for (int n = 0; n < TILE; n++) {
+            offsets[n] = _mm512_setzero_ps();
+            for (int u = 0; u < 4; u++) acc[u][n] = _mm512_setzero_ps();
+        }
+        for (int b0 = 0; b0 < nb; b0 += 4) {  // the codes have room for a fourth past the last block
+            tile_sums4_u8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, sums);
+            for (int b = b0; b < b0 + 4 && b < nb; b++) {
+                const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE), sx = _mm512_loadu_ps(x->sx + ((size_t)t * nb + b) * TILE);
+                int u = b < last4 ? b % 4 : 0;
+                for (int n = 0; n < TILE; n++) {
+                    offsets[n] = _mm512_add_ps(offsets[n], _mm512_mul_ps(_mm512_set1_ps(c[b * TILE + n]), sx));
+                    acc[u][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[b - b0][n])),
+                                                _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[u][n]);
+                }
+            }
+        }
+        for (int n = 0; n < TILE; n++) {
+            __m512 total = _mm512_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]), _mm512_add_ps(acc[2][n], acc[3][n]));
+            _mm512_store_ps(out[n], _mm512_add_ps(total, _mm512_mul_ps(offsets[n], factor)));
+        }
+        amx_store(out, rows, t, M, y, y_row);
+    }
+    return 0;
+}
+
 typedef int (*amx_fn)(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row);
 static int amx_q8_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 0); }
 static int amx_iq4_nl(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 1); }
 static int amx_q4_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 0); }
 static int amx_q5_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 1); }
+static int amx_q4_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 0, 0); }
+static int amx_q4_1(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 1, 0); }
+static int amx_q5_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 0, 1); }
+static int amx_q5_1(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 1, 1); }
 static int amx_q2_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 0); }
 static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 1); }
 #endif
@@ -1497,6 +1610,10 @@ typedef struct {
 
 static amx_kernel amx_for(int type) {
     switch (type) {
+    case GGML_Q4_0: return (amx_kernel){amx_q4_0, 32, 0, 8};
+    case GGML_Q4_1: return (amx_kernel){amx_q4_1, 32, 0, 8};
+    case GGML_Q5_0: return (amx_kernel){amx_q5_0, 32, 0, 8};
+    case GGML_Q5_1: return (amx_kernel){amx_q5_1, 32, 0, 8};
     case GGML_Q8_0: return (amx_kernel){amx_q8_0, 32, 0, 8};
     case GGML_IQ4_NL: return (amx_kernel){amx_iq4_nl, 32, 0, 8};
     case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, 8};
@@ -1512,22 +1629,22 @@ static amx_kernel amx_for(int type) {
 static int amx_matmul(const format *f, amx_kernel kernel, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
                       int N, const float *x, float *y, size_t y_row, int M, int K, int threads) {
     size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes, tiles = (M + TILE - 1) / TILE, nb = K / f->x_block;
-    size_t code_bytes = tiles * (K / 32) * 512, dx_bytes = tiles * nb * TILE * sizeof(float);
+    size_t code_bytes = tiles * (K / 32) * 512, dx_bytes = 2 * tiles * nb * TILE * sizeof(float);  // dx and sx
     size_t sum_bytes = tiles * nb * kernel.pairs * TILE * sizeof(int32_t);
     code_bytes += 3 * 512;  // a fourth group read past the last (amx_signed_task)
     uint8_t *xq = malloc(x_row * M + code_bytes + dx_bytes + sum_bytes);
     if (!xq) return -2;
     int8_t *codes = (int8_t *)(xq + x_row * M);
-    float *dx = (float *)(xq + x_row * M + code_bytes);
+    float *dx = (float *)(xq + x_row * M + code_bytes), *sx = dx + tiles * nb * TILE;
     int32_t *sums = (int32_t *)(xq + x_row * M + code_bytes + dx_bytes);
-    const amx_x packed = {codes, dx, sums, (int)tiles};
+    const amx_x packed = {codes, dx, sx, sums, (int)tiles};
     int tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK, status = 0;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) quantize_row(f, x + (size_t)m * K, K, xq + m * x_row);
 #pragma omp for schedule(static)
-        for (int t = 0; t < (int)tiles; t++) amx_pack_x(xq, x_row, f->x_block, kernel.pairs, M, K, t, codes, dx, sums);
+        for (int t = 0; t < (int)tiles; t++) amx_pack_x(xq, x_row, f->x_block, kernel.pairs, M, K, t, codes, dx, sx, sums);
         amx_begin(kernel.group);
 #pragma omp for schedule(static)
         for (int t = 0; t < tasks; t++) {
