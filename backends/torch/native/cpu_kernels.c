@@ -982,12 +982,16 @@ ROWS_FN(iq4_xs)
 #ifdef USE_AMX
 // --- a prompt's rows on AMX tiles ---
 //
-// One tile multiply takes 16 weight rows and 16 activation rows over 32 values (a Q8_0 block, a
-// K-quant's sub-block) into their 16 x 16 integer sums, ~1000 int8 products a cycle where the
-// AVX-512 dots above reach ~20. The sums then take, lane by lane, the float steps the row
-// kernels take for one row (signed_rows, q4_q5_k_rows where USE_AMX), so every output is bitwise
-// the token decoded alone. The weights' codes are unpacked once per 16 rows into a thread's
-// scratch (A, row-major) and the activations once per call into B's layout.
+// One tile multiply takes 16 weight rows and 16 activation rows over 32 or 64 values into their
+// 16 x 16 integer sums, ~1000 int8 products a cycle where the AVX-512 dots above reach ~20. A
+// 32-value block with a float scale (Q4_0 to Q8_0, IQ4_NL) is one multiply. A K-quant's integer
+// sub-block scales are folded into copies of the weight codes, one per digit of the scale (each
+// copy's products still fit a byte), so its tiles accumulate a whole block 64 values at a time
+// with no work between sub-blocks; IQ4_XS, whose levels leave no room, takes one multiply a
+// sub-block. The sums then take, lane by lane, the float steps the row kernels take for one row
+// (their USE_AMX forms), so every output is bitwise the token decoded alone. The weights are
+// unpacked once per 16 rows into a thread's scratch (A, row-major), the activations once per
+// call into B's layout.
 
 #define TILE 16
 // tile registers (the intrinsics take literal numbers)
