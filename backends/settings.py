@@ -9,6 +9,8 @@ setting, one line at the CLI like any other bad input.
 | SMOLLM3_KERNELS          | fast    | `reference`: torch dequantizes every weight per matmul    |
 |                          |         | (slow, simplest: what the fast kernels are checked with)  |
 | SMOLLM3_NATIVE           | 1       | `0`: never build or load our C kernels (torch's run)      |
+| SMOLLM3_AMX              | 1       | `0`: prompts take the C kernels' vector dots, not the     |
+|                          |         | CPU's AMX tiles (where the CPU and Linux have them)       |
 | SMOLLM3_COMPILE          | 1       | `0`: no torch.compile'd decode kernel for group-16 types  |
 | SMOLLM3_KV_CACHE         | f16     | the native CPU path's KV cache: `f16` (half the memory,   |
 |                          |         | as llama.cpp) or `f32` (the default with reference kernels)|
@@ -56,6 +58,11 @@ def kernels() -> str:
 def native_kernels() -> bool:
     """SMOLLM3_NATIVE: whether our C kernels may be built and used."""
     return _flag("SMOLLM3_NATIVE", True)
+
+
+def amx() -> bool:
+    """SMOLLM3_AMX: whether a prompt's rows may go through the CPU's AMX tiles (same results)."""
+    return _flag("SMOLLM3_AMX", True)
 
 
 def compile_kernels() -> bool:

@@ -3,7 +3,6 @@ sum_j w_j * dequantized(int8 x)_j, on its SIMD builds (AVX-512, AVX2) and its sc
 every type it takes, and gives each input row the bits it gets alone."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 import backends
+from backends import settings
 from backends.sampling import GREEDY
 from backends.torch import native
 from conftest import FIXTURES, tiny_gguf
@@ -119,9 +119,16 @@ def test_prompts_take_the_amx_tiles_where_the_cpu_has_them():
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if not all(flag in cpu for flag in ("amx_int8", "amx_tile", "avx512_vnni")):
         pytest.skip("no AMX here")
-    if os.environ.get("SMOLLM3_AMX") == "0":
+    if not settings.amx():
         pytest.skip("AMX turned off (SMOLLM3_AMX=0)")
     assert native.library().gguf_matmul_amx() == 1
+
+
+def test_smollm3_amx_0_keeps_the_vector_dots(monkeypatch):
+    monkeypatch.setenv("SMOLLM3_AMX", "0")
+    assert native.library().gguf_matmul_amx() == 0
+    monkeypatch.delenv("SMOLLM3_AMX")
+    native.library()  # the setting back as the other tests have it
 
 
 def test_zero_activations_give_zero():

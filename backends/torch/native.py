@@ -79,6 +79,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.gguf_matmul_supports.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.gguf_matmul_simd.restype = ctypes.c_int
     lib.gguf_matmul_amx.restype = ctypes.c_int
+    lib.gguf_matmul_allow_amx.argtypes = [ctypes.c_int]
+    lib.gguf_matmul_allow_amx.restype = None
     return lib
 
 
@@ -86,10 +88,20 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-@functools.cache
 def library() -> ctypes.CDLL | None:
-    """The built library, or None (no C compiler or no OpenMP, or SMOLLM3_NATIVE=0)."""
-    if not settings.native_kernels() or (cc := compiler()) is None:
+    """The built library, or None (no C compiler or no OpenMP, or SMOLLM3_NATIVE=0), with
+    SMOLLM3_AMX applied as it reads now."""
+    if not settings.native_kernels():
+        return None
+    lib = _built_library()
+    if lib is not None:
+        lib.gguf_matmul_allow_amx(int(settings.amx()))
+    return lib
+
+
+@functools.cache
+def _built_library() -> ctypes.CDLL | None:
+    if (cc := compiler()) is None:
         return None
     try:
         return load(build(cc))

@@ -1005,15 +1005,13 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-// Linux hands out the tile registers' state only on request; SMOLLM3_AMX=0 keeps the AVX-512 dots.
+static int amx_allowed = 1;  // gguf_matmul_allow_amx (SMOLLM3_AMX)
+
+// Linux hands out the tile registers' state only on request.
 static int amx_usable(void) {
-    static int state;  // 0: not asked yet, 1: granted, -1: refused (an older kernel, a sandbox, or the user)
-    if (!state) {
-        const char *env = getenv("SMOLLM3_AMX");
-        int wanted = !(env && env[0] == '0');
-        state = wanted && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
-    }
-    return state > 0;
+    static int state;  // 0: not asked yet, 1: granted, -1: refused (an older kernel, a sandbox)
+    if (!state) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+    return amx_allowed && state > 0;
 }
 
 // Tiles for groups of 32 values (a block with one scale) or 64 (the K-quants', scales folded in)
@@ -1705,6 +1703,15 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
     }
     free(xq);
     return 0;
+}
+
+// Whether prompts may take the AMX tiles (the same results either way; settings.amx()).
+void gguf_matmul_allow_amx(int allowed) {
+#ifdef USE_AMX
+    amx_allowed = allowed;
+#else
+    (void)allowed;
+#endif
 }
 
 // Whether prompts take the AMX tiles here (tests check that they do where the CPU has them).
