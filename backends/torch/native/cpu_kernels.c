@@ -12,10 +12,10 @@
 // weight. As in llama.cpp, activations are quantized to int8 per block (32 values, or 256 for
 // the 256-value blocks), so each block is one integer dot product; the result is exactly
 // sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
-// takes the same activation blocks (an int8 GEMM: on AMX tiles for Q8_0, IQ4_NL, Q4_K, Q5_K and
-// Q6_K where the CPU has them, else the dots) and gives each row bitwise the result it gets
-// decoded alone, for every row count, so a prompt's answer does not depend on how it is split
-// into forward passes, and no path is less exact than llama.cpp's.
+// takes the same activation blocks (an int8 GEMM: on AMX tiles where the CPU has them, else the
+// dots) and gives each row bitwise the result it gets decoded alone, for every row count, so a
+// prompt's answer does not depend on how it is split into forward passes, and no path is less
+// exact than llama.cpp's.
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
@@ -1060,7 +1060,7 @@ TILE_SUMS4(tile_sums4_s8, _tile_dpbssd)
 // The activations as the tiles take them, per 16 rows (rows past M are zeros): codes [G][8][64]
 // for each group g of 32 values, code k of row m at (k / 4) * 64 + m * 4 + k % 4 (a group of 16
 // is half of that); scales [blocks][16]; and for the K-quants the codes' sums as int16 pairs
-// [blocks][pairs][16], of each 32 (pairs 4: Q4_K's mins) or each 16 (pairs 8: Q6_K's shift).
+// [blocks][pairs][16], of each 32 (pairs 4: Q4_K's and Q5_K's mins) or each 16 (pairs 8: Q2_K's).
 typedef struct {
     const int8_t *codes;
     const float *dx, *sx;  // sx: the 32-value blocks' d * sum(q) [blocks][16] (Q4_0's to Q5_1's offsets)
