@@ -467,6 +467,21 @@ static inline void q4_k_scales(const uint8_t *s, uint32_t sc[2], uint32_t mn[2])
     mn[1] = ((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030);
 }
 
+#ifdef USE_AVX2
+// Sub-blocks 2j (lo: low nibbles) and 2j + 1 (hi: high nibbles) of a Q4_K or Q5_K block's codes;
+// Q5_K's fifth bits are bit 2j (lo) and 2j + 1 (hi) of qh[l].
+static inline void q4_q5_k_codes(const uint8_t *w, int qs_at, int j, const int with_high, __m256i *lo, __m256i *hi) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    __m256i q = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * j));
+    *lo = _mm256_and_si256(q, low4), *hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+    if (with_high) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(w + 16));
+        *lo = _mm256_or_si256(*lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j)), one), 4));
+        *hi = _mm256_or_si256(*hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j + 1)), one), 4));
+    }
+}
+#endif
+
 ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
                               const int with_high, const int R) {
     int nb = K / 256, size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
@@ -534,7 +549,6 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
     __m256 acc[DOT_ROWS];
     __m128 acc_min[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), acc_min[r] = _mm_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
     for (int b = 0; b < nb; b++, w += size) {
         prefetch_ahead(w, size, R);
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
@@ -545,15 +559,9 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
         __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc[1], sc[0])));
         __m256i sum[DOT_ROWS];
         for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
-        const uint8_t *qs = w + qs_at;
-        for (int j = 0; j < 4; j++, qs += 32) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)qs);
-            __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-            if (with_high) {  // bit 2j of qh[l] to bit 4 of the low code, bit 2j + 1 to the high's
-                __m256i h = _mm256_loadu_si256((const __m256i *)(w + 16)), one = _mm256_set1_epi8(1);
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j)), one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j + 1)), one), 4));
-            }
+        for (int j = 0; j < 4; j++) {
+            __m256i lo, hi;
+            q4_q5_k_codes(w, qs_at, j, with_high, &lo, &hi);
             __m256i slo = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 1) << 8 | 4 * j)));
             __m256i shi = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))));
 #pragma GCC unroll 8
@@ -612,6 +620,19 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
 // Q6_K's int16 lanes of 64 codes (after maddubs) to their scale among a half's 8: 16 codes a scale.
 static const int16_t Q6_K_SCALE_LANES[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                              2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+#endif
+
+#ifdef USE_AVX2
+// A half's 128 codes, 32 at a time in the activations' order, from its ql[64] and qh[32].
+static inline void q6_k_codes(const uint8_t *ql, const uint8_t *qh, __m256i q[4]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
+    __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+    __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+    q[0] = _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(h, low2), 4));
+    q[1] = _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), low2), 4));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), low2), 4));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), low2), 4));
+}
 #endif
 
 ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
@@ -680,7 +701,6 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
 #elif defined(USE_AVX2)
     __m256 acc[DOT_ROWS], acc_shift[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = acc_shift[r] = _mm256_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03);
     for (int b = 0; b < nb; b++, w += 210) {
         prefetch_ahead(w, 210, R);
         const uint8_t *ql = w, *qh = w + 128;
@@ -696,14 +716,8 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
         }
         for (int half = 0; half < 2; half++, ql += 64, qh += 32) {
             __m256i half_scales = _mm256_broadcastsi128_si256(half ? _mm256_extracti128_si256(scales, 1) : _mm256_castsi256_si128(scales));
-            __m256i h = _mm256_loadu_si256((const __m256i *)qh);
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-            __m256i q[4] = {
-                _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(h, low2), 4)),
-                _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), low2), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), low2), 4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), low2), 4)),
-            };
+            __m256i q[4];
+            q6_k_codes(ql, qh, q);
             // scale 2k for the low 16 codes, 2k + 1 for the high: int16 lanes of this half's 8
             __m256i s[4];
             for (int k = 0; k < 4; k++)
@@ -776,6 +790,16 @@ static inline void q2_q3_k_scales(const uint8_t *w, const int q3, int16_t sc[16]
     }
 }
 
+#ifdef USE_AVX2
+// Codes 32 j to 32 j + 31 of half n: two bits of the half's 32 qs bytes at shift 2 j, and Q3_K's
+// third from bit 4 n + j of the 32 hmask bytes (high)
+static inline __m256i q2_q3_k_codes(__m256i bits, __m256i high, int n, int j, const int q3) {
+    __m256i q = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * j)), _mm256_set1_epi8(3));
+    if (q3) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(4 * n + j)), _mm256_set1_epi8(1)), 2));
+    return q;
+}
+#endif
+
 ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
                               const int q3, const int R) {
     int nb = K / 256, size = q3 ? 110 : 84, qs_at = q3 ? 32 : 16;
@@ -790,7 +814,6 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
     __m256 acc[DOT_ROWS], acc_off[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = acc_off[r] = _mm256_setzero_ps();
 #endif
-    const __m256i low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
     for (int b = 0; b < nb; b++, w += size) {
         prefetch_ahead(w, size, R);
         float d = f16_to_f32(read_u16(w + (q3 ? 108 : 80))), off_scale = q3 ? 4 * d : f16_to_f32(read_u16(w + 82));
@@ -821,8 +844,7 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
             __m256i half_scales = _mm256_broadcastsi128_si256(n ? _mm256_extracti128_si256(scales, 1) : _mm256_castsi256_si128(scales));
             __m256i bits = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * n)), high = _mm256_loadu_si256((const __m256i *)w);
             for (int j = 0; j < 4; j++) {
-                __m256i q = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * j)), low2);
-                if (q3) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(4 * n + j)), one), 2));
+                __m256i q = q2_q3_k_codes(bits, high, n, j, q3);
                 // the low 16 codes take scale 2j of the half, the high 16 scale 2j + 1
                 __m256i s = _mm256_shuffle_epi8(half_scales, _mm256_set_m128i(_mm_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))),
                                                                              _mm_set1_epi16((short)((4 * j + 1) << 8 | 4 * j))));
@@ -1102,6 +1124,19 @@ static void amx_store(const float out[TILE][TILE], int rows, int tile, int M, fl
         for (int n = 0; n < rows; n++) y[(size_t)(tile * TILE + m) * y_row + n] = out[n][m];
 }
 
+// A block's step for 16 outputs, as a row kernel takes it for one: acc + sum * (w * dx), dx the
+// activation rows' scales, w the weight row's
+static inline __m512 add_block(__m512 acc, __m512i sum, float w, __m512 dx) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_set1_ps(w), dx), acc);
+}
+
+// Per activation row, sum_k of the int16 pairs xs[k] (16 rows each) dotted with the weight row's pair w[k * 16]
+static inline __m512i pair_dots(const int32_t *xs, const int32_t *w, int pairs) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int k = 0; k < pairs; k++) sum = _mm512_dpwssd_epi32(sum, _mm512_loadu_si512(xs + k * TILE), _mm512_set1_epi32(w[k * TILE]));
+    return sum;
+}
+
 // A thread's scratch for one task's unpacked weights, kept between calls (threads are torch's pool).
 static _Thread_local uint8_t *scratch_memory;
 static _Thread_local size_t scratch_size;
@@ -1140,9 +1175,7 @@ static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx
             for (int b = b0; b < b0 + 4 && b < nb; b++) {
                 __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
                 int u = b < last4 ? b % 4 : 0;
-                for (int n = 0; n < TILE; n++)
-                    acc[u][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[b - b0][n])),
-                                                _mm512_mul_ps(_mm512_set1_ps(dw[b * TILE + n]), dx), acc[u][n]);
+                for (int n = 0; n < TILE; n++) acc[u][n] = add_block(acc[u][n], _mm512_load_si512(sums[b - b0][n]), dw[b * TILE + n], dx);
             }
         }
         for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]), _mm512_add_ps(acc[2][n], acc[3][n])));
@@ -1177,7 +1210,6 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
     uint8_t *low = mem, *high = mem + (size_t)TILE * K;
     int32_t *mins = (int32_t *)(mem + 2 * (size_t)TILE * K);
     float *d = (float *)(mins + (size_t)nb * 4 * TILE), *dmin = d + (size_t)nb * TILE;
-    const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             size_t at = (size_t)n * K + 256 * b;
@@ -1191,14 +1223,9 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
             uint32_t scw[2], mnw[2];
             q4_k_scales(w + 4, scw, mnw);
             const uint8_t *sc = (const uint8_t *)scw, *mn = (const uint8_t *)mnw;
-            for (int j = 0; j < 4; j++) {  // as q4_q5_k_rows: low nibbles are sub-block 2j, high 2j + 1
-                __m256i q = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * j));
-                __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-                if (with_high) {
-                    __m256i h = _mm256_loadu_si256((const __m256i *)(w + 16));
-                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j)), one), 4));
-                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * j + 1)), one), 4));
-                }
+            for (int j = 0; j < 4; j++) {
+                __m256i lo, hi;
+                q4_q5_k_codes(w, qs_at, j, with_high, &lo, &hi);
                 _mm256_storeu_si256((__m256i *)(low + at + 64 * j), mul_u8(lo, sc[2 * j] & 7));
                 _mm256_storeu_si256((__m256i *)(low + at + 64 * j + 32), mul_u8(hi, sc[2 * j + 1] & 7));
                 _mm256_storeu_si256((__m256i *)(high + at + 64 * j), mul_u8(lo, sc[2 * j] >> 3));
@@ -1229,10 +1256,8 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
             const int32_t *xs = x->sums + ((size_t)t * nb + b) * 4 * TILE, *mn = mins + b * 4 * TILE;
             for (int n = 0; n < TILE; n++) {
                 __m512i block = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[0][n]), 3), _mm512_load_si512(sums[1][n]));
-                __m512i m = _mm512_setzero_si512();
-                for (int k = 0; k < 4; k++) m = _mm512_dpwssd_epi32(m, _mm512_loadu_si512(xs + k * TILE), _mm512_set1_epi32(mn[k * TILE + n]));
-                acc_min[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(_mm512_set1_ps(dmin[b * TILE + n]), dx), acc_min[n]);
-                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
+                acc_min[n] = add_block(acc_min[n], pair_dots(xs, mn + n, 4), dmin[b * TILE + n], dx);
+                acc[n] = add_block(acc[n], block, d[b * TILE + n], dx);
             }
         }
         for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_min[n]));
@@ -1258,7 +1283,7 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
     if (!mem) return -2;
     int8_t *digits = (int8_t *)mem;
     float *d = (float *)(mem + 3 * (size_t)TILE * K);
-    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(0x03), centre = _mm256_set1_epi8(32);
+    const __m256i centre = _mm256_set1_epi8(32);
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             size_t at = (size_t)n * K + 256 * b, plane = (size_t)TILE * K;
@@ -1276,16 +1301,10 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
                 digit[i] = _mm256_sub_epi16(_mm256_sub_epi16(v, _mm256_mullo_epi16(q, _mm256_set1_epi16(7))), _mm256_set1_epi16(3));
                 sc = _mm256_sub_epi16(q, _mm256_set1_epi16(20));
             }
-            for (int half = 0; half < 2; half++) {  // as q6_k_rows' AVX2 path: codes 32 at a time
+            for (int half = 0; half < 2; half++) {
                 const uint8_t *ql = w + 64 * half, *qh = w + 128 + 32 * half;
-                __m256i h = _mm256_loadu_si256((const __m256i *)qh);
-                __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-                __m256i q[4] = {
-                    _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(h, low2), 4)),
-                    _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), low2), 4)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), low2), 4)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), low2), 4)),
-                };
+                __m256i q[4];
+                q6_k_codes(ql, qh, q);
                 for (int j = 0; j < 4; j++) {
                     int g = 8 * half + 2 * j;  // 32 codes: groups g and g + 1
                     __m256i centred = _mm256_sub_epi8(q[j], centre);
@@ -1326,7 +1345,7 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
                 __m512i block = _mm512_add_epi32(_mm512_load_si512(sums[0][n]),
                                                  _mm512_add_epi32(_mm512_mullo_epi32(_mm512_load_si512(sums[1][n]), _mm512_set1_epi32(7)),
                                                                   _mm512_mullo_epi32(_mm512_load_si512(sums[2][n]), _mm512_set1_epi32(49))));
-                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
+                acc[n] = add_block(acc[n], block, d[b * TILE + n], dx);
             }
         }
         for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], acc[n]);
@@ -1349,7 +1368,7 @@ static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const am
     uint8_t *codes = mem;
     int32_t *mins = (int32_t *)(mem + planes * plane);
     float *d = (float *)(mins + (size_t)nb * 8 * TILE), *dmin = d + (size_t)nb * TILE;
-    const __m256i low2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1), four = _mm256_set1_epi8(4);
+    const __m256i four = _mm256_set1_epi8(4);
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             size_t at = (size_t)n * K + 256 * b;
@@ -1368,11 +1387,10 @@ static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const am
             for (int h = 0; h < 2; h++) {
                 __m256i bits = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * h));
                 for (int j = 0; j < 4; j++) {
-                    __m256i q = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * j)), low2);
+                    __m256i q = q2_q3_k_codes(bits, high, h, j, q3);
                     int g = 8 * h + 2 * j;
                     uint8_t *dst = codes + at + 128 * h + 32 * j;
                     if (q3) {
-                        q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(4 * h + j)), one), 2));
                         q = _mm256_sub_epi8(q, four);
                         _mm256_storeu_si256((__m256i *)dst, mul_s8(q, two_groups(lo, g)));
                         _mm256_storeu_si256((__m256i *)(dst + plane), mul_s8(q, two_groups(hi, g)));
@@ -1415,11 +1433,9 @@ static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const am
                 if (q3) {
                     block = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), block);
                 } else {
-                    __m512i m = _mm512_setzero_si512();
-                    for (int k = 0; k < 8; k++) m = _mm512_dpwssd_epi32(m, _mm512_loadu_si512(xs + k * TILE), _mm512_set1_epi32(mn[k * TILE + n]));
-                    acc_off[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(_mm512_set1_ps(dmin[b * TILE + n]), dx), acc_off[n]);
+                    acc_off[n] = add_block(acc_off[n], pair_dots(xs, mn + n, 8), dmin[b * TILE + n], dx);
                 }
-                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
+                acc[n] = add_block(acc[n], block, d[b * TILE + n], dx);
             }
         }
         for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_off[n]));
@@ -1467,8 +1483,7 @@ static int amx_iq4_xs_task(const uint8_t *const *row, int rows, int K, const amx
                 }
             }
             const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
-            for (int n = 0; n < TILE; n++)
-                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block[n]), _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[n]);
+            for (int n = 0; n < TILE; n++) acc[n] = add_block(acc[n], block[n], d[b * TILE + n], dx);
         }
         for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], acc[n]);
         amx_store(out, rows, t, M, y, y_row);
@@ -1509,8 +1524,7 @@ static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_
                 int u = b < last4 ? b % 4 : 0;
                 for (int n = 0; n < TILE; n++) {
                     offsets[n] = _mm512_add_ps(offsets[n], _mm512_mul_ps(_mm512_set1_ps(c[b * TILE + n]), sx));
-                    acc[u][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[b - b0][n])),
-                                                _mm512_mul_ps(_mm512_set1_ps(d[b * TILE + n]), dx), acc[u][n]);
+                    acc[u][n] = add_block(acc[u][n], _mm512_load_si512(sums[b - b0][n]), d[b * TILE + n], dx);
                 }
             }
         }
