@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -38,6 +40,27 @@ class Parser(argparse.ArgumentParser):
 def one_line(text: str) -> str:
     """An error as one printable line: a message may quote names read from a corrupt file."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+@contextlib.contextmanager
+def interrupt_ends_the_load():
+    """Ctrl-C while a model loads ends the process on the spot, exit 130. Raised as usual,
+    KeyboardInterrupt can surface inside a Python callback torch's C++ makes while it imports
+    and sets up (pybind11), where it aborts the process ("terminate called ...", exit -6) instead;
+    nothing has been streamed or saved yet. (Only the main thread may set a handler.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum, frame):
+        print("\nsmollm3: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def number(kind: type, minimum: float | None = None, above: float | None = None, maximum: float | None = None):
@@ -321,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt = read_prompt(args)
         if prompt is None:
             return run_chat(args, tracer, given_flags(argv))
-        engine, use_template = load_engine(args, tracer)
+        with interrupt_ends_the_load():
+            engine, use_template = load_engine(args, tracer)
         return run_prompt(args, prompt, engine, use_template, sampling_from(args))
     except SmolLMError as e:
         print(f"smollm3: error: {one_line(str(e))}", file=sys.stderr)
