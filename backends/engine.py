@@ -80,6 +80,7 @@ class Engine:
         self.tracer: Tracer = NullTracer()
         self.stats = GenerationStats()
         self.cached_ids: list[int] = []  # tokens whose keys/values the cache holds, from position 0
+        self.forward_costs = speculative.ForwardCosts()  # what a drafted row costs here, as timed
 
     @property
     def eos_ids(self) -> set[int]:
@@ -176,6 +177,7 @@ class Engine:
         unverified: list[int] = []
         fed: list[int] = []
         row = 0
+        fed_at = None  # when the last decoding forward started, until its first row is sampled
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids, split_prompt, prefill_progress)
         self.stats.prefill_s = time.perf_counter() - t0
@@ -185,6 +187,9 @@ class Engine:
             for i in range(max_new_tokens):
                 with self.tracer.span("sample"):
                     token = self.sample(logits[row : row + 1] if row or unverified else logits, history, sampling)
+                if fed_at is not None and lookup is not None:
+                    self.forward_costs.record(len(fed), time.perf_counter() - fed_at)
+                    fed_at = None
                 if i == 0:
                     # Time to the first token belongs to the prefill.
                     self.stats.prefill_s = time.perf_counter() - t0
@@ -214,8 +219,9 @@ class Engine:
                 room = min(max_new_tokens - i - 2, self.config.context_length - 2 - len(self.cached_ids))
                 if lookup is not None:
                     lookup.verified(len(fed) - 1, row)  # the last forward's rows 0..row were sampled
-                    unverified = lookup.draft(room)
+                    unverified = lookup.draft(room, self.forward_costs)
                 fed = [token] + unverified
+                fed_at = time.perf_counter()
                 with self.tracer.span("decode", pos=len(self.cached_ids), drafted=len(unverified)):
                     logits = self.forward(fed, len(self.cached_ids), last_only=not unverified)
                 self.cached_ids.extend(fed)

@@ -9,8 +9,8 @@ bench/run.py runs the same measurement in fresh processes (`--worker`), ours and
 llama.cpp on the token ids ours rendered. Each task is one greedy generation of a fixed
 number of tokens (EOS ignored) from a fresh cache; ours alternates speculation off and on,
 so load on the machine falls on both alike. Decode tokens/s counts the tokens after the
-first. The texts are this repository's own files, so the numbers are reproducible from a
-checkout.
+first. The pasted texts are excerpts of this repository's own files, kept in
+bench/speculative_tasks.
 """
 
 from __future__ import annotations
@@ -23,21 +23,23 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Excerpts of this repository's README and backends/speculative.py as they were on 2026-12-02,
+# frozen so that the tasks stay the same tasks when those files change.
+TASK_TEXTS = Path(__file__).resolve().parent / "speculative_tasks"
 sys.path.insert(0, str(ROOT))
 
 from app.bench_measure import ADAPTERS, Spec, import_engine  # noqa: E402
 
 
-def section(path: str, start: str, chars: int) -> str:
-    text = (ROOT / path).read_text()
-    return text[text.index(start) :][:chars]
+def pasted(name: str) -> str:
+    return (TASK_TEXTS / name).read_text()
 
 
 TASKS = {
-    "summarize": lambda: "Summarize this text in a few sentences, reusing its wording:\n\n" + section("README.md", "## Set up", 2500),
+    "summarize": lambda: "Summarize this text in a few sentences, reusing its wording:\n\n" + pasted("summarize.md"),
     "edit code": lambda: "Rename `enabled` to `speculation_enabled` in this file and give back the whole file:\n\n```python\n"
-    + section("backends/speculative.py", "def enabled", 1800) + "\n```",
-    "document QA": lambda: section("README.md", "## Run", 2500) + "\n\nAccording to the document above, how do you run a one-shot prompt? Quote the command.",
+    + pasted("edit_code.py.txt") + "\n```",
+    "document QA": lambda: pasted("document_qa.md") + "\n\nAccording to the document above, how do you run a one-shot prompt? Quote the command.",
 }
 
 

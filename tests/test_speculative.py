@@ -72,9 +72,8 @@ def test_index_drafts_as_a_scan_of_the_context():
         tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 40))]
         lookup = speculative.PromptLookup(tokens[:5], set())
         lookup.extend(tokens[5:])
-        lookup.length = speculative.MAX_DRAFT
         for limit in (1, 3, 10):
-            assert lookup.draft(limit) == speculative.lookup_draft(tokens, limit)
+            assert lookup.continuation(limit) == speculative.lookup_draft(tokens, limit)
 
 
 def test_longest_suffix_wins_and_its_latest_occurrence():
@@ -82,26 +81,79 @@ def test_longest_suffix_wins_and_its_latest_occurrence():
     tokens = [1, 2, 3, 9, 5, 2, 3, 8, 7, 1, 2, 3]
     lookup = speculative.PromptLookup(tokens, set())
     # "1 2 3" occurred at 0-2 (followed by 9); "2 3" later at 5-6 (followed by 8): the longer match wins
-    assert lookup.draft(3) == [9, 5, 2]
+    assert lookup.continuation(3) == [9, 5, 2]
     assert speculative.lookup_draft([4, 2, 3, 8, 5, 2, 3, 6, 2, 3], 2) == [6, 2]
 
 
 def test_no_draft_without_a_match_of_two_tokens():
-    assert speculative.PromptLookup([1, 2, 3, 4, 5, 1], set()).draft(5) == []  # only "1" repeats
-    assert speculative.PromptLookup([7], set()).draft(5) == []
+    assert speculative.PromptLookup([1, 2, 3, 4, 5, 1], set()).continuation(5) == []  # only "1" repeats
+    assert speculative.PromptLookup([7], set()).continuation(5) == []
 
 
 def test_drafts_stop_before_an_end_of_sequence_token():
     lookup = speculative.PromptLookup([5, 6, 7, 2, 8, 5, 6], {2})
-    assert lookup.draft(4) == [7]
+    assert lookup.continuation(4) == [7]
 
 
-def test_draft_length_grows_while_accepted_whole_and_shrinks_to_what_was_accepted():
-    assert speculative.next_draft_length(4, 4, 4) == 6
-    assert speculative.next_draft_length(10, 10, 10) == speculative.MAX_DRAFT
-    assert speculative.next_draft_length(6, 6, 2) == 3
-    assert speculative.next_draft_length(6, 6, 0) == 1
-    assert speculative.next_draft_length(6, 0, 0) == 6
+def costs_of(seconds: dict[int, float]) -> speculative.ForwardCosts:
+    costs = speculative.ForwardCosts()
+    for rows, s in seconds.items():
+        costs.record(rows, s)
+    return costs
+
+
+def test_draft_length_weighs_expected_tokens_against_what_rows_cost():
+    likely, unlikely = (lambda k: 0.9), (lambda k: 0.2)
+    nearly_free = costs_of({r: 1.0 + 0.02 * r for r in range(1, 12)})  # weights streamed once for all rows
+    each_a_forward = costs_of({r: float(r) for r in range(1, 12)})  # every row as dear as a token
+    tiles = costs_of({1: 1.0, 2: 1.45, 3: 1.9, 4: 2.4, 5: 2.7, 6: 3.2, 7: 3.5, 8: 2.9, 9: 3.0, 10: 3.1, 11: 3.3})
+    assert speculative.draft_length(10, likely, nearly_free) == 10
+    assert speculative.draft_length(10, unlikely, nearly_free) == 2  # 1.24 tokens for 1.06 beats 1.2 for 1.04 and 1.248 for 1.08
+    assert speculative.draft_length(10, likely, each_a_forward) == 0
+    # 8 rows and up take the AMX tiles: 6.51 tokens expected from 9 drafted for 3.1, the best rate
+    assert speculative.draft_length(10, likely, tiles) == 9
+    assert speculative.draft_length(6, likely, tiles) == 4  # 4.10 for 2.7 beats 4.69 for 3.2
+    assert speculative.draft_length(10, unlikely, tiles) == 0
+    assert speculative.draft_length(3, likely, speculative.ForwardCosts()) == 3  # nothing timed yet
+    assert speculative.draft_length(9, likely, speculative.ForwardCosts()) == speculative.FIRST_DRAFT
+
+
+def test_forward_costs_follow_a_lower_time_at_once_and_a_higher_one_slowly():
+    costs = costs_of({1: 10.0})
+    costs.record(1, 8.0)
+    assert costs.estimate(1) == 8.0
+    costs.record(1, 18.0)
+    assert costs.estimate(1) == pytest.approx(9.0)
+    costs.record(4, 20.0)
+    assert costs.estimate(3) == pytest.approx(9.0) and costs.estimate(6) == 20.0  # untimed: the most below
+    assert costs_of({4: 5.0}).estimate(2) is None
+
+
+def test_acceptance_learns_each_draft_position_and_forgets_slowly():
+    lookup = speculative.PromptLookup([1, 2, 3], set())
+    prior = speculative.PRIOR_ACCEPTED / speculative.PRIOR_DRAFTED
+    assert lookup.acceptance(1) == lookup.acceptance(5) == prior
+    for _ in range(10):
+        lookup.verified(4, 1)  # the first of four kept, the second not: nothing learned about 3 and 4
+    assert lookup.acceptance(1) > 0.9 and lookup.acceptance(2) < 0.3 and lookup.acceptance(3) == prior
+    low = lookup.acceptance(2)
+    for _ in range(30):
+        lookup.verified(0, 0)  # forwards without a draft
+    assert low < lookup.acceptance(2) < prior and prior - lookup.acceptance(2) < 0.1
+
+
+def test_rejected_drafts_stop_drafting_where_rows_are_dear_and_it_resumes_later():
+    tiles = costs_of({1: 1.0, 2: 1.45, 3: 1.9, 4: 2.4, 5: 2.7, 6: 3.2, 7: 3.5, 8: 2.9, 9: 3.0, 10: 3.1, 11: 3.3})
+    lookup = speculative.PromptLookup([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 1, 2], set())
+    assert len(lookup.draft(10, tiles)) >= 7  # the tiles' rows, at the prior's 3 in 4
+    for _ in range(5):
+        lookup.verified(10, 0)
+    assert lookup.draft(10, tiles) == []
+    waited = 0
+    while not lookup.draft(10, tiles) and waited < 100:
+        lookup.verified(0, 0)
+        waited += 1
+    assert 2 < waited < 20
 
 
 def test_setting(monkeypatch):
@@ -162,7 +214,7 @@ class OracleDrafts:
         self.prompt_len, self.plain, self.vocab = prompt_len, plain, vocab
         self.wrong_offered = 0
 
-    def draft(self, lookup: speculative.PromptLookup, limit: int) -> list[int]:
+    def draft(self, lookup: speculative.PromptLookup, limit: int, costs) -> list[int]:
         done = len(lookup.tokens) - self.prompt_len
         out = self.plain[done : done + min(limit, 6)]
         for i in range(2, len(out), 3):
@@ -174,7 +226,7 @@ class OracleDrafts:
 def check_wrong_drafts_are_rejected(engine, monkeypatch, prompt_ids, n: int) -> None:
     plain, _ = run(engine, monkeypatch, "0", prompt_ids, n)
     oracle = OracleDrafts(len(prompt_ids), plain, engine.config.vocab_size)
-    monkeypatch.setattr(speculative.PromptLookup, "draft", lambda self, limit: oracle.draft(self, limit))
+    monkeypatch.setattr(speculative.PromptLookup, "draft", lambda self, limit, costs: oracle.draft(self, limit, costs))
     out, stats = run(engine, monkeypatch, "1", prompt_ids, n)
     assert out == plain
     assert oracle.wrong_offered > 5 and 0 < stats.accepted_tokens < stats.drafted_tokens
