@@ -22,7 +22,7 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .tracing import NullTracer, Tracer
 
-PREFILL_CHUNK = 512  # bounds prefill memory (attention scores, activations) on long prompts
+PREFILL_CHUNK = 512
 DTYPES = ("f32", "f16", "bf16")  # compute dtypes by name; each backend maps them to its own
 
 
@@ -71,6 +71,9 @@ class Engine:
     # A backend sets this where a forward of a few rows gives each row bitwise the logits of
     # that row decoded alone: there speculation cannot change a single token (speculative.py).
     rows_exact = False
+    # Prompt tokens a forward takes at most: bounds prefill memory (attention scores, activations)
+    # on long prompts.
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(self, ckpt: Checkpoint, tokenizer: Tokenizer, chat_template: ChatTemplate | None, info: EngineInfo):
         self.config: ModelConfig = ckpt.config
@@ -137,7 +140,7 @@ class Engine:
             reuse += 1
         self.cached_ids = self.cached_ids[:reuse]
         todo = prompt_ids[reuse:]
-        step = 1 if split_prompt else PREFILL_CHUNK
+        step = 1 if split_prompt else self.prefill_chunk
         logits = None
         with self.tracer.span("prefill", tokens=len(todo), reused=reuse):
             if progress is not None:

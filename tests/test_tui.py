@@ -833,8 +833,6 @@ def test_the_worker_posts_prefill_progress_per_chunk_and_live_speeds(tmp_path):
     from app.session import ChatSession
     from app.tui.messages import Finished, Pieces, PrefillProgress
     from app.tui.worker import generate_reply
-    from backends.engine import PREFILL_CHUNK
-
     engine = ScriptedEngine(["one two three four five"])
     session = ChatSession(engine)
     session.messages.append(ChatMessage("user", "word " * 1200))
@@ -843,7 +841,7 @@ def test_the_worker_posts_prefill_progress_per_chunk_and_live_speeds(tmp_path):
     posted = []
     generate_reply(session, Settings(GREEDY, 50), False, posted.append, lambda: False)
     progress = [(m.done, m.total) for m in posted if isinstance(m, PrefillProgress)]
-    assert progress[0] == (0, total) and progress[-1] == (total, total) and total > 2 * PREFILL_CHUNK
+    assert progress[0] == (0, total) and progress[-1] == (total, total) and total > 2 * engine.prefill_chunk
     calls = []
     engine.prefill(prompt, progress=lambda done, todo: calls.append((done, todo)))
     assert calls == [(0, 1), (1, 1)]  # all but the last token from the cache

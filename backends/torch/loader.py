@@ -16,7 +16,8 @@ from ..checkpoint import Checkpoint, RawTensor
 from ..errors import CheckpointError
 from .model import Transformer
 from .native_layers import NativeLayerStack, layers_for
-from .weights import FusedLinear, dense, linear, return_freed_memory
+from .memory import return_freed_memory
+from .weights import FusedLinear, dense, linear
 
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> Transformer:

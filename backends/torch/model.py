@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..numbers import find_multiple
-from .weights import return_freed_memory
+from .memory import return_freed_memory
 
 META = torch.device("meta")
 

@@ -385,23 +385,5 @@ def linear(raws: list[RawTensor], dtype: torch.dtype, device: torch.device, keep
     return GroupedLinear(raw, device)
 
 
-@functools.cache
-def _libc_malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        return None
-
-
-def return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS. Repacking leaves glibc's heap fragmented by
-    temporaries (measured: 240 MB held after loading the 98 MB SmolLM2), which would
-    otherwise stay in our resident set for the whole session."""
-    if (trim := _libc_malloc_trim()) is not None:
-        trim(0)
-
-
 def weight_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if t is not None)
