@@ -38,17 +38,23 @@ def reference(raw: np.ndarray, ggml_type: T) -> torch.Tensor:
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler to build the native kernels")
 
 
-@pytest.fixture(scope="module", params=["simd", "scalar", "avx2"])
+@pytest.fixture(scope="module", params=["simd", "scalar", "avx2", "avx512"])
 def lib(request, tmp_path_factory):
     if request.param == "simd":
         return native.library()
     if request.param == "scalar":
         return native.load(native.build(native.compiler(), scalar=True))
-    # the AVX2 path, which the native build replaces with AVX-512's where the CPU has it
-    if "avx512_vnni" not in Path("/proc/cpuinfo").read_text():
-        pytest.skip("the native build is the AVX2 one here")
-    out = tmp_path_factory.mktemp("avx2") / "cpu_kernels.so"
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-march=native", "-mno-avx512f"]
+    cpu = Path("/proc/cpuinfo").read_text()
+    if request.param == "avx2":  # the AVX2 path, which the native build replaces with AVX-512's where the CPU has it
+        if "avx512_vnni" not in cpu:
+            pytest.skip("the native build is the AVX2 one here")
+        without = ["-mno-avx512f"]
+    else:  # AVX-512 without AMX's tiles (AMD's, Intel's before Sapphire Rapids), where the native build takes AMX
+        if "amx_int8" not in cpu:
+            pytest.skip("the native build is the one without AMX here")
+        without = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+    out = tmp_path_factory.mktemp(request.param) / "cpu_kernels.so"
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-march=native", *without]
     subprocess.run([native.compiler(), *flags, str(native.SOURCE), "-o", str(out), "-lm"], check=True, timeout=120)
     return native.load(out)
 

@@ -240,6 +240,37 @@ ROWS_INLINE void signed_block(const uint8_t *w, const uint8_t *x, size_t x_row, 
 }
 #endif
 
+#if defined(USE_AVX512) && !defined(USE_AMX)
+// Two 32-value blocks a 512-bit register: lanes 0-7 of a sum are block b's, 8-15 block b + 1's
+// (the AVX2 dots' work on half the instructions where the CPU has 512-bit units).
+static inline __m512 halves_ps(float lo, float hi) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(lo)), _mm256_castps_pd(_mm256_set1_ps(hi)), 1));
+}
+
+// Activation row blocks b and b + 1's codes, and their scales in the lanes their sums take
+static inline __m512i pair_x_codes(const x_block32 *xb) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)xb[0].q)),
+                              _mm256_loadu_si256((const __m256i *)xb[1].q), 1);
+}
+
+// Blocks b and b + 1 (size bytes apart) of Q8_0 or IQ4_NL against R rows, into acc[r]
+ROWS_INLINE void signed_pair(const uint8_t *w, int size, const uint8_t *x, size_t x_row, int b, __m512 acc[], const int iq4,
+                             const int R) {
+    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(signed_codes(w, iq4)), signed_codes(w + size, iq4), 1);
+    // |q| as unsigned times x negated where q < 0: a signed product on the unsigned-signed dot
+    __mmask64 negative = _mm512_movepi8_mask(q);
+    __m512i magnitude = _mm512_abs_epi8(q);
+    __m512 dw = halves_ps(f16_to_f32(read_u16(w)), f16_to_f32(read_u16(w + size)));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+        __m512i xq = pair_x_codes(xb);
+        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, _mm512_mask_sub_epi8(xq, negative, _mm512_setzero_si512(), xq));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, halves_ps(xb[0].d, xb[1].d)), acc[r]);
+    }
+}
+#endif
+
 ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
                            const int iq4, const int R) {
     int nb = K / 32, size = iq4 ? 18 : 34, b = 0;
@@ -284,6 +315,22 @@ ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
         _mm_storeu_ps(lanes, acc[r]);
         y[r * y_step] = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
     }
+#elif defined(USE_AVX512)
+    // Pairs of blocks; two pairs in flight on separate accumulators, the last pair on the first
+    __m512 acc[2][DOT_ROWS];
+    for (int u = 0; u < 2; u++)
+        for (int r = 0; r < R; r++) acc[u][r] = _mm512_setzero_ps();
+    for (; b + 3 < nb; b += 4) {
+        prefetch_ahead(w + size * b, 4 * size, R);
+        signed_pair(w + size * b, size, x, x_row, b, acc[0], iq4, R);
+        signed_pair(w + size * (b + 2), size, x, x_row, b + 2, acc[1], iq4, R);
+    }
+    if (b + 1 < nb) signed_pair(w + size * b, size, x, x_row, b, acc[0], iq4, R), b += 2;
+    __m256 last[DOT_ROWS];
+    for (int r = 0; r < R; r++) last[r] = _mm256_setzero_ps();
+    if (b < nb) signed_block(w + size * b, x, x_row, b, last, iq4, R);
+    for (int r = 0; r < R; r++)
+        y[r * y_step] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) + hsum_ps(last[r]);
 #elif defined(USE_AVX2)
     __m256 acc[4][DOT_ROWS];
     for (int u = 0; u < 4; u++)
@@ -362,6 +409,7 @@ static inline __m256i q4_q5_codes(const uint8_t *w, const int with_min, const in
     return q;
 }
 #endif
+
 
 ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
                             const int with_min, const int with_high, const int R) {
@@ -907,7 +955,38 @@ static inline int iq4_xs_scale(const uint8_t *w, int s) {
 
 ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 256;
-#ifdef USE_AVX2
+#if defined(USE_AVX512) && !defined(USE_AMX)
+    // Two sub-blocks a 512-bit register (their activations lie side by side): half the AVX2
+    // dots' instructions a row
+    __m512 acc[DOT_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+    for (int b = 0; b < nb; b++, w += 136) {
+        prefetch_ahead(w, 136, R);
+        float d = f16_to_f32(read_u16(w));
+        __m512i sum[DOT_ROWS];
+        for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_si512();
+        for (int s = 0; s < 8; s += 2) {
+            __m512i q = _mm512_shuffle_epi8(levels, _mm512_inserti64x4(_mm512_castsi256_si512(nibbles_32(w + 8 + 16 * s)),
+                                                                       nibbles_32(w + 8 + 16 * (s + 1)), 1));
+            // |level| as unsigned times x negated where the level is negative
+            __mmask64 negative = _mm512_movepi8_mask(q);
+            __m512i magnitude = _mm512_abs_epi8(q);
+            __m512i scale = _mm512_inserti64x4(_mm512_set1_epi16((short)iq4_xs_scale(w, s)), _mm256_set1_epi16((short)iq4_xs_scale(w, s + 1)), 1);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                __m512i xq = _mm512_loadu_si512(X_BLOCK(x_block256, x, x_row, r, b)->q + 32 * s);
+                // |level| <= 127 and |x| <= 127: the int16 pair sums cannot saturate
+                __m512i p = _mm512_maddubs_epi16(magnitude, _mm512_mask_sub_epi8(xq, negative, _mm512_setzero_si512(), xq));
+                sum[r] = _mm512_dpwssd_epi32(sum[r], p, scale);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[r * y_step] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(USE_AVX2)
 #if defined(USE_AMX)
     float acc[DOT_ROWS];  // each block's integer sum, one multiply-add: AMX's steps (amx_iq4_xs_task)
     for (int r = 0; r < R; r++) acc[r] = 0;
