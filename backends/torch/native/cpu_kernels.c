@@ -846,6 +846,13 @@ static inline __m256i q2_q3_k_codes(__m256i bits, __m256i high, int n, int j, co
     if (q3) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(4 * n + j)), _mm256_set1_epi8(1)), 2));
     return q;
 }
+
+// The int16 scales of codes 32 j to 32 j + 31 of a half (its 8 scales in both lanes): the low 16
+// codes take scale 2j, the high 16 scale 2j + 1
+static inline __m256i q2_q3_k_scale_lanes(__m256i half_scales, int j) {
+    return _mm256_shuffle_epi8(half_scales, _mm256_set_m128i(_mm_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))),
+                                                             _mm_set1_epi16((short)((4 * j + 1) << 8 | 4 * j))));
+}
 #endif
 
 ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
@@ -888,14 +895,26 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
 #endif
             sum[r] = _mm256_setzero_si256();
         }
+#if defined(USE_AVX512) && !defined(USE_AMX)
+        __m512i wide[DOT_ROWS];  // codes 32 j to 32 j + 63 a register: half the AVX2 dots' instructions a row
+        for (int r = 0; r < R; r++) wide[r] = _mm512_setzero_si512();
+#endif
         for (int n = 0; n < 2; n++) {
             __m256i half_scales = _mm256_broadcastsi128_si256(n ? _mm256_extracti128_si256(scales, 1) : _mm256_castsi256_si128(scales));
             __m256i bits = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * n)), high = _mm256_loadu_si256((const __m256i *)w);
+#if defined(USE_AVX512) && !defined(USE_AMX)
+            for (int j = 0; j < 4; j += 2) {
+                __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q2_q3_k_codes(bits, high, n, j, q3)), q2_q3_k_codes(bits, high, n, j + 1, q3), 1);
+                __m512i s = _mm512_inserti64x4(_mm512_castsi256_si512(q2_q3_k_scale_lanes(half_scales, j)), q2_q3_k_scale_lanes(half_scales, j + 1), 1);
+#pragma GCC unroll 8
+                for (int r = 0; r < R; r++) {
+                    const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 128 * n + 32 * j;
+                    wide[r] = _mm512_dpwssd_epi32(wide[r], _mm512_maddubs_epi16(q, _mm512_loadu_si512(xq)), s);
+                }
+            }
+#else
             for (int j = 0; j < 4; j++) {
-                __m256i q = q2_q3_k_codes(bits, high, n, j, q3);
-                // the low 16 codes take scale 2j of the half, the high 16 scale 2j + 1
-                __m256i s = _mm256_shuffle_epi8(half_scales, _mm256_set_m128i(_mm_set1_epi16((short)((4 * j + 3) << 8 | (4 * j + 2))),
-                                                                             _mm_set1_epi16((short)((4 * j + 1) << 8 | 4 * j))));
+                __m256i q = q2_q3_k_codes(bits, high, n, j, q3), s = q2_q3_k_scale_lanes(half_scales, j);
 #pragma GCC unroll 8
                 for (int r = 0; r < R; r++) {
                     const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 128 * n + 32 * j;
@@ -903,7 +922,11 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
                     sum[r] = add_dot_i16(sum[r], _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)xq)), s);
                 }
             }
+#endif
         }
+#if defined(USE_AVX512) && !defined(USE_AMX)
+        for (int r = 0; r < R; r++) sum[r] = _mm256_add_epi32(_mm512_castsi512_si256(wide[r]), _mm512_extracti64x4_epi64(wide[r], 1));
+#endif
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             float dx = X_BLOCK(x_block256, x, x_row, r, b)->d;
