@@ -392,7 +392,7 @@ ROWS_INLINE void q4_q5_block(const uint8_t *w, const uint8_t *x, size_t x_row, i
 }
 #endif
 
-#ifdef USE_AMX
+#ifdef USE_AVX512
 // A block's codes and its [d, c] scales (c = m, or d for the zero's term)
 static inline __m256i q4_q5_codes(const uint8_t *w, const int with_min, const int with_high, __m128 *weight_scales) {
     int qh_at = with_min ? 4 : 2;
@@ -407,6 +407,29 @@ static inline __m256i q4_q5_codes(const uint8_t *w, const int with_min, const in
     else bits = read_u16(w) * 0x10001u;
     *weight_scales = _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits));
     return q;
+}
+#endif
+
+#if defined(USE_AVX512) && !defined(USE_AMX)
+// Blocks b and b + 1 (size bytes apart) of Q4_0, Q4_1, Q5_0 or Q5_1 against R rows, two blocks a
+// 512-bit register as signed_pair; offsets[r] lanes 1 and 3 take c sx of each
+ROWS_INLINE void q4_q5_pair(const uint8_t *w, int size, const uint8_t *x, size_t x_row, int b, __m512 acc[], __m128 offsets[],
+                            const int with_min, const int with_high, const int R) {
+    __m128 lo_scales, hi_scales;
+    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q4_q5_codes(w, with_min, with_high, &lo_scales)),
+                                   q4_q5_codes(w + size, with_min, with_high, &hi_scales), 1);
+    __m128 weight_scales = _mm_movelh_ps(lo_scales, hi_scales);  // [d, c] of block b, then of b + 1
+    const __m512i lanes = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
+        // [d dx, c sx] of each block: the codes' scales for the sums' lanes, the offsets beside
+        __m128 scales = _mm_mul_ps(weight_scales, _mm_movelh_ps(_mm_castpd_ps(_mm_load_sd((const double *)&xb[0].d)),
+                                                                _mm_castpd_ps(_mm_load_sd((const double *)&xb[1].d))));
+        offsets[r] = _mm_add_ps(offsets[r], scales);
+        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, pair_x_codes(xb));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(scales)), acc[r]);
+    }
 }
 #endif
 
@@ -456,6 +479,28 @@ ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, in
         float lanes[4], offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets[r], offsets[r], 1)) * (with_min ? 1 : -zero);
         _mm_storeu_ps(lanes, acc[r]);
         y[r * y_step] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + offset;
+    }
+#elif defined(USE_AVX512)
+    __m512 acc[2][DOT_ROWS];
+    __m128 offsets[DOT_ROWS];
+    for (int r = 0; r < R; r++) {
+        offsets[r] = _mm_setzero_ps();
+        for (int u = 0; u < 2; u++) acc[u][r] = _mm512_setzero_ps();
+    }
+    for (; b + 3 < nb; b += 4) {
+        prefetch_ahead(w + size * b, 4 * size, R);
+        q4_q5_pair(w + size * b, size, x, x_row, b, acc[0], offsets, with_min, with_high, R);
+        q4_q5_pair(w + size * (b + 2), size, x, x_row, b + 2, acc[1], offsets, with_min, with_high, R);
+    }
+    if (b + 1 < nb) q4_q5_pair(w + size * b, size, x, x_row, b, acc[0], offsets, with_min, with_high, R), b += 2;
+    __m256 last[DOT_ROWS];
+    __m128 last_offsets[DOT_ROWS];
+    for (int r = 0; r < R; r++) last[r] = _mm256_setzero_ps(), last_offsets[r] = _mm_setzero_ps();
+    if (b < nb) q4_q5_block(w + size * b, x, x_row, b, last, last_offsets, with_min, with_high, R);
+    for (int r = 0; r < R; r++) {
+        __m128 o = _mm_add_ps(offsets[r], _mm_movelh_ps(last_offsets[r], _mm_setzero_ps()));
+        float offset = (_mm_cvtss_f32(_mm_shuffle_ps(o, o, 1)) + _mm_cvtss_f32(_mm_shuffle_ps(o, o, 3))) * (with_min ? 1 : -zero);
+        y[r * y_step] = (_mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) + hsum_ps(last[r])) + offset;
     }
 #elif defined(USE_AVX2)
     __m256 acc[4][DOT_ROWS];
