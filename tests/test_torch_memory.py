@@ -1,4 +1,4 @@
-"""backends/torch/memory.py: torch's library pages handed back after import and load, measured in
+"""backends/torch/memory.py: torch's library pages handed back after a load, measured in
 fresh processes (a test process has touched far more of torch than a chat does)."""
 
 import json

@@ -45,9 +45,9 @@ class TorchEngine(Engine):
         name = pick_dtype(dtype, dev)
         info = EngineInfo("torch", str(dev), name, ckpt.path.name, ckpt.weight_type)
         super().__init__(ckpt, tokenizer, chat_template, info)
-        # Before the weights are read, and again after: the peak is torch's pages plus the weights.
-        release_library_pages()
         self.model = load_model(ckpt, TORCH_DTYPES[name], dev)
+        # Before the first forward reads the weights: the peak is torch's pages plus the weights.
+        # (Not before the load too: its torch ops would read their code back from the disk.)
         release_library_pages()
         self.device = dev
         self.sampler = TorchSampler(dev)
