@@ -2,10 +2,10 @@
 these do nothing).
 
 A quantized model's weights stay mapped from the file, so past them most of our resident set
-is torch itself: `import torch` leaves ~110 MB of its shared libraries resident (libtorch_cpu.so
-alone 92 MB), pages its operator registry's static constructors run through once and that a
-CPU session mostly never reads again. On the 3B files that alone put our peak RSS above
-llama.cpp's."""
+is torch itself, and that is what puts our peak RSS above llama.cpp's on the 3B files. `import
+torch` leaves ~110 MB of its shared libraries resident (libtorch_cpu.so alone 92 MB): pages its
+operator registry's static constructors run through once and that a CPU session mostly never
+reads again."""
 
 from __future__ import annotations
 
