@@ -443,7 +443,10 @@ def test_a_sample_as_real_processes_uses_no_more_memory_than_a_valid_file(tmp_pa
         assert code == 2 and len(lines) == 1 and lines[0].startswith("smollm3: error: "), (case.name, err)
         # (the child's start-up, a Python and the app's imports, counts against the 5 s too)
         assert elapsed < TIME_LIMIT_S, (case.name, elapsed)
-        assert 0 < hwm <= valid[case.source], (case.name, hwm, valid[case.source])
+        # The valid file's process hands torch's library pages back after its load (~50 MiB,
+        # backends/torch/memory.py), so its peak is the load's, which a file failing late in the
+        # load reaches too, within a few MiB of its error path; the blow-ups this catches were 16+.
+        assert 0 < hwm <= valid[case.source] + 8 * 1024, (case.name, hwm, valid[case.source])
 
 
 # --- chat templates that would run until killed, or until memory runs out ---
