@@ -190,7 +190,7 @@ class Engine:
             for i in range(max_new_tokens):
                 with self.tracer.span("sample"):
                     token = self.sample(logits[row : row + 1] if row or unverified else logits, history, sampling)
-                if fed_at is not None and lookup is not None:
+                if fed_at is not None:
                     self.forward_costs.record(len(fed), time.perf_counter() - fed_at)
                     fed_at = None
                 if i == 0:
@@ -224,7 +224,7 @@ class Engine:
                     lookup.verified(len(fed) - 1, row)  # the last forward's rows 0..row were sampled
                     unverified = lookup.draft(room, self.forward_costs)
                 fed = [token] + unverified
-                fed_at = time.perf_counter()
+                fed_at = time.perf_counter() if lookup is not None else None
                 with self.tracer.span("decode", pos=len(self.cached_ids), drafted=len(unverified)):
                     logits = self.forward(fed, len(self.cached_ids), last_only=not unverified)
                 self.cached_ids.extend(fed)

@@ -494,11 +494,10 @@ ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, in
     }
     if (b + 1 < nb) q4_q5_pair(w + size * b, size, x, x_row, b, acc[0], offsets, with_min, with_high, R), b += 2;
     __m256 last[DOT_ROWS];
-    __m128 last_offsets[DOT_ROWS];
-    for (int r = 0; r < R; r++) last[r] = _mm256_setzero_ps(), last_offsets[r] = _mm_setzero_ps();
-    if (b < nb) q4_q5_block(w + size * b, x, x_row, b, last, last_offsets, with_min, with_high, R);
+    for (int r = 0; r < R; r++) last[r] = _mm256_setzero_ps();
+    if (b < nb) q4_q5_block(w + size * b, x, x_row, b, last, offsets, with_min, with_high, R);  // its c sx into lane 1
     for (int r = 0; r < R; r++) {
-        __m128 o = _mm_add_ps(offsets[r], _mm_movelh_ps(last_offsets[r], _mm_setzero_ps()));
+        __m128 o = offsets[r];
         float offset = (_mm_cvtss_f32(_mm_shuffle_ps(o, o, 1)) + _mm_cvtss_f32(_mm_shuffle_ps(o, o, 3))) * (with_min ? 1 : -zero);
         y[r * y_step] = (_mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) + hsum_ps(last[r])) + offset;
     }
