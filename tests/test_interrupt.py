@@ -166,10 +166,13 @@ def test_ctrl_c_during_the_load():
 
 
 def test_ctrl_c_during_the_prefill():
-    long_prompt = "hello world " * 150  # split into single tokens: many seconds of prefill
+    # ~3,300 tokens fed one at a time: most of the tiny model's context, about a second of
+    # prefill on a fast CPU (3,500 tokens/s), so the signal sent as the prefill starts lands
+    # inside it.
+    long_prompt = "hello world " * 700
     child = Child(TINY_ARGS + ["--split-prompt", "--prompt", long_prompt, "-n", "5"])
     child.wait_for(lambda: "prefill" in child.phases, "prefill")
-    time.sleep(0.3)
+    time.sleep(0.05)
     elapsed = child.interrupt()
     assert_interrupted(child, elapsed)
     assert "decode" not in child.phases and "sample" not in child.phases
