@@ -101,6 +101,22 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", errors="surrogateescape")
 
 
+def advise_huge_pages(mapped: mmap.mmap) -> None:
+    """Ask Linux to read the file into the page cache in 2 MiB folios and to map them whole.
+
+    A decoded token streams every weight once; from 4 KiB pages each core stalls on TLB misses:
+    the 3B Q4_K_M matmuls stream 19.8 GB/s from a mapping of 4 KiB folios and 24.2 GB/s from one
+    of 2 MiB folios (2 threads, Intel Xeon). Linux maps cached 2 MiB folios whole on its own; the
+    advice makes readahead allocate them on the kernels and filesystems that otherwise read a
+    mapped file in small ones. Pages already cached keep their size.
+    """
+    if hasattr(mmap, "MADV_HUGEPAGE") and len(mapped):
+        try:
+            mapped.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages
+            pass
+
+
 class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -111,6 +127,7 @@ class GGUFFile:
         except ValueError:  # mmap of an empty file
             raise CheckpointError(f"{self.name}: empty file, not a GGUF") from None
         self.size = len(self._mmap)
+        advise_huge_pages(self._mmap)
         self._pos = 0
         self.metadata: Mapping = {}  # a Metadata once parsed
         self.tensors: dict[str, TensorInfo] = {}

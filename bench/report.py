@@ -39,7 +39,9 @@ def header(run: dict) -> list[str]:
         f"generate after load), a warm-up, then the median of {run['reps']} runs; {run.get('cold_reps', 0)} more "
         "cold-only processes per prompt under 512 on the main files. Load + first token: median over the processes "
         "at the shortest prompt. Peak RSS: the largest VmHWM. The other quant types: the shortest prompt only. "
-        "Each file is read into the page cache before its first process.",
+        "Each file is dropped from the page cache and read back into it before its first process, through a "
+        "mapping advised MADV_HUGEPAGE (2 MiB folios: as our engine reads a file cold and as a Hub download writes "
+        "one); both engines map those pages.",
         f"- Contention (the machine may be shared): load average (1 min) seen by the measuring processes "
         f"{min(run['loadavgs'], default=0):.2f} to {max(run['loadavgs'], default=0):.2f}; CPU other processes used "
         f"during the counted runs, in cores: median {statistics.median(others):.2f}, max {max(others):.2f}. A run with "

@@ -3,6 +3,7 @@
 
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,27 @@ def test_same_as_gguf_py_on_fixtures(qtype):
         info = ours.tensors[t.name]
         assert info.ggml_type == t.tensor_type and info.shape == tuple(int(d) for d in t.shape)
         assert np.array_equal(ours.tensor_bytes(info).reshape(-1), t.data.view(np.uint8).reshape(-1))
+
+
+def mapping_flags(address: int) -> list[str]:
+    """The VmFlags /proc/self/smaps gives the mapping that holds `address`."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(a, 16) for a in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="no transparent huge pages here")
+def test_the_mapping_asks_for_huge_pages(smollm2_gguf):
+    # the weights are read into the page cache in 2 MiB folios: decode streams them through fewer TLB entries
+    f = GGUFFile(smollm2_gguf)
+    info = next(iter(f.tensors.values()))
+    assert "hg" in mapping_flags(f.tensor_bytes(info).ctypes.data)
 
 
 def test_same_as_gguf_py_on_smollm2_and_fast(smollm2_gguf):
