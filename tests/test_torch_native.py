@@ -38,6 +38,17 @@ def reference(raw: np.ndarray, ggml_type: T) -> torch.Tensor:
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler to build the native kernels")
 
 
+def build_without(name: str, without: list[str], tmp_path_factory):
+    """The native build less some of this CPU's features (another CPU's build, tested here)."""
+    out = tmp_path_factory.mktemp(name) / "cpu_kernels.so"
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-march=native", *without]
+    subprocess.run([native.compiler(), *flags, str(native.SOURCE), "-o", str(out), "-lm"], check=True, timeout=120)
+    return native.load(out)
+
+
+WITHOUT_AMX = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+
+
 @pytest.fixture(scope="module", params=["simd", "scalar", "avx2", "avx512"])
 def lib(request, tmp_path_factory):
     if request.param == "simd":
@@ -48,15 +59,11 @@ def lib(request, tmp_path_factory):
     if request.param == "avx2":  # the AVX2 path, which the native build replaces with AVX-512's where the CPU has it
         if "avx512_vnni" not in cpu:
             pytest.skip("the native build is the AVX2 one here")
-        without = ["-mno-avx512f"]
-    else:  # AVX-512 without AMX's tiles (AMD's, Intel's before Sapphire Rapids), where the native build takes AMX
-        if "amx_int8" not in cpu:
-            pytest.skip("the native build is the one without AMX here")
-        without = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
-    out = tmp_path_factory.mktemp(request.param) / "cpu_kernels.so"
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-march=native", *without]
-    subprocess.run([native.compiler(), *flags, str(native.SOURCE), "-o", str(out), "-lm"], check=True, timeout=120)
-    return native.load(out)
+        return build_without("avx2", ["-mno-avx512f"], tmp_path_factory)
+    # AVX-512 without AMX's tiles (AMD's, Intel's before Sapphire Rapids), where the native build takes AMX
+    if "amx_int8" not in cpu:
+        pytest.skip("the native build is the one without AMX here")
+    return build_without("avx512", WITHOUT_AMX, tmp_path_factory)
 
 
 def quantized_activations(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -128,6 +135,25 @@ def test_prompts_take_the_amx_tiles_where_the_cpu_has_them():
     if not settings.amx():
         pytest.skip("AMX turned off (SMOLLM3_AMX=0)")
     assert native.library().gguf_matmul_amx() == 1
+
+
+SOFT_TILE_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS]
+
+
+@pytest.mark.parametrize("ggml_type", SOFT_TILE_TYPES, ids=lambda t: t.name)
+def test_without_amx_the_tile_types_give_the_amx_bits(ggml_type, tmp_path_factory):
+    """Without AMX these types' prompts take the tile tasks on VNNI dots and their tokens the
+    tiles' steps: every row bitwise what an AMX machine computes, prompt or decoded token."""
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "amx_int8" not in cpu or not native.library().gguf_matmul_amx():
+        pytest.skip("no AMX here to compare with")
+    soft = build_without("soft-tiles", WITHOUT_AMX, tmp_path_factory)
+    rng = np.random.default_rng(int(ggml_type) + 7)
+    K = 512 + (32 if native.activation_block(ggml_type) == 32 else 0)
+    blocks = torch.from_numpy(random_rows(ggml_type, 37, K // gguf.GGML_QUANT_SIZES[ggml_type][0], rng))
+    x = torch.from_numpy(rng.standard_normal((33, K)).astype(np.float32))
+    for M in (1, 5, 8, 16, 33):
+        assert torch.equal(native.gguf_matmul(soft, ggml_type, blocks, x[:M]), native.gguf_matmul(native.library(), ggml_type, blocks, x[:M]))
 
 
 def test_smollm3_amx_0_keeps_the_vector_dots(monkeypatch):
