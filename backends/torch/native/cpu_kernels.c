@@ -246,7 +246,7 @@ ROWS_INLINE void signed_block(const uint8_t *w, const uint8_t *x, size_t x_row, 
 }
 #endif
 
-#if defined(USE_AVX512)
+#if defined(USE_AVX512) && !defined(USE_AMX)
 // Two 32-value blocks a 512-bit register: lanes 0-7 of a sum are block b's, 8-15 block b + 1's
 // (the AVX2 dots' work on half the instructions where the CPU has 512-bit units).
 static inline __m512 halves_ps(float lo, float hi) {
@@ -300,9 +300,10 @@ ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
                            const int iq4, const int R) {
     int nb = K / 32, size = iq4 ? 18 : 34, b = 0;
 #if defined(USE_SOFT_TILES)
-    // Q8_0 keeps the row kernels on the soft tiles' builds, prompts too: its per-block steps
-    // below decode 1.2x slower than these 512-bit dots (3B, 2 threads), where the tiles' gain
-    // on its prompts is smaller than on the 4-bit types'
+    // Q8_0 keeps the row kernels on the soft tiles' builds, prompts too: with the per-block
+    // steps below it decodes 1.2x slower than on these 512-bit dots (3B, 2 threads; eight
+    // blocks' sums reduced together did not close it), and decoding is where a chat spends its
+    // time, though its prompts would go ~2x faster on the tiles
     if (!iq4) {
         signed_pair_rows(w, x, x_row, K, y, y_step, iq4, R);
         return;
@@ -314,31 +315,6 @@ ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
     // (amx_signed_task), so a prompt's rows there are bitwise a token decoded here.
     __m128 acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm_setzero_ps();
-#if defined(USE_AVX512)
-    // Q8_0: two blocks a 512-bit dot, each block's sum then reduced on its own (the same
-    // integers): 7% faster decoding; IQ4_NL's lookups are faster on the 256-bit dots
-    for (; !iq4 && b + 3 < nb; b += 4) {
-        const uint8_t *wb = w + size * b;
-        prefetch_ahead(wb, 4 * size, R);
-        __m512i q01 = _mm512_inserti64x4(_mm512_castsi256_si512(signed_codes(wb, iq4)), signed_codes(wb + size, iq4), 1);
-        __m512i q23 = _mm512_inserti64x4(_mm512_castsi256_si512(signed_codes(wb + 2 * size, iq4)), signed_codes(wb + 3 * size, iq4), 1);
-        __mmask64 negative01 = _mm512_movepi8_mask(q01), negative23 = _mm512_movepi8_mask(q23);
-        __m512i magnitude01 = _mm512_abs_epi8(q01), magnitude23 = _mm512_abs_epi8(q23);
-        __m128 dw = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, (short)read_u16(wb + 3 * size), (short)read_u16(wb + 2 * size),
-                                               (short)read_u16(wb + size), (short)read_u16(wb)));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
-            const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
-            __m512i x01 = pair_x_codes(xb), x23 = pair_x_codes(xb + 2);
-            __m512i p01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude01, _mm512_mask_sub_epi8(x01, negative01, _mm512_setzero_si512(), x01));
-            __m512i p23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude23, _mm512_mask_sub_epi8(x23, negative23, _mm512_setzero_si512(), x23));
-            __m128i sums = hsum4_i32(_mm512_castsi512_si256(p01), _mm512_extracti64x4_epi64(p01, 1), _mm512_castsi512_si256(p23),
-                                     _mm512_extracti64x4_epi64(p23, 1));
-            __m128 scale = _mm_mul_ps(dw, _mm_set_ps(xb[3].d, xb[2].d, xb[1].d, xb[0].d));
-            acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), scale, acc[r]);
-        }
-    }
-#endif
     for (; b + 3 < nb; b += 4) {
         const uint8_t *wb = w + size * b;
         prefetch_ahead(wb, 4 * size, R);
