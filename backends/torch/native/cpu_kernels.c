@@ -13,10 +13,10 @@
 // the 256-value blocks), so each block is one integer dot product; the result is exactly
 // sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
 // takes the same activation blocks (an int8 GEMM: on AMX tiles where the CPU has them, on the
-// tile tasks' layout with 512-bit VNNI dots for most types where it has AVX-512 alone, else the
-// row kernels' dots) and gives each row bitwise the result it gets decoded alone, for every row count, so a
-// prompt's answer does not depend on how it is split into forward passes, and no path is less
-// exact than llama.cpp's.
+// tile tasks with 512-bit VNNI dots for most types where it has AVX-512 alone, else the row
+// kernels' dots) and gives each row bitwise the result it gets decoded alone, for every row
+// count, so a prompt's answer does not depend on how it is split into forward passes, and no
+// path is less exact than llama.cpp's.
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
@@ -246,7 +246,7 @@ ROWS_INLINE void signed_block(const uint8_t *w, const uint8_t *x, size_t x_row, 
 }
 #endif
 
-#if defined(USE_AVX512) && !defined(USE_AMX)
+#if defined(USE_SOFT_TILES)
 // Two 32-value blocks a 512-bit register: lanes 0-7 of a sum are block b's, 8-15 block b + 1's
 // (the AVX2 dots' work on half the instructions where the CPU has 512-bit units).
 static inline __m512 halves_ps(float lo, float hi) {
@@ -275,7 +275,8 @@ ROWS_INLINE void signed_pair(const uint8_t *w, int size, const uint8_t *x, size_
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, halves_ps(xb[0].d, xb[1].d)), acc[r]);
     }
 }
-// Q8_0 or IQ4_NL on pairs of blocks; two pairs in flight on separate accumulators, the last pair on the first
+
+// Q8_0 on pairs of blocks; two pairs in flight on separate accumulators, the last pair on the first
 ROWS_INLINE void signed_pair_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
                                   const int iq4, const int R) {
     int nb = K / 32, size = iq4 ? 18 : 34, b = 0;
@@ -350,8 +351,6 @@ ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
         _mm_storeu_ps(lanes, acc[r]);
         y[r * y_step] = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
     }
-#elif defined(USE_AVX512)
-    signed_pair_rows(w, x, x_row, K, y, y_step, iq4, R);
 #elif defined(USE_AVX2)
     __m256 acc[4][DOT_ROWS];
     for (int u = 0; u < 4; u++)
@@ -431,29 +430,6 @@ static inline __m256i q4_q5_codes(const uint8_t *w, const int with_min, const in
 }
 #endif
 
-#if defined(USE_AVX512) && !defined(USE_AMX)
-// Blocks b and b + 1 (size bytes apart) of Q4_0, Q4_1, Q5_0 or Q5_1 against R rows, two blocks a
-// 512-bit register as signed_pair; offsets[r] lanes 1 and 3 take c sx of each
-ROWS_INLINE void q4_q5_pair(const uint8_t *w, int size, const uint8_t *x, size_t x_row, int b, __m512 acc[], __m128 offsets[],
-                            const int with_min, const int with_high, const int R) {
-    __m128 lo_scales, hi_scales;
-    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q4_q5_codes(w, with_min, with_high, &lo_scales)),
-                                   q4_q5_codes(w + size, with_min, with_high, &hi_scales), 1);
-    __m128 weight_scales = _mm_movelh_ps(lo_scales, hi_scales);  // [d, c] of block b, then of b + 1
-    const __m512i lanes = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-        const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
-        // [d dx, c sx] of each block: the codes' scales for the sums' lanes, the offsets beside
-        __m128 scales = _mm_mul_ps(weight_scales, _mm_movelh_ps(_mm_castpd_ps(_mm_load_sd((const double *)&xb[0].d)),
-                                                                _mm_castpd_ps(_mm_load_sd((const double *)&xb[1].d))));
-        offsets[r] = _mm_add_ps(offsets[r], scales);
-        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, pair_x_codes(xb));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(scales)), acc[r]);
-    }
-}
-#endif
-
 
 ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
                             const int with_min, const int with_high, const int R) {
@@ -500,27 +476,6 @@ ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, in
         float lanes[4], offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets[r], offsets[r], 1)) * (with_min ? 1 : -zero);
         _mm_storeu_ps(lanes, acc[r]);
         y[r * y_step] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + offset;
-    }
-#elif defined(USE_AVX512)
-    __m512 acc[2][DOT_ROWS];
-    __m128 offsets[DOT_ROWS];
-    for (int r = 0; r < R; r++) {
-        offsets[r] = _mm_setzero_ps();
-        for (int u = 0; u < 2; u++) acc[u][r] = _mm512_setzero_ps();
-    }
-    for (; b + 3 < nb; b += 4) {
-        prefetch_ahead(w + size * b, 4 * size, R);
-        q4_q5_pair(w + size * b, size, x, x_row, b, acc[0], offsets, with_min, with_high, R);
-        q4_q5_pair(w + size * (b + 2), size, x, x_row, b + 2, acc[1], offsets, with_min, with_high, R);
-    }
-    if (b + 1 < nb) q4_q5_pair(w + size * b, size, x, x_row, b, acc[0], offsets, with_min, with_high, R), b += 2;
-    __m256 last[DOT_ROWS];
-    for (int r = 0; r < R; r++) last[r] = _mm256_setzero_ps();
-    if (b < nb) q4_q5_block(w + size * b, x, x_row, b, last, offsets, with_min, with_high, R);  // its c sx into lane 1
-    for (int r = 0; r < R; r++) {
-        __m128 o = offsets[r];
-        float offset = (_mm_cvtss_f32(_mm_shuffle_ps(o, o, 1)) + _mm_cvtss_f32(_mm_shuffle_ps(o, o, 3))) * (with_min ? 1 : -zero);
-        y[r * y_step] = (_mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) + hsum_ps(last[r])) + offset;
     }
 #elif defined(USE_AVX2)
     __m256 acc[4][DOT_ROWS];
@@ -1043,38 +998,7 @@ static inline int iq4_xs_scale(const uint8_t *w, int s) {
 
 ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 256;
-#if defined(USE_AVX512) && !defined(USE_TILES)
-    // Two sub-blocks a 512-bit register (their activations lie side by side): half the AVX2
-    // dots' instructions a row
-    __m512 acc[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    const __m512i levels = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
-    for (int b = 0; b < nb; b++, w += 136) {
-        prefetch_ahead(w, 136, R);
-        float d = f16_to_f32(read_u16(w));
-        __m512i sum[DOT_ROWS];
-        for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_si512();
-        for (int s = 0; s < 8; s += 2) {
-            __m512i q = _mm512_shuffle_epi8(levels, _mm512_inserti64x4(_mm512_castsi256_si512(nibbles_32(w + 8 + 16 * s)),
-                                                                       nibbles_32(w + 8 + 16 * (s + 1)), 1));
-            // |level| as unsigned times x negated where the level is negative
-            __mmask64 negative = _mm512_movepi8_mask(q);
-            __m512i magnitude = _mm512_abs_epi8(q);
-            __m512i scale = _mm512_inserti64x4(_mm512_set1_epi16((short)iq4_xs_scale(w, s)), _mm256_set1_epi16((short)iq4_xs_scale(w, s + 1)), 1);
-#pragma GCC unroll 8
-            for (int r = 0; r < R; r++) {
-                __m512i xq = _mm512_loadu_si512(X_BLOCK(x_block256, x, x_row, r, b)->q + 32 * s);
-                // |level| <= 127 and |x| <= 127: the int16 pair sums cannot saturate
-                __m512i p = _mm512_maddubs_epi16(magnitude, _mm512_mask_sub_epi8(xq, negative, _mm512_setzero_si512(), xq));
-                sum[r] = _mm512_dpwssd_epi32(sum[r], p, scale);
-            }
-        }
-#pragma GCC unroll 8
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
-    }
-    for (int r = 0; r < R; r++) y[r * y_step] = _mm512_reduce_add_ps(acc[r]);
-#elif defined(USE_AVX2)
+#if defined(USE_AVX2)
 #if defined(USE_TILES)
     float acc[DOT_ROWS];  // each block's integer sum, one multiply-add: AMX's steps (amx_iq4_xs_task)
     for (int r = 0; r < R; r++) acc[r] = 0;
