@@ -166,7 +166,7 @@ def test_ctrl_c_during_the_load():
 
 
 def test_ctrl_c_during_the_prefill():
-    # ~3,300 tokens fed one at a time: most of the tiny model's context, about a second of
+    # ~2,900 tokens fed one at a time: most of the tiny model's context, about a second of
     # prefill on a fast CPU (3,500 tokens/s), so the signal sent as the prefill starts lands
     # inside it.
     long_prompt = "hello world " * 700
