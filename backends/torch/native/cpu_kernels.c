@@ -1154,30 +1154,30 @@ static void amx_begin(int group) {
 // Four groups' sums, sums[j][weight row][activation row]: weight codes a (rows K bytes apart,
 // group j at a + group j) by packed activations bx (group j at bx + 16 group j). Unsigned weight
 // codes (the K-quants') or signed (Q8_0's, IQ4_NL's levels).
-#define TILE_SUMS4(name, dp)                                                                                     \
+#define TILE_SUMS4(name, dp)                                                                                                          \
     static inline void name(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE]) { \
-        const uint8_t *w = a;                                                                                    \
-        (void)rowsums;                                                                                           \
-        _tile_loadd(4, w, K);                                                                                    \
-        _tile_loadd(6, bx, 64);                                                                                  \
-        _tile_zero(0);                                                                                           \
-        dp(0, 4, 6);                                                                                             \
-        _tile_loadd(5, w + group, K);                                                                            \
-        _tile_loadd(7, bx + 16 * group, 64);                                                                     \
-        _tile_zero(1);                                                                                           \
-        dp(1, 5, 7);                                                                                             \
-        _tile_loadd(4, w + 2 * group, K);                                                                        \
-        _tile_loadd(6, bx + 32 * group, 64);                                                                     \
-        _tile_zero(2);                                                                                           \
-        dp(2, 4, 6);                                                                                             \
-        _tile_loadd(5, w + 3 * group, K);                                                                        \
-        _tile_loadd(7, bx + 48 * group, 64);                                                                     \
-        _tile_zero(3);                                                                                \
-        dp(3, 5, 7);                                                                                  \
-        _tile_stored(0, sums[0], 64);                                                                 \
-        _tile_stored(1, sums[1], 64);                                                                 \
-        _tile_stored(2, sums[2], 64);                                                                 \
-        _tile_stored(3, sums[3], 64);                                                                 \
+        const uint8_t *w = a;                                                                                                         \
+        (void)rowsums;                                                                                                                \
+        _tile_loadd(4, w, K);                                                                                                         \
+        _tile_loadd(6, bx, 64);                                                                                                       \
+        _tile_zero(0);                                                                                                                \
+        dp(0, 4, 6);                                                                                                                  \
+        _tile_loadd(5, w + group, K);                                                                                                 \
+        _tile_loadd(7, bx + 16 * group, 64);                                                                                          \
+        _tile_zero(1);                                                                                                                \
+        dp(1, 5, 7);                                                                                                                  \
+        _tile_loadd(4, w + 2 * group, K);                                                                                             \
+        _tile_loadd(6, bx + 32 * group, 64);                                                                                          \
+        _tile_zero(2);                                                                                                                \
+        dp(2, 4, 6);                                                                                                                  \
+        _tile_loadd(5, w + 3 * group, K);                                                                                             \
+        _tile_loadd(7, bx + 48 * group, 64);                                                                                          \
+        _tile_zero(3);                                                                                                                \
+        dp(3, 5, 7);                                                                                                                  \
+        _tile_stored(0, sums[0], 64);                                                                                                 \
+        _tile_stored(1, sums[1], 64);                                                                                                 \
+        _tile_stored(2, sums[2], 64);                                                                                                 \
+        _tile_stored(3, sums[3], 64);                                                                                                 \
     }
 TILE_SUMS4(tile_sums4_u8, _tile_dpbusd)
 TILE_SUMS4(tile_sums4_s8, _tile_dpbssd)
