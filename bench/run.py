@@ -42,6 +42,7 @@ from app.bench import (  # noqa: E402
     run_in_subprocess, summarize,
 )
 from app.bench_compare import DECODE, DECODE_SHORT, Target, ratios, target_rows  # noqa: E402
+from backends.gguf_file import advise_huge_pages  # noqa: E402
 from ceiling import ceiling_tok_s, gguf_tensor_bytes, kv_bytes_per_position, measure_bandwidth, weight_bytes  # noqa: E402
 from deps import env_with, start_install, wait_install  # noqa: E402
 from make_models import F16_NAME, MODELS_DIR, ensure_f16, ensure_models  # noqa: E402
@@ -99,8 +100,6 @@ def warm_page_cache(path: Path) -> None:
     the disk (both map the same cached pages): dropped and read back through a mapping advised
     MADV_HUGEPAGE, in 2 MiB folios, as our engine reads a file cold and as a Hub download writes
     one (10 MiB writes). llama.cpp gains from them as much as we do on the files it maps."""
-    from backends.gguf_file import advise_huge_pages
-
     with open(path, "rb") as f:
         if hasattr(os, "posix_fadvise"):
             os.fsync(f.fileno())  # a file just written has dirty pages, which no advice drops

@@ -41,8 +41,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #else
-// AMD's Zen 4/5, Intel's before Sapphire Rapids: the tile tasks of the types whose codes are
-// signed bytes (the 32-value blocks, IQ4_XS) on 512-bit VNNI dots instead (soft_tile_sums4)
+// AMD's Zen 4/5, Intel's before Sapphire Rapids: the tile tasks of IQ4_NL, IQ4_XS and Q4_0 to
+// Q5_1 (codes that fit a signed byte) on 512-bit VNNI dots instead (soft_tile_sums4)
 #define USE_SOFT_TILES 1
 #endif
 #define USE_TILES 1
