@@ -137,7 +137,7 @@ def test_prompts_take_the_amx_tiles_where_the_cpu_has_them():
     assert native.library().gguf_matmul_amx() == 1
 
 
-SOFT_TILE_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS]
+SOFT_TILE_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 @pytest.mark.parametrize("ggml_type", SOFT_TILE_TYPES, ids=lambda t: t.name)
@@ -152,7 +152,7 @@ def test_without_amx_the_tile_types_give_the_amx_bits(ggml_type, tmp_path_factor
     K = 512 + (32 if native.activation_block(ggml_type) == 32 else 0)
     blocks = torch.from_numpy(random_rows(ggml_type, 37, K // gguf.GGML_QUANT_SIZES[ggml_type][0], rng))
     x = torch.from_numpy(rng.standard_normal((33, K)).astype(np.float32))
-    for M in (1, 5, 8, 16, 33):
+    for M in (1, 5, 8, 12, 16, 24, 33):  # past each type's rows for the tiles, with and without AMX
         assert torch.equal(native.gguf_matmul(soft, ggml_type, blocks, x[:M]), native.gguf_matmul(native.library(), ggml_type, blocks, x[:M]))
 
 

@@ -13,8 +13,8 @@
 // the 256-value blocks), so each block is one integer dot product; the result is exactly
 // sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
 // takes the same activation blocks (an int8 GEMM: on AMX tiles where the CPU has them, on the
-// tile tasks with 512-bit VNNI dots for most types where it has AVX-512 alone, else the row
-// kernels' dots) and gives each row bitwise the result it gets decoded alone, for every row
+// tile tasks with 512-bit VNNI dots for every type but Q8_0 where it has AVX-512 alone, else the
+// row kernels' dots) and gives each row bitwise the result it gets decoded alone, for every row
 // count, so a prompt's answer does not depend on how it is split into forward passes, and no
 // path is less exact than llama.cpp's.
 //
@@ -41,8 +41,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #else
-// AMD's Zen 4/5, Intel's before Sapphire Rapids: the tile tasks of IQ4_NL, IQ4_XS and Q4_0 to
-// Q5_1 (codes that fit a signed byte) on 512-bit VNNI dots instead (soft_tile_sums4)
+// AMD's Zen 4/5, Intel's before Sapphire Rapids: the tile tasks on 512-bit VNNI dots instead
+// (soft_tile_sums4, block_sums, soft_scaled_block)
 #define USE_SOFT_TILES 1
 #endif
 #define USE_TILES 1
@@ -554,14 +554,8 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
                               const int with_high, const int R) {
     int nb = K / 256, size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
 #if defined(USE_AVX512)
-#if defined(USE_AMX)
     float acc[DOT_ROWS], acc_min[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = acc_min[r] = 0;
-#else
-    __m512 acc[DOT_ROWS];
-    __m128 acc_min[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps(), acc_min[r] = _mm_setzero_ps();
-#endif
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     // 32 bytes of nibbles in both halves: the low nibbles kept in the lower half, the high ones
     // shifted down in the upper, so 64 codes lie in the activations' order
@@ -597,22 +591,13 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
             __m128i m = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)xb->sums32));
-#if defined(USE_AMX)
-            // each block's integer sums, then one multiply-add each: the steps AMX's tiles take
+            // each block's integer sums, then one multiply-add each: the steps the tiles take
             // too (amx_q4_q5_k_task), so a prompt's rows there are bitwise a token decoded here
             acc_min[r] = fmaf((float)hsum_i32_128(m), dmin * xb->d, acc_min[r]);
             acc[r] = fmaf((float)_mm512_reduce_add_epi32(sum[r]), d * xb->d, acc[r]);
-#else
-            acc_min[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_set1_ps(dmin * xb->d), acc_min[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * xb->d), acc[r]);
-#endif
         }
     }
-#if defined(USE_AMX)
     for (int r = 0; r < R; r++) y[r * y_step] = acc[r] - acc_min[r];
-#else
-    for (int r = 0; r < R; r++) y[r * y_step] = _mm512_reduce_add_ps(acc[r]) - hsum_128(acc_min[r]);
-#endif
 #elif defined(USE_AVX2)
     __m256 acc[DOT_ROWS];
     __m128 acc_min[DOT_ROWS];
@@ -706,15 +691,9 @@ static inline void q6_k_codes(const uint8_t *ql, const uint8_t *qh, __m256i q[4]
 ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 256;
 #if defined(USE_AVX512)
-#if defined(USE_AMX)
-    float block_acc[DOT_ROWS];  // each block's integer sum less its shift, one multiply-add: AMX's steps (amx_q6_k_task)
+    float block_acc[DOT_ROWS];  // each block's integer sum less its shift, one multiply-add: the tiles' steps (amx_q6_k_task)
     int shifts[DOT_ROWS];
     for (int r = 0; r < R; r++) block_acc[r] = 0;
-#else
-    __m512 acc[DOT_ROWS];
-    __m256 acc_shift[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps(), acc_shift[r] = _mm256_setzero_ps();
-#endif
     const __m512i low4 = _mm512_set1_epi8(0x0f), low2 = _mm512_set1_epi8(0x03);
     const __m512i scale_lanes = _mm512_loadu_si512(Q6_K_SCALE_LANES);
     // codes 0-63 of a half take qh's bits 0-1 (lower 32) and 2-3 (upper); codes 64-127 bits 4-5 and 6-7
@@ -730,11 +709,7 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
             __m256i shift = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)xb->sums));
-#if defined(USE_AMX)
             shifts[r] = hsum_i32(shift);
-#else
-            acc_shift[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shift), _mm256_set1_ps(32 * (d * xb->d)), acc_shift[r]);
-#endif
             sum[r] = _mm512_setzero_si512();
         }
         for (int half = 0; half < 2; half++, ql += 64, qh += 32) {
@@ -755,17 +730,9 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
         }
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++)
-#if defined(USE_AMX)
             block_acc[r] = fmaf((float)(_mm512_reduce_add_epi32(sum[r]) - 32 * shifts[r]), d * X_BLOCK(x_block256, x, x_row, r, b)->d, block_acc[r]);
-#else
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
-#endif
     }
-#if defined(USE_AMX)
     for (int r = 0; r < R; r++) y[r * y_step] = block_acc[r];
-#else
-    for (int r = 0; r < R; r++) y[r * y_step] = _mm512_reduce_add_ps(acc[r]) - hsum_ps(acc_shift[r]);
-#endif
 #elif defined(USE_AVX2)
     __m256 acc[DOT_ROWS], acc_shift[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = acc_shift[r] = _mm256_setzero_ps();
@@ -879,8 +846,8 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
                               const int q3, const int R) {
     int nb = K / 256, size = q3 ? 110 : 84, qs_at = q3 ? 32 : 16;
 #ifdef USE_AVX2
-#if defined(USE_AMX)
-    // each block's integer sums, one multiply-add each: AMX's steps (amx_q2_k_task, amx_q3_k_task);
+#if defined(USE_TILES)
+    // each block's integer sums, one multiply-add each: the tiles' steps (amx_q2_q3_k_task, soft_q3_q6_k_task);
     // Q3_K's offset in the integer sum (sc (q - 4) summed), Q2_K's mins on their own chain
     float acc[DOT_ROWS], acc_off[DOT_ROWS];
     int offset[DOT_ROWS];
@@ -908,31 +875,16 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
             __m256i o = _mm256_madd_epi16(offsets, _mm256_loadu_si256((const __m256i *)xb->sums));
-#if defined(USE_AMX)
+#if defined(USE_TILES)
             offset[r] = hsum_i32(o);
 #else
             acc_off[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(o), _mm256_set1_ps(off_scale * xb->d), acc_off[r]);
 #endif
             sum[r] = _mm256_setzero_si256();
         }
-#if defined(USE_AVX512) && !defined(USE_AMX)
-        __m512i wide[DOT_ROWS];  // codes 32 j to 32 j + 63 a register: half the AVX2 dots' instructions a row
-        for (int r = 0; r < R; r++) wide[r] = _mm512_setzero_si512();
-#endif
         for (int n = 0; n < 2; n++) {
             __m256i half_scales = _mm256_broadcastsi128_si256(n ? _mm256_extracti128_si256(scales, 1) : _mm256_castsi256_si128(scales));
             __m256i bits = _mm256_loadu_si256((const __m256i *)(w + qs_at + 32 * n)), high = _mm256_loadu_si256((const __m256i *)w);
-#if defined(USE_AVX512) && !defined(USE_AMX)
-            for (int j = 0; j < 4; j += 2) {
-                __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q2_q3_k_codes(bits, high, n, j, q3)), q2_q3_k_codes(bits, high, n, j + 1, q3), 1);
-                __m512i s = _mm512_inserti64x4(_mm512_castsi256_si512(q2_q3_k_scale_lanes(half_scales, j)), q2_q3_k_scale_lanes(half_scales, j + 1), 1);
-#pragma GCC unroll 8
-                for (int r = 0; r < R; r++) {
-                    const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q + 128 * n + 32 * j;
-                    wide[r] = _mm512_dpwssd_epi32(wide[r], _mm512_maddubs_epi16(q, _mm512_loadu_si512(xq)), s);
-                }
-            }
-#else
             for (int j = 0; j < 4; j++) {
                 __m256i q = q2_q3_k_codes(bits, high, n, j, q3), s = q2_q3_k_scale_lanes(half_scales, j);
 #pragma GCC unroll 8
@@ -942,15 +894,11 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
                     sum[r] = add_dot_i16(sum[r], _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)xq)), s);
                 }
             }
-#endif
         }
-#if defined(USE_AVX512) && !defined(USE_AMX)
-        for (int r = 0; r < R; r++) sum[r] = _mm256_add_epi32(_mm512_castsi512_si256(wide[r]), _mm512_extracti64x4_epi64(wide[r], 1));
-#endif
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             float dx = X_BLOCK(x_block256, x, x_row, r, b)->d;
-#if defined(USE_AMX)
+#if defined(USE_TILES)
             if (q3) acc[r] = fmaf((float)(hsum_i32(sum[r]) - 4 * offset[r]), d * dx, acc[r]);
             else acc[r] = fmaf((float)hsum_i32(sum[r]), d * dx, acc[r]), acc_off[r] = fmaf((float)offset[r], off_scale * dx, acc_off[r]);
 #else
@@ -958,7 +906,7 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
 #endif
         }
     }
-#if defined(USE_AMX)
+#if defined(USE_TILES)
     for (int r = 0; r < R; r++) y[r * y_step] = acc[r] - acc_off[r];
 #else
     for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_ps(acc_off[r]);
@@ -1104,9 +1052,11 @@ ROWS_FN(iq4_xs)
 // sub-block. The sums then take, lane by lane, the float steps the row kernels take for one row
 // (their USE_TILES forms), so every output is bitwise the token decoded alone. The weights are
 // unpacked once per 16 rows into a thread's scratch (A, row-major), the activations once per
-// call into B's layout. Without AMX (USE_SOFT_TILES) the same tasks run for the types whose codes
-// are signed bytes, their multiplies on 512-bit VNNI dots (soft_tile_sums4): the same integer
-// sums, so the same bits as on AMX, and ~2x the row kernels' products an instruction.
+// call into B's layout. Without AMX (USE_SOFT_TILES) the same tasks run, their multiplies on
+// 512-bit VNNI dots: 64 products an instruction where the row kernels' take ~32 (a K-quant's
+// copies of its codes, which would double or triple the dots, give way to one copy and a
+// multiply by the scale a sub-block: soft_scaled_block). The same integer sums, so the same bits
+// as on AMX. Q8_0 alone stays on the row kernels (signed_rows).
 
 #define TILE 16
 // tile registers (the intrinsics take literal numbers)
@@ -1208,6 +1158,82 @@ static inline void soft_tile_sums4(const void *a, int K, const int8_t *bx, int g
 }
 #define tile_sums4_u8 soft_tile_sums4
 #define tile_sums4_s8 soft_tile_sums4
+#endif
+
+// A K-quant block's integer sums, sums[p][weight row][activation row] for each of its copies
+// p < planes of the weight codes (plane bytes apart, rows K apart, 256 values from a): the block
+// 64 values a multiply into one tile a copy, against its packed activations bx. Unsigned codes,
+// or signed (AMX only).
+ROWS_INLINE void block_sums(const uint8_t *a, size_t plane, const int planes, int K, const int8_t *bx, const int is_signed,
+                            int32_t sums[][TILE][TILE]) {
+#ifdef USE_AMX
+    _tile_zero(0);
+    if (planes > 1) _tile_zero(1);
+    if (planes > 2) _tile_zero(2);
+    for (int k = 0; k < 4; k++) {
+        _tile_loadd(6, bx + 1024 * k, 64);
+        _tile_loadd(4, a + 64 * k, K);
+        if (is_signed) _tile_dpbssd(0, 4, 6);
+        else _tile_dpbusd(0, 4, 6);
+        if (planes > 1) {
+            _tile_loadd(5, a + plane + 64 * k, K);
+            if (is_signed) _tile_dpbssd(1, 5, 6);
+            else _tile_dpbusd(1, 5, 6);
+        }
+        if (planes > 2) {
+            _tile_loadd(4, a + 2 * plane + 64 * k, K);
+            if (is_signed) _tile_dpbssd(2, 4, 6);
+            else _tile_dpbusd(2, 4, 6);
+        }
+    }
+    _tile_stored(0, sums[0], 64);
+    if (planes > 1) _tile_stored(1, sums[1], 64);
+    if (planes > 2) _tile_stored(2, sums[2], 64);
+#else
+    // VNNI's unsigned operand takes the codes, broadcast, its signed one the activations as they are
+    (void)is_signed;
+    for (int k = 0; k < 4; k++) {
+        __m512i xs[16];
+        for (int s = 0; s < 16; s++) xs[s] = _mm512_loadu_si512(bx + 1024 * k + 64 * s);
+        for (int p = 0; p < planes; p++)
+            for (int n = 0; n < TILE; n++) {
+                const uint8_t *wn = a + p * plane + (size_t)n * K + 64 * k;
+                __m512i sum = k ? _mm512_load_si512(sums[p][n]) : _mm512_setzero_si512();
+                for (int s = 0; s < 16; s++) {
+                    int32_t four;
+                    memcpy(&four, wn + 4 * s, 4);
+                    sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(four), xs[s]);
+                }
+                _mm512_store_si512(sums[p][n], sum);
+            }
+    }
+#endif
+}
+
+#ifdef USE_SOFT_TILES
+// A block of 256 values' integer sums for 16 weight rows (unsigned codes, rows K apart) by 16
+// activation rows (packed as amx_pack_x does), each of its groups' sums (8 of 32 or 16 of 16)
+// times its weight row's scale (scales [groups][16]): the sum AMX's copies of the codes folded
+// with scale digits give, on one VNNI dot for each 4 codes. The codes, broadcast, are the dots'
+// unsigned operand; the activations, as they are, the signed one.
+ROWS_INLINE void soft_scaled_block(const uint8_t *a, int K, const int8_t *bx, const int32_t *scales, const int groups, __m512i block[TILE]) {
+    const int group = 256 / groups, steps = group / 4;
+    for (int n = 0; n < TILE; n++) block[n] = _mm512_setzero_si512();
+    for (int j = 0; j < groups; j++) {
+        __m512i xs[8];
+        for (int k = 0; k < steps; k++) xs[k] = _mm512_loadu_si512(bx + 16 * group * j + 64 * k);
+        for (int n = 0; n < TILE; n++) {
+            const uint8_t *wn = a + (size_t)n * K + group * j;
+            __m512i sum = _mm512_setzero_si512();
+            for (int k = 0; k < steps; k++) {
+                int32_t four;
+                memcpy(&four, wn + 4 * k, 4);
+                sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(four), xs[k]);
+            }
+            block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(sum, _mm512_set1_epi32(scales[j * TILE + n])));
+        }
+    }
+}
 #endif
 
 // The sum of a weight row's 32 codes (signed, or unsigned under 128), which soft_tile_sums4
@@ -1345,25 +1371,36 @@ static inline __m256i two_groups(__m256i v, int g) {
     return _mm256_permutexvar_epi16(_mm256_set_m128i(_mm_set1_epi16((short)(g + 1)), _mm_set1_epi16((short)g)), v);
 }
 
-#ifdef USE_AMX  // their codes folded with scale digits reach 217: unsigned bytes, which only the AMX tiles take
 // Q4_K, Q5_K: each sub-block's 6-bit scale split in two 3-bit digits, sc = 8 hi + lo, folded into
 // two copies of the codes (q lo, q hi <= 31 * 7 fit a byte), so two tiles accumulate a whole
 // block 64 values a multiply, and the block's integer sum is 8 hi + lo with no per-sub-block work;
-// then the block's sum and its mins' term, one multiply-add each (q4_q5_k_rows).
+// then the block's sum and its mins' term, one multiply-add each (q4_q5_k_rows). Without AMX the
+// two copies would double the VNNI dots: one copy of the codes, one multiply a sub-block of 32,
+// its sums times the rows' scales into the same integer sum (as IQ4_XS).
 static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row, const int with_high) {
     int nb = K / 256, size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
-    // codes times the low digits [16][K] and the high [16][K]; per block: mins as int16 pairs [4][16], d [16], dmin [16]
-    uint8_t *mem = scratch(2 * (size_t)TILE * K + (size_t)nb * TILE * 4 * (4 + 2));
+#ifdef USE_AMX
+    // codes times the low digits [16][K] and the high [16][K]
+    const int planes = 2, per_block = 0;
+#else
+    // the codes [16][K]; per block: the sub-blocks' scales [8][16]
+    const int planes = 1, per_block = 8;
+#endif
+    // per block: mins as int16 pairs [4][16], d [16], dmin [16]
+    uint8_t *mem = scratch(planes * (size_t)TILE * K + (size_t)nb * TILE * 4 * (4 + 2 + per_block));
     if (!mem) return -2;
     uint8_t *low = mem, *high = mem + (size_t)TILE * K;
-    int32_t *mins = (int32_t *)(mem + 2 * (size_t)TILE * K);
+    int32_t *mins = (int32_t *)(mem + planes * (size_t)TILE * K);
     float *d = (float *)(mins + (size_t)nb * 4 * TILE), *dmin = d + (size_t)nb * TILE;
+    int32_t *scales = (int32_t *)(dmin + (size_t)nb * TILE);
+    (void)high, (void)scales;
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             size_t at = (size_t)n * K + 256 * b;
             if (n >= rows) {
-                memset(low + at, 0, 256), memset(high + at, 0, 256);
+                for (int i = 0; i < planes; i++) memset(mem + i * (size_t)TILE * K + at, 0, 256);
                 for (int k = 0; k < 4; k++) mins[(b * 4 + k) * TILE + n] = 0;
+                for (int j = 0; j < per_block; j++) scales[(b * 8 + j) * TILE + n] = 0;
                 d[b * TILE + n] = dmin[b * TILE + n] = 0;
                 continue;
             }
@@ -1374,38 +1411,40 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
             for (int j = 0; j < 4; j++) {
                 __m256i lo, hi;
                 q4_q5_k_codes(w, qs_at, j, with_high, &lo, &hi);
+#ifdef USE_AMX
                 _mm256_storeu_si256((__m256i *)(low + at + 64 * j), mul_u8(lo, sc[2 * j] & 7));
                 _mm256_storeu_si256((__m256i *)(low + at + 64 * j + 32), mul_u8(hi, sc[2 * j + 1] & 7));
                 _mm256_storeu_si256((__m256i *)(high + at + 64 * j), mul_u8(lo, sc[2 * j] >> 3));
                 _mm256_storeu_si256((__m256i *)(high + at + 64 * j + 32), mul_u8(hi, sc[2 * j + 1] >> 3));
+#else
+                _mm256_storeu_si256((__m256i *)(low + at + 64 * j), lo);
+                _mm256_storeu_si256((__m256i *)(low + at + 64 * j + 32), hi);
+                scales[(b * 8 + 2 * j) * TILE + n] = sc[2 * j], scales[(b * 8 + 2 * j + 1) * TILE + n] = sc[2 * j + 1];
+#endif
             }
             for (int k = 0; k < 4; k++) mins[(b * 4 + k) * TILE + n] = (int32_t)(mn[2 * k] | (uint32_t)mn[2 * k + 1] << 16);
             d[b * TILE + n] = f16_to_f32(read_u16(w)), dmin[b * TILE + n] = f16_to_f32(read_u16(w + 2));
         }
     int32_t sums[2][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
+    (void)sums;
     for (int t = 0; t < x->tiles; t++) {
         __m512 acc[TILE], acc_min[TILE];
         for (int n = 0; n < TILE; n++) acc[n] = acc_min[n] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
             const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
-            _tile_zero(0);
-            _tile_zero(1);
-            for (int k = 0; k < 4; k++) {  // 64 values a multiply: two packed groups of 32 are one B tile
-                _tile_loadd(6, bx + 1024 * k, 64);
-                _tile_loadd(4, high + 256 * b + 64 * k, K);
-                _tile_loadd(5, low + 256 * b + 64 * k, K);
-                _tile_dpbusd(0, 4, 6);
-                _tile_dpbusd(1, 5, 6);
-            }
-            _tile_stored(0, sums[0], 64);
-            _tile_stored(1, sums[1], 64);
+            __m512i block[TILE];
+#ifdef USE_AMX
+            block_sums(low + 256 * b, high - low, 2, K, bx, 0, sums);  // sums[0] the codes times the low digits, sums[1] the high
+            for (int n = 0; n < TILE; n++) block[n] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), _mm512_load_si512(sums[0][n]));
+#else
+            soft_scaled_block(low + 256 * b, K, bx, scales + b * 8 * TILE, 8, block);
+#endif
             const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
             const int32_t *xs = x->sums + ((size_t)t * nb + b) * 4 * TILE, *mn = mins + b * 4 * TILE;
             for (int n = 0; n < TILE; n++) {
-                __m512i block = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[0][n]), 3), _mm512_load_si512(sums[1][n]));
                 acc_min[n] = add_block(acc_min[n], pair_dots(xs, mn + n, 4), dmin[b * TILE + n], dx);
-                acc[n] = add_block(acc[n], block, d[b * TILE + n], dx);
+                acc[n] = add_block(acc[n], block[n], d[b * TILE + n], dx);
             }
         }
         for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_min[n]));
@@ -1420,6 +1459,7 @@ static inline __m256i mul_s8(__m256i q, __m256i k) {
     return _mm256_or_si256(_mm256_and_si256(even, _mm256_set1_epi16(0xff)), _mm256_slli_epi16(odd, 8));
 }
 
+#ifdef USE_AMX  // their signed copies of the codes take AMX's signed-by-signed multiply
 // Q6_K: each group's int8 scale as three balanced base-7 digits (sc = d0 + 7 d1 + 49 d2, digits
 // -3..3), folded into three copies of the signed codes (q - 32) d (|.| <= 96 fit a byte), so
 // three tiles accumulate a whole block 64 values a multiply; its integer sum d0 + 7 d1 + 49 d2
@@ -1471,23 +1511,7 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
         __m512 acc[TILE];
         for (int n = 0; n < TILE; n++) acc[n] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
-            const int8_t *a = digits + 256 * b;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            for (int k = 0; k < 4; k++) {  // 64 values a multiply
-                _tile_loadd(6, bx + 1024 * k, 64);
-                _tile_loadd(4, a + 64 * k, K);
-                _tile_dpbssd(0, 4, 6);
-                _tile_loadd(5, a + plane + 64 * k, K);
-                _tile_dpbssd(1, 5, 6);
-                _tile_loadd(4, a + 2 * plane + 64 * k, K);
-                _tile_dpbssd(2, 4, 6);
-            }
-            _tile_stored(0, sums[0], 64);
-            _tile_stored(1, sums[1], 64);
-            _tile_stored(2, sums[2], 64);
+            block_sums((const uint8_t *)digits + 256 * b, plane, 3, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512, 1, sums);
             const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
             for (int n = 0; n < TILE; n++) {
                 __m512i block = _mm512_add_epi32(_mm512_load_si512(sums[0][n]),
@@ -1501,6 +1525,8 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
     }
     return 0;
 }
+
+#endif
 
 // Q2_K and Q3_K: codes 32 j + l of each half n are 2 bits of qs[32 n + l] at shift 2 j (Q3_K's
 // third from bit 4 n + j of hmask[l]), group k / 16 (q2_q3_k_rows). Q2_K's 4-bit scale folds into
@@ -1558,22 +1584,11 @@ static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const am
         for (int n = 0; n < TILE; n++) acc[n] = acc_off[n] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
             const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
-            const uint8_t *a = codes + 256 * b;
-            _tile_zero(0);
-            _tile_zero(1);
-            for (int k = 0; k < 4; k++) {  // 64 values a multiply
-                _tile_loadd(6, bx + 1024 * k, 64);
-                _tile_loadd(4, a + 64 * k, K);
-                if (q3) {
-                    _tile_dpbssd(0, 4, 6);
-                    _tile_loadd(5, a + plane + 64 * k, K);
-                    _tile_dpbssd(1, 5, 6);
-                } else {
-                    _tile_dpbusd(0, 4, 6);
-                }
-            }
-            _tile_stored(0, sums[0], 64);
-            if (q3) _tile_stored(1, sums[1], 64);
+#ifdef USE_AMX
+            if (q3) block_sums(codes + 256 * b, plane, 2, K, bx, 1, sums);
+            else
+#endif
+                block_sums(codes + 256 * b, plane, 1, K, bx, 0, sums);
             const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
             const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE, *mn = mins + b * 8 * TILE;
             for (int n = 0; n < TILE; n++) {
@@ -1592,6 +1607,67 @@ static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const am
     return 0;
 }
 
+#ifdef USE_SOFT_TILES
+// Q3_K and Q6_K without AMX: their signed scales would take signed copies of the codes, which
+// VNNI's unsigned operand can't; instead one copy of the unsigned codes, each group of 16's sum
+// times its scale (soft_scaled_block), less the offset (Q3_K's 4, Q6_K's 32) times the scales
+// dotted with the activations' group sums: the integer sum the AMX tasks reach, so their bits.
+static int soft_q3_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row, const int q3) {
+    int nb = K / 256, size = q3 ? 110 : 210;
+    // codes [16][K]; per block: scales [16][16], the same as int16 pairs [8][16], d [16]
+    uint8_t *mem = scratch((size_t)TILE * K + (size_t)nb * TILE * 4 * (16 + 8 + 1));
+    if (!mem) return -2;
+    uint8_t *codes = mem;
+    int32_t *scales = (int32_t *)(mem + (size_t)TILE * K), *pairs = scales + (size_t)nb * 16 * TILE;
+    float *d = (float *)(pairs + (size_t)nb * 8 * TILE);
+    for (int n = 0; n < TILE; n++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *dst = codes + (size_t)n * K + 256 * b;
+            const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
+            int16_t sc[16] = {0}, off[16];
+            if (!w) {
+                memset(dst, 0, 256);
+            } else if (q3) {
+                q2_q3_k_scales(w, 1, sc, off);
+                __m256i high = _mm256_loadu_si256((const __m256i *)w);
+                for (int h = 0; h < 2; h++) {
+                    __m256i bits = _mm256_loadu_si256((const __m256i *)(w + 32 + 32 * h));
+                    for (int j = 0; j < 4; j++) _mm256_storeu_si256((__m256i *)(dst + 128 * h + 32 * j), q2_q3_k_codes(bits, high, h, j, 1));
+                }
+            } else {
+                for (int g = 0; g < 16; g++) sc[g] = (int8_t)w[192 + g];
+                for (int half = 0; half < 2; half++) {
+                    __m256i q[4];
+                    q6_k_codes(w + 64 * half, w + 128 + 32 * half, q);
+                    for (int j = 0; j < 4; j++) _mm256_storeu_si256((__m256i *)(dst + 128 * half + 32 * j), q[j]);
+                }
+            }
+            for (int g = 0; g < 16; g++) scales[(b * 16 + g) * TILE + n] = sc[g];
+            for (int k = 0; k < 8; k++) pairs[(b * 8 + k) * TILE + n] = (int32_t)((uint16_t)sc[2 * k] | (uint32_t)(uint16_t)sc[2 * k + 1] << 16);
+            d[b * TILE + n] = w ? f16_to_f32(read_u16(w + (q3 ? 108 : 208))) : 0;
+        }
+    float out[TILE][TILE] __attribute__((aligned(64)));
+    for (int t = 0; t < x->tiles; t++) {
+        __m512 acc[TILE];
+        for (int n = 0; n < TILE; n++) acc[n] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m512i block[TILE];
+            soft_scaled_block(codes + 256 * b, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512, scales + b * 16 * TILE, 16, block);
+            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+            const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE;
+            for (int n = 0; n < TILE; n++) {
+                __m512i offset = _mm512_slli_epi32(pair_dots(xs, pairs + b * 8 * TILE + n, 8), q3 ? 2 : 5);  // times 4 or 32
+                acc[n] = add_block(acc[n], _mm512_sub_epi32(block[n], offset), d[b * TILE + n], dx);
+            }
+        }
+        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], acc[n]);
+        amx_store(out, rows, t, M, y, y_row);
+    }
+    return 0;
+}
+
+static int soft_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return soft_q3_q6_k_task(r, n, K, x, M, y, y_row, 1); }
+static int soft_q6_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return soft_q3_q6_k_task(r, n, K, x, M, y, y_row, 0); }
 #endif
 
 // IQ4_XS: levels (-127..113) leave no room for the scale, so one tile multiply a sub-block of 32,
@@ -1702,10 +1778,10 @@ static int amx_q4_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 static int amx_q4_1(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 1, 0); }
 static int amx_q5_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 0, 1); }
 static int amx_q5_1(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 1, 1); }
-#ifdef USE_AMX
 static int amx_q4_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 0); }
 static int amx_q5_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 1); }
 static int amx_q2_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 0); }
+#ifdef USE_AMX
 static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 1); }
 #endif
 #endif
@@ -1800,6 +1876,12 @@ static amx_kernel amx_for(int type) {
     case GGML_Q6_K: return (amx_kernel){amx_q6_k_task, 64, 0, 16};
     case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, 8};
     case GGML_Q3_K: return (amx_kernel){amx_q3_k, 64, 0, 8};
+#else  // on VNNI's dots the K-quants' tiles beat the row kernels from more rows (Q6_K: from 24)
+    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, 12};
+    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 64, 4, 12};
+    case GGML_Q6_K: return (amx_kernel){soft_q6_k, 64, 8, 24};
+    case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, 16};
+    case GGML_Q3_K: return (amx_kernel){soft_q3_k, 64, 8, 12};
 #endif
     case GGML_IQ4_XS: return (amx_kernel){amx_iq4_xs_task, 32, 0, 8};
     default: return (amx_kernel){NULL, 0, 0, 0};
