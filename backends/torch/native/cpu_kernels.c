@@ -1425,9 +1425,7 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
             for (int k = 0; k < 4; k++) mins[(b * 4 + k) * TILE + n] = (int32_t)(mn[2 * k] | (uint32_t)mn[2 * k + 1] << 16);
             d[b * TILE + n] = f16_to_f32(read_u16(w)), dmin[b * TILE + n] = f16_to_f32(read_u16(w + 2));
         }
-    int32_t sums[2][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
-    (void)sums;
     for (int t = 0; t < x->tiles; t++) {
         __m512 acc[TILE], acc_min[TILE];
         for (int n = 0; n < TILE; n++) acc[n] = acc_min[n] = _mm512_setzero_ps();
@@ -1435,7 +1433,8 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
             const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
             __m512i block[TILE];
 #ifdef USE_AMX
-            block_sums(low + 256 * b, high - low, 2, K, bx, 0, sums);  // sums[0] the codes times the low digits, sums[1] the high
+            int32_t sums[2][TILE][TILE] __attribute__((aligned(64)));  // the codes times the low digits, times the high
+            block_sums(low + 256 * b, high - low, 2, K, bx, 0, sums);
             for (int n = 0; n < TILE; n++) block[n] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), _mm512_load_si512(sums[0][n]));
 #else
             soft_scaled_block(low + 256 * b, K, bx, scales + b * 8 * TILE, 8, block);
