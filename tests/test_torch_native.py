@@ -49,17 +49,21 @@ def build_without(name: str, without: list[str], tmp_path_factory):
 WITHOUT_AMX = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
 
 
-@pytest.fixture(scope="module", params=["simd", "scalar", "avx2", "avx512"])
+@pytest.fixture(scope="module", params=["simd", "scalar", "avx2", "avx_vnni", "avx512"])
 def lib(request, tmp_path_factory):
     if request.param == "simd":
         return native.library()
     if request.param == "scalar":
         return native.load(native.build(native.compiler(), scalar=True))
-    cpu = Path("/proc/cpuinfo").read_text()
-    if request.param == "avx2":  # the AVX2 path, which the native build replaces with AVX-512's where the CPU has it
-        if "avx512_vnni" not in cpu:
+    cpu = set(Path("/proc/cpuinfo").read_text().split())
+    if request.param == "avx2":  # AVX2 alone (AMD's Zen 2/3...), which the native build replaces where the CPU has more
+        if not {"avx512_vnni", "avx_vnni"} & cpu:
             pytest.skip("the native build is the AVX2 one here")
-        return build_without("avx2", ["-mno-avx512f"], tmp_path_factory)
+        return build_without("avx2", ["-mno-avx512f", "-mno-avxvnni"], tmp_path_factory)
+    if request.param == "avx_vnni":  # AVX2 with 256-bit VNNI dots (Intel's Alder Lake on, without AVX-512)
+        if "avx_vnni" not in cpu or "avx512_vnni" not in cpu:
+            pytest.skip("no AVX-VNNI here, or the native build is the AVX-VNNI one")
+        return build_without("avx-vnni", ["-mno-avx512f"], tmp_path_factory)
     # AVX-512 without AMX's tiles (AMD's, Intel's before Sapphire Rapids), where the native build takes AMX
     if "amx_int8" not in cpu:
         pytest.skip("the native build is the one without AMX here")
@@ -140,20 +144,46 @@ def test_prompts_take_the_amx_tiles_where_the_cpu_has_them():
 SOFT_TILE_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
-@pytest.mark.parametrize("ggml_type", SOFT_TILE_TYPES, ids=lambda t: t.name)
-def test_without_amx_the_tile_types_give_the_amx_bits(ggml_type, tmp_path_factory):
-    """Without AMX these types' prompts take the tile tasks on VNNI dots and their tokens the
-    tiles' steps: every row bitwise what an AMX machine computes, prompt or decoded token."""
+@pytest.fixture(scope="module")
+def soft_tiles(tmp_path_factory):
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if "amx_int8" not in cpu or not native.library().gguf_matmul_amx():
         pytest.skip("no AMX here to compare with")
-    soft = build_without("soft-tiles", WITHOUT_AMX, tmp_path_factory)
+    return build_without("soft-tiles", WITHOUT_AMX, tmp_path_factory)
+
+
+@pytest.mark.parametrize("ggml_type", SOFT_TILE_TYPES, ids=lambda t: t.name)
+def test_without_amx_the_tile_types_give_the_amx_bits(ggml_type, soft_tiles):
+    """Without AMX these types' prompts take the tile tasks on VNNI dots and their tokens the
+    tiles' steps: every row bitwise what an AMX machine computes, prompt or decoded token."""
+    soft = soft_tiles
     rng = np.random.default_rng(int(ggml_type) + 7)
     K = 512 + (32 if native.activation_block(ggml_type) == 32 else 0)
     blocks = torch.from_numpy(random_rows(ggml_type, 37, K // gguf.GGML_QUANT_SIZES[ggml_type][0], rng))
     x = torch.from_numpy(rng.standard_normal((33, K)).astype(np.float32))
     for M in (1, 5, 8, 12, 16, 24, 33):  # past each type's rows for the tiles, with and without AMX
         assert torch.equal(native.gguf_matmul(soft, ggml_type, blocks, x[:M]), native.gguf_matmul(native.library(), ggml_type, blocks, x[:M]))
+
+
+@pytest.fixture(scope="module")
+def avx2_builds(tmp_path_factory):
+    cpu = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if "avx_vnni" not in cpu:
+        pytest.skip("no AVX-VNNI here")
+    return build_without("plain-avx2", ["-mno-avx512f", "-mno-avxvnni"], tmp_path_factory), build_without("vnni-avx2", ["-mno-avx512f"], tmp_path_factory)
+
+
+@pytest.mark.parametrize("ggml_type", list(native.TYPES), ids=lambda t: t.name)
+def test_avx_vnni_gives_the_avx2_bits(ggml_type, avx2_builds):
+    """The 256-bit VNNI dots (Alder Lake on, without AVX-512) sum what AVX2's byte and pair
+    multiplies sum: every row bitwise the plain AVX2 build's."""
+    avx2, vnni = avx2_builds
+    rng = np.random.default_rng(int(ggml_type) + 11)
+    K = 512 + (32 if native.activation_block(ggml_type) == 32 else 0)
+    blocks = torch.from_numpy(random_rows(ggml_type, 37, K // gguf.GGML_QUANT_SIZES[ggml_type][0], rng))
+    x = torch.from_numpy(rng.standard_normal((9, K)).astype(np.float32))
+    for M in (1, 5, 9):
+        assert torch.equal(native.gguf_matmul(vnni, ggml_type, blocks, x[:M]), native.gguf_matmul(avx2, ggml_type, blocks, x[:M]))
 
 
 def test_smollm3_amx_0_keeps_the_vector_dots(monkeypatch):
