@@ -173,16 +173,23 @@ def avx2_builds(tmp_path_factory):
 
 
 @pytest.mark.parametrize("ggml_type", list(native.TYPES), ids=lambda t: t.name)
-def test_avx_vnni_gives_the_avx2_bits(ggml_type, avx2_builds):
-    """The 256-bit VNNI dots (Alder Lake on, without AVX-512) sum what AVX2's byte and pair
-    multiplies sum: every row bitwise the plain AVX2 build's."""
+def test_the_avx2_builds_give_the_avx512_bits(ggml_type, avx2_builds):
+    """Without AVX-512 (AMD's Zen 2/3, Intel's client chips) a prompt's rows take the tile tasks on
+    256-bit registers, with or without AVX-VNNI's dots, and a token the tiles' steps: every row,
+    prompt or decoded token, bitwise what the AVX-512 and AMX machines compute (bar Q8_0 on
+    AVX-512 without AMX, which keeps its own 512-bit dots)."""
     avx2, vnni = avx2_builds
+    cpu = Path("/proc/cpuinfo").read_text()
+    wide = native.library() if "avx512_vnni" in cpu and not (ggml_type == T.Q8_0 and not native.library().gguf_matmul_amx()) else None
     rng = np.random.default_rng(int(ggml_type) + 11)
     K = 512 + (32 if native.activation_block(ggml_type) == 32 else 0)
     blocks = torch.from_numpy(random_rows(ggml_type, 37, K // gguf.GGML_QUANT_SIZES[ggml_type][0], rng))
-    x = torch.from_numpy(rng.standard_normal((9, K)).astype(np.float32))
-    for M in (1, 5, 9):
-        assert torch.equal(native.gguf_matmul(vnni, ggml_type, blocks, x[:M]), native.gguf_matmul(avx2, ggml_type, blocks, x[:M]))
+    x = torch.from_numpy(rng.standard_normal((33, K)).astype(np.float32))
+    for M in (1, 5, 8, 9, 12, 16, 17, 24, 33):  # past each type's rows for the tiles, a last tile's half empty or not
+        got = native.gguf_matmul(avx2, ggml_type, blocks, x[:M])
+        assert torch.equal(native.gguf_matmul(vnni, ggml_type, blocks, x[:M]), got), M
+        if wide is not None:
+            assert torch.equal(native.gguf_matmul(wide, ggml_type, blocks, x[:M]), got), M
 
 
 def test_smollm3_amx_0_keeps_the_vector_dots(monkeypatch):

@@ -32,10 +32,12 @@
 #if defined(__AVX2__) && defined(__FMA__) && !defined(SMOLLM3_SCALAR)
 #define USE_AVX2 1
 #include <immintrin.h>
+// a prompt's rows on tile tasks: 16 weight rows unpacked once for all of them (amx_matmul)
+#define USE_TILES 1
 // 512-bit integer dots (VNNI) for the K-quants: twice the codes per instruction
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define USE_AVX512 1
-// Intel's tile unit: a prompt's int8 products 16 x 16 at a time (amx_matmul)
+// Intel's tile unit: a prompt's int8 products 16 x 16 at a time
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define USE_AMX 1
 #include <sys/syscall.h>
@@ -45,7 +47,10 @@
 // (soft_tile_sums4, block_sums, soft_scaled_block)
 #define USE_SOFT_TILES 1
 #endif
-#define USE_TILES 1
+#else
+// AMD's Zen 2/3, Intel's client chips: the tile tasks on 256-bit registers, half a tile's
+// activation rows at a time (the same functions' narrow forms)
+#define USE_NARROW_TILES 1
 #endif
 #endif
 
@@ -77,6 +82,7 @@ static inline float f16_to_f32(uint16_t h) {
 }
 
 static inline uint16_t read_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t read_u32(const void *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
 // --- activations ---
 
@@ -242,7 +248,10 @@ static inline __m256i signed_codes(const uint8_t *w, const int iq4) {
     return iq4 ? _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), nibbles_32(w + 2))
                : _mm256_loadu_si256((const __m256i *)(w + 2));
 }
+#endif
 
+#if defined(USE_SOFT_TILES)
+// One block against R rows, into acc[r] (the pairs' last)
 ROWS_INLINE void signed_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], const int iq4, const int R) {
     __m256i q = signed_codes(w, iq4), magnitude = _mm256_sign_epi8(q, q);
     float d = f16_to_f32(read_u16(w));
@@ -254,9 +263,7 @@ ROWS_INLINE void signed_block(const uint8_t *w, const uint8_t *x, size_t x_row, 
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xb->d), acc[r]);
     }
 }
-#endif
 
-#if defined(USE_SOFT_TILES)
 // Two 32-value blocks a 512-bit register: lanes 0-7 of a sum are block b's, 8-15 block b + 1's
 // (the AVX2 dots' work on half the instructions where the CPU has 512-bit units).
 static inline __m512 halves_ps(float lo, float hi) {
@@ -320,7 +327,7 @@ ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
         return;
     }
 #endif
-#if defined(USE_TILES)
+#if defined(USE_AVX2)
     // Each block's integer sum, then one multiply-add into chain b % 4 (the blocks past the last
     // four on chain 0), the chains added in pairs: the steps AMX's tiles take too
     // (amx_signed_task), so a prompt's rows there are bitwise a token decoded here.
@@ -361,18 +368,6 @@ ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
         _mm_storeu_ps(lanes, acc[r]);
         y[r * y_step] = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
     }
-#elif defined(USE_AVX2)
-    __m256 acc[4][DOT_ROWS];
-    for (int u = 0; u < 4; u++)
-        for (int r = 0; r < R; r++) acc[u][r] = _mm256_setzero_ps();
-    for (; b + 3 < nb; b += 4) {
-        prefetch_ahead(w + size * b, 4 * size, R);
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) signed_block(w + size * (b + u), x, x_row, b + u, acc[u], iq4, R);
-    }
-    for (; b < nb; b++) signed_block(w + size * b, x, x_row, b, acc[0], iq4, R);
-    for (int r = 0; r < R; r++)
-        y[r * y_step] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r])));
 #else
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
@@ -396,33 +391,8 @@ ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
 // Q4_0: w = d (q - 8); Q4_1: w = d q + m; Q5_0 and Q5_1 the same with a fifth bit (qh, a u32
 // after d and m: bit j is code j's bit 4) and Q5_0's zero at 16. All: sum_j w_j x_j =
 // d dx sum(q xq) + c sx, with c = m or -zero d. Blocks in flight as Q8_0's.
-#ifdef USE_AVX2
-ROWS_INLINE void q4_q5_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], __m128 offsets[],
-                             const int with_min, const int with_high, const int R) {
-    int qh_at = with_min ? 4 : 2;
-    __m256i q = nibbles_32(w + qh_at + (with_high ? 4 : 0));
-    if (with_high) {
-        uint32_t qh;
-        memcpy(&qh, w + qh_at, 4);
-        q = _mm256_or_si256(q, bits_as_0x10(qh));
-    }
-    uint32_t bits;  // [d, m] (Q4_1) or [d, d] (Q4_0): one f16 conversion
-    if (with_min) memcpy(&bits, w, 4);
-    else bits = read_u16(w) * 0x10001u;
-    __m128 weight_scales = _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits));
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-        const x_block32 *xb = X_BLOCK(x_block32, x, x_row, r, b);
-        // [d dx, c sx]: the codes' scale in lane 0, the offset term (before the -zero) in lane 1
-        __m128 scales = _mm_mul_ps(weight_scales, _mm_castpd_ps(_mm_load_sd((const double *)&xb->d)));
-        offsets[r] = _mm_add_ps(offsets[r], scales);
-        __m256i p = dot_u8_s8(q, _mm256_loadu_si256((const __m256i *)xb->q), R);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(scales), acc[r]);
-    }
-}
-#endif
 
-#ifdef USE_AVX512
+#ifdef USE_AVX2
 // A block's codes and its [d, c] scales (c = m, or d for the zero's term)
 static inline __m256i q4_q5_codes(const uint8_t *w, const int with_min, const int with_high, __m128 *weight_scales) {
     int qh_at = with_min ? 4 : 2;
@@ -444,7 +414,7 @@ static inline __m256i q4_q5_codes(const uint8_t *w, const int with_min, const in
 ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
                             const int with_min, const int with_high, const int R) {
     int nb = K / 32, size = (with_min ? 20 : 18) + (with_high ? 4 : 0), zero = with_high ? 16 : 8, b = 0;
-#if defined(USE_TILES)
+#if defined(USE_AVX2)
     // Each block's integer sum, one multiply-add into chain b % 4 (the blocks past the last four on
     // chain 0), the chains added in pairs, the offsets' chain beside: AMX's steps (amx_q4_q5_task)
     __m128 acc[DOT_ROWS], offsets[DOT_ROWS];
@@ -486,23 +456,6 @@ ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, in
         float lanes[4], offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets[r], offsets[r], 1)) * (with_min ? 1 : -zero);
         _mm_storeu_ps(lanes, acc[r]);
         y[r * y_step] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + offset;
-    }
-#elif defined(USE_AVX2)
-    __m256 acc[4][DOT_ROWS];
-    __m128 offsets[DOT_ROWS];
-    for (int r = 0; r < R; r++) {
-        offsets[r] = _mm_setzero_ps();
-        for (int u = 0; u < 4; u++) acc[u][r] = _mm256_setzero_ps();
-    }
-    for (; b + 3 < nb; b += 4) {
-        prefetch_ahead(w + size * b, 4 * size, R);
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) q4_q5_block(w + size * (b + u), x, x_row, b + u, acc[u], offsets, with_min, with_high, R);
-    }
-    for (; b < nb; b++) q4_q5_block(w + size * b, x, x_row, b, acc[0], offsets, with_min, with_high, R);
-    for (int r = 0; r < R; r++) {
-        float offset = _mm_cvtss_f32(_mm_shuffle_ps(offsets[r], offsets[r], 1)) * (with_min ? 1 : -zero);
-        y[r * y_step] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r]))) + offset;
     }
 #else
     int qh_at = with_min ? 4 : 2, codes = qh_at + (with_high ? 4 : 0);
@@ -609,9 +562,8 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
     }
     for (int r = 0; r < R; r++) y[r * y_step] = acc[r] - acc_min[r];
 #elif defined(USE_AVX2)
-    __m256 acc[DOT_ROWS];
-    __m128 acc_min[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), acc_min[r] = _mm_setzero_ps();
+    float acc[DOT_ROWS], acc_min[DOT_ROWS];  // the AVX-512 form's steps (and bits): the tiles' (narrow_q4_q5_k_task)
+    for (int r = 0; r < R; r++) acc[r] = acc_min[r] = 0;
     for (int b = 0; b < nb; b++, w += size) {
         prefetch_ahead(w, size, R);
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
@@ -640,11 +592,11 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
             __m128i m = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)xb->sums32));
-            acc_min[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(m), _mm_set1_ps(dmin * xb->d), acc_min[r]);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * xb->d), acc[r]);
+            acc_min[r] = fmaf((float)hsum_i32_128(m), dmin * xb->d, acc_min[r]);
+            acc[r] = fmaf((float)hsum_i32(sum[r]), d * xb->d, acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_128(acc_min[r]);
+    for (int r = 0; r < R; r++) y[r * y_step] = acc[r] - acc_min[r];
 #else
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
@@ -744,8 +696,9 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
     }
     for (int r = 0; r < R; r++) y[r * y_step] = block_acc[r];
 #elif defined(USE_AVX2)
-    __m256 acc[DOT_ROWS], acc_shift[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = acc_shift[r] = _mm256_setzero_ps();
+    float block_acc[DOT_ROWS];  // the AVX-512 form's steps (and bits)
+    int shifts[DOT_ROWS];
+    for (int r = 0; r < R; r++) block_acc[r] = 0;
     for (int b = 0; b < nb; b++, w += 210) {
         prefetch_ahead(w, 210, R);
         const uint8_t *ql = w, *qh = w + 128;
@@ -755,8 +708,7 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
-            __m256i shift = _mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)xb->sums));
-            acc_shift[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(shift), _mm256_set1_ps(32 * (d * xb->d)), acc_shift[r]);
+            shifts[r] = hsum_i32(_mm256_madd_epi16(scales, _mm256_loadu_si256((const __m256i *)xb->sums)));
             sum[r] = _mm256_setzero_si256();
         }
         for (int half = 0; half < 2; half++, ql += 64, qh += 32) {
@@ -778,9 +730,9 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
         }
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * X_BLOCK(x_block256, x, x_row, r, b)->d), acc[r]);
+            block_acc[r] = fmaf((float)(hsum_i32(sum[r]) - 32 * shifts[r]), d * X_BLOCK(x_block256, x, x_row, r, b)->d, block_acc[r]);
     }
-    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_ps(acc_shift[r]);
+    for (int r = 0; r < R; r++) y[r * y_step] = block_acc[r];
 #else
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
@@ -856,16 +808,11 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
                               const int q3, const int R) {
     int nb = K / 256, size = q3 ? 110 : 84, qs_at = q3 ? 32 : 16;
 #ifdef USE_AVX2
-#if defined(USE_TILES)
     // each block's integer sums, one multiply-add each: the tiles' steps (amx_q2_q3_k_task, soft_q3_q6_k_task);
     // Q3_K's offset in the integer sum (sc (q - 4) summed), Q2_K's mins on their own chain
     float acc[DOT_ROWS], acc_off[DOT_ROWS];
     int offset[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = acc_off[r] = 0;
-#else
-    __m256 acc[DOT_ROWS], acc_off[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = acc_off[r] = _mm256_setzero_ps();
-#endif
     for (int b = 0; b < nb; b++, w += size) {
         prefetch_ahead(w, size, R);
         float d = f16_to_f32(read_u16(w + (q3 ? 108 : 80))), off_scale = q3 ? 4 * d : f16_to_f32(read_u16(w + 82));
@@ -885,11 +832,7 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
             __m256i o = _mm256_madd_epi16(offsets, _mm256_loadu_si256((const __m256i *)xb->sums));
-#if defined(USE_TILES)
             offset[r] = hsum_i32(o);
-#else
-            acc_off[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(o), _mm256_set1_ps(off_scale * xb->d), acc_off[r]);
-#endif
             sum[r] = _mm256_setzero_si256();
         }
         for (int n = 0; n < 2; n++) {
@@ -908,19 +851,11 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             float dx = X_BLOCK(x_block256, x, x_row, r, b)->d;
-#if defined(USE_TILES)
             if (q3) acc[r] = fmaf((float)(hsum_i32(sum[r]) - 4 * offset[r]), d * dx, acc[r]);
             else acc[r] = fmaf((float)hsum_i32(sum[r]), d * dx, acc[r]), acc_off[r] = fmaf((float)offset[r], off_scale * dx, acc_off[r]);
-#else
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx), acc[r]);
-#endif
         }
     }
-#if defined(USE_TILES)
     for (int r = 0; r < R; r++) y[r * y_step] = acc[r] - acc_off[r];
-#else
-    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]) - hsum_ps(acc_off[r]);
-#endif
 #else
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
@@ -957,13 +892,8 @@ static inline int iq4_xs_scale(const uint8_t *w, int s) {
 ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, const int R) {
     int nb = K / 256;
 #if defined(USE_AVX2)
-#if defined(USE_TILES)
     float acc[DOT_ROWS];  // each block's integer sum, one multiply-add: AMX's steps (amx_iq4_xs_task)
     for (int r = 0; r < R; r++) acc[r] = 0;
-#else
-    __m256 acc[DOT_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-#endif
     const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
     for (int b = 0; b < nb; b++, w += 136) {
         prefetch_ahead(w, 136, R);
@@ -984,18 +914,10 @@ ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             float dx = X_BLOCK(x_block256, x, x_row, r, b)->d;
-#if defined(USE_TILES)
             acc[r] = fmaf((float)hsum_i32(sum[r]), d * dx, acc[r]);
-#else
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * dx), acc[r]);
-#endif
         }
     }
-#if defined(USE_TILES)
     for (int r = 0; r < R; r++) y[r * y_step] = acc[r];
-#else
-    for (int r = 0; r < R; r++) y[r * y_step] = hsum_ps(acc[r]);
-#endif
 #else
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
@@ -1060,19 +982,48 @@ ROWS_FN(iq4_xs)
 // copy's products still fit a byte), so its tiles accumulate a whole block 64 values at a time
 // with no work between sub-blocks; IQ4_XS, whose levels leave no room, takes one multiply a
 // sub-block. The sums then take, lane by lane, the float steps the row kernels take for one row
-// (their USE_TILES forms), so every output is bitwise the token decoded alone. The weights are
-// unpacked once per 16 rows into a thread's scratch (A, row-major), the activations once per
-// call into B's layout. Without AMX (USE_SOFT_TILES) the same tasks run, their multiplies on
-// 512-bit VNNI dots: 64 products an instruction where the row kernels' take ~32 (a K-quant's
-// copies of its codes, which would double or triple the dots, give way to one copy and a
-// multiply by the scale a sub-block: soft_scaled_block). The same integer sums, so the same bits
-// as on AMX. Q8_0 alone stays on the row kernels (signed_rows).
+// (each block's integer sum, one multiply-add), so every output is bitwise the token decoded
+// alone. The weights are unpacked once per 16 rows into a thread's scratch (A, row-major), the
+// activations once per call into B's layout. Without AMX (USE_SOFT_TILES) the same tasks run,
+// their multiplies on 512-bit VNNI dots: 64 products an instruction where the row kernels' take
+// ~32 (a K-quant's copies of its codes, which would double or triple the dots, give way to one
+// copy and a multiply by the scale a sub-block: soft_scaled_block); Q8_0 alone stays on the row
+// kernels (signed_rows). Without AVX-512 (USE_NARROW_TILES) they run on 256-bit registers, half
+// a tile's activation rows at a time: where the row kernels take a byte multiply, a pair
+// multiply and an add for each 32 products, the tiles' layout lets runs of byte products add up
+// as int16 before one pair multiply (by the sub-block's scale) widens them, and no weight is
+// unpacked twice. The same integer sums everywhere, so the same bits as on AMX.
 
 #define TILE 16
 // tile registers (the intrinsics take literal numbers)
 #define TILE_C 0  // 0-3: four results
 #define TILE_A 4  // 4-5
 #define TILE_B 6  // 6-7
+
+// The float steps' vectors: one lane per activation row, a tile's 16 on AVX-512, each half's 8 on
+// AVX2 (ROWS(op) names the intrinsic of that width)
+#ifdef USE_AVX512
+#define X_ROWS 16
+#define ROWS(op) _mm512_##op
+typedef __m512 rows_ps;
+typedef __m512i rows_si;
+static inline rows_si load_rows_si(const int32_t *p) { return _mm512_loadu_si512(p); }
+static inline rows_si zero_rows_si(void) { return _mm512_setzero_si512(); }
+#else
+#define X_ROWS 8
+#define ROWS(op) _mm256_##op
+typedef __m256 rows_ps;
+typedef __m256i rows_si;
+static inline rows_si load_rows_si(const int32_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline rows_si zero_rows_si(void) { return _mm256_setzero_si256(); }
+#endif
+#define HALVES (TILE / X_ROWS)
+
+// The vectors of activation rows that tile t has rows of (a narrow build's last half may have none)
+static inline int tile_halves(int t, int M) {
+    int left = M - t * TILE;
+    return left >= TILE ? HALVES : (left + X_ROWS - 1) / X_ROWS;
+}
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -1115,9 +1066,10 @@ static void amx_begin(int group) {
 // group j at a + group j) by packed activations bx (group j at bx + 16 group j). Unsigned weight
 // codes (the K-quants') or signed (Q8_0's, IQ4_NL's levels).
 #define TILE_SUMS4(name, dp)                                                                                                          \
-    static inline void name(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE]) { \
+    static inline void name(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE], \
+                            int halves) {                                                                                             \
         const uint8_t *w = a;                                                                                                         \
-        (void)rowsums;                                                                                                                \
+        (void)rowsums, (void)halves;                                                                                                  \
         _tile_loadd(4, w, K);                                                                                                         \
         _tile_loadd(6, bx, 64);                                                                                                       \
         _tile_zero(0);                                                                                                                \
@@ -1141,14 +1093,16 @@ static void amx_begin(int group) {
     }
 TILE_SUMS4(tile_sums4_u8, _tile_dpbusd)
 TILE_SUMS4(tile_sums4_s8, _tile_dpbssd)
-#else
+#elif defined(USE_SOFT_TILES)
 // The tile multiply on VNNI's unsigned-by-signed dots: the activations offset by 128 into
 // unsigned bytes, the weights' codes (every type taken here has them in -128..127) signed, so
 // each sum is short 128 times its weight row's sum over the group: rowsums [4 groups][16 rows].
 // A 512-bit dot takes 4 values of 16 activation rows against one weight row's 4, broadcast:
 // 64 products an instruction, where the row kernels' dots take ~20.
-static inline void soft_tile_sums4(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE]) {
+static inline void soft_tile_sums4(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE],
+                                   int halves) {
     const int8_t *w = a;
+    (void)halves;
     const __m512i offset = _mm512_set1_epi8((char)0x80);
     const int steps = group / 4;
     for (int j = 0; j < 4; j++) {
@@ -1168,6 +1122,61 @@ static inline void soft_tile_sums4(const void *a, int K, const int8_t *bx, int g
 }
 #define tile_sums4_u8 soft_tile_sums4
 #define tile_sums4_s8 soft_tile_sums4
+#else
+// The tile multiply on 256-bit registers: each half of the activation rows (8) in turn against
+// one weight row's 4 codes, broadcast. Unsigned codes (under 32: Q4_0's to Q5_1's) are the byte
+// multiply's unsigned operand, four steps' int16 pairs added before they widen (4 x 2 x 31 x 127
+// fits); signed ones (Q8_0's, the IQ4 levels) take soft_tile_sums4's offset on AVX-VNNI's dots,
+// else their magnitudes against the activations given their signs (as signed_rows).
+ROWS_INLINE void narrow_tile_sums4(const int8_t *w, int K, const int8_t *bx, const int32_t *rowsums, int32_t sums[4][TILE][TILE],
+                                   int halves, const int is_signed) {
+    const __m256i offset = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    (void)offset, (void)ones, (void)rowsums;
+    for (int j = 0; j < 4; j++)
+        for (int h = 0; h < halves; h++) {
+            __m256i xs[8];
+            for (int k = 0; k < 8; k++) {
+                xs[k] = _mm256_loadu_si256((const __m256i *)(bx + 512 * j + 64 * k + 32 * h));
+#ifdef __AVXVNNI__
+                if (is_signed) xs[k] = _mm256_xor_si256(xs[k], offset);
+#endif
+            }
+            for (int n = 0; n < TILE; n++) {
+                const int8_t *wn = w + (size_t)n * K + 32 * j;
+                __m256i sum = _mm256_setzero_si256();
+#ifdef __AVXVNNI__
+                if (is_signed) sum = _mm256_set1_epi32(-128 * rowsums[j * TILE + n]);
+                for (int k = 0; k < 8; k++) {
+                    __m256i four = _mm256_set1_epi32((int)read_u32(wn + 4 * k));
+                    sum = is_signed ? _mm256_dpbusd_avx_epi32(sum, xs[k], four) : _mm256_dpbusd_avx_epi32(sum, four, xs[k]);
+                }
+#else
+                for (int k0 = 0; k0 < 8; k0 += is_signed ? 1 : 4) {
+                    __m256i pairs = _mm256_setzero_si256();
+                    for (int k = k0; k < k0 + (is_signed ? 1 : 4); k++) {
+                        __m256i four = _mm256_set1_epi32((int)read_u32(wn + 4 * k));
+                        pairs = is_signed ? _mm256_maddubs_epi16(_mm256_sign_epi8(four, four), _mm256_sign_epi8(xs[k], four))
+                                          : _mm256_add_epi16(pairs, _mm256_maddubs_epi16(four, xs[k]));
+                    }
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+                }
+#endif
+                _mm256_store_si256((__m256i *)(sums[j][n] + 8 * h), sum);
+            }
+        }
+}
+
+static inline void tile_sums4_u8(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE],
+                                 int halves) {
+    (void)group;  // 32
+    narrow_tile_sums4(a, K, bx, rowsums, sums, halves, 0);
+}
+
+static inline void tile_sums4_s8(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE],
+                                 int halves) {
+    (void)group;
+    narrow_tile_sums4(a, K, bx, rowsums, sums, halves, 1);
+}
 #endif
 
 // A K-quant block's integer sums, sums[p][weight row][activation row] for each of its copies
@@ -1175,7 +1184,8 @@ static inline void soft_tile_sums4(const void *a, int K, const int8_t *bx, int g
 // 64 values a multiply into one tile a copy, against its packed activations bx. Unsigned codes,
 // or signed (AMX only).
 ROWS_INLINE void block_sums(const uint8_t *a, size_t plane, const int planes, int K, const int8_t *bx, const int is_signed,
-                            int32_t sums[][TILE][TILE]) {
+                            int32_t sums[][TILE][TILE], int halves) {
+    (void)halves;
 #ifdef USE_AMX
     _tile_zero(0);
     if (planes > 1) _tile_zero(1);
@@ -1199,7 +1209,7 @@ ROWS_INLINE void block_sums(const uint8_t *a, size_t plane, const int planes, in
     _tile_stored(0, sums[0], 64);
     if (planes > 1) _tile_stored(1, sums[1], 64);
     if (planes > 2) _tile_stored(2, sums[2], 64);
-#else
+#elif defined(USE_SOFT_TILES)
     // VNNI's unsigned operand takes the codes, broadcast, its signed one the activations as they are
     (void)is_signed;
     for (int k = 0; k < 4; k++) {
@@ -1217,39 +1227,84 @@ ROWS_INLINE void block_sums(const uint8_t *a, size_t plane, const int planes, in
                 _mm512_store_si512(sums[p][n], sum);
             }
     }
+#else
+    // 256-bit: each half of the activation rows in turn, 32 codes a round; two steps' products of
+    // codes under 64 added as int16 before they widen (2 x 2 x 63 x 127 fits)
+    (void)is_signed;
+    for (int g = 0; g < 8; g++)
+        for (int h = 0; h < halves; h++) {
+            __m256i xs[8];
+            for (int k = 0; k < 8; k++) xs[k] = _mm256_loadu_si256((const __m256i *)(bx + 512 * g + 64 * k + 32 * h));
+            for (int p = 0; p < planes; p++)
+                for (int n = 0; n < TILE; n++) {
+                    const uint8_t *wn = a + p * plane + (size_t)n * K + 32 * g;
+                    __m256i sum = g ? _mm256_load_si256((const __m256i *)(sums[p][n] + 8 * h)) : _mm256_setzero_si256();
+                    for (int k = 0; k < 8; k += 2) {
+                        __m256i four = _mm256_set1_epi32((int)read_u32(wn + 4 * k)), next = _mm256_set1_epi32((int)read_u32(wn + 4 * k + 4));
+#ifdef __AVXVNNI__
+                        sum = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(sum, four, xs[k]), next, xs[k + 1]);
+#else
+                        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(four, xs[k]), _mm256_maddubs_epi16(next, xs[k + 1]));
+                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+                    }
+                    _mm256_store_si256((__m256i *)(sums[p][n] + 8 * h), sum);
+                }
+        }
 #endif
 }
 
-#ifdef USE_SOFT_TILES
-// A block of 256 values' integer sums for 16 weight rows (unsigned codes, rows K apart) by 16
-// activation rows (packed as amx_pack_x does), each of its groups' sums (8 of 32 or 16 of 16)
-// times its weight row's scale (scales [groups][16]): the sum AMX's copies of the codes folded
-// with scale digits give, on one VNNI dot for each 4 codes. The codes, broadcast, are the dots'
-// unsigned operand; the activations, as they are, the signed one.
-ROWS_INLINE void soft_scaled_block(const uint8_t *a, int K, const int8_t *bx, const int32_t *scales, const int groups, __m512i block[TILE]) {
+#ifndef USE_AMX
+// A block of 256 values' integer sums for 16 weight rows (unsigned codes under 64, rows K apart)
+// by 16 activation rows (packed as amx_pack_x does), each of its groups' sums (8 of 32 or 16 of
+// 16) times its weight row's scale (scales [groups][16]): the sum AMX's copies of the codes
+// folded with scale digits give. The codes, broadcast, are the dots' unsigned operand; the
+// activations, as they are, the signed one. On VNNI's dots one instruction each 4 codes, the
+// group's sum multiplied by the scale; on AVX2's, runs of byte products (as many as max_code
+// leaves room for) add up as int16 and the pair multiply by the scale widens them.
+ROWS_INLINE void soft_scaled_block(const uint8_t *a, int K, const int8_t *bx, const int32_t *scales, const int groups, const int max_code,
+                                   rows_si block[TILE][HALVES], int halves) {
     const int group = 256 / groups, steps = group / 4;
-    for (int n = 0; n < TILE; n++) block[n] = _mm512_setzero_si512();
-    for (int j = 0; j < groups; j++) {
-        __m512i xs[8];
-        for (int k = 0; k < steps; k++) xs[k] = _mm512_loadu_si512(bx + 16 * group * j + 64 * k);
-        for (int n = 0; n < TILE; n++) {
-            const uint8_t *wn = a + (size_t)n * K + group * j;
-            __m512i sum = _mm512_setzero_si512();
-            for (int k = 0; k < steps; k++) {
-                int32_t four;
-                memcpy(&four, wn + 4 * k, 4);
-                sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(four), xs[k]);
+    (void)max_code;
+    for (int n = 0; n < TILE; n++)
+        for (int h = 0; h < HALVES; h++) block[n][h] = zero_rows_si();
+    for (int j = 0; j < groups; j++)
+        for (int h = 0; h < halves; h++) {
+            rows_si xs[8];
+            for (int k = 0; k < steps; k++) xs[k] = load_rows_si((const int32_t *)(bx + 16 * group * j + 64 * k + 4 * X_ROWS * h));
+            for (int n = 0; n < TILE; n++) {
+                const uint8_t *wn = a + (size_t)n * K + group * j;
+#if defined(USE_AVX512) || defined(__AVXVNNI__)
+                rows_si sum = zero_rows_si();
+                for (int k = 0; k < steps; k++) {
+#ifdef USE_AVX512
+                    sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32((int)read_u32(wn + 4 * k)), xs[k]);
+#else
+                    sum = _mm256_dpbusd_avx_epi32(sum, _mm256_set1_epi32((int)read_u32(wn + 4 * k)), xs[k]);
+#endif
+                }
+                block[n][h] = ROWS(add_epi32)(block[n][h], ROWS(mullo_epi32)(sum, ROWS(set1_epi32)(scales[j * TILE + n])));
+#else
+                // products of codes up to max_code (and |x| <= 127) in int16: 8 steps of codes under
+                // 16, 4 under 32, 2 under 64 (each 2 products a lane)
+                const int run = max_code < 16 ? 8 : max_code < 32 ? 4 : 2;
+                const __m256i scale = _mm256_set1_epi16((short)scales[j * TILE + n]);
+                for (int k0 = 0; k0 < steps; k0 += run) {
+                    __m256i pairs = _mm256_setzero_si256();
+                    for (int k = k0; k < k0 + run && k < steps; k++)
+                        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_set1_epi32((int)read_u32(wn + 4 * k)), xs[k]));
+                    block[n][h] = _mm256_add_epi32(block[n][h], _mm256_madd_epi16(pairs, scale));
+                }
+#endif
             }
-            block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(sum, _mm512_set1_epi32(scales[j * TILE + n])));
         }
-    }
 }
 #endif
 
 // The sum of a weight row's 32 codes (signed, or unsigned under 128), which soft_tile_sums4
 // takes back off; AMX's tiles need none.
 static inline int32_t code_sum(__m256i q) {
-#ifdef USE_SOFT_TILES
+#ifndef USE_AMX
     return hsum_i32(_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1)));
 #else
     (void)q;
@@ -1302,16 +1357,26 @@ static void amx_store(const float out[TILE][TILE], int rows, int tile, int M, fl
         for (int n = 0; n < rows; n++) y[(size_t)(tile * TILE + m) * y_row + n] = out[n][m];
 }
 
-// A block's step for 16 outputs, as a row kernel takes it for one: acc + sum * (w * dx), dx the
-// activation rows' scales, w the weight row's
-static inline __m512 add_block(__m512 acc, __m512i sum, float w, __m512 dx) {
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_set1_ps(w), dx), acc);
+// A block's step for a vector of outputs (activation rows), as a row kernel takes it for one:
+// acc + sum * (w * dx), dx the activation rows' scales, w the weight row's
+static inline rows_ps add_block(rows_ps acc, rows_si sum, float w, rows_ps dx) {
+    return ROWS(fmadd_ps)(ROWS(cvtepi32_ps)(sum), ROWS(mul_ps)(ROWS(set1_ps)(w), dx), acc);
 }
 
-// Per activation row, sum_k of the int16 pairs xs[k] (16 rows each) dotted with the weight row's pair w[k * 16]
-static inline __m512i pair_dots(const int32_t *xs, const int32_t *w, int pairs) {
-    __m512i sum = _mm512_setzero_si512();
-    for (int k = 0; k < pairs; k++) sum = _mm512_dpwssd_epi32(sum, _mm512_loadu_si512(xs + k * TILE), _mm512_set1_epi32(w[k * TILE]));
+// Per activation row, sum_k of the int16 pairs xs[k] (a vector's rows, a tile's 16 apart) dotted
+// with the weight row's pair w[k * 16]
+static inline rows_si pair_dots(const int32_t *xs, const int32_t *w, int pairs) {
+    rows_si sum = zero_rows_si();
+    for (int k = 0; k < pairs; k++) {
+        rows_si x = load_rows_si(xs + k * TILE), pair = ROWS(set1_epi32)(w[k * TILE]);
+#if defined(USE_AVX512)
+        sum = _mm512_dpwssd_epi32(sum, x, pair);
+#elif defined(__AVXVNNI__)
+        sum = _mm256_dpwssd_avx_epi32(sum, x, pair);
+#else
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(x, pair));
+#endif
+    }
     return sum;
 }
 
@@ -1350,18 +1415,25 @@ static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx
     int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
-        __m512 acc[4][TILE];
+        const int halves = tile_halves(t, M);
+        rows_ps acc[4][TILE][HALVES];
         for (int u = 0; u < 4; u++)
-            for (int n = 0; n < TILE; n++) acc[u][n] = _mm512_setzero_ps();
+            for (int n = 0; n < TILE; n++)
+                for (int h = 0; h < HALVES; h++) acc[u][n][h] = ROWS(setzero_ps)();
         for (int b0 = 0; b0 < nb; b0 += 4) {  // the codes have room for a fourth past the last block
-            tile_sums4_s8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, rowsums + b0 * TILE, sums);
+            tile_sums4_s8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, rowsums + b0 * TILE, sums, halves);
             for (int b = b0; b < b0 + 4 && b < nb; b++) {
-                __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
                 int u = b < last4 ? b % 4 : 0;
-                for (int n = 0; n < TILE; n++) acc[u][n] = add_block(acc[u][n], _mm512_load_si512(sums[b - b0][n]), dw[b * TILE + n], dx);
+                for (int h = 0; h < halves; h++) {
+                    rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
+                    for (int n = 0; n < TILE; n++)
+                        acc[u][n][h] = add_block(acc[u][n][h], load_rows_si(sums[b - b0][n] + X_ROWS * h), dw[b * TILE + n], dx);
+                }
             }
         }
-        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]), _mm512_add_ps(acc[2][n], acc[3][n])));
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < halves; h++)
+                ROWS(store_ps)(out[n] + X_ROWS * h, ROWS(add_ps)(ROWS(add_ps)(acc[0][n][h], acc[1][n][h]), ROWS(add_ps)(acc[2][n][h], acc[3][n][h])));
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
@@ -1378,7 +1450,8 @@ static inline __m256i mul_u8(__m256i q, int c) { return mul_u8_lanes(q, _mm256_s
 
 // int16 lanes 0-7 taking lane g of v, 8-15 lane g + 1 (a scale each for two groups of 16 bytes)
 static inline __m256i two_groups(__m256i v, int g) {
-    return _mm256_permutexvar_epi16(_mm256_set_m128i(_mm_set1_epi16((short)(g + 1)), _mm_set1_epi16((short)g)), v);
+    __m256i half = g < 8 ? _mm256_permute2x128_si256(v, v, 0x00) : _mm256_permute2x128_si256(v, v, 0x11);
+    return q2_q3_k_scale_lanes(half, (g % 8) / 2);  // g even
 }
 
 // Q4_K, Q5_K: each sub-block's 6-bit scale split in two 3-bit digits, sc = 8 hi + lo, folded into
@@ -1437,26 +1510,32 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
         }
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
-        __m512 acc[TILE], acc_min[TILE];
-        for (int n = 0; n < TILE; n++) acc[n] = acc_min[n] = _mm512_setzero_ps();
+        const int halves = tile_halves(t, M);
+        rows_ps acc[TILE][HALVES], acc_min[TILE][HALVES];
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < HALVES; h++) acc[n][h] = acc_min[n][h] = ROWS(setzero_ps)();
         for (int b = 0; b < nb; b++) {
             const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
-            __m512i block[TILE];
+            rows_si block[TILE][HALVES];
 #ifdef USE_AMX
             int32_t sums[2][TILE][TILE] __attribute__((aligned(64)));  // the codes times the low digits, times the high
-            block_sums(low + 256 * b, high - low, 2, K, bx, 0, sums);
-            for (int n = 0; n < TILE; n++) block[n] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), _mm512_load_si512(sums[0][n]));
+            block_sums(low + 256 * b, high - low, 2, K, bx, 0, sums, halves);
+            for (int n = 0; n < TILE; n++) block[n][0] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), _mm512_load_si512(sums[0][n]));
 #else
-            soft_scaled_block(low + 256 * b, K, bx, scales + b * 8 * TILE, 8, block);
+            soft_scaled_block(low + 256 * b, K, bx, scales + b * 8 * TILE, 8, with_high ? 31 : 15, block, halves);
 #endif
-            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
-            const int32_t *xs = x->sums + ((size_t)t * nb + b) * 4 * TILE, *mn = mins + b * 4 * TILE;
-            for (int n = 0; n < TILE; n++) {
-                acc_min[n] = add_block(acc_min[n], pair_dots(xs, mn + n, 4), dmin[b * TILE + n], dx);
-                acc[n] = add_block(acc[n], block[n], d[b * TILE + n], dx);
+            const int32_t *mn = mins + b * 4 * TILE;
+            for (int h = 0; h < halves; h++) {
+                const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
+                const int32_t *xs = x->sums + ((size_t)t * nb + b) * 4 * TILE + X_ROWS * h;
+                for (int n = 0; n < TILE; n++) {
+                    acc_min[n][h] = add_block(acc_min[n][h], pair_dots(xs, mn + n, 4), dmin[b * TILE + n], dx);
+                    acc[n][h] = add_block(acc[n][h], block[n][h], d[b * TILE + n], dx);
+                }
             }
         }
-        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_min[n]));
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < halves; h++) ROWS(store_ps)(out[n] + X_ROWS * h, ROWS(sub_ps)(acc[n][h], acc_min[n][h]));
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
@@ -1520,7 +1599,7 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
         __m512 acc[TILE];
         for (int n = 0; n < TILE; n++) acc[n] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            block_sums((const uint8_t *)digits + 256 * b, plane, 3, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512, 1, sums);
+            block_sums((const uint8_t *)digits + 256 * b, plane, 3, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512, 1, sums, 1);
             const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
             for (int n = 0; n < TILE; n++) {
                 __m512i block = _mm512_add_epi32(_mm512_load_si512(sums[0][n]),
@@ -1589,34 +1668,40 @@ static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const am
     int32_t sums[2][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
-        __m512 acc[TILE], acc_off[TILE];
-        for (int n = 0; n < TILE; n++) acc[n] = acc_off[n] = _mm512_setzero_ps();
+        const int halves = tile_halves(t, M);
+        rows_ps acc[TILE][HALVES], acc_off[TILE][HALVES];
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < HALVES; h++) acc[n][h] = acc_off[n][h] = ROWS(setzero_ps)();
         for (int b = 0; b < nb; b++) {
             const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
 #ifdef USE_AMX
-            if (q3) block_sums(codes + 256 * b, plane, 2, K, bx, 1, sums);
+            if (q3) block_sums(codes + 256 * b, plane, 2, K, bx, 1, sums, halves);
             else
 #endif
-                block_sums(codes + 256 * b, plane, 1, K, bx, 0, sums);
-            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
-            const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE, *mn = mins + b * 8 * TILE;
-            for (int n = 0; n < TILE; n++) {
-                __m512i block = _mm512_load_si512(sums[0][n]);
-                if (q3) {
-                    block = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), block);
-                } else {
-                    acc_off[n] = add_block(acc_off[n], pair_dots(xs, mn + n, 8), dmin[b * TILE + n], dx);
+                block_sums(codes + 256 * b, plane, 1, K, bx, 0, sums, halves);
+            const int32_t *mn = mins + b * 8 * TILE;
+            for (int h = 0; h < halves; h++) {
+                const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
+                const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE + X_ROWS * h;
+                for (int n = 0; n < TILE; n++) {
+                    rows_si block = load_rows_si(sums[0][n] + X_ROWS * h);
+                    if (q3) {
+                        block = ROWS(add_epi32)(ROWS(slli_epi32)(load_rows_si(sums[1][n] + X_ROWS * h), 3), block);
+                    } else {
+                        acc_off[n][h] = add_block(acc_off[n][h], pair_dots(xs, mn + n, 8), dmin[b * TILE + n], dx);
+                    }
+                    acc[n][h] = add_block(acc[n][h], block, d[b * TILE + n], dx);
                 }
-                acc[n] = add_block(acc[n], block, d[b * TILE + n], dx);
             }
         }
-        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_off[n]));
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < halves; h++) ROWS(store_ps)(out[n] + X_ROWS * h, ROWS(sub_ps)(acc[n][h], acc_off[n][h]));
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
 }
 
-#ifdef USE_SOFT_TILES
+#ifndef USE_AMX
 // Q3_K and Q6_K without AMX: their signed scales would take signed copies of the codes, which
 // VNNI's unsigned operand can't; instead one copy of the unsigned codes, each group of 16's sum
 // times its scale (soft_scaled_block), less the offset (Q3_K's 4, Q6_K's 32) times the scales
@@ -1657,19 +1742,24 @@ static int soft_q3_q6_k_task(const uint8_t *const *row, int rows, int K, const a
         }
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
-        __m512 acc[TILE];
-        for (int n = 0; n < TILE; n++) acc[n] = _mm512_setzero_ps();
+        const int halves = tile_halves(t, M);
+        rows_ps acc[TILE][HALVES];
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < HALVES; h++) acc[n][h] = ROWS(setzero_ps)();
         for (int b = 0; b < nb; b++) {
-            __m512i block[TILE];
-            soft_scaled_block(codes + 256 * b, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512, scales + b * 16 * TILE, 16, block);
-            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
-            const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE;
-            for (int n = 0; n < TILE; n++) {
-                __m512i offset = _mm512_slli_epi32(pair_dots(xs, pairs + b * 8 * TILE + n, 8), q3 ? 2 : 5);  // times 4 or 32
-                acc[n] = add_block(acc[n], _mm512_sub_epi32(block[n], offset), d[b * TILE + n], dx);
+            rows_si block[TILE][HALVES];
+            soft_scaled_block(codes + 256 * b, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512, scales + b * 16 * TILE, 16, q3 ? 7 : 63, block, halves);
+            for (int h = 0; h < halves; h++) {
+                const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
+                const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE + X_ROWS * h;
+                for (int n = 0; n < TILE; n++) {
+                    rows_si offset = ROWS(slli_epi32)(pair_dots(xs, pairs + b * 8 * TILE + n, 8), q3 ? 2 : 5);  // times 4 or 32
+                    acc[n][h] = add_block(acc[n][h], ROWS(sub_epi32)(block[n][h], offset), d[b * TILE + n], dx);
+                }
             }
         }
-        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], acc[n]);
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < halves; h++) ROWS(store_ps)(out[n] + X_ROWS * h, acc[n][h]);
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
@@ -1706,23 +1796,30 @@ static int amx_iq4_xs_task(const uint8_t *const *row, int rows, int K, const amx
     int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
-        __m512 acc[TILE];
-        for (int n = 0; n < TILE; n++) acc[n] = _mm512_setzero_ps();
+        const int halves = tile_halves(t, M);
+        rows_ps acc[TILE][HALVES];
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < HALVES; h++) acc[n][h] = ROWS(setzero_ps)();
         for (int b = 0; b < nb; b++) {
-            __m512i block[TILE];
-            for (int n = 0; n < TILE; n++) block[n] = _mm512_setzero_si512();
+            rows_si block[TILE][HALVES];
+            for (int n = 0; n < TILE; n++)
+                for (int h = 0; h < HALVES; h++) block[n][h] = zero_rows_si();
             for (int j0 = 0; j0 < 8; j0 += 4) {
-                tile_sums4_s8(codes + 256 * b + 32 * j0, K, x->codes + ((size_t)t * nb * 8 + b * 8 + j0) * 512, 32, rowsums + (b * 8 + j0) * TILE, sums);
+                tile_sums4_s8(codes + 256 * b + 32 * j0, K, x->codes + ((size_t)t * nb * 8 + b * 8 + j0) * 512, 32, rowsums + (b * 8 + j0) * TILE, sums, halves);
                 for (int j = 0; j < 4; j++) {
                     const int32_t *sc = scales + (b * 8 + j0 + j) * TILE;
                     for (int n = 0; n < TILE; n++)
-                        block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(_mm512_load_si512(sums[j][n]), _mm512_set1_epi32(sc[n])));
+                        for (int h = 0; h < halves; h++)
+                            block[n][h] = ROWS(add_epi32)(block[n][h], ROWS(mullo_epi32)(load_rows_si(sums[j][n] + X_ROWS * h), ROWS(set1_epi32)(sc[n])));
                 }
             }
-            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
-            for (int n = 0; n < TILE; n++) acc[n] = add_block(acc[n], block[n], d[b * TILE + n], dx);
+            for (int h = 0; h < halves; h++) {
+                const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
+                for (int n = 0; n < TILE; n++) acc[n][h] = add_block(acc[n][h], block[n][h], d[b * TILE + n], dx);
+            }
         }
-        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], acc[n]);
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < halves; h++) ROWS(store_ps)(out[n] + X_ROWS * h, acc[n][h]);
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
@@ -1751,35 +1848,41 @@ static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_
         }
     int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
-    const __m512 factor = _mm512_set1_ps(with_min ? 1.0f : (float)-zero);
+    const rows_ps factor = ROWS(set1_ps)(with_min ? 1.0f : (float)-zero);
     for (int t = 0; t < x->tiles; t++) {
-        __m512 acc[4][TILE], offsets[TILE];
-        for (int n = 0; n < TILE; n++) {
-            offsets[n] = _mm512_setzero_ps();
-            for (int u = 0; u < 4; u++) acc[u][n] = _mm512_setzero_ps();
-        }
+        const int halves = tile_halves(t, M);
+        rows_ps acc[4][TILE][HALVES], offsets[TILE][HALVES];
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < HALVES; h++) {
+                offsets[n][h] = ROWS(setzero_ps)();
+                for (int u = 0; u < 4; u++) acc[u][n][h] = ROWS(setzero_ps)();
+            }
         for (int b0 = 0; b0 < nb; b0 += 4) {  // the codes have room for a fourth past the last block
-            tile_sums4_u8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, rowsums + b0 * TILE, sums);
+            tile_sums4_u8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, rowsums + b0 * TILE, sums, halves);
             for (int b = b0; b < b0 + 4 && b < nb; b++) {
-                const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE), sx = _mm512_loadu_ps(x->sx + ((size_t)t * nb + b) * TILE);
                 int u = b < last4 ? b % 4 : 0;
-                for (int n = 0; n < TILE; n++) {
-                    offsets[n] = _mm512_add_ps(offsets[n], _mm512_mul_ps(_mm512_set1_ps(c[b * TILE + n]), sx));
-                    acc[u][n] = add_block(acc[u][n], _mm512_load_si512(sums[b - b0][n]), d[b * TILE + n], dx);
+                for (int h = 0; h < halves; h++) {
+                    const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
+                    const rows_ps sx = ROWS(loadu_ps)(x->sx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
+                    for (int n = 0; n < TILE; n++) {
+                        offsets[n][h] = ROWS(add_ps)(offsets[n][h], ROWS(mul_ps)(ROWS(set1_ps)(c[b * TILE + n]), sx));
+                        acc[u][n][h] = add_block(acc[u][n][h], load_rows_si(sums[b - b0][n] + X_ROWS * h), d[b * TILE + n], dx);
+                    }
                 }
             }
         }
-        for (int n = 0; n < TILE; n++) {
-            __m512 total = _mm512_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]), _mm512_add_ps(acc[2][n], acc[3][n]));
-            _mm512_store_ps(out[n], _mm512_add_ps(total, _mm512_mul_ps(offsets[n], factor)));
-        }
+        for (int n = 0; n < TILE; n++)
+            for (int h = 0; h < halves; h++) {
+                rows_ps total = ROWS(add_ps)(ROWS(add_ps)(acc[0][n][h], acc[1][n][h]), ROWS(add_ps)(acc[2][n][h], acc[3][n][h]));
+                ROWS(store_ps)(out[n] + X_ROWS * h, ROWS(add_ps)(total, ROWS(mul_ps)(offsets[n][h], factor)));
+            }
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
 }
 
 typedef int (*amx_fn)(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row);
-#ifdef USE_AMX
+#ifndef USE_SOFT_TILES
 static int amx_q8_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 0); }
 #endif
 static int amx_iq4_nl(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 1); }
@@ -1870,6 +1973,30 @@ typedef struct {
 } amx_kernel;
 
 static amx_kernel amx_for(int type) {
+#ifdef USE_NARROW_TILES
+    // 256-bit: the signed codes' tiles (magnitudes times signed activations, a widening each 4
+    // codes) pay off from 16 rows, 8 on AVX-VNNI's dots; Q6_K's from 16
+#ifdef __AVXVNNI__
+    const int signed_min = 8;
+#else
+    const int signed_min = 16;
+#endif
+    switch (type) {
+    case GGML_Q4_0: return (amx_kernel){amx_q4_0, 32, 0, 8};
+    case GGML_Q4_1: return (amx_kernel){amx_q4_1, 32, 0, 8};
+    case GGML_Q5_0: return (amx_kernel){amx_q5_0, 32, 0, 8};
+    case GGML_Q5_1: return (amx_kernel){amx_q5_1, 32, 0, 8};
+    case GGML_Q8_0: return (amx_kernel){amx_q8_0, 32, 0, signed_min};
+    case GGML_IQ4_NL: return (amx_kernel){amx_iq4_nl, 32, 0, signed_min};
+    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, 8};
+    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 64, 4, 8};
+    case GGML_Q6_K: return (amx_kernel){soft_q6_k, 64, 8, 16};
+    case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, 8};
+    case GGML_Q3_K: return (amx_kernel){soft_q3_k, 64, 8, 8};
+    case GGML_IQ4_XS: return (amx_kernel){amx_iq4_xs_task, 32, 0, signed_min};
+    default: return (amx_kernel){NULL, 0, 0, 0};
+    }
+#else
     switch (type) {
     case GGML_Q4_0: return (amx_kernel){amx_q4_0, 32, 0, 8};
     case GGML_Q4_1: return (amx_kernel){amx_q4_1, 32, 0, 8};
@@ -1895,6 +2022,7 @@ static amx_kernel amx_for(int type) {
     case GGML_IQ4_XS: return (amx_kernel){amx_iq4_xs_task, 32, 0, 8};
     default: return (amx_kernel){NULL, 0, 0, 0};
     }
+#endif
 }
 
 static int amx_matmul(const format *f, amx_kernel kernel, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
