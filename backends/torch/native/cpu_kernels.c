@@ -12,11 +12,12 @@
 // weight. As in llama.cpp, activations are quantized to int8 per block (32 values, or 256 for
 // the 256-value blocks), so each block is one integer dot product; the result is exactly
 // sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
-// takes the same activation blocks (an int8 GEMM: on AMX tiles where the CPU has them, on the
-// tile tasks with 512-bit VNNI dots for every type but Q8_0 where it has AVX-512 alone, else the
-// row kernels' dots) and gives each row bitwise the result it gets decoded alone, for every row
-// count, so a prompt's answer does not depend on how it is split into forward passes, and no
-// path is less exact than llama.cpp's.
+// takes the same activation blocks (an int8 GEMM: on AMX tiles where the CPU has them, else the
+// same tile tasks on 512-bit VNNI dots, every type but Q8_0, or on AVX2's 256-bit registers; a
+// few rows on the row kernels' dots) and gives each row bitwise the result it gets decoded alone,
+// for every row count, so a prompt's answer does not depend on how it is split into forward
+// passes, and no path is less exact than llama.cpp's. Every SIMD build gives the same bits (bar
+// Q8_0 on AVX-512 without AMX).
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
@@ -562,7 +563,7 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
     }
     for (int r = 0; r < R; r++) y[r * y_step] = acc[r] - acc_min[r];
 #elif defined(USE_AVX2)
-    float acc[DOT_ROWS], acc_min[DOT_ROWS];  // the AVX-512 form's steps (and bits): the tiles' (narrow_q4_q5_k_task)
+    float acc[DOT_ROWS], acc_min[DOT_ROWS];  // the AVX-512 form's steps (and bits): the tiles' (amx_q4_q5_k_task)
     for (int r = 0; r < R; r++) acc[r] = acc_min[r] = 0;
     for (int b = 0; b < nb; b++, w += size) {
         prefetch_ahead(w, size, R);
@@ -1966,7 +1967,7 @@ static int task_rows(int t, int N, int parts, const uint8_t *const *w, const int
 // A type's tile task, with its group of values a scale (the tiles' depth), the activation sums
 // it takes as int16 pairs a block (amx_pack_x), and the activation rows from which it beats the
 // dots (below, unpacking 16 weight rows for the tiles costs more than the dots' few rows save;
-// 3B shapes, 2 threads: Q4_K and Q8_0 from 8 rows, Q6_K's three copies of its codes from 16)
+// 3B shapes, 2 threads: on AMX Q4_K and Q8_0 from 8 rows, Q6_K's three copies of its codes from 16)
 typedef struct {
     amx_fn task;
     int group, pairs, min_rows;
