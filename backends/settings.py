@@ -61,7 +61,8 @@ def native_kernels() -> bool:
 
 
 def amx() -> bool:
-    """SMOLLM3_AMX: whether a prompt's rows may go through the CPU's AMX tiles (same results)."""
+    """SMOLLM3_AMX: whether a prompt's rows may go through the tile tasks (AMX's tiles, or their
+    steps on 512- or 256-bit dots where the CPU has no AMX); the same results either way."""
     return _flag("SMOLLM3_AMX", True)
 
 

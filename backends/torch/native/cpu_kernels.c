@@ -220,11 +220,6 @@ static inline __m256i add_dot_i16(__m256i sum, __m256i p, __m256i s, const int R
 #endif
 }
 
-static inline float hsum_128(__m128 v) {
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-}
-
 static inline int hsum_i32_128(__m128i v) {
     v = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
     return _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32(v, 1)));
