@@ -1017,6 +1017,7 @@ static inline rows_si zero_rows_si(void) { return _mm256_setzero_si256(); }
 
 // The vectors of activation rows that tile t has rows of (a narrow build's last half may have none)
 static inline int tile_halves(int t, int M) {
+    if (HALVES == 1) return 1;  // a constant, so the AVX-512 loops over h stay unrolled
     int left = M - t * TILE;
     return left >= TILE ? HALVES : (left + X_ROWS - 1) / X_ROWS;
 }
