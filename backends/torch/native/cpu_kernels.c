@@ -1970,56 +1970,40 @@ typedef struct {
 } amx_kernel;
 
 static amx_kernel amx_for(int type) {
-#ifdef USE_NARROW_TILES
-    // 256-bit: the signed codes' tiles (magnitudes times signed activations, a widening each 4
-    // codes) pay off from 16 rows, 8 on AVX-VNNI's dots; Q6_K's from 16
-#ifdef __AVXVNNI__
-    const int signed_min = 8;
+    // the rows from which each build's tiles pay: on VNNI's 512-bit dots the K-quants' from more
+    // rows (Q6_K: 24); on 256-bit registers the signed codes' (magnitudes times signed
+    // activations, a widening each 4 codes) from 16, 8 on AVX-VNNI's dots
+#if defined(USE_AMX)
+    const int signed_min = 8, k_min = 8, q2_k_min = 8, q6_k_min = 16;
+#elif defined(USE_SOFT_TILES)
+    const int signed_min = 8, k_min = 12, q2_k_min = 16, q6_k_min = 24;
+#elif defined(__AVXVNNI__)
+    const int signed_min = 8, k_min = 8, q2_k_min = 8, q6_k_min = 16;
 #else
-    const int signed_min = 16;
+    const int signed_min = 16, k_min = 8, q2_k_min = 8, q6_k_min = 16;
 #endif
     switch (type) {
     case GGML_Q4_0: return (amx_kernel){amx_q4_0, 32, 0, 8};
     case GGML_Q4_1: return (amx_kernel){amx_q4_1, 32, 0, 8};
     case GGML_Q5_0: return (amx_kernel){amx_q5_0, 32, 0, 8};
     case GGML_Q5_1: return (amx_kernel){amx_q5_1, 32, 0, 8};
+#ifndef USE_SOFT_TILES  // on AVX-512 without AMX Q8_0 stays on the row kernels (signed_rows)
     case GGML_Q8_0: return (amx_kernel){amx_q8_0, 32, 0, signed_min};
+#endif
     case GGML_IQ4_NL: return (amx_kernel){amx_iq4_nl, 32, 0, signed_min};
-    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, 8};
-    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 64, 4, 8};
-    case GGML_Q6_K: return (amx_kernel){soft_q6_k, 64, 8, 16};
-    case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, 8};
-    case GGML_Q3_K: return (amx_kernel){soft_q3_k, 64, 8, 8};
     case GGML_IQ4_XS: return (amx_kernel){amx_iq4_xs_task, 32, 0, signed_min};
-    default: return (amx_kernel){NULL, 0, 0, 0};
-    }
-#else
-    switch (type) {
-    case GGML_Q4_0: return (amx_kernel){amx_q4_0, 32, 0, 8};
-    case GGML_Q4_1: return (amx_kernel){amx_q4_1, 32, 0, 8};
-    case GGML_Q5_0: return (amx_kernel){amx_q5_0, 32, 0, 8};
-    case GGML_Q5_1: return (amx_kernel){amx_q5_1, 32, 0, 8};
-#ifdef USE_AMX  // without AMX Q8_0 stays on the row kernels (signed_rows)
-    case GGML_Q8_0: return (amx_kernel){amx_q8_0, 32, 0, 8};
-#endif
-    case GGML_IQ4_NL: return (amx_kernel){amx_iq4_nl, 32, 0, 8};
+    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, k_min};
+    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 64, 4, k_min};
+    case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, q2_k_min};
 #ifdef USE_AMX
-    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, 8};
-    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 64, 4, 8};
-    case GGML_Q6_K: return (amx_kernel){amx_q6_k_task, 64, 0, 16};
-    case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, 8};
-    case GGML_Q3_K: return (amx_kernel){amx_q3_k, 64, 0, 8};
-#else  // on VNNI's dots the K-quants' tiles beat the row kernels from more rows (Q6_K: from 24)
-    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, 12};
-    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 64, 4, 12};
-    case GGML_Q6_K: return (amx_kernel){soft_q6_k, 64, 8, 24};
-    case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, 16};
-    case GGML_Q3_K: return (amx_kernel){soft_q3_k, 64, 8, 12};
+    case GGML_Q6_K: return (amx_kernel){amx_q6_k_task, 64, 0, q6_k_min};
+    case GGML_Q3_K: return (amx_kernel){amx_q3_k, 64, 0, k_min};
+#else
+    case GGML_Q6_K: return (amx_kernel){soft_q6_k, 64, 8, q6_k_min};
+    case GGML_Q3_K: return (amx_kernel){soft_q3_k, 64, 8, k_min};
 #endif
-    case GGML_IQ4_XS: return (amx_kernel){amx_iq4_xs_task, 32, 0, 8};
     default: return (amx_kernel){NULL, 0, 0, 0};
     }
-#endif
 }
 
 static int amx_matmul(const format *f, amx_kernel kernel, int parts, const uint8_t *const *w, const int *part_rows, const long *part_stride,
