@@ -189,11 +189,13 @@ class BenchParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from backends import BACKENDS
+
     from .cli import number
 
     p = BenchParser(prog="smollm3 bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", required=True, help="a local .gguf file or Hugging Face model directory")
-    p.add_argument("--backend", choices=("auto", "torch", "mlx"), default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:N, mps (default: the best available)")
     p.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto")
     p.add_argument("-p", "--n-prompt", default="32,128,512", help="prompt lengths in tokens (default: 32,128,512)")

@@ -236,7 +236,7 @@ class OursAdapter:
         i = self.engine.info
         return {"engine": "ours", "backend": i.backend, "device": i.device, "dtype": i.dtype,
                 "weight_type": i.weight_type, "version": _our_version(), "torch": _torch_version(),
-                "threads": _torch_threads(), "kernels": _kernels_setting(),
+                "threads": i.extra.get("threads") or _torch_threads(), "kernels": _kernels_setting(),
                 "backends_module": Path(backends.__file__).parent.name}
 
 
@@ -350,12 +350,14 @@ def import_engine(spec: Spec) -> None:
     if spec.engine == "llamacpp":
         import llama_cpp  # noqa: F401
         return
-    import torch
-
     if spec.engine == "ours":
+        if spec.threads:  # read at load by the native backend, at import by torch
+            os.environ["OMP_NUM_THREADS"] = str(spec.threads)
         import backends  # noqa: F401
-    else:
-        import transformers  # noqa: F401
+        return
+    import torch
+    import transformers  # noqa: F401
+
     if spec.threads:
         torch.set_num_threads(spec.threads)
 

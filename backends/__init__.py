@@ -2,10 +2,15 @@
 
 `load(path_or_repo, backend="auto")` is the one entry point: it reads the checkpoint, its
 tokenizer and chat template, picks a backend, and returns an `Engine`.
+
+The backends: `mlx` (Apple Silicon), `native` (a GGUF file on our C kernels on the CPU, without
+torch in the process) and `torch` (CUDA, MPS, the CPU; every checkpoint). `auto` takes MLX on
+Apple Silicon, else native where it can run the file and no GPU is asked for or present, else torch.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -18,7 +23,7 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer, tokenizer_from_file, tokenizer_from_gguf
 from .tracing import NullTracer, Tracer
 
-BACKENDS = ("auto", "torch", "mlx")
+BACKENDS = ("auto", "native", "torch", "mlx")
 
 __all__ = [
     "BACKENDS",
@@ -43,7 +48,8 @@ def mlx_importable() -> bool:
 
 
 def select_backend(requested: str = "auto") -> str:
-    """auto: MLX on Apple Silicon when it imports, else torch (which picks CUDA, MPS or CPU)."""
+    """auto: MLX on Apple Silicon when it imports, else torch (which picks CUDA, MPS or CPU; `load`
+    takes the native backend for it where a CPU run of the file can)."""
     if requested not in BACKENDS:
         raise BackendUnavailable(f"unknown backend '{requested}' (choose from {', '.join(BACKENDS)})")
     if requested == "auto":
@@ -113,14 +119,54 @@ def load(
             from .mlx.engine import MLXEngine
 
             engine: Engine = MLXEngine(ckpt, tokenizer, template, dtype=dtype, quantize=quantize)
+        elif quantize is not None:
+            raise BackendUnavailable("--quantize (quantizing a full checkpoint at load) needs --backend mlx")
+        elif name == "native" or (backend == "auto" and _on_the_cpu(device, dtype)):
+            engine = _native_engine(ckpt, tokenizer, template, device, dtype, asked=name == "native") or _torch_engine(
+                ckpt, tokenizer, template, device, dtype
+            )
         else:
-            if quantize is not None:
-                raise BackendUnavailable("--quantize (quantizing a full checkpoint at load) needs --backend mlx")
-            from .torch.engine import TorchEngine
-
-            engine = TorchEngine(ckpt, tokenizer, template, device=device, dtype=dtype)
+            engine = _torch_engine(ckpt, tokenizer, template, device, dtype)
     engine.tracer = tracer
     return engine
+
+
+def _native_engine(ckpt, tokenizer, template, device, dtype, asked: bool) -> Engine | None:
+    """The native backend's engine, or None where it cannot run the file and was not asked for
+    by name (then torch runs it)."""
+    from .native.engine import NativeEngine, native_model
+    from .native.model import NotNative
+
+    if asked and (device not in (None, "auto", "cpu") or dtype not in ("auto", "f32")):
+        raise BackendUnavailable("--backend native runs on the CPU in f32 (drop --device and --dtype, or use --backend torch)")
+    try:
+        return NativeEngine(ckpt, tokenizer, template, native_model(ckpt))
+    except NotNative as e:
+        if asked:
+            raise BackendUnavailable(f"--backend native: {e}") from None
+        return None
+
+
+def _torch_engine(ckpt, tokenizer, template, device, dtype) -> Engine:
+    from .torch.engine import TorchEngine
+
+    return TorchEngine(ckpt, tokenizer, template, device=device, dtype=dtype)
+
+
+def _on_the_cpu(device: str | None, dtype: str) -> bool:
+    """Whether torch would run in f32 on the CPU: asked for, or no GPU it could use. Decided
+    without importing torch where no GPU's device node exists (Linux); elsewhere torch says."""
+    if dtype not in ("auto", "f32"):
+        return False
+    if device == "cpu":
+        return True
+    if device not in (None, "auto"):
+        return False
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
+        return True
+    from .torch.engine import pick_device
+
+    return pick_device(device).type == "cpu"
 
 
 def _looks_like_repo(text: str) -> bool:

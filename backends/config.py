@@ -77,6 +77,15 @@ class ModelConfig:
             return _yarn(inv_freq, dim, self.rope_theta, scaling, self.context_length)
         raise CheckpointError(f"unsupported rope scaling type '{kind}' (supported: default, linear, yarn)")
 
+    def rope_tables(self, positions: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and signed sin, float32 [positions, head_dim], for RoPE on each head's two halves:
+        x * cos + roll(x, head_dim / 2) * signed_sin is Hugging Face's x * cos + rotate_half(x) *
+        sin, with signed_sin = (-sin, sin). In float32, as transformers computes them."""
+        inv_freq, scale = self.rope_inv_freq()
+        angles = np.outer(np.arange(positions, dtype=np.float32), inv_freq)  # (positions, hs / 2)
+        cos, sin = np.cos(angles) * np.float32(scale), np.sin(angles) * np.float32(scale)
+        return np.concatenate([cos, cos], -1), np.concatenate([-sin, sin], -1)
+
 
 def _yarn(inv_freq: np.ndarray, dim: int, base: float, scaling: dict, context_length: int):
     # YaRN (arXiv 2309.00071) exactly as transformers' _compute_yarn_parameters computes it.

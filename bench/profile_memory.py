@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, help="feed this many tokens of the prompt repeated, without the template")
     p.add_argument("--modules", action="store_true", help="the heavy packages each phase imported")
     p.add_argument("--smaps", action="store_true", help="at the end, the largest mappings (libraries, heap, the file)")
+    p.add_argument("--backend", default="auto", help="as the CLI's (torch: what the torch backend holds)")
     args = p.parse_args()
 
     seen: set[str] = set()
@@ -80,16 +81,14 @@ def main() -> None:
                 print(f"{'':<22} imported: {', '.join(heavy)}")
 
     phase("python")
-    import torch  # noqa: F401
-
-    phase("import torch")
     import backends  # noqa: F401
 
     phase("import backends")
     from app import cli
 
     phase("import app.cli")
-    cli_args = cli.build_parser().parse_args(["--model-path", args.model, "--prompt", args.prompt, "--temperature", "0"])
+    cli_args = cli.build_parser().parse_args(["--model-path", args.model, "--prompt", args.prompt, "--temperature", "0",
+                                          "--backend", args.backend])
     cli.check_flags(cli_args)
     engine, use_template = cli.load_engine(cli_args, backends.Tracer(), chatter=False)
     phase("load")

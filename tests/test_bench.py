@@ -97,7 +97,7 @@ def test_bench_command_measures_each_prompt_length_in_its_own_process(tmp_path, 
         assert s["peak_rss_mb"] >= s["rss_after_load_mb"] > 0
         assert s["engine_info"]["weight_type"] == "Q8_0" and s["engine_info"]["threads"] == 1
     out, err = capsys.readouterr()
-    assert out.startswith("tiny-smollm3-Q8_0.gguf: Q8_0, ") and "on torch cpu f32 with 1 threads" in out
+    assert out.startswith("tiny-smollm3-Q8_0.gguf: Q8_0, ") and "on native cpu f32 with 1 threads" in out
     assert max(len(line) for line in out.splitlines()) <= 100
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")][1:]
     assert [int(r[0]) for r in rows] == [4, 8]

@@ -1,15 +1,19 @@
-"""The sampling contract (backends/sampling.py) kept by both backends: torch, and MLX on the CPU."""
+"""The sampling contract (backends/sampling.py) kept by every backend: native, torch, and MLX on the CPU."""
 
 import numpy as np
 import pytest
 
 from backends.sampling import GREEDY, SamplingParams, sample_token
 
-BACKENDS = ["torch", "mlx"]
+BACKENDS = ["native", "torch", "mlx"]
 
 
 def sampler_and_array(backend: str):
     """The backend's sampler ops and its conversion of a numpy row into its own array."""
+    if backend == "native":
+        from backends.native.engine import NumpySampler
+
+        return NumpySampler(), lambda a: a
     if backend == "torch":
         import torch
 

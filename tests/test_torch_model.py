@@ -75,7 +75,7 @@ def test_fast_kernels_are_exact_or_closer_than_llamacpp(qtype, kernels, monkeypa
     """Prefill and one-token decode on the default kernels: our C ones (native.py), and torch's
     int4/compiled ones, which run where no C compiler is (and on CUDA)."""
     if kernels == "torch":
-        monkeypatch.setattr(native, "library", lambda: None)
+        monkeypatch.setenv("SMOLLM3_NATIVE", "0")
     elif native.library() is None:
         pytest.skip("no C compiler for the native kernels")
     engine = backends.load(tiny_gguf(qtype), backend="torch")
@@ -217,7 +217,7 @@ def test_kernels_are_chosen_once_when_the_model_is_built(monkeypatch):
     assert layers_for(cpu, torch.float32) is NATIVE_LAYERS
     engine = backends.load(tiny_gguf("Q4_0"), backend="torch")
     assert type(engine.model.layers[0].mlp).__name__ == "NativeMLP"
-    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setenv("SMOLLM3_NATIVE", "0")
     assert layers_for(cpu, torch.float32) is TORCH_LAYERS
     assert type(backends.load(tiny_gguf("Q4_0"), backend="torch").model.layers[0].mlp).__name__ == "MLP"
 

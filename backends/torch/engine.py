@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -10,7 +12,7 @@ from ..engine import Engine, EngineInfo, dtype_name
 from ..errors import BackendUnavailable
 from ..sampling import SamplingParams, sample_token
 from .loader import load_model
-from .memory import release_library_pages
+from ..memory import release_library_pages
 from .weights import NativeLinear
 
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -48,7 +50,7 @@ class TorchEngine(Engine):
         self.model = load_model(ckpt, TORCH_DTYPES[name], dev)
         # Before the first forward reads the weights: the peak is torch's pages plus the weights.
         # (Not before the load too: its torch ops would read their code back from the disk.)
-        release_library_pages()
+        release_library_pages(os.path.dirname(torch.__file__))
         self.device = dev
         self.sampler = TorchSampler(dev)
         # Only the native kernels compute each row of a forward as that row alone (native_layers.py);

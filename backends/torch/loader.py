@@ -16,7 +16,7 @@ from ..checkpoint import Checkpoint, RawTensor
 from ..errors import CheckpointError
 from .model import Transformer
 from .native_layers import NativeLayerStack, layers_for
-from .memory import return_freed_memory
+from ..memory import return_freed_memory
 from .weights import FusedLinear, dense, linear
 
 

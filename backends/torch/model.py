@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..numbers import find_multiple
-from .memory import return_freed_memory
+from ..numbers import cache_capacity
+from ..memory import return_freed_memory
 
 META = torch.device("meta")
 
@@ -150,8 +150,6 @@ class Transformer(nn.Module):
         self.norm = layers.norm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else linear_slot(config.hidden_size, config.vocab_size)
 
-        inv_freq, self.rope_scale = config.rope_inv_freq()
-        self.register_buffer("inv_freq", torch.from_numpy(inv_freq).to(device), persistent=False)
         self.caches = nn.ModuleList()
         self.capacity = 0
         # Every layer in one call, where the layers offer it (native_layers.py); set once the
@@ -159,27 +157,20 @@ class Transformer(nn.Module):
         self.layer_stack = None
 
     def ensure_capacity(self, needed: int, exact: bool = False) -> None:
-        """Grow the KV cache (and the RoPE table) to hold `needed` positions, keeping what it holds.
-        Growth doubles, in steps of 256, so a long generation reallocates a handful of times;
-        `exact` (a generation that knows its length) grows to `needed` in steps of 64 only."""
+        """Grow the KV cache (and the RoPE table) to hold `needed` positions (see cache_capacity),
+        keeping what it holds."""
         if needed <= self.capacity:
             return
-        step = 64 if exact else 256
-        capacity = needed if exact else min(max(needed, 2 * self.capacity, 256), self.config.context_length)
-        capacity = min(find_multiple(capacity, step), max(self.config.context_length, needed))
+        capacity = cache_capacity(self.capacity, needed, self.config.context_length, exact)
         old = list(self.caches)
         self.caches = nn.ModuleList(KVCache(self.config, capacity, self.cache_dtype, self.device) for _ in self.layers)
         for new, prev in zip(self.caches, old):
             new.k[:, :, : self.capacity] = prev.k
             new.v[:, :, : self.capacity] = prev.v
         self.capacity = capacity
-        positions = torch.arange(capacity, device=self.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq)  # (capacity, hs / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (capacity, hs)
-        self.cos = (emb.cos() * self.rope_scale).to(self.dtype)
-        sin = emb.sin() * self.rope_scale
-        half = self.config.head_dim // 2
-        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)  # see apply_rope
+        cos, signed_sin = self.config.rope_tables(capacity)  # (capacity, hs) each: see apply_rope
+        self.cos = torch.from_numpy(cos).to(self.device, self.dtype)
+        self.sin = torch.from_numpy(signed_sin).to(self.device, self.dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:

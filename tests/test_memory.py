@@ -1,4 +1,4 @@
-"""backends/torch/memory.py: torch's library pages handed back after a load, measured in
+"""backends/memory.py: torch's library pages handed back after a load, measured in
 fresh processes (a test process has touched far more of torch than a chat does)."""
 
 import json
@@ -10,12 +10,14 @@ import pytest
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; madvise as Linux has it")
 
 MEASURE = r"""
-import json, sys
+import json, os, sys
 import torch
-from backends.torch.memory import release_library_pages, torch_library_ranges
+from backends.memory import library_ranges, release_library_pages
+
+TORCH_DIR = os.path.dirname(torch.__file__)
 
 def torch_rss_mb():
-    ranges = torch_library_ranges()
+    ranges = library_ranges(TORCH_DIR)
     total, current = 0, None
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -28,7 +30,7 @@ def torch_rss_mb():
     return total / 1024
 
 before = torch_rss_mb()
-advised = release_library_pages()
+advised = release_library_pages(TORCH_DIR)
 after = torch_rss_mb()
 print(json.dumps({"before": before, "after": after, "advised_mb": advised / 2**20}))
 """
@@ -39,7 +41,7 @@ import backends
 import backends.torch.engine as torch_engine
 from backends.sampling import GREEDY
 if sys.argv[2] == "keep":
-    torch_engine.release_library_pages = lambda: 0
+    torch_engine.release_library_pages = lambda package_dir: 0
 engine = backends.load(sys.argv[1], backend="torch")
 tokens = list(engine.generate(engine.tokenizer.encode("The capital of France is"), 12, GREEDY))
 with open("/proc/self/status") as f:

@@ -1,11 +1,10 @@
-"""Keeping the torch backend's resident memory to what it uses (glibc on Linux; elsewhere
-these do nothing).
+"""Keeping the backends' resident memory to what they use (glibc on Linux; elsewhere these do
+nothing).
 
-A quantized model's weights stay mapped from the file, so past them most of our resident set
-is torch itself, and that is what puts our peak RSS above llama.cpp's on the 3B files. `import
-torch` leaves ~110 MB of its shared libraries resident (libtorch_cpu.so alone 92 MB): pages its
-operator registry's static constructors run through once and that a CPU session mostly never
-reads again."""
+A quantized model's weights stay mapped from the file, so past them our resident set is the
+runtime's: the heap, and for the torch backend torch itself. `import torch` leaves ~110 MB of its
+shared libraries resident (libtorch_cpu.so alone 92 MB): pages its operator registry's static
+constructors run through once and that a CPU session mostly never reads again."""
 
 from __future__ import annotations
 
@@ -13,8 +12,6 @@ import ctypes
 import functools
 import os
 import sys
-
-import torch
 
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; a page read again faults back from its file
 
@@ -38,10 +35,11 @@ def return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def torch_library_ranges() -> list[tuple[int, int]]:
-    """The read-only mappings of torch's own shared libraries ([start, end) addresses): code and
-    constants, which the kernel can drop and read again from the file at any time."""
-    lib_dir = os.path.join(os.path.dirname(torch.__file__), "")
+def library_ranges(package_dir: str) -> list[tuple[int, int]]:
+    """The read-only mappings of the shared libraries under `package_dir` ([start, end)
+    addresses): code and constants, which the kernel can drop and read again from the file at
+    any time."""
+    lib_dir = os.path.join(package_dir, "")
     ranges = []
     try:
         with open("/proc/self/maps") as maps:
@@ -55,16 +53,16 @@ def torch_library_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
-def release_library_pages() -> int:
-    """Reclaim the resident pages of torch's libraries (see the module's docstring) and return
-    the bytes of mappings advised. Code a forward runs comes back on its first use (~20 MB of
-    libtorch_cpu.so for a CPU forward, measured); pages shared with another process stay.
-    Writable mappings (relocated data) are never touched."""
+def release_library_pages(package_dir: str) -> int:
+    """Reclaim the resident pages of a package's libraries (torch's: see the module's docstring)
+    and return the bytes of mappings advised. Code a forward runs comes back on its first use
+    (~20 MB of libtorch_cpu.so for a CPU forward, measured); pages shared with another process
+    stay. Writable mappings (relocated data) are never touched."""
     libc = _libc() if sys.platform.startswith("linux") else None
     if libc is None:
         return 0
     advised = 0
-    for start, end in torch_library_ranges():
+    for start, end in library_ranges(package_dir):
         if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
             advised += end - start
     return advised

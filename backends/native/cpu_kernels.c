@@ -1,7 +1,8 @@
-// The torch backend's CPU kernels: the matmul on GGUF blocks (first), then RMSNorm, attention
-// (RoPE, the KV cache write, causal attention) and SwiGLU's silu(gate) * up, each one call where
-// torch takes several ops, each computing a prompt's row as that row decoded alone; last, all of
-// a model's layers in one call (forward_layers), the same kernels in the modules' order.
+// Our CPU kernels, for the native backend and the torch backend on the CPU: the matmul on GGUF
+// blocks (first), then RMSNorm, attention (RoPE, the KV cache write, causal attention) and
+// SwiGLU's silu(gate) * up, each one call where torch takes several ops, each computing a
+// prompt's row as that row decoded alone; last, all of a model's layers in one call
+// (forward_layers), the same kernels in the modules' order.
 //
 // y = x W^T with W still in its GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,
 // Q5_K, Q6_K, IQ4_NL, IQ4_XS), on the CPU.
