@@ -82,7 +82,7 @@ def quantized_activations(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("ggml_type", native.TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("M", [1, 3, 4, 7, 40])  # decode, DOT_ROWS rows a call and the rows left over
+@pytest.mark.parametrize("M", [1, 3, 4, 7, 40])  # decode, a few rows in one call, DOT_ROWS rows a call and the rows left over
 def test_matmul_is_the_exact_sum_over_int8_activations(lib, ggml_type, M):
     rng = np.random.default_rng(int(ggml_type) * 100 + M)
     block = native.activation_block(ggml_type)
@@ -108,7 +108,7 @@ def test_matmul_is_the_exact_sum_over_int8_activations(lib, ggml_type, M):
     assert torch.equal(native.gguf_matmul(lib, ggml_type, runs, x).double(), got[:, order])
 
 
-ROW_COUNTS = [1, 2, 5, 8, 9, 13, 16, 17, 100]  # below, at and past DOT_ROWS (8 with AVX-512, else 4) and FEW_ROWS (4)
+ROW_COUNTS = [1, 2, 3, 5, 6, 7, 8, 9, 13, 16, 17, 100]  # every row count a call takes (1 to DOT_ROWS: 8 with AVX-512, else 4), and past it
 
 
 @pytest.mark.parametrize("ggml_type", native.TYPES, ids=lambda t: t.name)

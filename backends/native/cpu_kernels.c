@@ -184,13 +184,13 @@ static inline __m256i bits_as_0x10(uint32_t bits) {
 #define ROWS_INLINE static inline __attribute__((always_inline))
 // Input rows per call for a prompt: R sets of sums in registers, 8 where AVX-512 gives 32 of
 // them (the weights' unpacking shared by more rows: prefill GEMM 6-13% faster than 4), else 4;
-// the rows left over go 4 at a time (a speculative draft's few rows), then one at a time.
+// the rows left over (a speculative draft's few rows) all in one call: a row read apart from
+// the others would decode every weight block again for itself.
 #ifdef USE_AVX512
 #define DOT_ROWS 8
 #else
 #define DOT_ROWS 4
 #endif
-#define FEW_ROWS 4
 
 // Activation row r's block b (rows are x_row bytes apart).
 #define X_BLOCK(type, x, x_row, r, b) ((const type *)((x) + (size_t)(r) * (x_row)) + (b))
@@ -198,12 +198,13 @@ static inline __m256i bits_as_0x10(uint32_t bits) {
 // A decoded token reads each weight byte once, from memory, and a core busy on the blocks keeps
 // too few loads in flight to cover DRAM's latency: each block loop asks for the bytes
 // PREFETCH_AHEAD ahead of it (3B shapes, 2 threads: Q4_K 8.3 -> 14.3 GB/s, Q8_0 12.4 -> 17.5,
-// Q6_K 12.7 -> 15.5; a plain read 25.4). Only for one input row: a prompt's rows reread the
-// weights from cache. A prefetch never changes a result.
+// Q6_K 12.7 -> 15.5; a plain read 25.4). A call for several rows reads its weights from memory
+// too, the first rows of a prompt or a speculative draft's (3B Q4_K_M's matmuls for 2 rows:
+// 214 -> 99 ms; for 4: 222 -> 134 ms; 16 rows on these kernels, 8 a call: 451 -> 418 ms). A
+// prefetch never changes a result.
 #define PREFETCH_AHEAD 4096
-ROWS_INLINE void prefetch_ahead(const uint8_t *w, const int bytes, const int R) {
-    if (R == 1)
-        for (int o = 0; o < bytes; o += 64) __builtin_prefetch(w + PREFETCH_AHEAD + o);
+ROWS_INLINE void prefetch_ahead(const uint8_t *w, const int bytes) {
+    for (int o = 0; o < bytes; o += 64) __builtin_prefetch(w + PREFETCH_AHEAD + o);
 }
 
 #ifdef USE_AVX2
@@ -298,7 +299,7 @@ ROWS_INLINE void signed_pair_rows(const uint8_t *w, const uint8_t *x, size_t x_r
     for (int u = 0; u < 2; u++)
         for (int r = 0; r < R; r++) acc[u][r] = _mm512_setzero_ps();
     for (; b + 3 < nb; b += 4) {
-        prefetch_ahead(w + size * b, 4 * size, R);
+        prefetch_ahead(w + size * b, 4 * size);
         signed_pair(w + size * b, size, x, x_row, b, acc[0], iq4, R);
         signed_pair(w + size * (b + 2), size, x, x_row, b + 2, acc[1], iq4, R);
     }
@@ -332,7 +333,7 @@ ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
     for (int r = 0; r < R; r++) acc[r] = _mm_setzero_ps();
     for (; b + 3 < nb; b += 4) {
         const uint8_t *wb = w + size * b;
-        prefetch_ahead(wb, 4 * size, R);
+        prefetch_ahead(wb, 4 * size);
         __m256i q[4], magnitude[4];
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++) q[u] = signed_codes(wb + size * u, iq4), magnitude[u] = _mm256_sign_epi8(q[u], q[u]);
@@ -369,7 +370,7 @@ ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
     for (; b < nb; b++, w += size) {
-        prefetch_ahead(w, size, R);
+        prefetch_ahead(w, size);
         int8_t q[32];
         for (int j = 0; j < 16 && iq4; j++) q[j] = IQ4_LEVELS[w[2 + j] & 15], q[j + 16] = IQ4_LEVELS[w[2 + j] >> 4];
         if (!iq4) memcpy(q, w + 2, 32);
@@ -418,7 +419,7 @@ ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, in
     for (int r = 0; r < R; r++) acc[r] = offsets[r] = _mm_setzero_ps();
     for (; b + 3 < nb; b += 4) {
         const uint8_t *wb = w + size * b;
-        prefetch_ahead(wb, 4 * size, R);
+        prefetch_ahead(wb, 4 * size);
         __m256i q[4];
         __m128 weight_scales[4];
 #pragma GCC unroll 4
@@ -459,7 +460,7 @@ ROWS_INLINE void q4_q5_rows(const uint8_t *w, const uint8_t *x, size_t x_row, in
     float sum[DOT_ROWS], offset[DOT_ROWS];
     for (int r = 0; r < R; r++) sum[r] = offset[r] = 0;
     for (; b < nb; b++, w += size) {
-        prefetch_ahead(w, size, R);
+        prefetch_ahead(w, size);
         float d = f16_to_f32(read_u16(w)), c = with_min ? f16_to_f32(read_u16(w + 2)) : -zero * d;
         uint32_t qh = 0;
         if (with_high) memcpy(&qh, w + qh_at, 4);
@@ -521,7 +522,7 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
     // shifted down in the upper, so 64 codes lie in the activations' order
     const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
     for (int b = 0; b < nb; b++, w += size) {
-        prefetch_ahead(w, size, R);
+        prefetch_ahead(w, size);
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
         uint32_t sc[2], mn[2];
         q4_k_scales(w + 4, sc, mn);
@@ -562,7 +563,7 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
     float acc[DOT_ROWS], acc_min[DOT_ROWS];  // the AVX-512 form's steps (and bits): the tiles' (amx_q4_q5_k_task)
     for (int r = 0; r < R; r++) acc[r] = acc_min[r] = 0;
     for (int b = 0; b < nb; b++, w += size) {
-        prefetch_ahead(w, size, R);
+        prefetch_ahead(w, size);
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
         uint32_t sc[2], mn[2];
         q4_k_scales(w + 4, sc, mn);
@@ -598,7 +599,7 @@ ROWS_INLINE void q4_q5_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
     for (int b = 0; b < nb; b++, w += size) {
-        prefetch_ahead(w, size, R);
+        prefetch_ahead(w, size);
         float d = f16_to_f32(read_u16(w)), dmin = f16_to_f32(read_u16(w + 2));
         uint32_t scw[2], mnw[2];
         q4_k_scales(w + 4, scw, mnw);
@@ -659,7 +660,7 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
     const __m512i shift_01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
     const __m512i shift_23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
     for (int b = 0; b < nb; b++, w += 210) {
-        prefetch_ahead(w, 210, R);
+        prefetch_ahead(w, 210);
         const uint8_t *ql = w, *qh = w + 128;
         float d = f16_to_f32(read_u16(w + 208));
         __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
@@ -697,7 +698,7 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
     int shifts[DOT_ROWS];
     for (int r = 0; r < R; r++) block_acc[r] = 0;
     for (int b = 0; b < nb; b++, w += 210) {
-        prefetch_ahead(w, 210, R);
+        prefetch_ahead(w, 210);
         const uint8_t *ql = w, *qh = w + 128;
         float d = f16_to_f32(read_u16(w + 208));
         __m256i scales = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
@@ -734,7 +735,7 @@ ROWS_INLINE void q6_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
     for (int b = 0; b < nb; b++, w += 210) {
-        prefetch_ahead(w, 210, R);
+        prefetch_ahead(w, 210);
         float d = f16_to_f32(read_u16(w + 208));
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, x, x_row, r, b);
@@ -811,7 +812,7 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
     int offset[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = acc_off[r] = 0;
     for (int b = 0; b < nb; b++, w += size) {
-        prefetch_ahead(w, size, R);
+        prefetch_ahead(w, size);
         float d = f16_to_f32(read_u16(w + (q3 ? 108 : 80))), off_scale = q3 ? 4 * d : f16_to_f32(read_u16(w + 82));
         __m256i scales, offsets;
         if (q3) {
@@ -857,7 +858,7 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
     for (int b = 0; b < nb; b++, w += size) {
-        prefetch_ahead(w, size, R);
+        prefetch_ahead(w, size);
         float d = f16_to_f32(read_u16(w + (q3 ? 108 : 80))), off_scale = q3 ? 4 * d : f16_to_f32(read_u16(w + 82));
         int16_t sc[16], off[16];
         q2_q3_k_scales(w, q3, sc, off);
@@ -893,7 +894,7 @@ ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
     for (int r = 0; r < R; r++) acc[r] = 0;
     const __m256i levels = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
     for (int b = 0; b < nb; b++, w += 136) {
-        prefetch_ahead(w, 136, R);
+        prefetch_ahead(w, 136);
         float d = f16_to_f32(read_u16(w));
         __m256i sum[DOT_ROWS];
         for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
@@ -919,7 +920,7 @@ ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
     float acc[DOT_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0;
     for (int b = 0; b < nb; b++, w += 136) {
-        prefetch_ahead(w, 136, R);
+        prefetch_ahead(w, 136);
         float d = f16_to_f32(read_u16(w));
         for (int r = 0; r < R; r++) {
             const int8_t *xq = X_BLOCK(x_block256, x, x_row, r, b)->q;
@@ -937,13 +938,24 @@ ROWS_INLINE void iq4_xs_rows(const uint8_t *w, const uint8_t *x, size_t x_row, i
 #endif
 }
 
-// Each type's row function with R as a constant: one input row (decode) or DOT_ROWS.
+// Each type's row function with R as a constant, from one input row (decode) to DOT_ROWS.
 typedef void (*rows_fn)(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, int R);
 
+#if DOT_ROWS == 8
+#define ROWS_PAST_4(name) \
+        else if (R == 7) name##_rows(w, x, x_row, K, y, y_step, 7); \
+        else if (R == 6) name##_rows(w, x, x_row, K, y, y_step, 6); \
+        else if (R == 5) name##_rows(w, x, x_row, K, y, y_step, 5);
+#else
+#define ROWS_PAST_4(name)
+#endif
 #define ROWS_FN(name) \
     static void dot_##name(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step, int R) { \
         if (R == DOT_ROWS) name##_rows(w, x, x_row, K, y, y_step, DOT_ROWS); \
-        else if (R == FEW_ROWS) name##_rows(w, x, x_row, K, y, y_step, FEW_ROWS); \
+        ROWS_PAST_4(name) \
+        else if (R == 4) name##_rows(w, x, x_row, K, y, y_step, 4); \
+        else if (R == 3) name##_rows(w, x, x_row, K, y, y_step, 3); \
+        else if (R == 2) name##_rows(w, x, x_row, K, y, y_step, 2); \
         else name##_rows(w, x, x_row, K, y, y_step, 1); \
     }
 #define q4_k_rows(w, x, x_row, K, y, y_step, R) q4_q5_k_rows(w, x, x_row, K, y, y_step, 0, R)
@@ -2073,10 +2085,10 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
             const uint8_t *row[ROWS_PER_TASK];
             int rows = task_rows(t, N, parts, w, part_rows, part_stride, row), n0 = t * ROWS_PER_TASK;
             // DOT_ROWS input rows a call (they stay in L1 while the task's weight rows pass), the
-            // rest FEW_ROWS then one at a time: a row's sums are the same either way (see the
-            // dots), so no row depends on its neighbours
+            // rest together: a row's sums are the same either way (see the dots), so no row
+            // depends on its neighbours
             for (int m = 0; m < M;) {
-                int R = m + DOT_ROWS <= M ? DOT_ROWS : m + FEW_ROWS <= M ? FEW_ROWS : 1;
+                int R = M - m < DOT_ROWS ? M - m : DOT_ROWS;
                 for (int i = 0; i < rows; i++) f->dot(row[i], xq + m * x_row, x_row, K, y + m * y_row + n0 + i, y_row, R);
                 m += R;
             }
