@@ -48,8 +48,9 @@ def mlx_importable() -> bool:
 
 
 def select_backend(requested: str = "auto") -> str:
-    """auto: MLX on Apple Silicon when it imports, else torch (which picks CUDA, MPS or CPU; `load`
-    takes the native backend for it where a CPU run of the file can)."""
+    """auto: MLX on Apple Silicon when it imports, else torch (which picks CUDA, MPS or CPU);
+    `load` then runs the file on the native backend instead where torch would be on the CPU and
+    native can run it."""
     if requested not in BACKENDS:
         raise BackendUnavailable(f"unknown backend '{requested}' (choose from {', '.join(BACKENDS)})")
     if requested == "auto":

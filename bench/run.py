@@ -1,4 +1,5 @@
-"""Our torch backend against llama.cpp (and optionally transformers) on the same GGUF files, in one command.
+"""Our engine (the backend `auto` picks: native on a CPU) against llama.cpp (and optionally transformers) on
+the same GGUF files, in one command.
 
     python bench/run.py --results bench/RESULTS.md        # everything issue 14 asks for, ~40 min on 2 cores
     python bench/run.py --models 135m --reduced-models "" -p 32 -r 1      # a quick look (with its long and speculative rows)
@@ -274,6 +275,8 @@ def complete(run: dict) -> None:
         run["versions"][r["engine"]] = info.get("version")
         if info.get("torch"):
             run["versions"]["torch"] = info["torch"]
+        if r["engine"] == "ours" and info.get("backend"):
+            run["versions"]["ours_backend"] = f"{info['backend']} {info.get('device', '')} {info.get('dtype', '')}".strip()
         if info.get("system_info"):
             run["versions"]["llamacpp_system_info"] = info["system_info"]
         run["loadavgs"] += [s["loadavg"][0] for s in r["samples"]]

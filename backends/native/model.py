@@ -4,8 +4,8 @@ RoPE on RoPE layers only, the KV cache write and causal attention, SwiGLU), then
 and the output matmul. The weights are views of the mapped file, in their blocks; Q/K rows are
 read where llama.cpp's permutation left them, in Hugging Face's order (RawTensor.row_runs).
 
-The kernels are torch backend's on the CPU (backends/torch/native_layers.py), in the same
-order, so the logits are bitwise that backend's; each row of a forward is computed as that row
+The torch backend runs the same kernels in the same order on the CPU (backends/torch/
+native_layers.py), so the logits are bitwise its; each row of a forward is computed as that row
 decoded alone, so a prompt's logits do not depend on how it is split into forward passes.
 
 Shapes: T tokens in a forward, C = hidden_size, KV key-value heads of D = head_dim each.
