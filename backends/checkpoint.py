@@ -193,7 +193,7 @@ def _open_gguf(path: Path) -> Checkpoint:
 # --- safetensors ---
 
 # Own reader for the safetensors layout (8-byte header size, JSON header, raw data): numpy
-# has no bfloat16, and both backends want the raw bytes memory-mapped, which the
+# has no bfloat16, and the backends want the raw bytes memory-mapped, which the
 # `safetensors` package only gives as framework tensors.
 _ST_DTYPES = {
     "F32": GGMLQuantizationType.F32,

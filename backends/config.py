@@ -1,4 +1,4 @@
-"""The model configuration both backends build from, read from a HF config.json or GGUF metadata.
+"""The model configuration every backend builds from, read from a HF config.json or GGUF metadata.
 
 SmolLM3 and SmolLM2 (Llama) differ only in which layers apply RoPE: that rule lives here.
 """

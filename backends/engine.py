@@ -1,4 +1,4 @@
-"""The engine API both backends implement, and the generation loop they share.
+"""The engine API every local backend implements, and the generation loop they share.
 
 A backend supplies `forward(ids, pos, last_only)` (logits, filling its KV cache from
 `pos`) and `sample(logits, history, params)`; everything else (KV reuse by common prefix,

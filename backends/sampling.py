@@ -1,4 +1,4 @@
-"""Sampling: the parameters, and the order of the steps, shared by both backends.
+"""Sampling: the parameters, and the order of the steps, shared by every backend.
 
 `sample_token` is the contract: each backend supplies its array operations (`SamplerOps`)
 and samples on its own device, in this order:
@@ -14,7 +14,7 @@ and samples on its own device, in this order:
 6. a draw from the softmax of what remains, with the engine's seeded generator.
 
 This is llama.cpp's sampler chain order and mlx-lm's `make_sampler` order.
-tests/test_sampling.py runs one seeded check of it on both backends.
+tests/test_sampling.py runs one seeded check of it on every backend (native, torch, MLX).
 """
 
 from __future__ import annotations
