@@ -18,7 +18,7 @@ case "$(uname -s)-$(uname -m)" in
   Linux-*) EXTRAS="dev,mlx-cpu" ;;  # MLX on the CPU, so the MLX backend is tested here too
 esac
 .venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
-# The torch backend's CPU kernels (C, built for this CPU; without a compiler torch's own run)
-.venv/bin/python -c "from backends.torch import native; native.library() or print('note: no C compiler: slower CPU kernels')"
+# The CPU kernels (C, built for this CPU; without a compiler the torch backend's own run)
+.venv/bin/python -c "from backends.native import library; library.library() or print('note: no C compiler: slower CPU kernels')"
 .venv/bin/python scripts/fetch_smollm2.py models >/dev/null
 echo "smollm3 is set up: . .venv/bin/activate, then run smollm3 --help"

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from . import settings
 
-# The native CPU layers compute every row of a forward as that row decoded alone
-# (backends/torch/native_layers.py), so a verified row is a decoded row.
+# Our CPU kernels compute every row of a forward as that row decoded alone (backends/native/
+# model.py, backends/torch/native_layers.py), so a verified row is a decoded row.
 MAX_DRAFT = 10
 # Suffixes of 4 down to 2 tokens are looked up: a single token matches nearly everywhere and
 # predicts badly (SmolLM2, bench/speculative.py's tasks: 1 drafted token in 5 accepted, against
