@@ -108,8 +108,9 @@ def add_model_arguments(p: argparse.ArgumentParser, backend_choices: tuple[str, 
                    help="compute dtype (auto: bf16 on CUDA/MPS, f32 on CPU)")
     m.add_argument("--quantize", type=int, choices=(4, 8),
                    help="MLX backend: quantize a full-precision checkpoint to 4 or 8 bits at load")
-    m.add_argument("--backend", choices=backend_choices, default="auto", help="auto: MLX on Apple Silicon; else native (a GGUF on our C kernels, on the CPU, "
-                        "without torch) where it runs the file; else torch")
+    m.add_argument("--backend", choices=backend_choices, default="auto",
+                   help="auto: MLX on Apple Silicon; else native (a GGUF on our C kernels, on the CPU, without torch) "
+                        "where it runs the file; else torch")
     m.add_argument("--device", help="torch device: cpu, cuda, cuda:N, mps (default: the best available)")
     m.add_argument("--ctx-size", type=number(int, minimum=1), metavar="N",
                    help="most tokens of context (default: the model's, capped by free memory)")

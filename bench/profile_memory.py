@@ -87,8 +87,9 @@ def main() -> None:
     from app import cli
 
     phase("import app.cli")
-    cli_args = cli.build_parser().parse_args(["--model-path", args.model, "--prompt", args.prompt, "--temperature", "0",
-                                          "--backend", args.backend])
+    cli_args = cli.build_parser().parse_args(
+        ["--model-path", args.model, "--prompt", args.prompt, "--temperature", "0", "--backend", args.backend]
+    )
     cli.check_flags(cli_args)
     engine, use_template = cli.load_engine(cli_args, backends.Tracer(), chatter=False)
     phase("load")
