@@ -30,9 +30,7 @@ def native_model(ckpt: Checkpoint) -> NativeModel:
 class NativeEngine(Engine):
     # Every row of a forward is that row decoded alone (model.py): speculation is exact here.
     rows_exact = True
-    # The layers' temporaries for 128 rows of a 3B model are 17 MB (512: 70 MB, on top of the
-    # mapped weights at the peak), and the tiles are as fast from 128 rows on.
-    prefill_chunk = 128
+    prefill_chunk = library.PREFILL_ROWS
 
     def __init__(self, ckpt: Checkpoint, tokenizer, chat_template, model: NativeModel):
         info = EngineInfo("native", "cpu", "f32", ckpt.path.name, ckpt.weight_type, {"threads": model.threads})

@@ -115,15 +115,9 @@ class NativeModel:
         T = len(ids)
         self.ensure_capacity(pos + T)
         x = self.embed(ids)  # (T, C)
-        status = self.lib.forward_layers(
-            self.layers, len(self.layers), self.k_pointers, self.v_pointers, int(self.f16_cache), self.capacity,
-            x.ctypes.data, T, pos, *self.dims, self.config.rms_norm_eps, self.cos[pos].ctypes.data,
-            self.signed_sin[pos].ctypes.data, self.threads,
-        )
-        if status == -2:
-            raise MemoryError(f"the layers' scratch for {T} rows")
-        if status:
-            raise RuntimeError(f"forward_layers failed ({status}) for {T} rows at position {pos}")
+        library.forward_layers(self.lib, self.layers, self.k_pointers, self.v_pointers, self.f16_cache, self.capacity,
+                               x.ctypes.data, T, pos, self.dims, self.config.rms_norm_eps, self.cos[pos].ctypes.data,
+                               self.signed_sin[pos].ctypes.data, self.threads)
         if last_only:
             x = x[-1:]
         h = np.empty_like(x)

@@ -10,9 +10,10 @@ import torch
 from ..checkpoint import Checkpoint
 from ..engine import Engine, EngineInfo, dtype_name
 from ..errors import BackendUnavailable
-from ..sampling import SamplingParams, sample_token
-from .loader import load_model
 from ..memory import release_library_pages
+from ..sampling import SamplingParams, sample_token
+from . import native
+from .loader import load_model
 from .weights import NativeLinear
 
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -58,9 +59,7 @@ class TorchEngine(Engine):
         handlers = [m for m in self.model.modules() if hasattr(m, "rows")]
         self.rows_exact = dev.type == "cpu" and name == "f32" and all(isinstance(m, NativeLinear) for m in handlers)
         if self.rows_exact:
-            # The C layers' temporaries for 128 rows of a 3B model are 17 MB (512: 70 MB, on top of
-            # the mapped weights at the peak), and the tiles are as fast from 128 rows on.
-            self.prefill_chunk = 128
+            self.prefill_chunk = native.PREFILL_ROWS
 
     def forward(self, ids: list[int], pos: int, last_only: bool) -> torch.Tensor:
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)

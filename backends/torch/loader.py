@@ -14,9 +14,9 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, RawTensor
 from ..errors import CheckpointError
+from ..memory import return_freed_memory
 from .model import Transformer
 from .native_layers import NativeLayerStack, layers_for
-from ..memory import return_freed_memory
 from .weights import FusedLinear, dense, linear
 
 

@@ -12,11 +12,13 @@ import torch
 from ..native.library import (  # noqa: F401 (the torch backend's one door to the library)
     SOURCE,
     TYPES,
+    PREFILL_ROWS,
     DecoderLayer,
     WeightParts,
     activation_block,
     build,
     compiler,
+    forward_layers,
     library,
     linear_map,
     load,

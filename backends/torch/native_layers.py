@@ -99,15 +99,9 @@ class NativeLayerStack:
             self.k = (ctypes.c_void_p * len(model.caches))(*[c.k.data_ptr() for c in model.caches])
             self.v = (ctypes.c_void_p * len(model.caches))(*[c.v.data_ptr() for c in model.caches])
         x = x.contiguous().clone()
-        status = self.lib.forward_layers(
-            self.layers, len(self.layers), self.k, self.v, model.cache_dtype == torch.float16, model.capacity,
-            x.data_ptr(), x.shape[0], pos, *self.dims, self.eps, model.cos[pos].data_ptr(), model.sin[pos].data_ptr(),
-            torch.get_num_threads(),
-        )
-        if status == -2:
-            raise MemoryError(f"the layers' scratch for {x.shape[0]} rows")
-        if status:
-            raise RuntimeError(f"forward_layers failed ({status}) for {x.shape[0]} rows at position {pos}")
+        native.forward_layers(self.lib, self.layers, self.k, self.v, model.cache_dtype == torch.float16, model.capacity,
+                              x.data_ptr(), x.shape[0], pos, self.dims, self.eps, model.cos[pos].data_ptr(),
+                              model.sin[pos].data_ptr(), torch.get_num_threads())
         return x
 
 
