@@ -21,7 +21,10 @@ pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is no
 
 class Tmux:
     def __init__(self, tmp_path: Path):
-        self.socket = f"smollm3-test-{os.getpid()}"  # a server of our own, never the user's
+        # A server of our own, never the user's, and one per test: a server just told to quit
+        # still holds its socket for a moment, and a session started on it then fails
+        # ("server exited unexpectedly").
+        self.socket = f"smollm3-test-{os.getpid()}-{tmp_path.name}"
 
     def __call__(self, *args: str) -> str:
         done = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True)
@@ -30,6 +33,9 @@ class Tmux:
 
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "chat")
+
+    def kill_server(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
 
     def wait_for(self, text: str, timeout: float = 90) -> str:
         deadline = time.monotonic() + timeout
@@ -68,7 +74,7 @@ def test_chat_in_a_real_terminal(tmp_path):
             time.sleep(0.2)
         assert exit_file.read_text().strip() == "0"
     finally:
-        subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True)
+        tmux.kill_server()
     with sqlite3.connect(tmp_path / "chats.sqlite3") as db:
         assert db.execute("SELECT role, status FROM messages ORDER BY id").fetchall() == [("user", "done"), ("assistant", "length")]
         assert db.execute("SELECT thinking FROM chats").fetchone() == (1,)
@@ -120,7 +126,7 @@ def test_ctrl_c_stops_the_answer_then_quits_in_a_real_terminal(tmp_path):
         assert wait_for_exit(files) == ["0", "restored"]
         assert "Traceback" not in tmux.screen()
     finally:
-        subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True)
+        tmux.kill_server()
     assert stored(tmp_path) == [("user", "done", 1), ("assistant", "stopped", 1)]
 
 
@@ -135,5 +141,5 @@ def test_sigint_mid_answer_quits_cleanly_keeping_the_answer(tmp_path):
         assert wait_for_exit(files) == ["130", "restored"]
         assert "Traceback" not in tmux.screen()
     finally:
-        subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True)
+        tmux.kill_server()
     assert stored(tmp_path) == [("user", "done", 1), ("assistant", "stopped", 1)]
