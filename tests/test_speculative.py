@@ -81,18 +81,32 @@ def test_longest_suffix_wins_and_its_latest_occurrence():
     tokens = [1, 2, 3, 9, 5, 2, 3, 8, 7, 1, 2, 3]
     lookup = speculative.PromptLookup(tokens, set())
     # "1 2 3" occurred at 0-2 (followed by 9); "2 3" later at 5-6 (followed by 8): the longer match wins
-    assert lookup.continuation(3) == [9, 5, 2]
-    assert speculative.lookup_draft([4, 2, 3, 8, 5, 2, 3, 6, 2, 3], 2) == [6, 2]
+    assert lookup.continuation(3) == ([9, 5, 2], 3)
+    assert speculative.lookup_draft([4, 2, 3, 8, 5, 2, 3, 6, 2, 3], 2) == ([6, 2], 2)
+
+
+def test_a_copy_into_the_context_end_goes_on_copying_itself():
+    # "1 2" last occurred two tokens back: the loop goes on
+    assert speculative.PromptLookup([5, 1, 2, 1, 2], set()).continuation(5) == ([1, 2, 1, 2, 1], 2)
+    assert speculative.PromptLookup([4, 7, 7, 7], set()).continuation(3) == ([7, 7, 7], 2)
+
+
+def test_agreement_counts_the_match_back_to_long_match():
+    span = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    lookup = speculative.PromptLookup([1, *span, 2, 3, *span[:9]], set())
+    assert lookup.continuation(2) == ([19, 2], speculative.LONG_MATCH)
+    lookup = speculative.PromptLookup([1, *span, 2, 3, 4, *span[7:9]], set())
+    assert lookup.continuation(2) == ([19, 2], 2)
 
 
 def test_no_draft_without_a_match_of_two_tokens():
-    assert speculative.PromptLookup([1, 2, 3, 4, 5, 1], set()).continuation(5) == []  # only "1" repeats
-    assert speculative.PromptLookup([7], set()).continuation(5) == []
+    assert speculative.PromptLookup([1, 2, 3, 4, 5, 1], set()).continuation(5) == ([], 0)  # only "1" repeats
+    assert speculative.PromptLookup([7], set()).continuation(5) == ([], 0)
 
 
 def test_drafts_stop_before_an_end_of_sequence_token():
     lookup = speculative.PromptLookup([5, 6, 7, 2, 8, 5, 6], {2})
-    assert lookup.continuation(4) == [7]
+    assert lookup.continuation(4)[0] == [7]
 
 
 def costs_of(seconds: dict[int, float]) -> speculative.ForwardCosts:
@@ -131,7 +145,8 @@ def test_forward_costs_follow_a_lower_time_at_once_and_a_higher_one_slowly():
 
 def test_acceptance_learns_each_draft_position_and_forgets_slowly():
     lookup = speculative.PromptLookup([1, 2, 3], set())
-    prior = speculative.PRIOR_ACCEPTED / speculative.PRIOR_DRAFTED
+    accepted, drafted = speculative.PRIORS[False]
+    prior = accepted / drafted
     assert lookup.acceptance(1) == lookup.acceptance(5) == prior
     for _ in range(10):
         lookup.verified(4, 1)  # the first of four kept, the second not: nothing learned about 3 and 4
@@ -154,6 +169,21 @@ def test_rejected_drafts_stop_drafting_where_rows_are_dear_and_it_resumes_later(
         lookup.verified(0, 0)
         waited += 1
     assert 2 < waited < 20
+
+
+def test_long_matches_keep_their_own_record_and_draft_longer():
+    short_then_long = costs_of({1: 1.0, 2: 1.45, 3: 1.9, 4: 2.4, 5: 2.7, 6: 3.2, 7: 3.5, 8: 3.6, 9: 3.7, 10: 3.8, 11: 3.9})
+    span = list(range(10, 30))
+    short = speculative.PromptLookup([1, *span, 2, 3, 10, 11], set())
+    long = speculative.PromptLookup([1, *span, 2, 3, *span[:9]], set())
+    assert len(short.draft(10, short_then_long)) < len(long.draft(10, short_then_long)) == 10
+    for _ in range(5):
+        long.verified(10, 10)
+    assert long.acceptance(5, long=True) > 0.95 and long.acceptance(5) == short.acceptance(5)
+    long.draft(10, short_then_long)  # a long match again: its rejections count against long matches only
+    for _ in range(10):
+        long.verified(10, 0)
+    assert long.acceptance(1, long=True) < 0.5 < short.acceptance(1) == long.acceptance(1)
 
 
 def test_setting(monkeypatch):
