@@ -132,6 +132,13 @@ def test_draft_length_weighs_expected_tokens_against_what_rows_cost():
     assert speculative.draft_length(9, likely, speculative.ForwardCosts()) == speculative.FIRST_DRAFT
 
 
+def test_untimed_row_counts_are_tried_at_most_doubling():
+    certain = lambda k: 1.0
+    assert speculative.draft_length(15, certain, costs_of({1: 1.0})) == 1  # 2 rows
+    assert speculative.draft_length(15, certain, costs_of({1: 1.0, 2: 1.0})) == 3  # 4 rows
+    assert speculative.draft_length(15, certain, costs_of({1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0})) == 15
+
+
 def test_forward_costs_follow_a_lower_time_at_once_and_a_higher_one_slowly():
     costs = costs_of({1: 10.0})
     costs.record(1, 8.0)
