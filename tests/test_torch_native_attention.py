@@ -2,6 +2,8 @@
 bitwise the rows computed one at a time (as decoded), on the float16 and the float32 KV cache,
 and the float16 cache moves the real SmolLM2's logits less than int8 activations do."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ import backends
 from backends.torch import native
 from backends.torch.model import apply_rope
 from conftest import TINY, TINY_HF, tiny_gguf
-from test_torch_native import AGREED
+from test_torch_native import AGREED, build_without
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler to build the native kernels")
 
@@ -74,10 +76,17 @@ def test_the_result_does_not_depend_on_the_thread_count(shape, rows, threads):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+# (H, KV, D): query heads a key/value head 1 to 8 (taken up to 4 at a time: 5 = 4 + 1, 8 = 4 + 4), head
+# dims that fill the vector loops or leave tails
+GQA_SHAPES = {"group-4": (8, 2, 64), "group-3": (9, 3, 64), "group-4-d128": (16, 4, 128), "group-5-d16": (10, 2, 16),
+              "group-8-d32": (16, 2, 32), "mha": (4, 4, 32), "group-3-d20": (6, 2, 20), "group-6-d24": (12, 2, 24)}
+
+
 @pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("rope", [True, False], ids=["rope", "nope"])
-def test_prompt_rows_are_causal_gqa_sdpa_over_the_cache(lib, rope, cache):
-    H, KV, D, T, pos, capacity = 8, 2, 64, 24, 9, 64
+@pytest.mark.parametrize("shape", GQA_SHAPES)
+def test_prompt_rows_are_causal_gqa_sdpa_over_the_cache(lib, rope, cache, shape):
+    (H, KV, D), T, pos, capacity = GQA_SHAPES[shape], 24, 9, 64
     g = torch.Generator().manual_seed(7)
     k_cache, v_cache = (torch.randn(1, KV, capacity, D, generator=g).to(CACHES[cache]) for _ in range(2))
     qkv = torch.randn(T, (H + 2 * KV) * D, generator=g)
@@ -95,6 +104,42 @@ def test_prompt_rows_are_causal_gqa_sdpa_over_the_cache(lib, rope, cache):
     got = native.attend(lib, qkv, k_cache, v_cache, pos, H, *tables)
     torch.testing.assert_close(got, want.squeeze(0).transpose(0, 1).reshape(T, -1), rtol=1e-5, atol=1e-5)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("cache", CACHES)
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("shape", GQA_SHAPES)
+def test_heads_sharing_a_key_value_head_are_bitwise_each_head_attended_alone(lib, shape, rows, cache):
+    """The heads of a key/value head are attended together, each key and value converted once for
+    them all: each head's output is the one it gets with a key/value head of its own (every head
+    its own copy of the same keys and values, attended one by one)."""
+    H, KV, D = GQA_SHAPES[shape]
+    group, pos, capacity = H // KV, 70, 80  # 70 + rows positions: blocks of 64, groups of 4 keys, tails
+    g = torch.Generator().manual_seed(H * D + rows)
+    k_cache, v_cache = (torch.randn(1, KV, capacity, D, generator=g).to(CACHES[cache]) for _ in range(2))
+    qkv = torch.randn(rows, (H + 2 * KV) * D, generator=g)
+    q, k, v = qkv.split([H * D, KV * D, KV * D], -1)
+    shared = native.attend(lib, qkv.clone(), k_cache.clone(), v_cache.clone(), pos, H, None, None)
+    each = lambda t: t.reshape(rows, KV, D).repeat_interleave(group, 1).reshape(rows, H * D)  # noqa: E731
+    own_qkv = torch.cat((q, each(k), each(v)), -1)
+    own_k, own_v = (c.repeat_interleave(group, 1) for c in (k_cache, v_cache))
+    alone = native.attend(lib, own_qkv, own_k, own_v, pos, H, None, None)
+    assert torch.equal(shared, alone)
+
+
+def test_an_avx2_build_attends_bitwise_as_this_cpus_build(tmp_path_factory):
+    """AVX2's 16 vector registers hold fewer of the shared heads' sums than AVX-512's 32 (they spill):
+    the same operations, so the same bits."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "avx512f" not in cpuinfo.read_text().split():
+        pytest.skip("the native build is an AVX2 one here")
+    builds = native.library(), build_without("attention-avx2", ["-mno-avx512f", "-mno-avxvnni"], tmp_path_factory)
+    for shape, (H, KV, D) in GQA_SHAPES.items():
+        g = torch.Generator().manual_seed(H * D)
+        k_cache, v_cache = (torch.randn(1, KV, 200, D, generator=g).half() for _ in range(2))
+        qkv = torch.randn(6, (H + 2 * KV) * D, generator=g)
+        got = [native.attend(lib, qkv.clone(), k_cache.clone(), v_cache.clone(), 150, H, None, None) for lib in builds]
+        assert torch.equal(*got), shape
 
 
 def test_float16_cache_writes_round_to_nearest_even_as_torch(lib):
