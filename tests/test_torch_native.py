@@ -249,10 +249,12 @@ def test_attend_is_rope_cache_write_and_sdpa(rope, pos):
     assert torch.equal(k_cache, want_k_cache) and torch.equal(v_cache, want_v_cache)
 
 
-def test_silu_mul_is_swiglu():
-    gate_up = torch.randn(3, 2 * 40) * 4
-    want = torch.nn.functional.silu(gate_up[:, :40]) * gate_up[:, 40:]
-    torch.testing.assert_close(native.silu_mul(native.library(), gate_up), want, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("F", [40, 43, 5])  # a row's last F % 8 values through the vector exp too
+def test_silu_mul_is_swiglu(lib, F):
+    gate_up = torch.randn(3, 2 * F, generator=torch.Generator().manual_seed(F)) * 4
+    gate_up[0, : min(F, 8)] = torch.tensor([-1e4, -100.0, -88.5, -87.0, 0.0, 87.5, 100.0, 1e4])[: min(F, 8)]
+    want = torch.nn.functional.silu(gate_up[:, :F].double()) * gate_up[:, F:].double()
+    torch.testing.assert_close(native.silu_mul(lib, gate_up).double(), want, rtol=1e-6, atol=1e-30)
 
 
 def test_silu_mul_rows_are_bitwise_the_row_alone():
