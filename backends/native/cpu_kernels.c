@@ -2405,15 +2405,16 @@ static void attend_heads(const float *q, int n, const void *keys, const void *va
         float *ph = p + (size_t)h * L, top = -INFINITY;
         int l = 0;
 #ifdef USE_F16C
-        // the largest is the same whatever the order it is sought in (scores are never NaN); four
-        // vectors of maxima keep vmaxps's latency out of the loop
+        // the largest is the same whatever the order it is sought in, and a NaN score is passed
+        // over everywhere (vmaxps keeps its second operand then); four vectors of maxima keep
+        // vmaxps's latency out of the loop
         __m256 scales = _mm256_set1_ps(scale), tops[4];
         for (int u = 0; u < 4; u++) tops[u] = _mm256_set1_ps(-INFINITY);
         for (; l + 31 < L; l += 32)
             for (int u = 0; u < 4; u++) {
                 __m256 v = _mm256_mul_ps(_mm256_loadu_ps(ph + l + 8 * u), scales);
                 _mm256_storeu_ps(ph + l + 8 * u, v);
-                tops[u] = _mm256_max_ps(tops[u], v);
+                tops[u] = _mm256_max_ps(v, tops[u]);
             }
         float lanes[8];
         _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(tops[0], tops[1]), _mm256_max_ps(tops[2], tops[3])));
@@ -2421,7 +2422,7 @@ static void attend_heads(const float *q, int n, const void *keys, const void *va
 #endif
         for (; l < L; l++) {
             ph[l] *= scale;
-            top = ph[l] > top ? ph[l] : top;  // fmaxf is a call (its NaN rules)
+            top = ph[l] > top ? ph[l] : top;  // as fmaxf, without its call
         }
         totals[h] = exp_and_sum(ph, L, top);
     }
