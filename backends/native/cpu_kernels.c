@@ -2211,6 +2211,17 @@ static inline float sum8(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+
+// sum8 of each of four vectors, in one set of shuffles: the same additions of the same lanes
+static inline void sum8_x4(__m256 a0, __m256 a1, __m256 a2, __m256 a3, float *sums) {
+    __m256 s01 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31));
+    __m256 s23 = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31));
+    __m256 halves = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, 0x44), _mm256_shuffle_ps(s01, s23, 0xee));
+    __m256 all = _mm256_hadd_ps(halves, halves);  // lanes 0, 4, 1, 5: a0, a1, a2, a3
+    float lanes[8];
+    _mm256_storeu_ps(lanes, all);
+    sums[0] = lanes[0], sums[1] = lanes[4], sums[2] = lanes[1], sums[3] = lanes[5];
+}
 #endif
 
 // q . key: 8 lanes of multiply-adds over D, then the lanes summed pairwise.
@@ -2243,14 +2254,7 @@ static inline void key_dots4(const float *q, const void *keys, size_t at, int D,
             a2 = _mm256_fmadd_ps(x, cached8(keys, at + 2 * (size_t)D + j, f16), a2);
             a3 = _mm256_fmadd_ps(x, cached8(keys, at + 3 * (size_t)D + j, f16), a3);
         }
-        // sum8 of each, four at a time: the same additions of the same lanes, in one set of shuffles
-        __m256 s01 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31));
-        __m256 s23 = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31));
-        __m256 halves = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, 0x44), _mm256_shuffle_ps(s01, s23, 0xee));
-        __m256 sums = _mm256_hadd_ps(halves, halves);  // lanes 0, 4, 1, 5: keys 0, 1, 2, 3
-        float lanes[8];
-        _mm256_storeu_ps(lanes, sums);
-        dots[0] = lanes[0], dots[1] = lanes[4], dots[2] = lanes[1], dots[3] = lanes[5];
+        sum8_x4(a0, a1, a2, a3, dots);
         return;
     }
 #endif
@@ -2258,17 +2262,6 @@ static inline void key_dots4(const float *q, const void *keys, size_t at, int D,
 }
 
 #ifdef USE_F16C
-// The four sums a[0..3] of 8 lanes each, as sum8 takes each: [sum8(a0), sum8(a1), sum8(a2), sum8(a3)]
-static inline void sum8_x4(__m256 a0, __m256 a1, __m256 a2, __m256 a3, float *dots) {
-    __m256 s01 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31));
-    __m256 s23 = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31));
-    __m256 halves = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, 0x44), _mm256_shuffle_ps(s01, s23, 0xee));
-    __m256 sums = _mm256_hadd_ps(halves, halves);  // lanes 0, 4, 1, 5: keys 0, 1, 2, 3
-    float lanes[8];
-    _mm256_storeu_ps(lanes, sums);
-    dots[0] = lanes[0], dots[1] = lanes[4], dots[2] = lanes[1], dots[3] = lanes[5];
-}
-
 // key_dots4 for N query heads q[0..N) (D floats apart) that share the keys, into dots + h * step:
 // each key's 8 values converted once for all N. Converting, not multiplying, bounds these loops
 // on a float16 cache (F16C's conversion issues once a cycle, the multiply-adds twice). With
@@ -2520,11 +2513,11 @@ static inline __m256 silu_mul8(__m256 g, __m256 up) {
 #endif
 
 // SwiGLU's silu(gate) * up for rows of [gate | up] (the fused gate/up projection's output), for
-// every row count: each row's bits are the same alone or in a prompt (torch's vectorized silu
-// rounds differently from expf), threaded over rows where a prompt's rows outweigh waking threads.
-// With AVX2 every value goes through silu_mul8 (a row's last F % 8 too), whose exp takes a
-// fraction of expf's time: a layer's silu for a decoded token, SmolLM2 (F = 1536) 3.6 -> 0.8 us,
-// SmolLM3-3B (11008) 24 -> 4 us. Within 5 float32 ulps of silu (torch's: 2).
+// every row count: each row's bits are the same alone or in a prompt, which torch's silu does not
+// promise, threaded over rows where a prompt's rows outweigh waking threads. With AVX2 every
+// value goes through silu_mul8 (a row's last F % 8 too), whose exp takes a fraction of expf's
+// time: a layer's silu for a decoded token, SmolLM2 (F = 1536) 3.5 -> 0.7 us, SmolLM3-3B (11008)
+// 24 -> 4 us. Within 5 float32 ulps of silu (torch's: 2).
 void silu_mul_f32(const float *gate_up, float *out, int M, int F, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if ((size_t)M * F > (1 << 16))
     for (int m = 0; m < M; m++) {
