@@ -2372,11 +2372,11 @@ enum { ATTEND_BLOCK = 64 };
 // Query heads q[0..n) (D floats apart) of one row, sharing one key/value head: softmax(q k /
 // sqrt(D)) v over its cached positions 0..L-1 (element offset `at` in the caches) into out[n * D],
 // with p[n * L] and o[n * D] as scratch; `stream`: the first row to read these caches in this
-// call, whose loops prefetch them (later rows find them in cache). Each (row, head) takes the same
-// operations whatever n
-// (blocks of positions only reorder independent sums; o holds a sum between blocks exactly),
-// and every path (a decoded token, a prompt's rows, any thread count) computes it here, so a
-// row's output does not depend on how its prompt was split into forward passes.
+// call, whose loops prefetch them (later rows find them in cache). Each (row, head) takes the
+// same operations whatever n (blocks of positions only reorder independent sums; o holds a sum
+// between blocks exactly), and every path (a decoded token, a prompt's rows, any thread count)
+// computes it here, so a row's output does not depend on how its prompt was split into forward
+// passes.
 static inline __attribute__((always_inline)) void attend_heads_as(const float *q, int n, const void *keys, const void *values,
                                                                    size_t at, int f16, int L, int D, const int stream, float *p,
                                                                    float *o, float *out) {
