@@ -2250,33 +2250,15 @@ static inline float key_dot(const float *q, const void *keys, size_t at, int D, 
     return dot + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
 }
 
-// key_dot for 4 consecutive keys (D floats apart), each in exactly key_dot's order: 4
-// independent chains of multiply-adds keep the FMA units busy where one chain waits on each.
-static inline void key_dots4(const float *q, const void *keys, size_t at, int D, int f16, float *dots) {
 #ifdef USE_F16C
-    if (D % 8 == 0) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int j = 0; j < D; j += 8) {
-            __m256 x = _mm256_loadu_ps(q + j);
-            a0 = _mm256_fmadd_ps(x, cached8(keys, at + j, f16), a0);
-            a1 = _mm256_fmadd_ps(x, cached8(keys, at + D + j, f16), a1);
-            a2 = _mm256_fmadd_ps(x, cached8(keys, at + 2 * (size_t)D + j, f16), a2);
-            a3 = _mm256_fmadd_ps(x, cached8(keys, at + 3 * (size_t)D + j, f16), a3);
-        }
-        sum8_x4(a0, a1, a2, a3, dots);
-        return;
-    }
-#endif
-    for (int u = 0; u < 4; u++) dots[u] = key_dot(q, keys, at + u * (size_t)D, D, f16);
-}
-
-#ifdef USE_F16C
-// key_dots4 for N query heads q[0..N) (D floats apart) that share the keys, into dots + h * step:
-// each key's 8 values converted once for all N. Converting, not multiplying, bounds these loops
-// on a float16 cache (F16C's conversion issues once a cycle, the multiply-adds twice). With
-// weigh_values_heads, a layer's attention: SmolLM2 (3 heads a key/value head), 8 rows at
-// position 900, 186 -> 122 us; SmolLM3-3B (4), a decoded token at 4,000, 410 -> 266 us. Each
-// head's sums are key_dots4's, in its order.
+// key_dot for 4 consecutive keys (D floats apart, D a multiple of 8) and N query heads q[0..N)
+// (D floats apart) that share them, into dots + h * step, each sum in exactly key_dot's order: 4
+// independent chains of multiply-adds a head keep the FMA units busy where one chain waits on
+// each, and each key's 8 values are converted once for all N. Converting, not multiplying,
+// bounds these loops on a float16 cache (F16C's conversion issues once a cycle, the
+// multiply-adds twice). With weigh_values_heads, a layer's attention: SmolLM2 (3 heads a
+// key/value head), 8 rows at position 900, 186 -> 122 us; SmolLM3-3B (4), a decoded token at
+// 4,000, 410 -> 266 us.
 #define ATTEND_HEADS_MAX 4
 static inline __attribute__((always_inline)) void key_dots4_heads(const float *q, const int N, const void *keys, size_t at,
                                                                    int D, int f16, float *dots, size_t step) {
@@ -2385,7 +2367,7 @@ static inline __attribute__((always_inline)) void attend_heads_as(const float *q
         int end = b + ATTEND_BLOCK < L ? b + ATTEND_BLOCK : L;
         int h = 0;
 #ifdef USE_F16C
-        for (; D % 8 == 0 && n - h > 1; h += ATTEND_HEADS_MAX) {  // up to ATTEND_HEADS_MAX heads at once
+        for (; D % 8 == 0 && h < n; h += ATTEND_HEADS_MAX) {  // up to ATTEND_HEADS_MAX heads at once
             int N = n - h < ATTEND_HEADS_MAX ? n - h : ATTEND_HEADS_MAX, l = b;
             const float *qh = q + h * D;
             for (; l + 3 < end; l += 4) {
@@ -2393,6 +2375,7 @@ static inline __attribute__((always_inline)) void attend_heads_as(const float *q
                 float *dots = p + (size_t)h * L + l;
                 if (stream && !h) prefetch_ahead(cache_bytes(keys, key, f16), 4 * D << (f16 ? 1 : 2));
                 switch (N) {  // N a constant in each: the sums stay in registers
+                case 1: key_dots4_heads(qh, 1, keys, key, D, f16, dots, L); break;
                 case 2: key_dots4_heads(qh, 2, keys, key, D, f16, dots, L); break;
                 case 3: key_dots4_heads(qh, 3, keys, key, D, f16, dots, L); break;
                 default: key_dots4_heads(qh, 4, keys, key, D, f16, dots, L); break;
@@ -2403,14 +2386,8 @@ static inline __attribute__((always_inline)) void attend_heads_as(const float *q
         }
         if (h > n) h = n;
 #endif
-        for (; h < n; h++) {
-            int l = b;
-            for (; l + 3 < end; l += 4) {
-                if (stream && !h) prefetch_ahead(cache_bytes(keys, at + (size_t)l * D, f16), 4 * D << (f16 ? 1 : 2));
-                key_dots4(q + h * D, keys, at + (size_t)l * D, D, f16, p + (size_t)h * L + l);
-            }
-            for (; l < end; l++) p[(size_t)h * L + l] = key_dot(q + h * D, keys, at + (size_t)l * D, D, f16);
-        }
+        for (; h < n; h++)  // head dims the vectors do not divide, or no F16C
+            for (int l = b; l < end; l++) p[(size_t)h * L + l] = key_dot(q + h * D, keys, at + (size_t)l * D, D, f16);
     }
     for (int h = 0; h < n; h++) {
         float *ph = p + (size_t)h * L, top = -INFINITY;
