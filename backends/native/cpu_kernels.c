@@ -1417,6 +1417,7 @@ static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
+            if (w) prefetch_ahead(w, size);
             __m256i q = w ? signed_codes(w, iq4) : _mm256_setzero_si256();
             _mm256_storeu_si256((__m256i *)(codes + (size_t)n * K + 32 * b), q);
             dw[b * TILE + n] = w ? f16_to_f32(read_u16(w)) : 0;
@@ -1574,6 +1575,7 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
         for (int b = 0; b < nb; b++) {
             size_t at = (size_t)n * K + 256 * b, plane = (size_t)TILE * K;
             const uint8_t *w = n < rows ? row[n] + (size_t)210 * b : NULL;
+            if (w) prefetch_ahead(w, 210);
             d[b * TILE + n] = w ? f16_to_f32(read_u16(w + 208)) : 0;
             if (!w) {
                 for (int i = 0; i < 3; i++) memset(digits + i * plane + at, 0, 256);
@@ -1645,6 +1647,7 @@ static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const am
         for (int b = 0; b < nb; b++) {
             size_t at = (size_t)n * K + 256 * b;
             const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
+            if (w) prefetch_ahead(w, size);
             if (!w) {
                 for (int i = 0; i < planes; i++) memset(codes + i * plane + at, 0, 256);
                 for (int k = 0; k < 8; k++) mins[(b * 8 + k) * TILE + n] = 0;
@@ -1728,6 +1731,7 @@ static int soft_q3_q6_k_task(const uint8_t *const *row, int rows, int K, const a
         for (int b = 0; b < nb; b++) {
             uint8_t *dst = codes + (size_t)n * K + 256 * b;
             const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
+            if (w) prefetch_ahead(w, size);
             int16_t sc[16] = {0}, off[16];
             if (!w) {
                 memset(dst, 0, 256);
@@ -1794,6 +1798,7 @@ static int amx_iq4_xs_task(const uint8_t *const *row, int rows, int K, const amx
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             const uint8_t *w = n < rows ? row[n] + (size_t)136 * b : NULL;
+            if (w) prefetch_ahead(w, 136);
             for (int j = 0; j < 8; j++) {
                 __m256i q = w ? _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), nibbles_32(w + 8 + 16 * j))
                               : _mm256_setzero_si256();
@@ -1850,6 +1855,7 @@ static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
+            if (w) prefetch_ahead(w, size);
             __m128 weight_scales = _mm_setzero_ps();
             __m256i q = w ? q4_q5_codes(w, with_min, with_high, &weight_scales) : _mm256_setzero_si256();
             _mm256_storeu_si256((__m256i *)(codes + (size_t)n * K + 32 * b), q);
@@ -1906,6 +1912,206 @@ static int amx_q2_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 #ifdef USE_AMX
 static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 1); }
 #endif
+#endif
+
+#if defined(USE_AVX512) && defined(__AVX512VNNI__)
+#define USE_FEW_ROWS 1
+// --- a few activation rows, the weight rows side by side ---
+//
+// A forward of a few rows (a speculative draft's, a short chat turn's) pays, on the row kernels,
+// each block's steps (its integer sum reduced, a multiply-add) once for each row, and on the tile
+// tasks for 16 lanes of activation rows whatever their number. Here 16 weight rows' blocks are
+// unpacked side by side (lane n of register k: codes 4k..4k+3 of weight row n), so an activation
+// row's 4 codes, broadcast, meet all 16 rows in one VNNI dot: a block's 16 integer sums come out
+// in one register, and its steps cost one vector an activation row. The same integer sums and,
+// lane by lane, the same steps as the row kernels' (each block's sum, one multiply-add into chain
+// b % 4, the offsets' chain beside), so the same bits. Every matmul of SmolLM2-135M Q4_1's forward,
+// 2 threads, ms (row kernels or AMX tiles -> these): 3 rows 9.7 -> 8.7, 4 rows 11.2 -> 9.2, 8 rows
+// 17.8 -> 11.5, 16 rows 17.8 -> 16.0.
+
+// Swapping a register-index bit for a lane bit p (4, 2 or 1) of register pairs z[i], z[i | bit]:
+// two-source permutes, which take rows held a lane group each to a dword (of each row) a register.
+static const int32_t LANE_SWAPS[3][2][16] = {
+    {{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}, {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}},
+    {{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}},
+    {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}, {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}},
+};
+
+ROWS_INLINE void swap_lane_bit(__m512i *z, const int count, const int bit, const int swap) {
+    const __m512i lo = _mm512_loadu_si512(LANE_SWAPS[swap][0]), hi = _mm512_loadu_si512(LANE_SWAPS[swap][1]);
+    for (int i = 0; i < count; i++)
+        if (!(i & bit)) {
+            __m512i a = z[i], b = z[i | bit];
+            z[i] = _mm512_permutex2var_epi32(a, lo, b), z[i | bit] = _mm512_permutex2var_epi32(a, hi, b);
+        }
+}
+
+// A dword of each of the 16 weight rows' blocks p[n] (at byte `at`), lane n
+static inline __m512i row_dwords(const uint8_t *const *p, int at) {
+    return _mm512_setr_epi32((int)read_u32(p[0] + at), (int)read_u32(p[1] + at), (int)read_u32(p[2] + at), (int)read_u32(p[3] + at),
+                             (int)read_u32(p[4] + at), (int)read_u32(p[5] + at), (int)read_u32(p[6] + at), (int)read_u32(p[7] + at),
+                             (int)read_u32(p[8] + at), (int)read_u32(p[9] + at), (int)read_u32(p[10] + at), (int)read_u32(p[11] + at),
+                             (int)read_u32(p[12] + at), (int)read_u32(p[13] + at), (int)read_u32(p[14] + at), (int)read_u32(p[15] + at));
+}
+
+// The types taken here, 32-value blocks with a float scale, and the row counts each takes here
+// (measured against the row kernels and, from 16 rows, AMX's tiles: 3B Q8_0's 4 rows stay on its
+// row kernels, which stream its weights as fast; its 16 on the tiles)
+enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q8_0, FEW_IQ4_NL };
+
+static int few_kind(int type, int M) {
+    int kind = -1, least = 3, most = 16;
+    switch (type) {
+    case GGML_Q4_0: kind = FEW_Q4_0; break;
+    case GGML_Q4_1: kind = FEW_Q4_1; break;
+    case GGML_Q5_0: kind = FEW_Q5_0; break;
+    case GGML_Q5_1: kind = FEW_Q5_1; break;
+#ifndef USE_SOFT_TILES  // there Q8_0's row kernels take other steps (signed_pair_rows)
+    case GGML_Q8_0: kind = FEW_Q8_0, least = 6, most = 12; break;
+#endif
+    case GGML_IQ4_NL: kind = FEW_IQ4_NL; break;
+    }
+    return M >= least && M <= most ? kind : -1;
+}
+
+// Block b of 16 weight rows (p[n]: row n's block) side by side at out, 8 registers' worth: register
+// k lane n holds codes 4k..4k+3 of row n. The rows' scales into d [16] and c [16] (c: Q4_1's and
+// Q5_1's minimum, else d, for the zero's term); for the signed codes, -128 times each row's code
+// sum into bias [16] (their activations go in offset by 128, unsigned). The codes go straight
+// into that layout: 16 rows' 16 bytes of nibbles (Q8_0: 32 codes) a lane group (a half) each,
+// transposed by lane swaps; a row's fifth bits spread onto its bytes by a multiply.
+ROWS_INLINE void few_unpack(const uint8_t *const *p, uint8_t *out, float *d, float *c, int32_t *bias, const int kind) {
+    const int with_min = kind == FEW_Q4_1 || kind == FEW_Q5_1, with_high = kind == FEW_Q5_0 || kind == FEW_Q5_1;
+    const __m512i scales = row_dwords(p, 0);
+    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(scales));
+    _mm512_store_ps(d, dw);
+    _mm512_store_ps(c, with_min ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(scales, 16))) : dw);
+    __m512i q[8];
+    if (kind == FEW_Q8_0) {  // register i: rows i and 8 + i; swapped, row n at lane n
+        for (int i = 0; i < 8; i++)
+            q[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p[i] + 2))),
+                                      _mm256_loadu_si256((const __m256i *)(p[8 + i] + 2)), 1);
+        swap_lane_bit(q, 8, 4, 0), swap_lane_bit(q, 8, 2, 1), swap_lane_bit(q, 8, 1, 2);
+    } else {  // register g: rows g, 4 + g, 8 + g, 12 + g; swapped, row n at lane n
+        const int qs_at = with_min ? 4 : 2, codes_at = qs_at + (with_high ? 4 : 0);
+        __m512i z[4];
+        for (int g = 0; g < 4; g++) {
+            __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[g] + codes_at)));
+            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[4 + g] + codes_at)), 1);
+            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[8 + g] + codes_at)), 2);
+            z[g] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[12 + g] + codes_at)), 3);
+        }
+        swap_lane_bit(z, 4, 2, 1), swap_lane_bit(z, 4, 1, 2);
+        const __m512i high = with_high ? row_dwords(p, qs_at) : _mm512_setzero_si512();
+        for (int k = 0; k < 8; k++) {
+            q[k] = _mm512_and_si512(k < 4 ? z[k] : _mm512_srli_epi16(z[k - 4], 4), _mm512_set1_epi8(15));
+            if (kind == FEW_IQ4_NL) q[k] = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), q[k]);
+            if (with_high) {  // bits 4k..4k+3 of a row's qh to bit 4 of its 4 bytes here
+                __m512i bits = _mm512_and_si512(_mm512_srli_epi32(high, 4 * k), _mm512_set1_epi32(15));
+                bits = _mm512_and_si512(_mm512_mullo_epi32(bits, _mm512_set1_epi32(0x00204081)), _mm512_set1_epi32(0x01010101));
+                q[k] = _mm512_or_si512(q[k], _mm512_slli_epi32(bits, 4));
+            }
+        }
+    }
+    __m512i sum = _mm512_setzero_si512();
+    for (int k = 0; k < 8; k++) {
+        _mm512_store_si512(out + 64 * k, q[k]);
+        if (kind >= FEW_Q8_0) sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), q[k]);
+    }
+    if (kind >= FEW_Q8_0) _mm512_store_si512(bias, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+}
+
+// Activation rows m0..m0+R-1 against the unpacked blocks, into their 16 outputs (the first `valid`)
+ROWS_INLINE void few_steps(const uint8_t *codes, const float *d, const float *c, const int32_t *bias, int nb, const uint8_t *xq,
+                           size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row, __mmask16 valid, const int kind,
+                           const int R) {
+    const int is_signed = kind >= FEW_Q8_0, with_min = kind == FEW_Q4_1 || kind == FEW_Q5_1;
+    const int zero = kind == FEW_Q5_0 || kind == FEW_Q5_1 ? 16 : 8, last4 = nb & ~3;
+    __m512 acc[4][4], offsets[4];
+    for (int r = 0; r < R; r++) {
+        offsets[r] = _mm512_setzero_ps();
+        for (int u = 0; u < 4; u++) acc[u][r] = _mm512_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        const int u = b < last4 ? b % 4 : 0;
+        const __m512 dw = _mm512_load_ps(d + 16 * b), cw = _mm512_load_ps(c + 16 * b);
+        __m512i w[8];
+        for (int k = 0; k < 8; k++) w[k] = _mm512_load_si512(codes + (size_t)512 * b + 64 * k);
+        for (int r = 0; r < R; r++) {
+            const x_block32 *xb = X_BLOCK(x_block32, xq, x_row, m0 + r, b);
+            // two chains of dots a row; unsigned codes by the signed activations, or signed codes
+            // by the activations offset into unsigned bytes (x_offset) and the bias taken off
+            __m512i s0 = is_signed ? _mm512_load_si512(bias + 16 * b) : _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            const uint8_t *xo = x_offset + ((size_t)(m0 + r) * nb + b) * 32;
+            for (int k = 0; k < 8; k += 2)
+                if (is_signed) {
+                    s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32((int)read_u32(xo + 4 * k)), w[k]);
+                    s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32((int)read_u32(xo + 4 * k + 4)), w[k + 1]);
+                } else {
+                    s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32((int)read_u32(xb->q + 4 * k)));
+                    s1 = _mm512_dpbusd_epi32(s1, w[k + 1], _mm512_set1_epi32((int)read_u32(xb->q + 4 * k + 4)));
+                }
+            __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            acc[u][r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[u][r]);
+            if (!is_signed) offsets[r] = _mm512_add_ps(offsets[r], _mm512_mul_ps(cw, _mm512_set1_ps(xb->s)));
+        }
+    }
+    const __m512 factor = _mm512_set1_ps(with_min ? 1.0f : (float)-zero);
+    for (int r = 0; r < R; r++) {
+        __m512 total = _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
+        if (!is_signed) total = _mm512_add_ps(total, _mm512_mul_ps(offsets[r], factor));
+        _mm512_mask_storeu_ps(y + (size_t)(m0 + r) * y_row, valid, total);
+    }
+}
+
+// Weight rows row[0..rows) (up to 16) against the M quantized activation rows xq (for the signed
+// codes, also their codes offset by 128: x_offset [M][nb][32]) into y
+ROWS_INLINE int few_rows_task(const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, const uint8_t *x_offset,
+                              int M, float *y, size_t y_row, const int kind) {
+    const int nb = K / 32, is_signed = kind >= FEW_Q8_0, iq4 = kind == FEW_IQ4_NL;
+    const int with_min = kind == FEW_Q4_1 || kind == FEW_Q5_1, with_high = kind == FEW_Q5_0 || kind == FEW_Q5_1;
+    const int size = is_signed ? (iq4 ? 18 : 34) : (with_min ? 20 : 18) + (with_high ? 4 : 0);
+    // per block: the codes (512 bytes), d [16], c [16], bias [16]
+    uint8_t *mem = scratch((size_t)nb * (512 + 3 * 64));
+    if (!mem) return -2;
+    uint8_t *codes = mem;
+    float *d = (float *)(mem + (size_t)nb * 512), *c = d + (size_t)16 * nb;
+    int32_t *bias = (int32_t *)(c + (size_t)16 * nb);
+    const uint8_t *p[16];
+    for (int n = 0; n < 16; n++) p[n] = row[n < rows ? n : rows - 1];  // rows past the last: outputs not stored
+    for (int b = 0; b < nb; b++) {
+        few_unpack(p, codes + (size_t)512 * b, d + 16 * b, c + 16 * b, bias + 16 * b, kind);
+        for (int n = 0; n < 16; n++) prefetch_ahead(p[n], size), p[n] += size;
+    }
+    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
+    for (int m = 0; m < M; m += 4) switch (M - m) {  // up to 4 activation rows' chains in registers
+        case 1: few_steps(codes, d, c, bias, nb, xq, x_row, x_offset, m, y, y_row, valid, kind, 1); break;
+        case 2: few_steps(codes, d, c, bias, nb, xq, x_row, x_offset, m, y, y_row, valid, kind, 2); break;
+        case 3: few_steps(codes, d, c, bias, nb, xq, x_row, x_offset, m, y, y_row, valid, kind, 3); break;
+        default: few_steps(codes, d, c, bias, nb, xq, x_row, x_offset, m, y, y_row, valid, kind, 4); break;
+        }
+    return 0;
+}
+
+static int few_rows(int kind, const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, const uint8_t *x_offset,
+                    int M, float *y, size_t y_row) {
+    switch (kind) {
+    case FEW_Q4_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q4_0);
+    case FEW_Q4_1: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q4_1);
+    case FEW_Q5_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q5_0);
+    case FEW_Q5_1: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q5_1);
+    case FEW_Q8_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q8_0);
+    default: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_IQ4_NL);
+    }
+}
+
+// Activation row m's codes offset by 128 (unsigned bytes), [nb][32], for the signed codes' dots
+static void few_offset_codes(const uint8_t *xq, size_t x_row, int nb, int m, uint8_t *x_offset) {
+    for (int b = 0; b < nb; b++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)X_BLOCK(x_block32, xq, x_row, m, b)->q);
+        _mm256_storeu_si256((__m256i *)(x_offset + ((size_t)m * nb + b) * 32), _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)));
+    }
+}
 #endif
 
 // --- the matmul ---
@@ -2065,14 +2271,29 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
     const format *f = find_format(type);
     int N = 0;
     for (int p = 0; p < parts; p++) N += part_rows[p];
+#ifdef USE_FEW_ROWS
+    const int few = few_kind(type, M);
+#else
+    const int few = -1;
+#endif
 #ifdef USE_TILES
     amx_kernel kernel = amx_for(type);
-    if (kernel.task && M >= kernel.min_rows && amx_usable()) return amx_matmul(f, kernel, parts, w, part_rows, part_stride, N, x, y, y_row, M, K, threads);
+    if (few < 0 && kernel.task && M >= kernel.min_rows && amx_usable())
+        return amx_matmul(f, kernel, parts, w, part_rows, part_stride, N, x, y, y_row, M, K, threads);
 #endif
     size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes;
-    uint8_t *xq = malloc(x_row * M);
+#ifdef USE_FEW_ROWS
+    size_t offset_bytes = few >= FEW_Q8_0 ? (size_t)M * K : 0;
+#else
+    size_t offset_bytes = 0;
+    (void)few;
+#endif
+    uint8_t *xq = malloc(x_row * M + offset_bytes);
     if (!xq) return -2;
-    int tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#ifdef USE_FEW_ROWS
+    uint8_t *x_offset = offset_bytes ? xq + x_row * M : NULL;
+#endif
+    int tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK, status = 0;
     if (M == 1) quantize_row(f, x, K, xq);  // a decoded token: no parallel loop (and barrier) for one row
 #pragma omp parallel num_threads(threads)
     {
@@ -2080,10 +2301,22 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) quantize_row(f, x + (size_t)m * K, K, xq + m * x_row);
         }
+#ifdef USE_FEW_ROWS
+        if (x_offset) {
+#pragma omp for schedule(static)
+            for (int m = 0; m < M; m++) few_offset_codes(xq, x_row, K / 32, m, x_offset);
+        }
+#endif
 #pragma omp for schedule(static)
         for (int t = 0; t < tasks; t++) {
             const uint8_t *row[ROWS_PER_TASK];
             int rows = task_rows(t, N, parts, w, part_rows, part_stride, row), n0 = t * ROWS_PER_TASK;
+#ifdef USE_FEW_ROWS
+            if (few >= 0) {
+                if (few_rows(few, row, rows, K, xq, x_row, x_offset, M, y + n0, y_row)) status = -2;
+                continue;
+            }
+#endif
             // DOT_ROWS input rows a call (they stay in L1 while the task's weight rows pass), the
             // rest together: a row's sums are the same either way (see the dots), so no row
             // depends on its neighbours
@@ -2095,7 +2328,7 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
         }
     }
     free(xq);
-    return 0;
+    return status;
 }
 
 // Whether prompts may take the AMX tiles (the same results either way; settings.amx()).
