@@ -1954,24 +1954,24 @@ static inline __m512i row_dwords(const uint8_t *const *p, int at) {
                              (int)read_u32(p[12] + at), (int)read_u32(p[13] + at), (int)read_u32(p[14] + at), (int)read_u32(p[15] + at));
 }
 
-// The types taken here, 32-value blocks with a float scale, and the row counts each takes here
-// (measured against the row kernels and, from 16 rows, AMX's tiles: 3B Q8_0's 4 rows stay on its
-// row kernels, which stream its weights as fast; its 16 on the tiles)
+// The types taken here: 32-value blocks with a float scale
 enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q8_0, FEW_IQ4_NL };
 
+// The kind of a matmul of M rows here, or -1. From 3 rows these beat the row kernels (2: level),
+// and to 16 the tiles (measured on SmolLM2-135M Q4_1 and 3B-shaped Q8_0, Q5_0, IQ4_NL).
 static int few_kind(int type, int M) {
-    int kind = -1, least = 3, most = 16;
+    int kind = -1;
     switch (type) {
     case GGML_Q4_0: kind = FEW_Q4_0; break;
     case GGML_Q4_1: kind = FEW_Q4_1; break;
     case GGML_Q5_0: kind = FEW_Q5_0; break;
     case GGML_Q5_1: kind = FEW_Q5_1; break;
 #ifndef USE_SOFT_TILES  // there Q8_0's row kernels take other steps (signed_pair_rows)
-    case GGML_Q8_0: kind = FEW_Q8_0, least = 6, most = 12; break;
+    case GGML_Q8_0: kind = FEW_Q8_0; break;
 #endif
     case GGML_IQ4_NL: kind = FEW_IQ4_NL; break;
     }
-    return M >= least && M <= most ? kind : -1;
+    return M >= 3 && M <= 16 ? kind : -1;
 }
 
 // Block b of 16 weight rows (p[n]: row n's block) side by side at out, 8 registers' worth: register
