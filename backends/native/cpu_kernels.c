@@ -1925,9 +1925,10 @@ static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 // row's 4 codes, broadcast, meet all 16 rows in one VNNI dot: a block's 16 integer sums come out
 // in one register, and its steps cost one vector an activation row. The same integer sums and,
 // lane by lane, the same steps as the row kernels' (each block's sum, one multiply-add into chain
-// b % 4, the offsets' chain beside), so the same bits. Every matmul of SmolLM2-135M Q4_1's forward,
-// 2 threads, ms (row kernels or AMX tiles -> these): 3 rows 9.7 -> 8.7, 4 rows 11.2 -> 9.2, 8 rows
-// 17.8 -> 11.5, 16 rows 17.8 -> 16.0.
+// b % 4, the offsets' chain beside), so the same bits. Every matmul of a forward, 2 threads, ms
+// (row kernels, or AMX tiles from 8 rows -> these): SmolLM2-135M Q4_1, 3 rows 8.7 -> 7.5, 4 rows
+// 11.0 -> 8.5, 8 rows 15.3 -> 11.0, 16 rows 17.9 -> 15.7; 3B-shaped Q4_K_M (its Q6_K tensors
+// as they were), 4 rows 149 -> 141, 8 rows 256 -> 189, 16 rows 307 -> 267.
 
 // Swapping a register-index bit for a lane bit p (4, 2 or 1) of register pairs z[i], z[i | bit]:
 // two-source permutes, which take rows held a lane group each to a dword (of each row) a register.
@@ -1954,11 +1955,20 @@ static inline __m512i row_dwords(const uint8_t *const *p, int at) {
                              (int)read_u32(p[12] + at), (int)read_u32(p[13] + at), (int)read_u32(p[14] + at), (int)read_u32(p[15] + at));
 }
 
-// The types taken here: 32-value blocks with a float scale
-enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q8_0, FEW_IQ4_NL };
+// 16 rows' 32 bytes at offset `at` of their blocks p[n]: z[k] lane n holds dword k of row n's
+ROWS_INLINE void row_bytes32(const uint8_t *const *p, int at, __m512i z[8]) {
+    for (int i = 0; i < 8; i++)  // register i: rows i and 8 + i; swapped, row n at lane n
+        z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p[i] + at))),
+                                  _mm256_loadu_si256((const __m256i *)(p[8 + i] + at)), 1);
+    swap_lane_bit(z, 8, 4, 0), swap_lane_bit(z, 8, 2, 1), swap_lane_bit(z, 8, 1, 2);
+}
 
-// The kind of a matmul of M rows here, or -1. From 3 rows these beat the row kernels (2: level),
-// and to 16 the tiles (measured on SmolLM2-135M Q4_1 and 3B-shaped Q8_0, Q5_0, IQ4_NL).
+// The types taken here: 32-value blocks with a float scale
+enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q8_0, FEW_IQ4_NL };  // signed codes last
+
+// The kind of a matmul of M rows here, or -1: from the row counts where these beat the row
+// kernels (3 rows; 2 are level; the K-quants' from 4) to 16, where they still beat the tiles
+// (measured on SmolLM2-135M Q4_1 and 3B-shaped Q8_0, Q5_0, IQ4_NL and Q4_K_M).
 static int few_kind(int type, int M) {
     int kind = -1;
     switch (type) {
@@ -1966,12 +1976,15 @@ static int few_kind(int type, int M) {
     case GGML_Q4_1: kind = FEW_Q4_1; break;
     case GGML_Q5_0: kind = FEW_Q5_0; break;
     case GGML_Q5_1: kind = FEW_Q5_1; break;
+    case GGML_Q4_K: kind = FEW_Q4_K; break;
+    case GGML_Q5_K: kind = FEW_Q5_K; break;
 #ifndef USE_SOFT_TILES  // there Q8_0's row kernels take other steps (signed_pair_rows)
     case GGML_Q8_0: kind = FEW_Q8_0; break;
 #endif
     case GGML_IQ4_NL: kind = FEW_IQ4_NL; break;
     }
-    return M >= 3 && M <= 16 ? kind : -1;
+    const int least = kind == FEW_Q4_K || kind == FEW_Q5_K ? 4 : 3;
+    return M >= least && M <= 16 ? kind : -1;
 }
 
 // Block b of 16 weight rows (p[n]: row n's block) side by side at out, 8 registers' worth: register
@@ -1987,11 +2000,8 @@ ROWS_INLINE void few_unpack(const uint8_t *const *p, uint8_t *out, float *d, flo
     _mm512_store_ps(d, dw);
     _mm512_store_ps(c, with_min ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(scales, 16))) : dw);
     __m512i q[8];
-    if (kind == FEW_Q8_0) {  // register i: rows i and 8 + i; swapped, row n at lane n
-        for (int i = 0; i < 8; i++)
-            q[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p[i] + 2))),
-                                      _mm256_loadu_si256((const __m256i *)(p[8 + i] + 2)), 1);
-        swap_lane_bit(q, 8, 4, 0), swap_lane_bit(q, 8, 2, 1), swap_lane_bit(q, 8, 1, 2);
+    if (kind == FEW_Q8_0) {
+        row_bytes32(p, 2, q);
     } else {  // register g: rows g, 4 + g, 8 + g, 12 + g; swapped, row n at lane n
         const int qs_at = with_min ? 4 : 2, codes_at = qs_at + (with_high ? 4 : 0);
         __m512i z[4];
@@ -2093,6 +2103,109 @@ ROWS_INLINE int few_rows_task(const uint8_t *const *row, int rows, int K, const 
     return 0;
 }
 
+// Q4_K and Q5_K: a block of 256 values is 8 sub-blocks of 32 codes, each with a 6-bit scale and
+// minimum (q4_k_scales). Each sub-block's 16 integer sums come out of 8 dots as above, times its
+// scales (lane n: row n's) and added: the block's sum(sc_j sum_j), the minimums' sum(m_j xsum_j)
+// beside, then the row kernels' two multiply-adds (q4_q5_k_rows), so the same bits.
+
+// Block b of 16 rows at out: sub-block j's codes at out + 512 j (8 registers' worth, as
+// few_unpack's); scales [8][16] and minimums as int16 pairs [4][16] (pair i: m_2i, m_2i+1) in
+// int32 lanes; d [16], dmin [16]
+ROWS_INLINE void few_unpack_k(const uint8_t *const *p, uint8_t *out, int32_t *scales, int32_t *mins, float *d, float *dmin,
+                              const int with_high) {
+    const __m512i dd = row_dwords(p, 0);
+    _mm512_store_ps(d, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd)));
+    _mm512_store_ps(dmin, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dd, 16))));
+    const __m512i a = row_dwords(p, 4), b = row_dwords(p, 8), c = row_dwords(p, 12), six = _mm512_set1_epi32(0x3f3f3f3f);
+    const __m512i four = _mm512_set1_epi32(0x0f0f0f0f), tops = _mm512_set1_epi32(0x30303030), byte = _mm512_set1_epi32(0xff);
+    const __m512i sc[2] = {_mm512_and_si512(a, six), _mm512_or_si512(_mm512_and_si512(c, four), _mm512_and_si512(_mm512_srli_epi32(a, 2), tops))};
+    const __m512i mn[2] = {_mm512_and_si512(b, six),
+                           _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(c, 4), four), _mm512_and_si512(_mm512_srli_epi32(b, 2), tops))};
+    for (int j = 0; j < 8; j++) _mm512_store_si512(scales + 16 * j, _mm512_and_si512(_mm512_srli_epi32(sc[j / 4], 8 * (j % 4)), byte));
+    for (int i = 0; i < 4; i++) {
+        __m512i v = _mm512_srli_epi32(mn[i / 2], 16 * (i % 2));
+        _mm512_store_si512(mins + 16 * i, _mm512_or_si512(_mm512_and_si512(v, byte), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 8), byte), 16)));
+    }
+    __m512i high[8];
+    if (with_high) row_bytes32(p, 16, high);
+    const __m512i low4 = _mm512_set1_epi8(15), one = _mm512_set1_epi8(1);
+    for (int j = 0; j < 4; j++) {  // 32 bytes: low nibbles sub-block 2j, high ones 2j + 1
+        __m512i z[8];
+        row_bytes32(p, (with_high ? 48 : 16) + 32 * j, z);
+        for (int k = 0; k < 8; k++) {
+            __m512i lo = _mm512_and_si512(z[k], low4), hi = _mm512_and_si512(_mm512_srli_epi16(z[k], 4), low4);
+            if (with_high) {  // bit 2j of qh[l] is bit 4 of code l of sub-block 2j, bit 2j + 1 of 2j + 1's
+                lo = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high[k], 2 * j), one), 4));
+                hi = _mm512_or_si512(hi, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high[k], 2 * j + 1), one), 4));
+            }
+            _mm512_store_si512(out + 512 * (2 * j) + 64 * k, lo);
+            _mm512_store_si512(out + 512 * (2 * j + 1) + 64 * k, hi);
+        }
+    }
+}
+
+// Activation rows m0..m0+R-1 against the unpacked K-quant blocks, into their 16 outputs
+ROWS_INLINE void few_steps_k(const uint8_t *codes, const int32_t *scales, const int32_t *mins, const float *d, const float *dmin,
+                             int nb, const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, __mmask16 valid, const int R) {
+    __m512 acc[4], acc_min[4];
+    for (int r = 0; r < R; r++) acc[r] = acc_min[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *cb = codes + (size_t)4096 * b;
+        __m512i sum[4], min_sum[4];
+        for (int r = 0; r < R; r++) sum[r] = min_sum[r] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            __m512i w[8];
+            for (int k = 0; k < 8; k++) w[k] = _mm512_load_si512(cb + 512 * j + 64 * k);
+            const __m512i sc = _mm512_load_si512(scales + (size_t)128 * b + 16 * j);
+            for (int r = 0; r < R; r++) {
+                const int8_t *xs = X_BLOCK(x_block256, xq, x_row, m0 + r, b)->q + 32 * j;
+                __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+                for (int k = 0; k < 8; k += 2) {
+                    s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32((int)read_u32(xs + 4 * k)));
+                    s1 = _mm512_dpbusd_epi32(s1, w[k + 1], _mm512_set1_epi32((int)read_u32(xs + 4 * k + 4)));
+                }
+                sum[r] = _mm512_add_epi32(sum[r], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc));
+            }
+        }
+        const __m512 db = _mm512_load_ps(d + 16 * b), dminb = _mm512_load_ps(dmin + 16 * b);
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, xq, x_row, m0 + r, b);
+            for (int i = 0; i < 4; i++)
+                min_sum[r] = _mm512_dpwssd_epi32(min_sum[r], _mm512_load_si512(mins + (size_t)64 * b + 16 * i),
+                                                 _mm512_set1_epi32((int)read_u32(xb->sums32 + 2 * i)));
+            const __m512 xd = _mm512_set1_ps(xb->d);
+            acc_min[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(min_sum[r]), _mm512_mul_ps(dminb, xd), acc_min[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_mul_ps(db, xd), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (size_t)(m0 + r) * y_row, valid, _mm512_sub_ps(acc[r], acc_min[r]));
+}
+
+ROWS_INLINE int few_k_task(const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, int M, float *y, size_t y_row,
+                           const int with_high) {
+    const int nb = K / 256, size = with_high ? 176 : 144;
+    // per block: the codes (4096 bytes), scales [8][16], minimum pairs [4][16], d [16], dmin [16]
+    uint8_t *mem = scratch((size_t)nb * (4096 + 512 + 256 + 128));
+    if (!mem) return -2;
+    uint8_t *codes = mem;
+    int32_t *scales = (int32_t *)(mem + (size_t)4096 * nb), *mins = scales + (size_t)128 * nb;
+    float *d = (float *)(mins + (size_t)64 * nb), *dmin = d + (size_t)16 * nb;
+    const uint8_t *p[16];
+    for (int n = 0; n < 16; n++) p[n] = row[n < rows ? n : rows - 1];  // rows past the last: outputs not stored
+    for (int b = 0; b < nb; b++) {
+        few_unpack_k(p, codes + (size_t)4096 * b, scales + (size_t)128 * b, mins + (size_t)64 * b, d + 16 * b, dmin + 16 * b, with_high);
+        for (int n = 0; n < 16; n++) prefetch_ahead(p[n], size), p[n] += size;
+    }
+    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
+    for (int m = 0; m < M; m += 4) switch (M - m) {
+        case 1: few_steps_k(codes, scales, mins, d, dmin, nb, xq, x_row, m, y, y_row, valid, 1); break;
+        case 2: few_steps_k(codes, scales, mins, d, dmin, nb, xq, x_row, m, y, y_row, valid, 2); break;
+        case 3: few_steps_k(codes, scales, mins, d, dmin, nb, xq, x_row, m, y, y_row, valid, 3); break;
+        default: few_steps_k(codes, scales, mins, d, dmin, nb, xq, x_row, m, y, y_row, valid, 4); break;
+        }
+    return 0;
+}
+
 static int few_rows(int kind, const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, const uint8_t *x_offset,
                     int M, float *y, size_t y_row) {
     switch (kind) {
@@ -2100,6 +2213,8 @@ static int few_rows(int kind, const uint8_t *const *row, int rows, int K, const 
     case FEW_Q4_1: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q4_1);
     case FEW_Q5_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q5_0);
     case FEW_Q5_1: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q5_1);
+    case FEW_Q4_K: return few_k_task(row, rows, K, xq, x_row, M, y, y_row, 0);
+    case FEW_Q5_K: return few_k_task(row, rows, K, xq, x_row, M, y, y_row, 1);
     case FEW_Q8_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q8_0);
     default: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_IQ4_NL);
     }
