@@ -2297,7 +2297,9 @@ static int task_rows(int t, int N, int parts, const uint8_t *const *w, const int
 // A type's tile task, with its group of values a scale (the tiles' depth), the activation sums
 // it takes as int16 pairs a block (amx_pack_x), and the activation rows from which it beats the
 // dots (below, unpacking 16 weight rows for the tiles costs more than the dots' few rows save;
-// 3B shapes, 2 threads: on AMX Q4_K and Q8_0 from 8 rows, Q6_K's three copies of its codes from 16)
+// 3B shapes, 2 threads: on AMX Q4_K and Q8_0 from 8 rows, Q6_K's three copies of its codes from
+// 10: at 12 rows 386 -> 300 ms, level at 9). The few-rows dots, where they take a type, take its
+// rows up to 16 first.
 typedef struct {
     amx_fn task;
     int group, pairs, min_rows;
@@ -2308,7 +2310,7 @@ static amx_kernel amx_for(int type) {
     // rows (Q6_K: 24); on 256-bit registers the signed codes' (magnitudes times signed
     // activations, a widening each 4 codes) from 16, 8 on AVX-VNNI's dots
 #if defined(USE_AMX)
-    const int signed_min = 8, k_min = 8, q2_k_min = 8, q6_k_min = 16;
+    const int signed_min = 8, k_min = 8, q2_k_min = 8, q6_k_min = 10;
 #elif defined(USE_SOFT_TILES)
     const int signed_min = 8, k_min = 12, q2_k_min = 16, q6_k_min = 24;
 #elif defined(__AVXVNNI__)
