@@ -1963,12 +1963,14 @@ ROWS_INLINE void row_bytes32(const uint8_t *const *p, int at, __m512i z[8]) {
     swap_lane_bit(z, 8, 4, 0), swap_lane_bit(z, 8, 2, 1), swap_lane_bit(z, 8, 1, 2);
 }
 
-// The types taken here: 32-value blocks with a float scale
-enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q8_0, FEW_IQ4_NL };  // signed codes last
+// The types taken here: 32-value blocks with a float scale, then the K-quants, the signed codes last
+enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW_Q8_0, FEW_IQ4_NL };
 
 // The kind of a matmul of M rows here, or -1: from the row counts where these beat the row
-// kernels (3 rows; 2 are level; the K-quants' from 4) to 16, where they still beat the tiles
-// (measured on SmolLM2-135M Q4_1 and 3B-shaped Q8_0, Q5_0, IQ4_NL and Q4_K_M).
+// kernels (3 rows; 2 are level; Q4_K's and Q5_K's from 4, Q6_K's, whose unpacking costs most,
+// from 7) to 16, where they still beat the tiles (but for Q6_K on AMX: the tiles from 10).
+// Measured on SmolLM2-135M Q4_1 and 3B-shaped Q8_0, Q5_0, IQ4_NL, Q4_K_M and Q6_K: 3B Q6_K's
+// matmuls at 4 rows 187 -> 217 ms, 8 rows 281 -> 260, 9 rows 328 -> 273.
 static int few_kind(int type, int M) {
     int kind = -1;
     switch (type) {
@@ -1978,13 +1980,19 @@ static int few_kind(int type, int M) {
     case GGML_Q5_1: kind = FEW_Q5_1; break;
     case GGML_Q4_K: kind = FEW_Q4_K; break;
     case GGML_Q5_K: kind = FEW_Q5_K; break;
+    case GGML_Q6_K: kind = FEW_Q6_K; break;
 #ifndef USE_SOFT_TILES  // there Q8_0's row kernels take other steps (signed_pair_rows)
     case GGML_Q8_0: kind = FEW_Q8_0; break;
 #endif
     case GGML_IQ4_NL: kind = FEW_IQ4_NL; break;
     }
-    const int least = kind == FEW_Q4_K || kind == FEW_Q5_K ? 4 : 3;
-    return M >= least && M <= 16 ? kind : -1;
+#ifdef USE_AMX
+    const int q6_k_most = 9;
+#else
+    const int q6_k_most = 16;
+#endif
+    const int least = kind == FEW_Q6_K ? 7 : kind == FEW_Q4_K || kind == FEW_Q5_K ? 4 : 3;
+    return M >= least && M <= (kind == FEW_Q6_K ? q6_k_most : 16) ? kind : -1;
 }
 
 // Block b of 16 weight rows (p[n]: row n's block) side by side at out, 8 registers' worth: register
@@ -2206,6 +2214,105 @@ ROWS_INLINE int few_k_task(const uint8_t *const *row, int rows, int K, const uin
     return 0;
 }
 
+// Q6_K: a block of 256 values is 16 groups of 16 6-bit codes (4 low bits in ql, 2 high in qh,
+// as q6_k_codes lays them out) with int8 scales, w = d sc (q - 32). Each group's 16 sums come out
+// of 4 dots, times its scales and added; the shift 32 sum(sc_g xsum_g) by int16 pair dots; then
+// the row kernels' one multiply-add (q6_k_rows), so the same bits.
+
+// Block b of 16 rows at out: group g's codes at out + 256 g (4 registers' worth); scales [16][16]
+// and scale pairs [8][16] (pair i: sc_2i, sc_2i+1 as int16s) in int32 lanes; d [16]
+ROWS_INLINE void few_unpack_q6_k(const uint8_t *const *p, uint8_t *out, int32_t *scales, int32_t *pairs, float *d) {
+    uint16_t half_d[16];  // the block's last 2 bytes (a dword read would pass the tensor's end)
+    for (int n = 0; n < 16; n++) half_d[n] = read_u16(p[n] + 208);
+    _mm512_store_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)half_d)));
+    for (int i = 0; i < 4; i++) {  // scales 4i..4i+3
+        const __m512i v = row_dwords(p, 192 + 4 * i);
+        for (int j = 0; j < 4; j++) _mm512_store_si512(scales + 16 * (4 * i + j), _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24));
+        const __m512i even = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8), odd = _mm512_srai_epi16(v, 8);  // bytes 0, 2 and 1, 3
+        const __m512i low16 = _mm512_set1_epi32(0xffff);
+        _mm512_store_si512(pairs + 16 * (2 * i), _mm512_or_si512(_mm512_and_si512(even, low16), _mm512_slli_epi32(odd, 16)));
+        _mm512_store_si512(pairs + 16 * (2 * i + 1), _mm512_or_si512(_mm512_srli_epi32(even, 16), _mm512_andnot_si512(low16, odd)));
+    }
+    const __m512i low4 = _mm512_set1_epi8(15), low2 = _mm512_set1_epi8(3);
+    for (int half = 0; half < 2; half++) {
+        __m512i l0[8], l1[8], h[8];
+        row_bytes32(p, 64 * half, l0), row_bytes32(p, 64 * half + 32, l1), row_bytes32(p, 128 + 32 * half, h);
+        for (int k = 0; k < 8; k++) {
+            // runs of 32 codes: ql[l] low, ql[l + 32] low, ql[l] high, ql[l + 32] high, with qh[l]'s bits 0-1, 2-3, 4-5, 6-7
+            const __m512i run[4] = {
+                _mm512_or_si512(_mm512_and_si512(l0[k], low4), _mm512_slli_epi16(_mm512_and_si512(h[k], low2), 4)),
+                _mm512_or_si512(_mm512_and_si512(l1[k], low4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h[k], 2), low2), 4)),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l0[k], 4), low4),
+                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h[k], 4), low2), 4)),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l1[k], 4), low4),
+                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h[k], 6), low2), 4)),
+            };
+            for (int r = 0; r < 4; r++)  // dwords 0-3 of a run: group 8 half + 2r; 4-7: the next
+                _mm512_store_si512(out + 256 * (8 * half + 2 * r + k / 4) + 64 * (k % 4), run[r]);
+        }
+    }
+}
+
+// Activation rows m0..m0+R-1 against the unpacked Q6_K blocks, into their 16 outputs
+ROWS_INLINE void few_steps_q6_k(const uint8_t *codes, const int32_t *scales, const int32_t *pairs, const float *d, int nb,
+                                const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, __mmask16 valid, const int R) {
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *cb = codes + (size_t)4096 * b;
+        __m512i sum[4];
+        for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_si512();
+        for (int g = 0; g < 16; g++) {
+            __m512i w[4];
+            for (int k = 0; k < 4; k++) w[k] = _mm512_load_si512(cb + 256 * g + 64 * k);
+            const __m512i sc = _mm512_load_si512(scales + (size_t)256 * b + 16 * g);
+            for (int r = 0; r < R; r++) {
+                const int8_t *xs = X_BLOCK(x_block256, xq, x_row, m0 + r, b)->q + 16 * g;
+                __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32((int)read_u32(xs)));
+                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32((int)read_u32(xs + 4)));
+                s0 = _mm512_dpbusd_epi32(s0, w[2], _mm512_set1_epi32((int)read_u32(xs + 8)));
+                s1 = _mm512_dpbusd_epi32(s1, w[3], _mm512_set1_epi32((int)read_u32(xs + 12)));
+                sum[r] = _mm512_add_epi32(sum[r], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc));
+            }
+        }
+        const __m512 db = _mm512_load_ps(d + 16 * b);
+        for (int r = 0; r < R; r++) {
+            const x_block256 *xb = X_BLOCK(x_block256, xq, x_row, m0 + r, b);
+            __m512i shift = _mm512_setzero_si512();
+            for (int i = 0; i < 8; i++)
+                shift = _mm512_dpwssd_epi32(shift, _mm512_load_si512(pairs + (size_t)128 * b + 16 * i),
+                                            _mm512_set1_epi32((int)read_u32(xb->sums + 2 * i)));
+            const __m512i total = _mm512_sub_epi32(sum[r], _mm512_slli_epi32(shift, 5));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(db, _mm512_set1_ps(xb->d)), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (size_t)(m0 + r) * y_row, valid, acc[r]);
+}
+
+ROWS_INLINE int few_q6_k_task(const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, int M, float *y, size_t y_row) {
+    const int nb = K / 256;
+    // per block: the codes (4096 bytes), scales [16][16], scale pairs [8][16], d [16]
+    uint8_t *mem = scratch((size_t)nb * (4096 + 1024 + 512 + 64));
+    if (!mem) return -2;
+    uint8_t *codes = mem;
+    int32_t *scales = (int32_t *)(mem + (size_t)4096 * nb), *pairs = scales + (size_t)256 * nb;
+    float *d = (float *)(pairs + (size_t)128 * nb);
+    const uint8_t *p[16];
+    for (int n = 0; n < 16; n++) p[n] = row[n < rows ? n : rows - 1];  // rows past the last: outputs not stored
+    for (int b = 0; b < nb; b++) {
+        few_unpack_q6_k(p, codes + (size_t)4096 * b, scales + (size_t)256 * b, pairs + (size_t)128 * b, d + 16 * b);
+        for (int n = 0; n < 16; n++) prefetch_ahead(p[n], 210), p[n] += 210;
+    }
+    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
+    for (int m = 0; m < M; m += 4) switch (M - m) {
+        case 1: few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m, y, y_row, valid, 1); break;
+        case 2: few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m, y, y_row, valid, 2); break;
+        case 3: few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m, y, y_row, valid, 3); break;
+        default: few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m, y, y_row, valid, 4); break;
+        }
+    return 0;
+}
+
 static int few_rows(int kind, const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, const uint8_t *x_offset,
                     int M, float *y, size_t y_row) {
     switch (kind) {
@@ -2215,6 +2322,7 @@ static int few_rows(int kind, const uint8_t *const *row, int rows, int K, const 
     case FEW_Q5_1: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q5_1);
     case FEW_Q4_K: return few_k_task(row, rows, K, xq, x_row, M, y, y_row, 0);
     case FEW_Q5_K: return few_k_task(row, rows, K, xq, x_row, M, y, y_row, 1);
+    case FEW_Q6_K: return few_q6_k_task(row, rows, K, xq, x_row, M, y, y_row);
     case FEW_Q8_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q8_0);
     default: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_IQ4_NL);
     }
