@@ -2039,6 +2039,17 @@ ROWS_INLINE void few_unpack(const uint8_t *const *p, uint8_t *out, float *d, flo
     if (kind >= FEW_Q8_0) _mm512_store_si512(bias, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
 }
 
+// 16 weight rows' codes (4 a lane of each register w[k]) dotted with an activation row's codes
+// xs, 4 broadcast a register: lane n the group's integer sum for row n (two chains of dots)
+ROWS_INLINE __m512i group_dot(const __m512i *w, const int8_t *xs, const int dwords) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int k = 0; k < dwords; k += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32((int)read_u32(xs + 4 * k)));
+        s1 = _mm512_dpbusd_epi32(s1, w[k + 1], _mm512_set1_epi32((int)read_u32(xs + 4 * k + 4)));
+    }
+    return _mm512_add_epi32(s0, s1);
+}
+
 // Activation rows m0..m0+R-1 against the unpacked blocks, into their 16 outputs (the first `valid`)
 ROWS_INLINE void few_steps(const uint8_t *codes, const float *d, const float *c, const int32_t *bias, int nb, const uint8_t *xq,
                            size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row, __mmask16 valid, const int kind,
@@ -2057,19 +2068,21 @@ ROWS_INLINE void few_steps(const uint8_t *codes, const float *d, const float *c,
         for (int k = 0; k < 8; k++) w[k] = _mm512_load_si512(codes + (size_t)512 * b + 64 * k);
         for (int r = 0; r < R; r++) {
             const x_block32 *xb = X_BLOCK(x_block32, xq, x_row, m0 + r, b);
-            // two chains of dots a row; unsigned codes by the signed activations, or signed codes
-            // by the activations offset into unsigned bytes (x_offset) and the bias taken off
-            __m512i s0 = is_signed ? _mm512_load_si512(bias + 16 * b) : _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-            const uint8_t *xo = x_offset + ((size_t)(m0 + r) * nb + b) * 32;
-            for (int k = 0; k < 8; k += 2)
-                if (is_signed) {
+            // unsigned codes by the signed activations, or signed codes by the activations offset
+            // into unsigned bytes (x_offset) and the bias taken off
+            __m512i dot;
+            if (is_signed) {
+                const uint8_t *xo = x_offset + ((size_t)(m0 + r) * nb + b) * 32;
+                __m512i s0 = _mm512_load_si512(bias + 16 * b), s1 = _mm512_setzero_si512();
+                for (int k = 0; k < 8; k += 2) {
                     s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32((int)read_u32(xo + 4 * k)), w[k]);
                     s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32((int)read_u32(xo + 4 * k + 4)), w[k + 1]);
-                } else {
-                    s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32((int)read_u32(xb->q + 4 * k)));
-                    s1 = _mm512_dpbusd_epi32(s1, w[k + 1], _mm512_set1_epi32((int)read_u32(xb->q + 4 * k + 4)));
                 }
-            __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                dot = _mm512_add_epi32(s0, s1);
+            } else {
+                dot = group_dot(w, xb->q, 8);
+            }
+            __m512 sum = _mm512_cvtepi32_ps(dot);
             acc[u][r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[u][r]);
             if (!is_signed) offsets[r] = _mm512_add_ps(offsets[r], _mm512_mul_ps(cw, _mm512_set1_ps(xb->s)));
         }
@@ -2152,29 +2165,32 @@ ROWS_INLINE void few_unpack_k(const uint8_t *const *p, uint8_t *out, int32_t *sc
     }
 }
 
+// R activation rows' sums over a K-quant block's groups of 4 dwords codes (group g's registers
+// at cb + 64 dwords g) times each group's scales (scales + 16 g): lane n of sum[r] is
+// sum over g of sc_g(n) dot_g(n, r)
+ROWS_INLINE void scaled_block_sums(const uint8_t *cb, const int32_t *scales, const int groups, const int dwords, const uint8_t *xq,
+                                   size_t x_row, int m0, int b, __m512i sum[4], const int R) {
+    for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_si512();
+    for (int g = 0; g < groups; g++) {
+        __m512i w[8];
+        for (int k = 0; k < dwords; k++) w[k] = _mm512_load_si512(cb + 64 * (dwords * g + k));
+        const __m512i sc = _mm512_load_si512(scales + 16 * g);
+        for (int r = 0; r < R; r++) {
+            const int8_t *xs = X_BLOCK(x_block256, xq, x_row, m0 + r, b)->q + 4 * dwords * g;
+            sum[r] = _mm512_add_epi32(sum[r], _mm512_mullo_epi32(group_dot(w, xs, dwords), sc));
+        }
+    }
+}
+
 // Activation rows m0..m0+R-1 against the unpacked K-quant blocks, into their 16 outputs
 ROWS_INLINE void few_steps_k(const uint8_t *codes, const int32_t *scales, const int32_t *mins, const float *d, const float *dmin,
                              int nb, const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, __mmask16 valid, const int R) {
     __m512 acc[4], acc_min[4];
     for (int r = 0; r < R; r++) acc[r] = acc_min[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        const uint8_t *cb = codes + (size_t)4096 * b;
         __m512i sum[4], min_sum[4];
-        for (int r = 0; r < R; r++) sum[r] = min_sum[r] = _mm512_setzero_si512();
-        for (int j = 0; j < 8; j++) {
-            __m512i w[8];
-            for (int k = 0; k < 8; k++) w[k] = _mm512_load_si512(cb + 512 * j + 64 * k);
-            const __m512i sc = _mm512_load_si512(scales + (size_t)128 * b + 16 * j);
-            for (int r = 0; r < R; r++) {
-                const int8_t *xs = X_BLOCK(x_block256, xq, x_row, m0 + r, b)->q + 32 * j;
-                __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-                for (int k = 0; k < 8; k += 2) {
-                    s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32((int)read_u32(xs + 4 * k)));
-                    s1 = _mm512_dpbusd_epi32(s1, w[k + 1], _mm512_set1_epi32((int)read_u32(xs + 4 * k + 4)));
-                }
-                sum[r] = _mm512_add_epi32(sum[r], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc));
-            }
-        }
+        scaled_block_sums(codes + (size_t)4096 * b, scales + (size_t)128 * b, 8, 8, xq, x_row, m0, b, sum, R);
+        for (int r = 0; r < R; r++) min_sum[r] = _mm512_setzero_si512();
         const __m512 db = _mm512_load_ps(d + 16 * b), dminb = _mm512_load_ps(dmin + 16 * b);
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, xq, x_row, m0 + r, b);
@@ -2259,22 +2275,8 @@ ROWS_INLINE void few_steps_q6_k(const uint8_t *codes, const int32_t *scales, con
     __m512 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        const uint8_t *cb = codes + (size_t)4096 * b;
         __m512i sum[4];
-        for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_si512();
-        for (int g = 0; g < 16; g++) {
-            __m512i w[4];
-            for (int k = 0; k < 4; k++) w[k] = _mm512_load_si512(cb + 256 * g + 64 * k);
-            const __m512i sc = _mm512_load_si512(scales + (size_t)256 * b + 16 * g);
-            for (int r = 0; r < R; r++) {
-                const int8_t *xs = X_BLOCK(x_block256, xq, x_row, m0 + r, b)->q + 16 * g;
-                __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32((int)read_u32(xs)));
-                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32((int)read_u32(xs + 4)));
-                s0 = _mm512_dpbusd_epi32(s0, w[2], _mm512_set1_epi32((int)read_u32(xs + 8)));
-                s1 = _mm512_dpbusd_epi32(s1, w[3], _mm512_set1_epi32((int)read_u32(xs + 12)));
-                sum[r] = _mm512_add_epi32(sum[r], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc));
-            }
-        }
+        scaled_block_sums(codes + (size_t)4096 * b, scales + (size_t)256 * b, 16, 4, xq, x_row, m0, b, sum, R);
         const __m512 db = _mm512_load_ps(d + 16 * b);
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, xq, x_row, m0 + r, b);
