@@ -1914,7 +1914,7 @@ static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 #endif
 #endif
 
-#if defined(USE_AVX512) && defined(__AVX512VNNI__)
+#ifdef USE_AVX512  // its 512-bit VNNI dots
 #define USE_FEW_ROWS 1
 // --- a few activation rows, the weight rows side by side ---
 //
