@@ -185,7 +185,7 @@ def test_the_avx2_builds_give_the_avx512_bits(ggml_type, avx2_builds):
     K = 512 + (32 if native.activation_block(ggml_type) == 32 else 0)
     blocks = torch.from_numpy(random_rows(ggml_type, 37, K // gguf.GGML_QUANT_SIZES[ggml_type][0], rng))
     x = torch.from_numpy(rng.standard_normal((33, K)).astype(np.float32))
-    for M in (1, 5, 8, 9, 12, 16, 17, 24, 33):  # past each type's rows for the tiles, a last tile's half empty or not
+    for M in (1, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 33):  # the few-rows dots from 3 to 16, past each type's rows for the tiles, a last tile's half empty or not
         got = native.gguf_matmul(avx2, ggml_type, blocks, x[:M])
         assert torch.equal(native.gguf_matmul(vnni, ggml_type, blocks, x[:M]), got), M
         if wide is not None:

@@ -1914,22 +1914,54 @@ static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 #endif
 #endif
 
-#ifdef USE_AVX512  // its 512-bit VNNI dots
+#ifdef USE_AVX2
 #define USE_FEW_ROWS 1
 // --- a few activation rows, the weight rows side by side ---
 //
 // A forward of a few rows (a speculative draft's, a short chat turn's) pays, on the row kernels,
 // each block's steps (its integer sum reduced, a multiply-add) once for each row, and on the tile
-// tasks for 16 lanes of activation rows whatever their number. Here 16 weight rows' blocks are
-// unpacked side by side (lane n of register k: codes 4k..4k+3 of weight row n), so an activation
-// row's 4 codes, broadcast, meet all 16 rows in one VNNI dot: a block's 16 integer sums come out
-// in one register, and its steps cost one vector an activation row. The same integer sums and,
-// lane by lane, the same steps as the row kernels' (each block's sum, one multiply-add into chain
-// b % 4, the offsets' chain beside), so the same bits. Every matmul of a forward, 2 threads, ms
-// (row kernels, or AMX tiles from 8 rows -> these): SmolLM2-135M Q4_1, 3 rows 8.7 -> 7.5, 4 rows
-// 11.0 -> 8.5, 8 rows 15.3 -> 11.0, 16 rows 17.9 -> 15.7; 3B-shaped Q4_K_M (its Q6_K tensors
-// as they were), 4 rows 149 -> 141, 8 rows 256 -> 189, 16 rows 307 -> 267.
+// tasks for a tile's lanes of activation rows whatever their number. Here a register's lanes of
+// weight rows (16 on AVX-512, 8 on AVX2) have their blocks unpacked side by side (lane n of
+// register k: codes 4k..4k+3 of weight row n), so an activation row's 4 codes, broadcast, meet
+// all of them in one dot: a block's integer sums come out in one register, and its steps cost one
+// vector an activation row. The same integer sums and, lane by lane, the same steps as the row
+// kernels' (each block's sum, one multiply-add into chain b % 4, the offsets' chain beside), so
+// the same bits. Every matmul of a forward, 2 threads, ms (row kernels, or AMX tiles from 8 rows
+// -> these): SmolLM2-135M Q4_1, 3 rows 8.7 -> 7.5, 4 rows 11.0 -> 8.5, 8 rows 15.3 -> 11.0, 16
+// rows 17.9 -> 15.7; 3B-shaped Q4_K_M (its Q6_K tensors as they were), 4 rows 149 -> 141, 8 rows
+// 256 -> 189, 16 rows 307 -> 267. AVX2 alone has no 4-code dot: two byte-pair multiplies add up
+// as int16 before a pair multiply widens them (a Q6_K code is under 64, so two pairs of products
+// stay under 2^15), the work the row kernels' dots do for as many products; what it saves is the
+// steps and the sums' reductions.
 
+// FEW(op), FEW_SI(op): the intrinsic of the lanes' width
+#ifdef USE_AVX512
+#define FEW_LANES 16
+#define FEW(op) _mm512_##op
+#define FEW_SI(op) _mm512_##op##_si512
+typedef __m512i few_i;
+typedef __m512 few_f;
+#else
+#define FEW_LANES 8
+#define FEW(op) _mm256_##op
+#define FEW_SI(op) _mm256_##op##_si256
+typedef __m256i few_i;
+typedef __m256 few_f;
+#endif
+// A 4-code dot (VNNI): the signed codes (Q8_0, IQ4_NL) dot activations offset into unsigned
+// bytes, up to 255 x 127 a product, which a byte-pair multiply would saturate on
+#if defined(USE_AVX512) || defined(__AVXVNNI__)
+#define FEW_SIGNED 1
+#endif
+#define FEW_VECTOR_BYTES (4 * FEW_LANES)
+// Activation rows a pass over the unpacked blocks, their chains in registers (with AVX2's 16 some
+// spill, and still 2 rows a pass are slower: SmolLM2's matmuls at 8 rows 16.4 -> 15.8 ms)
+#define FEW_X_ROWS 4
+
+static inline few_i load_few(const void *p) { return FEW_SI(load)((const few_i *)p); }
+static inline void store_few(void *p, few_i v) { FEW_SI(store)((few_i *)p, v); }
+
+#ifdef USE_AVX512
 // Swapping a register-index bit for a lane bit p (4, 2 or 1) of register pairs z[i], z[i | bit]:
 // two-source permutes, which take rows held a lane group each to a dword (of each row) a register.
 static const int32_t LANE_SWAPS[3][2][16] = {
@@ -1963,6 +1995,68 @@ ROWS_INLINE void row_bytes32(const uint8_t *const *p, int at, __m512i z[8]) {
     swap_lane_bit(z, 8, 4, 0), swap_lane_bit(z, 8, 2, 1), swap_lane_bit(z, 8, 1, 2);
 }
 
+// 16 rows' 16 bytes at offset `at`: z[k] lane n holds dword k of row n's
+ROWS_INLINE void row_bytes16(const uint8_t *const *p, int at, __m512i z[4]) {
+    for (int g = 0; g < 4; g++) {  // register g: rows g, 4 + g, 8 + g, 12 + g; swapped, row n at lane n
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[g] + at)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[4 + g] + at)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[8 + g] + at)), 2);
+        z[g] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[12 + g] + at)), 3);
+    }
+    swap_lane_bit(z, 4, 2, 1), swap_lane_bit(z, 4, 1, 2);
+}
+
+// The float16 in the low half of each lane, as floats
+static inline __m512 low_halves_ps(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
+static inline __m512 halves_ps16(const uint16_t *h) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)); }
+static inline __m512i few_levels(void) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)); }
+static inline __m512i dot_bytes(__m512i sum, __m512i u, __m512i s) { return _mm512_dpbusd_epi32(sum, u, s); }
+static inline __m512i dot_pairs(__m512i sum, __m512i a, __m512i b) { return _mm512_dpwssd_epi32(sum, a, b); }
+static inline void store_lanes(float *y, __m512 v, int valid) { _mm512_mask_storeu_ps(y, (__mmask16)((1u << valid) - 1), v); }
+#else
+static inline __m256i row_dwords(const uint8_t *const *p, int at) {
+    return _mm256_setr_epi32((int)read_u32(p[0] + at), (int)read_u32(p[1] + at), (int)read_u32(p[2] + at), (int)read_u32(p[3] + at),
+                             (int)read_u32(p[4] + at), (int)read_u32(p[5] + at), (int)read_u32(p[6] + at), (int)read_u32(p[7] + at));
+}
+
+// Within each 128-bit lane, the 4 x 4 dwords of z[0..3] transposed
+ROWS_INLINE void transpose_dwords4(__m256i z[4]) {
+    const __m256i t0 = _mm256_unpacklo_epi32(z[0], z[1]), t1 = _mm256_unpackhi_epi32(z[0], z[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
+    z[0] = _mm256_unpacklo_epi64(t0, t2), z[1] = _mm256_unpackhi_epi64(t0, t2);
+    z[2] = _mm256_unpacklo_epi64(t1, t3), z[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+ROWS_INLINE void row_bytes32(const uint8_t *const *p, int at, __m256i z[8]) {
+    for (int i = 0; i < 8; i++) z[i] = _mm256_loadu_si256((const __m256i *)(p[i] + at));
+    transpose_dwords4(z), transpose_dwords4(z + 4);  // rows 0-3 (z[0..3]) and 4-7: dwords k and 4 + k in register k
+    for (int k = 0; k < 4; k++) {
+        const __m256i a = z[k], b = z[4 + k];
+        z[k] = _mm256_permute2x128_si256(a, b, 0x20), z[4 + k] = _mm256_permute2x128_si256(a, b, 0x31);
+    }
+}
+
+ROWS_INLINE void row_bytes16(const uint8_t *const *p, int at, __m256i z[4]) {
+    for (int g = 0; g < 4; g++)  // register g: rows g and 4 + g
+        z[g] = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p[4 + g] + at)), _mm_loadu_si128((const __m128i *)(p[g] + at)));
+    transpose_dwords4(z);
+}
+
+static inline __m256 low_halves_ps(__m256i v) {
+    const __m256i halves = _mm256_and_si256(v, _mm256_set1_epi32(0xffff));
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(halves, halves), 0x08)));
+}
+static inline __m256 halves_ps16(const uint16_t *h) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)); }
+static inline __m256i few_levels(void) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)); }
+#ifdef FEW_SIGNED
+static inline __m256i dot_bytes(__m256i sum, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(sum, u, s); }
+#endif
+static inline __m256i dot_pairs(__m256i sum, __m256i a, __m256i b) { return _mm256_add_epi32(sum, _mm256_madd_epi16(a, b)); }
+static inline void store_lanes(float *y, __m256 v, int valid) {
+    _mm256_maskstore_ps(y, _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+}
+#endif
+
 // The types taken here: 32-value blocks with a float scale, then the K-quants, the signed codes last
 enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW_Q8_0, FEW_IQ4_NL };
 
@@ -1981,10 +2075,12 @@ static int few_kind(int type, int M) {
     case GGML_Q4_K: kind = FEW_Q4_K; break;
     case GGML_Q5_K: kind = FEW_Q5_K; break;
     case GGML_Q6_K: kind = FEW_Q6_K; break;
-#ifndef USE_SOFT_TILES  // there Q8_0's row kernels take other steps (signed_pair_rows)
+#if defined(FEW_SIGNED) && !defined(USE_SOFT_TILES)  // there Q8_0's row kernels take other steps (signed_pair_rows)
     case GGML_Q8_0: kind = FEW_Q8_0; break;
 #endif
+#ifdef FEW_SIGNED
     case GGML_IQ4_NL: kind = FEW_IQ4_NL; break;
+#endif
     }
 #ifdef USE_AMX
     const int q6_k_most = 9;
@@ -1995,338 +2091,339 @@ static int few_kind(int type, int M) {
     return M >= least && M <= (kind == FEW_Q6_K ? q6_k_most : 16) ? kind : -1;
 }
 
-// Block b of 16 weight rows (p[n]: row n's block) side by side at out, 8 registers' worth: register
-// k lane n holds codes 4k..4k+3 of row n. The rows' scales into d [16] and c [16] (c: Q4_1's and
+// Block b of FEW_LANES weight rows (p[n]: row n's block) side by side at out, 8 registers' worth:
+// register k lane n holds codes 4k..4k+3 of row n. The rows' scales into d and c (c: Q4_1's and
 // Q5_1's minimum, else d, for the zero's term); for the signed codes, -128 times each row's code
-// sum into bias [16] (their activations go in offset by 128, unsigned). The codes go straight
-// into that layout: 16 rows' 16 bytes of nibbles (Q8_0: 32 codes) a lane group (a half) each,
-// transposed by lane swaps; a row's fifth bits spread onto its bytes by a multiply.
+// sum into bias (their activations go in offset by 128, unsigned). The codes go straight into that
+// layout: the rows' 16 bytes of nibbles (Q8_0: 32 codes) transposed; a row's fifth bits spread onto
+// its bytes by a multiply.
 ROWS_INLINE void few_unpack(const uint8_t *const *p, uint8_t *out, float *d, float *c, int32_t *bias, const int kind) {
     const int with_min = kind == FEW_Q4_1 || kind == FEW_Q5_1, with_high = kind == FEW_Q5_0 || kind == FEW_Q5_1;
-    const __m512i scales = row_dwords(p, 0);
-    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(scales));
-    _mm512_store_ps(d, dw);
-    _mm512_store_ps(c, with_min ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(scales, 16))) : dw);
-    __m512i q[8];
+    const few_i scales = row_dwords(p, 0);
+    const few_f dw = low_halves_ps(scales);
+    FEW(store_ps)(d, dw);
+    FEW(store_ps)(c, with_min ? low_halves_ps(FEW(srli_epi32)(scales, 16)) : dw);
+    few_i q[8];
     if (kind == FEW_Q8_0) {
         row_bytes32(p, 2, q);
-    } else {  // register g: rows g, 4 + g, 8 + g, 12 + g; swapped, row n at lane n
+    } else {
         const int qs_at = with_min ? 4 : 2, codes_at = qs_at + (with_high ? 4 : 0);
-        __m512i z[4];
-        for (int g = 0; g < 4; g++) {
-            __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[g] + codes_at)));
-            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[4 + g] + codes_at)), 1);
-            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[8 + g] + codes_at)), 2);
-            z[g] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p[12 + g] + codes_at)), 3);
-        }
-        swap_lane_bit(z, 4, 2, 1), swap_lane_bit(z, 4, 1, 2);
-        const __m512i high = with_high ? row_dwords(p, qs_at) : _mm512_setzero_si512();
+        few_i z[4];
+        row_bytes16(p, codes_at, z);
+        const few_i high = with_high ? row_dwords(p, qs_at) : FEW_SI(setzero)();
         for (int k = 0; k < 8; k++) {
-            q[k] = _mm512_and_si512(k < 4 ? z[k] : _mm512_srli_epi16(z[k - 4], 4), _mm512_set1_epi8(15));
-            if (kind == FEW_IQ4_NL) q[k] = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)), q[k]);
+            q[k] = FEW_SI(and)(k < 4 ? z[k] : FEW(srli_epi16)(z[k - 4], 4), FEW(set1_epi8)(15));
+            if (kind == FEW_IQ4_NL) q[k] = FEW(shuffle_epi8)(few_levels(), q[k]);
             if (with_high) {  // bits 4k..4k+3 of a row's qh to bit 4 of its 4 bytes here
-                __m512i bits = _mm512_and_si512(_mm512_srli_epi32(high, 4 * k), _mm512_set1_epi32(15));
-                bits = _mm512_and_si512(_mm512_mullo_epi32(bits, _mm512_set1_epi32(0x00204081)), _mm512_set1_epi32(0x01010101));
-                q[k] = _mm512_or_si512(q[k], _mm512_slli_epi32(bits, 4));
+                few_i bits = FEW_SI(and)(FEW(srli_epi32)(high, 4 * k), FEW(set1_epi32)(15));
+                bits = FEW_SI(and)(FEW(mullo_epi32)(bits, FEW(set1_epi32)(0x00204081)), FEW(set1_epi32)(0x01010101));
+                q[k] = FEW_SI(or)(q[k], FEW(slli_epi32)(bits, 4));
             }
         }
     }
-    __m512i sum = _mm512_setzero_si512();
-    for (int k = 0; k < 8; k++) {
-        _mm512_store_si512(out + 64 * k, q[k]);
-        if (kind >= FEW_Q8_0) sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), q[k]);
+    for (int k = 0; k < 8; k++) store_few(out + FEW_VECTOR_BYTES * k, q[k]);
+#ifdef FEW_SIGNED
+    if (kind >= FEW_Q8_0) {
+        few_i sum = FEW_SI(setzero)();
+        for (int k = 0; k < 8; k++) sum = dot_bytes(sum, FEW(set1_epi8)(1), q[k]);
+        store_few(bias, FEW(sub_epi32)(FEW_SI(setzero)(), FEW(slli_epi32)(sum, 7)));
     }
-    if (kind >= FEW_Q8_0) _mm512_store_si512(bias, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+#else
+    (void)bias;
+#endif
 }
 
-// 16 weight rows' codes (4 a lane of each register w[k]) dotted with an activation row's codes
-// xs, 4 broadcast a register: lane n the group's integer sum for row n (two chains of dots)
-ROWS_INLINE __m512i group_dot(const __m512i *w, const int8_t *xs, const int dwords) {
-    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+// The weight rows' codes (4 a lane of each register w[k], under 64) dotted with an activation
+// row's codes xs, 4 broadcast a register: lane n the group's integer sum for weight row n
+ROWS_INLINE few_i group_dot(const few_i *w, const int8_t *xs, const int dwords) {
+#ifdef FEW_SIGNED
+    few_i s0 = FEW_SI(setzero)(), s1 = FEW_SI(setzero)();  // two chains of dots
     for (int k = 0; k < dwords; k += 2) {
-        s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32((int)read_u32(xs + 4 * k)));
-        s1 = _mm512_dpbusd_epi32(s1, w[k + 1], _mm512_set1_epi32((int)read_u32(xs + 4 * k + 4)));
+        s0 = dot_bytes(s0, w[k], FEW(set1_epi32)((int)read_u32(xs + 4 * k)));
+        s1 = dot_bytes(s1, w[k + 1], FEW(set1_epi32)((int)read_u32(xs + 4 * k + 4)));
     }
-    return _mm512_add_epi32(s0, s1);
+    return FEW(add_epi32)(s0, s1);
+#else
+    few_i s = FEW_SI(setzero)();
+    for (int k = 0; k < dwords; k += 2) {
+        const few_i pairs = FEW(add_epi16)(FEW(maddubs_epi16)(w[k], FEW(set1_epi32)((int)read_u32(xs + 4 * k))),
+                                           FEW(maddubs_epi16)(w[k + 1], FEW(set1_epi32)((int)read_u32(xs + 4 * k + 4))));
+        s = FEW(add_epi32)(s, FEW(madd_epi16)(pairs, FEW(set1_epi16)(1)));
+    }
+    return s;
+#endif
 }
 
-// Activation rows m0..m0+R-1 against the unpacked blocks, into their 16 outputs (the first `valid`)
+// Activation rows m0..m0+R-1 against the unpacked blocks, into their outputs (the first `valid`)
 ROWS_INLINE void few_steps(const uint8_t *codes, const float *d, const float *c, const int32_t *bias, int nb, const uint8_t *xq,
-                           size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row, __mmask16 valid, const int kind,
+                           size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row, int valid, const int kind,
                            const int R) {
+#ifndef FEW_SIGNED
+    (void)bias, (void)x_offset;  // the signed codes' only
+#endif
     const int is_signed = kind >= FEW_Q8_0, with_min = kind == FEW_Q4_1 || kind == FEW_Q5_1;
     const int zero = kind == FEW_Q5_0 || kind == FEW_Q5_1 ? 16 : 8, last4 = nb & ~3;
-    __m512 acc[4][4], offsets[4];
+    few_f acc[4][FEW_X_ROWS], offsets[FEW_X_ROWS];
     for (int r = 0; r < R; r++) {
-        offsets[r] = _mm512_setzero_ps();
-        for (int u = 0; u < 4; u++) acc[u][r] = _mm512_setzero_ps();
+        offsets[r] = FEW(setzero_ps)();
+        for (int u = 0; u < 4; u++) acc[u][r] = FEW(setzero_ps)();
     }
     for (int b = 0; b < nb; b++) {
         const int u = b < last4 ? b % 4 : 0;
-        const __m512 dw = _mm512_load_ps(d + 16 * b), cw = _mm512_load_ps(c + 16 * b);
-        __m512i w[8];
-        for (int k = 0; k < 8; k++) w[k] = _mm512_load_si512(codes + (size_t)512 * b + 64 * k);
+        const few_f dw = FEW(load_ps)(d + FEW_LANES * b), cw = FEW(load_ps)(c + FEW_LANES * b);
+        few_i w[8];
+        for (int k = 0; k < 8; k++) w[k] = load_few(codes + (size_t)8 * FEW_VECTOR_BYTES * b + FEW_VECTOR_BYTES * k);
         for (int r = 0; r < R; r++) {
             const x_block32 *xb = X_BLOCK(x_block32, xq, x_row, m0 + r, b);
             // unsigned codes by the signed activations, or signed codes by the activations offset
             // into unsigned bytes (x_offset) and the bias taken off
-            __m512i dot;
+            few_i dot;
+#ifdef FEW_SIGNED
             if (is_signed) {
                 const uint8_t *xo = x_offset + ((size_t)(m0 + r) * nb + b) * 32;
-                __m512i s0 = _mm512_load_si512(bias + 16 * b), s1 = _mm512_setzero_si512();
+                few_i s0 = load_few(bias + FEW_LANES * b), s1 = FEW_SI(setzero)();
                 for (int k = 0; k < 8; k += 2) {
-                    s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32((int)read_u32(xo + 4 * k)), w[k]);
-                    s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32((int)read_u32(xo + 4 * k + 4)), w[k + 1]);
+                    s0 = dot_bytes(s0, FEW(set1_epi32)((int)read_u32(xo + 4 * k)), w[k]);
+                    s1 = dot_bytes(s1, FEW(set1_epi32)((int)read_u32(xo + 4 * k + 4)), w[k + 1]);
                 }
-                dot = _mm512_add_epi32(s0, s1);
-            } else {
+                dot = FEW(add_epi32)(s0, s1);
+            } else
+#endif
                 dot = group_dot(w, xb->q, 8);
-            }
-            __m512 sum = _mm512_cvtepi32_ps(dot);
-            acc[u][r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[u][r]);
-            if (!is_signed) offsets[r] = _mm512_add_ps(offsets[r], _mm512_mul_ps(cw, _mm512_set1_ps(xb->s)));
+            few_f sum = FEW(cvtepi32_ps)(dot);
+            acc[u][r] = FEW(fmadd_ps)(sum, FEW(mul_ps)(dw, FEW(set1_ps)(xb->d)), acc[u][r]);
+            if (!is_signed) offsets[r] = FEW(add_ps)(offsets[r], FEW(mul_ps)(cw, FEW(set1_ps)(xb->s)));
         }
     }
-    const __m512 factor = _mm512_set1_ps(with_min ? 1.0f : (float)-zero);
+    const few_f factor = FEW(set1_ps)(with_min ? 1.0f : (float)-zero);
     for (int r = 0; r < R; r++) {
-        __m512 total = _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
-        if (!is_signed) total = _mm512_add_ps(total, _mm512_mul_ps(offsets[r], factor));
-        _mm512_mask_storeu_ps(y + (size_t)(m0 + r) * y_row, valid, total);
+        few_f total = FEW(add_ps)(FEW(add_ps)(acc[0][r], acc[1][r]), FEW(add_ps)(acc[2][r], acc[3][r]));
+        if (!is_signed) total = FEW(add_ps)(total, FEW(mul_ps)(offsets[r], factor));
+        store_lanes(y + (size_t)(m0 + r) * y_row, total, valid);
     }
-}
-
-// Weight rows row[0..rows) (up to 16) against the M quantized activation rows xq (for the signed
-// codes, also their codes offset by 128: x_offset [M][nb][32]) into y
-ROWS_INLINE int few_rows_task(const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, const uint8_t *x_offset,
-                              int M, float *y, size_t y_row, const int kind) {
-    const int nb = K / 32, is_signed = kind >= FEW_Q8_0, iq4 = kind == FEW_IQ4_NL;
-    const int with_min = kind == FEW_Q4_1 || kind == FEW_Q5_1, with_high = kind == FEW_Q5_0 || kind == FEW_Q5_1;
-    const int size = is_signed ? (iq4 ? 18 : 34) : (with_min ? 20 : 18) + (with_high ? 4 : 0);
-    // per block: the codes (512 bytes), d [16], c [16], bias [16]
-    uint8_t *mem = scratch((size_t)nb * (512 + 3 * 64));
-    if (!mem) return -2;
-    uint8_t *codes = mem;
-    float *d = (float *)(mem + (size_t)nb * 512), *c = d + (size_t)16 * nb;
-    int32_t *bias = (int32_t *)(c + (size_t)16 * nb);
-    const uint8_t *p[16];
-    for (int n = 0; n < 16; n++) p[n] = row[n < rows ? n : rows - 1];  // rows past the last: outputs not stored
-    for (int b = 0; b < nb; b++) {
-        few_unpack(p, codes + (size_t)512 * b, d + 16 * b, c + 16 * b, bias + 16 * b, kind);
-        for (int n = 0; n < 16; n++) prefetch_ahead(p[n], size), p[n] += size;
-    }
-    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
-    for (int m = 0; m < M; m += 4) switch (M - m) {  // up to 4 activation rows' chains in registers
-        case 1: few_steps(codes, d, c, bias, nb, xq, x_row, x_offset, m, y, y_row, valid, kind, 1); break;
-        case 2: few_steps(codes, d, c, bias, nb, xq, x_row, x_offset, m, y, y_row, valid, kind, 2); break;
-        case 3: few_steps(codes, d, c, bias, nb, xq, x_row, x_offset, m, y, y_row, valid, kind, 3); break;
-        default: few_steps(codes, d, c, bias, nb, xq, x_row, x_offset, m, y, y_row, valid, kind, 4); break;
-        }
-    return 0;
 }
 
 // Q4_K and Q5_K: a block of 256 values is 8 sub-blocks of 32 codes, each with a 6-bit scale and
-// minimum (q4_k_scales). Each sub-block's 16 integer sums come out of 8 dots as above, times its
+// minimum (q4_k_scales). Each sub-block's integer sums come out of 8 dots as above, times its
 // scales (lane n: row n's) and added: the block's sum(sc_j sum_j), the minimums' sum(m_j xsum_j)
 // beside, then the row kernels' two multiply-adds (q4_q5_k_rows), so the same bits.
 
-// Block b of 16 rows at out: sub-block j's codes at out + 512 j (8 registers' worth, as
-// few_unpack's); scales [8][16] and minimums as int16 pairs [4][16] (pair i: m_2i, m_2i+1) in
-// int32 lanes; d [16], dmin [16]
+// Block b of the rows at out: sub-block j's codes at out + 8 j vectors (as few_unpack's); scales
+// [8][lanes] and minimums as int16 pairs [4][lanes] (pair i: m_2i, m_2i+1) in int32 lanes; d, dmin
 ROWS_INLINE void few_unpack_k(const uint8_t *const *p, uint8_t *out, int32_t *scales, int32_t *mins, float *d, float *dmin,
                               const int with_high) {
-    const __m512i dd = row_dwords(p, 0);
-    _mm512_store_ps(d, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd)));
-    _mm512_store_ps(dmin, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dd, 16))));
-    const __m512i a = row_dwords(p, 4), b = row_dwords(p, 8), c = row_dwords(p, 12), six = _mm512_set1_epi32(0x3f3f3f3f);
-    const __m512i four = _mm512_set1_epi32(0x0f0f0f0f), tops = _mm512_set1_epi32(0x30303030), byte = _mm512_set1_epi32(0xff);
-    const __m512i sc[2] = {_mm512_and_si512(a, six), _mm512_or_si512(_mm512_and_si512(c, four), _mm512_and_si512(_mm512_srli_epi32(a, 2), tops))};
-    const __m512i mn[2] = {_mm512_and_si512(b, six),
-                           _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(c, 4), four), _mm512_and_si512(_mm512_srli_epi32(b, 2), tops))};
-    for (int j = 0; j < 8; j++) _mm512_store_si512(scales + 16 * j, _mm512_and_si512(_mm512_srli_epi32(sc[j / 4], 8 * (j % 4)), byte));
+    const few_i dd = row_dwords(p, 0);
+    FEW(store_ps)(d, low_halves_ps(dd));
+    FEW(store_ps)(dmin, low_halves_ps(FEW(srli_epi32)(dd, 16)));
+    const few_i a = row_dwords(p, 4), b = row_dwords(p, 8), c = row_dwords(p, 12), six = FEW(set1_epi32)(0x3f3f3f3f);
+    const few_i four = FEW(set1_epi32)(0x0f0f0f0f), tops = FEW(set1_epi32)(0x30303030), byte = FEW(set1_epi32)(0xff);
+    const few_i sc[2] = {FEW_SI(and)(a, six), FEW_SI(or)(FEW_SI(and)(c, four), FEW_SI(and)(FEW(srli_epi32)(a, 2), tops))};
+    const few_i mn[2] = {FEW_SI(and)(b, six), FEW_SI(or)(FEW_SI(and)(FEW(srli_epi32)(c, 4), four), FEW_SI(and)(FEW(srli_epi32)(b, 2), tops))};
+    for (int j = 0; j < 8; j++) store_few(scales + FEW_LANES * j, FEW_SI(and)(FEW(srli_epi32)(sc[j / 4], 8 * (j % 4)), byte));
     for (int i = 0; i < 4; i++) {
-        __m512i v = _mm512_srli_epi32(mn[i / 2], 16 * (i % 2));
-        _mm512_store_si512(mins + 16 * i, _mm512_or_si512(_mm512_and_si512(v, byte), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 8), byte), 16)));
+        few_i v = FEW(srli_epi32)(mn[i / 2], 16 * (i % 2));
+        store_few(mins + FEW_LANES * i, FEW_SI(or)(FEW_SI(and)(v, byte), FEW(slli_epi32)(FEW_SI(and)(FEW(srli_epi32)(v, 8), byte), 16)));
     }
-    __m512i high[8];
+    few_i high[8];
     if (with_high) row_bytes32(p, 16, high);
-    const __m512i low4 = _mm512_set1_epi8(15), one = _mm512_set1_epi8(1);
+    const few_i low4 = FEW(set1_epi8)(15), one = FEW(set1_epi8)(1);
     for (int j = 0; j < 4; j++) {  // 32 bytes: low nibbles sub-block 2j, high ones 2j + 1
-        __m512i z[8];
+        few_i z[8];
         row_bytes32(p, (with_high ? 48 : 16) + 32 * j, z);
         for (int k = 0; k < 8; k++) {
-            __m512i lo = _mm512_and_si512(z[k], low4), hi = _mm512_and_si512(_mm512_srli_epi16(z[k], 4), low4);
+            few_i lo = FEW_SI(and)(z[k], low4), hi = FEW_SI(and)(FEW(srli_epi16)(z[k], 4), low4);
             if (with_high) {  // bit 2j of qh[l] is bit 4 of code l of sub-block 2j, bit 2j + 1 of 2j + 1's
-                lo = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high[k], 2 * j), one), 4));
-                hi = _mm512_or_si512(hi, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high[k], 2 * j + 1), one), 4));
+                lo = FEW_SI(or)(lo, FEW(slli_epi16)(FEW_SI(and)(FEW(srli_epi16)(high[k], 2 * j), one), 4));
+                hi = FEW_SI(or)(hi, FEW(slli_epi16)(FEW_SI(and)(FEW(srli_epi16)(high[k], 2 * j + 1), one), 4));
             }
-            _mm512_store_si512(out + 512 * (2 * j) + 64 * k, lo);
-            _mm512_store_si512(out + 512 * (2 * j + 1) + 64 * k, hi);
+            store_few(out + FEW_VECTOR_BYTES * (8 * (2 * j) + k), lo);
+            store_few(out + FEW_VECTOR_BYTES * (8 * (2 * j + 1) + k), hi);
         }
     }
 }
 
-// R activation rows' sums over a K-quant block's groups of 4 dwords codes (group g's registers
-// at cb + 64 dwords g) times each group's scales (scales + 16 g): lane n of sum[r] is
-// sum over g of sc_g(n) dot_g(n, r)
+// R activation rows' sums over a K-quant block's groups of `dwords` code registers (group g's at
+// cb + dwords g vectors) times each group's scales (scales + lanes g): lane n of sum[r] is sum
+// over g of sc_g(n) dot_g(n, r)
 ROWS_INLINE void scaled_block_sums(const uint8_t *cb, const int32_t *scales, const int groups, const int dwords, const uint8_t *xq,
-                                   size_t x_row, int m0, int b, __m512i sum[4], const int R) {
-    for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_si512();
+                                   size_t x_row, int m0, int b, few_i sum[], const int R) {
+    for (int r = 0; r < R; r++) sum[r] = FEW_SI(setzero)();
     for (int g = 0; g < groups; g++) {
-        __m512i w[8];
-        for (int k = 0; k < dwords; k++) w[k] = _mm512_load_si512(cb + 64 * (dwords * g + k));
-        const __m512i sc = _mm512_load_si512(scales + 16 * g);
+        few_i w[8];
+        for (int k = 0; k < dwords; k++) w[k] = load_few(cb + FEW_VECTOR_BYTES * (dwords * g + k));
+        const few_i sc = load_few(scales + FEW_LANES * g);
         for (int r = 0; r < R; r++) {
             const int8_t *xs = X_BLOCK(x_block256, xq, x_row, m0 + r, b)->q + 4 * dwords * g;
-            sum[r] = _mm512_add_epi32(sum[r], _mm512_mullo_epi32(group_dot(w, xs, dwords), sc));
+            sum[r] = FEW(add_epi32)(sum[r], FEW(mullo_epi32)(group_dot(w, xs, dwords), sc));
         }
     }
 }
 
-// Activation rows m0..m0+R-1 against the unpacked K-quant blocks, into their 16 outputs
+// Activation rows m0..m0+R-1 against the unpacked K-quant blocks, into their outputs
 ROWS_INLINE void few_steps_k(const uint8_t *codes, const int32_t *scales, const int32_t *mins, const float *d, const float *dmin,
-                             int nb, const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, __mmask16 valid, const int R) {
-    __m512 acc[4], acc_min[4];
-    for (int r = 0; r < R; r++) acc[r] = acc_min[r] = _mm512_setzero_ps();
+                             int nb, const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, int valid, const int R) {
+    few_f acc[FEW_X_ROWS], acc_min[FEW_X_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = acc_min[r] = FEW(setzero_ps)();
     for (int b = 0; b < nb; b++) {
-        __m512i sum[4], min_sum[4];
-        scaled_block_sums(codes + (size_t)4096 * b, scales + (size_t)128 * b, 8, 8, xq, x_row, m0, b, sum, R);
-        for (int r = 0; r < R; r++) min_sum[r] = _mm512_setzero_si512();
-        const __m512 db = _mm512_load_ps(d + 16 * b), dminb = _mm512_load_ps(dmin + 16 * b);
+        few_i sum[FEW_X_ROWS];
+        scaled_block_sums(codes + (size_t)64 * FEW_VECTOR_BYTES * b, scales + (size_t)8 * FEW_LANES * b, 8, 8, xq, x_row, m0, b, sum, R);
+        const few_f db = FEW(load_ps)(d + FEW_LANES * b), dminb = FEW(load_ps)(dmin + FEW_LANES * b);
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, xq, x_row, m0 + r, b);
+            few_i min_sum = FEW_SI(setzero)();
             for (int i = 0; i < 4; i++)
-                min_sum[r] = _mm512_dpwssd_epi32(min_sum[r], _mm512_load_si512(mins + (size_t)64 * b + 16 * i),
-                                                 _mm512_set1_epi32((int)read_u32(xb->sums32 + 2 * i)));
-            const __m512 xd = _mm512_set1_ps(xb->d);
-            acc_min[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(min_sum[r]), _mm512_mul_ps(dminb, xd), acc_min[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_mul_ps(db, xd), acc[r]);
+                min_sum = dot_pairs(min_sum, load_few(mins + (size_t)4 * FEW_LANES * b + FEW_LANES * i),
+                                    FEW(set1_epi32)((int)read_u32(xb->sums32 + 2 * i)));
+            const few_f xd = FEW(set1_ps)(xb->d);
+            acc_min[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(min_sum), FEW(mul_ps)(dminb, xd), acc_min[r]);
+            acc[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(sum[r]), FEW(mul_ps)(db, xd), acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (size_t)(m0 + r) * y_row, valid, _mm512_sub_ps(acc[r], acc_min[r]));
-}
-
-ROWS_INLINE int few_k_task(const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, int M, float *y, size_t y_row,
-                           const int with_high) {
-    const int nb = K / 256, size = with_high ? 176 : 144;
-    // per block: the codes (4096 bytes), scales [8][16], minimum pairs [4][16], d [16], dmin [16]
-    uint8_t *mem = scratch((size_t)nb * (4096 + 512 + 256 + 128));
-    if (!mem) return -2;
-    uint8_t *codes = mem;
-    int32_t *scales = (int32_t *)(mem + (size_t)4096 * nb), *mins = scales + (size_t)128 * nb;
-    float *d = (float *)(mins + (size_t)64 * nb), *dmin = d + (size_t)16 * nb;
-    const uint8_t *p[16];
-    for (int n = 0; n < 16; n++) p[n] = row[n < rows ? n : rows - 1];  // rows past the last: outputs not stored
-    for (int b = 0; b < nb; b++) {
-        few_unpack_k(p, codes + (size_t)4096 * b, scales + (size_t)128 * b, mins + (size_t)64 * b, d + 16 * b, dmin + 16 * b, with_high);
-        for (int n = 0; n < 16; n++) prefetch_ahead(p[n], size), p[n] += size;
-    }
-    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
-    for (int m = 0; m < M; m += 4) switch (M - m) {
-        case 1: few_steps_k(codes, scales, mins, d, dmin, nb, xq, x_row, m, y, y_row, valid, 1); break;
-        case 2: few_steps_k(codes, scales, mins, d, dmin, nb, xq, x_row, m, y, y_row, valid, 2); break;
-        case 3: few_steps_k(codes, scales, mins, d, dmin, nb, xq, x_row, m, y, y_row, valid, 3); break;
-        default: few_steps_k(codes, scales, mins, d, dmin, nb, xq, x_row, m, y, y_row, valid, 4); break;
-        }
-    return 0;
+    for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, FEW(sub_ps)(acc[r], acc_min[r]), valid);
 }
 
 // Q6_K: a block of 256 values is 16 groups of 16 6-bit codes (4 low bits in ql, 2 high in qh,
-// as q6_k_codes lays them out) with int8 scales, w = d sc (q - 32). Each group's 16 sums come out
+// as q6_k_codes lays them out) with int8 scales, w = d sc (q - 32). Each group's sums come out
 // of 4 dots, times its scales and added; the shift 32 sum(sc_g xsum_g) by int16 pair dots; then
 // the row kernels' one multiply-add (q6_k_rows), so the same bits.
 
-// Block b of 16 rows at out: group g's codes at out + 256 g (4 registers' worth); scales [16][16]
-// and scale pairs [8][16] (pair i: sc_2i, sc_2i+1 as int16s) in int32 lanes; d [16]
+// Block b of the rows at out: group g's codes at out + 4 g vectors; scales [16][lanes] and scale
+// pairs [8][lanes] (pair i: sc_2i, sc_2i+1 as int16s) in int32 lanes; d
 ROWS_INLINE void few_unpack_q6_k(const uint8_t *const *p, uint8_t *out, int32_t *scales, int32_t *pairs, float *d) {
-    uint16_t half_d[16];  // the block's last 2 bytes (a dword read would pass the tensor's end)
-    for (int n = 0; n < 16; n++) half_d[n] = read_u16(p[n] + 208);
-    _mm512_store_ps(d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)half_d)));
+    uint16_t half_d[FEW_LANES];  // the block's last 2 bytes (a dword read would pass the tensor's end)
+    for (int n = 0; n < FEW_LANES; n++) half_d[n] = read_u16(p[n] + 208);
+    FEW(store_ps)(d, halves_ps16(half_d));
     for (int i = 0; i < 4; i++) {  // scales 4i..4i+3
-        const __m512i v = row_dwords(p, 192 + 4 * i);
-        for (int j = 0; j < 4; j++) _mm512_store_si512(scales + 16 * (4 * i + j), _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24));
-        const __m512i even = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8), odd = _mm512_srai_epi16(v, 8);  // bytes 0, 2 and 1, 3
-        const __m512i low16 = _mm512_set1_epi32(0xffff);
-        _mm512_store_si512(pairs + 16 * (2 * i), _mm512_or_si512(_mm512_and_si512(even, low16), _mm512_slli_epi32(odd, 16)));
-        _mm512_store_si512(pairs + 16 * (2 * i + 1), _mm512_or_si512(_mm512_srli_epi32(even, 16), _mm512_andnot_si512(low16, odd)));
+        const few_i v = row_dwords(p, 192 + 4 * i);
+        for (int j = 0; j < 4; j++) store_few(scales + FEW_LANES * (4 * i + j), FEW(srai_epi32)(FEW(slli_epi32)(v, 24 - 8 * j), 24));
+        const few_i even = FEW(srai_epi16)(FEW(slli_epi16)(v, 8), 8), odd = FEW(srai_epi16)(v, 8);  // bytes 0, 2 and 1, 3
+        const few_i low16 = FEW(set1_epi32)(0xffff);
+        store_few(pairs + FEW_LANES * (2 * i), FEW_SI(or)(FEW_SI(and)(even, low16), FEW(slli_epi32)(odd, 16)));
+        store_few(pairs + FEW_LANES * (2 * i + 1), FEW_SI(or)(FEW(srli_epi32)(even, 16), FEW_SI(andnot)(low16, odd)));
     }
-    const __m512i low4 = _mm512_set1_epi8(15), low2 = _mm512_set1_epi8(3);
+    const few_i low4 = FEW(set1_epi8)(15), low2 = FEW(set1_epi8)(3);
     for (int half = 0; half < 2; half++) {
-        __m512i l0[8], l1[8], h[8];
+        few_i l0[8], l1[8], h[8];
         row_bytes32(p, 64 * half, l0), row_bytes32(p, 64 * half + 32, l1), row_bytes32(p, 128 + 32 * half, h);
         for (int k = 0; k < 8; k++) {
             // runs of 32 codes: ql[l] low, ql[l + 32] low, ql[l] high, ql[l + 32] high, with qh[l]'s bits 0-1, 2-3, 4-5, 6-7
-            const __m512i run[4] = {
-                _mm512_or_si512(_mm512_and_si512(l0[k], low4), _mm512_slli_epi16(_mm512_and_si512(h[k], low2), 4)),
-                _mm512_or_si512(_mm512_and_si512(l1[k], low4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h[k], 2), low2), 4)),
-                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l0[k], 4), low4),
-                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h[k], 4), low2), 4)),
-                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l1[k], 4), low4),
-                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h[k], 6), low2), 4)),
+            const few_i run[4] = {
+                FEW_SI(or)(FEW_SI(and)(l0[k], low4), FEW(slli_epi16)(FEW_SI(and)(h[k], low2), 4)),
+                FEW_SI(or)(FEW_SI(and)(l1[k], low4), FEW(slli_epi16)(FEW_SI(and)(FEW(srli_epi16)(h[k], 2), low2), 4)),
+                FEW_SI(or)(FEW_SI(and)(FEW(srli_epi16)(l0[k], 4), low4), FEW(slli_epi16)(FEW_SI(and)(FEW(srli_epi16)(h[k], 4), low2), 4)),
+                FEW_SI(or)(FEW_SI(and)(FEW(srli_epi16)(l1[k], 4), low4), FEW(slli_epi16)(FEW_SI(and)(FEW(srli_epi16)(h[k], 6), low2), 4)),
             };
             for (int r = 0; r < 4; r++)  // dwords 0-3 of a run: group 8 half + 2r; 4-7: the next
-                _mm512_store_si512(out + 256 * (8 * half + 2 * r + k / 4) + 64 * (k % 4), run[r]);
+                store_few(out + FEW_VECTOR_BYTES * (4 * (8 * half + 2 * r + k / 4) + k % 4), run[r]);
         }
     }
 }
 
-// Activation rows m0..m0+R-1 against the unpacked Q6_K blocks, into their 16 outputs
+// Activation rows m0..m0+R-1 against the unpacked Q6_K blocks, into their outputs
 ROWS_INLINE void few_steps_q6_k(const uint8_t *codes, const int32_t *scales, const int32_t *pairs, const float *d, int nb,
-                                const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, __mmask16 valid, const int R) {
-    __m512 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+                                const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, int valid, const int R) {
+    few_f acc[FEW_X_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = FEW(setzero_ps)();
     for (int b = 0; b < nb; b++) {
-        __m512i sum[4];
-        scaled_block_sums(codes + (size_t)4096 * b, scales + (size_t)256 * b, 16, 4, xq, x_row, m0, b, sum, R);
-        const __m512 db = _mm512_load_ps(d + 16 * b);
+        few_i sum[FEW_X_ROWS];
+        scaled_block_sums(codes + (size_t)64 * FEW_VECTOR_BYTES * b, scales + (size_t)16 * FEW_LANES * b, 16, 4, xq, x_row, m0, b, sum, R);
+        const few_f db = FEW(load_ps)(d + FEW_LANES * b);
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, xq, x_row, m0 + r, b);
-            __m512i shift = _mm512_setzero_si512();
+            few_i shift = FEW_SI(setzero)();
             for (int i = 0; i < 8; i++)
-                shift = _mm512_dpwssd_epi32(shift, _mm512_load_si512(pairs + (size_t)128 * b + 16 * i),
-                                            _mm512_set1_epi32((int)read_u32(xb->sums + 2 * i)));
-            const __m512i total = _mm512_sub_epi32(sum[r], _mm512_slli_epi32(shift, 5));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(db, _mm512_set1_ps(xb->d)), acc[r]);
+                shift = dot_pairs(shift, load_few(pairs + (size_t)8 * FEW_LANES * b + FEW_LANES * i),
+                                  FEW(set1_epi32)((int)read_u32(xb->sums + 2 * i)));
+            const few_i total = FEW(sub_epi32)(sum[r], FEW(slli_epi32)(shift, 5));
+            acc[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(total), FEW(mul_ps)(db, FEW(set1_ps)(xb->d)), acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (size_t)(m0 + r) * y_row, valid, acc[r]);
+    for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, acc[r], valid);
 }
 
-ROWS_INLINE int few_q6_k_task(const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, int M, float *y, size_t y_row) {
-    const int nb = K / 256;
-    // per block: the codes (4096 bytes), scales [16][16], scale pairs [8][16], d [16]
-    uint8_t *mem = scratch((size_t)nb * (4096 + 1024 + 512 + 64));
+// A block's unpacked form by kind, in lanes' worth (4 bytes each, FEW_LANES of them): the codes
+// (8 vectors a 32 values), then d, then c (Q4_1/Q5_1's minimum, d, or the K-quants' dmin), then
+// `scale_lanes` (bias, or the K-quants' scales), then `pair_lanes` (Q4_K/Q5_K's minimums,
+// Q6_K's scale pairs)
+static inline int few_values(int kind) { return kind >= FEW_Q4_K && kind <= FEW_Q6_K ? 256 : 32; }
+static inline int few_scale_lanes(int kind) { return kind == FEW_Q6_K ? 16 : kind >= FEW_Q4_K && kind <= FEW_Q5_K ? 8 : 1; }
+static inline int few_pair_lanes(int kind) { return kind == FEW_Q6_K ? 8 : kind >= FEW_Q4_K && kind <= FEW_Q5_K ? 4 : 0; }
+static inline int few_block_bytes(int kind) {
+    const int with_min = kind == FEW_Q4_1 || kind == FEW_Q5_1, with_high = kind == FEW_Q5_0 || kind == FEW_Q5_1;
+    switch (kind) {
+    case FEW_Q4_K: return 144;
+    case FEW_Q5_K: return 176;
+    case FEW_Q6_K: return 210;
+    case FEW_Q8_0: return 34;
+    case FEW_IQ4_NL: return 18;
+    default: return (with_min ? 20 : 18) + (with_high ? 4 : 0);
+    }
+}
+
+// Activation rows m0..m0+R-1 against the unpacked blocks of `kind` (laid out as few_rows_task's)
+ROWS_INLINE void few_kind_steps(const uint8_t *codes, const float *d, const float *c, const int32_t *scales, const int32_t *pairs,
+                                int nb, const uint8_t *xq, size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row,
+                                int valid, const int kind, const int R) {
+    if (kind == FEW_Q6_K) few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m0, y, y_row, valid, R);
+    else if (kind == FEW_Q4_K || kind == FEW_Q5_K) few_steps_k(codes, scales, pairs, d, c, nb, xq, x_row, m0, y, y_row, valid, R);
+    else few_steps(codes, d, c, scales, nb, xq, x_row, x_offset, m0, y, y_row, valid, kind, R);
+}
+
+// Weight rows row[0..rows) (up to ROWS_PER_TASK) against the M quantized activation rows xq (for
+// the signed codes, also their codes offset by 128: x_offset [M][nb][32]) into y, FEW_LANES
+// weight rows at a time: their blocks unpacked into the thread's scratch, then the activation
+// rows FEW_X_ROWS at a time over them
+ROWS_INLINE int few_rows_task(const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, const uint8_t *x_offset,
+                              int M, float *y, size_t y_row, const int kind) {
+    const int nb = K / few_values(kind), size = few_block_bytes(kind), lanes = FEW_LANES;
+    const size_t code_bytes = (size_t)few_values(kind) / 32 * 8 * FEW_VECTOR_BYTES, block_lanes = 2 + few_scale_lanes(kind) + few_pair_lanes(kind);
+    uint8_t *mem = scratch((size_t)nb * (code_bytes + block_lanes * FEW_VECTOR_BYTES));
     if (!mem) return -2;
     uint8_t *codes = mem;
-    int32_t *scales = (int32_t *)(mem + (size_t)4096 * nb), *pairs = scales + (size_t)256 * nb;
-    float *d = (float *)(pairs + (size_t)128 * nb);
-    const uint8_t *p[16];
-    for (int n = 0; n < 16; n++) p[n] = row[n < rows ? n : rows - 1];  // rows past the last: outputs not stored
-    for (int b = 0; b < nb; b++) {
-        few_unpack_q6_k(p, codes + (size_t)4096 * b, scales + (size_t)256 * b, pairs + (size_t)128 * b, d + 16 * b);
-        for (int n = 0; n < 16; n++) prefetch_ahead(p[n], 210), p[n] += 210;
-    }
-    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
-    for (int m = 0; m < M; m += 4) switch (M - m) {
-        case 1: few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m, y, y_row, valid, 1); break;
-        case 2: few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m, y, y_row, valid, 2); break;
-        case 3: few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m, y, y_row, valid, 3); break;
-        default: few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m, y, y_row, valid, 4); break;
+    float *d = (float *)(mem + code_bytes * nb), *c = d + (size_t)lanes * nb;
+    int32_t *scales = (int32_t *)(c + (size_t)lanes * nb), *pairs = scales + (size_t)few_scale_lanes(kind) * lanes * nb;
+    for (int n0 = 0; n0 < rows; n0 += FEW_LANES) {
+        const uint8_t *p[FEW_LANES];
+        for (int n = 0; n < FEW_LANES; n++) p[n] = row[n0 + n < rows ? n0 + n : rows - 1];  // rows past the last: outputs not stored
+        for (int b = 0; b < nb; b++) {
+            uint8_t *cb = codes + code_bytes * b;
+            float *db = d + lanes * b, *cw = c + lanes * b;
+            int32_t *sb = scales + (size_t)few_scale_lanes(kind) * lanes * b, *pb = pairs + (size_t)few_pair_lanes(kind) * lanes * b;
+            if (kind == FEW_Q6_K) few_unpack_q6_k(p, cb, sb, pb, db);
+            else if (kind == FEW_Q4_K || kind == FEW_Q5_K) few_unpack_k(p, cb, sb, pb, db, cw, kind == FEW_Q5_K);
+            else few_unpack(p, cb, db, cw, sb, kind);
+            for (int n = 0; n < FEW_LANES; n++) prefetch_ahead(p[n], size), p[n] += size;
         }
+        const int valid = rows - n0 < FEW_LANES ? rows - n0 : FEW_LANES;
+        float *yn = y + n0;
+        for (int m = 0; m < M; m += FEW_X_ROWS) {
+            const int R = M - m < FEW_X_ROWS ? M - m : FEW_X_ROWS;
+            switch (R) {  // R a constant in each: the rows' chains stay in registers
+            case 1: few_kind_steps(codes, d, c, scales, pairs, nb, xq, x_row, x_offset, m, yn, y_row, valid, kind, 1); break;
+            case 2: few_kind_steps(codes, d, c, scales, pairs, nb, xq, x_row, x_offset, m, yn, y_row, valid, kind, 2); break;
+            case 3: few_kind_steps(codes, d, c, scales, pairs, nb, xq, x_row, x_offset, m, yn, y_row, valid, kind, 3); break;
+            default: few_kind_steps(codes, d, c, scales, pairs, nb, xq, x_row, x_offset, m, yn, y_row, valid, kind, 4); break;
+            }
+        }
+    }
     return 0;
 }
 
 static int few_rows(int kind, const uint8_t *const *row, int rows, int K, const uint8_t *xq, size_t x_row, const uint8_t *x_offset,
                     int M, float *y, size_t y_row) {
-    switch (kind) {
+    switch (kind) {  // kind a constant in each
     case FEW_Q4_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q4_0);
     case FEW_Q4_1: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q4_1);
     case FEW_Q5_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q5_0);
     case FEW_Q5_1: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q5_1);
-    case FEW_Q4_K: return few_k_task(row, rows, K, xq, x_row, M, y, y_row, 0);
-    case FEW_Q5_K: return few_k_task(row, rows, K, xq, x_row, M, y, y_row, 1);
-    case FEW_Q6_K: return few_q6_k_task(row, rows, K, xq, x_row, M, y, y_row);
+    case FEW_Q4_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q4_K);
+    case FEW_Q5_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q5_K);
+    case FEW_Q6_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q6_K);
+#ifdef FEW_SIGNED
     case FEW_Q8_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q8_0);
-    default: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_IQ4_NL);
+    case FEW_IQ4_NL: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_IQ4_NL);
+#endif
+    default: return -1;
     }
 }
 
