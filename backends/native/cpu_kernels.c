@@ -2061,10 +2061,11 @@ static inline void store_lanes(float *y, __m256 v, int valid) {
 enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW_Q8_0, FEW_IQ4_NL };
 
 // The kind of a matmul of M rows here, or -1: from the row counts where these beat the row
-// kernels (3 rows; 2 are level; Q4_K's and Q5_K's from 4, Q6_K's, whose unpacking costs most,
-// from 7) to 16, where they still beat the tiles (but for Q6_K on AMX: the tiles from 10).
-// Measured on SmolLM2-135M Q4_1 and 3B-shaped Q8_0, Q5_0, IQ4_NL, Q4_K_M and Q6_K: 3B Q6_K's
-// matmuls at 4 rows 187 -> 217 ms, 8 rows 281 -> 260, 9 rows 328 -> 273.
+// kernels (3 rows; 2 are level; Q4_K's and Q5_K's from 4, 5 on AVX2, Q6_K's, whose unpacking
+// costs most, from 7) to 16, where they still beat the tiles (but for Q6_K on AMX: the tiles
+// from 10). Measured on SmolLM2-135M Q4_1 and 3B-shaped Q8_0, Q5_0, IQ4_NL, Q4_K_M and Q6_K: 3B
+// Q6_K's matmuls at 4 rows 187 -> 217 ms, 8 rows 281 -> 260, 9 rows 328 -> 273; on AVX2 3B
+// Q4_K_M's at 4 rows 163 -> 174, 5 level, 6 274 -> 238.
 static int few_kind(int type, int M) {
     int kind = -1;
     switch (type) {
@@ -2087,7 +2088,12 @@ static int few_kind(int type, int M) {
 #else
     const int q6_k_most = 16;
 #endif
-    const int least = kind == FEW_Q6_K ? 7 : kind == FEW_Q4_K || kind == FEW_Q5_K ? 4 : 3;
+#ifdef USE_AVX512
+    const int k_least = 4;
+#else
+    const int k_least = 5;
+#endif
+    const int least = kind == FEW_Q6_K ? 7 : kind == FEW_Q4_K || kind == FEW_Q5_K ? k_least : 3;
     return M >= least && M <= (kind == FEW_Q6_K ? q6_k_most : 16) ? kind : -1;
 }
 
