@@ -2060,7 +2060,7 @@ static inline void store_lanes(float *y, __m256 v, int valid) {
 #endif
 
 // The types taken here: 32-value blocks with a float scale, then the K-quants, the signed codes last
-enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW_Q8_0, FEW_IQ4_NL };
+enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW_Q8_0, FEW_IQ4_NL, FEW_IQ4_XS };
 
 // The kind of a matmul of M rows here, or -1: from the row counts where these beat the row
 // kernels (3 rows; 2 are level; Q4_K's and Q5_K's from 4, 5 on AVX2 as Q8_0's, Q6_K's, whose unpacking
@@ -2084,6 +2084,7 @@ static int few_kind(int type, int M) {
 #endif
 #ifdef FEW_SIGNED
     case GGML_IQ4_NL: kind = FEW_IQ4_NL; break;
+    case GGML_IQ4_XS: kind = FEW_IQ4_XS; break;
 #endif
     }
 #ifdef USE_AMX
@@ -2163,6 +2164,19 @@ ROWS_INLINE few_i group_dot(const few_i *w, const int8_t *xs, const int dwords) 
 #endif
 }
 
+#ifdef FEW_SIGNED
+// The weight rows' signed codes (8 registers: 32 codes) dotted with an activation row's 32
+// codes offset by 128 (xo, unsigned), added to `sum`: two chains of dots
+ROWS_INLINE few_i offset_dot(const few_i *w, const uint8_t *xo, few_i sum) {
+    few_i s1 = FEW_SI(setzero)();
+    for (int k = 0; k < 8; k += 2) {
+        sum = dot_bytes(sum, FEW(set1_epi32)((int)read_u32(xo + 4 * k)), w[k]);
+        s1 = dot_bytes(s1, FEW(set1_epi32)((int)read_u32(xo + 4 * k + 4)), w[k + 1]);
+    }
+    return FEW(add_epi32)(sum, s1);
+}
+#endif
+
 // Activation rows m0..m0+R-1 against the unpacked blocks, into their outputs (the first `valid`)
 ROWS_INLINE void few_steps(const uint8_t *codes, const float *d, const float *c, const int32_t *bias, int nb, const uint8_t *xq,
                            size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row, int valid, const int kind,
@@ -2188,15 +2202,9 @@ ROWS_INLINE void few_steps(const uint8_t *codes, const float *d, const float *c,
             // into unsigned bytes (x_offset) and the bias taken off
             few_i dot;
 #ifdef FEW_SIGNED
-            if (is_signed) {
-                const uint8_t *xo = x_offset + ((size_t)(m0 + r) * nb + b) * 32;
-                few_i s0 = load_few(bias + FEW_LANES * b), s1 = FEW_SI(setzero)();
-                for (int k = 0; k < 8; k += 2) {
-                    s0 = dot_bytes(s0, FEW(set1_epi32)((int)read_u32(xo + 4 * k)), w[k]);
-                    s1 = dot_bytes(s1, FEW(set1_epi32)((int)read_u32(xo + 4 * k + 4)), w[k + 1]);
-                }
-                dot = FEW(add_epi32)(s0, s1);
-            } else
+            if (is_signed)
+                dot = offset_dot(w, x_offset + ((size_t)(m0 + r) * nb + b) * 32, load_few(bias + FEW_LANES * b));
+            else
 #endif
                 dot = group_dot(w, xb->q, 8);
             few_f sum = FEW(cvtepi32_ps)(dot);
@@ -2350,13 +2358,74 @@ ROWS_INLINE void few_steps_q6_k(const uint8_t *codes, const int32_t *scales, con
     for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, acc[r], valid);
 }
 
+#ifdef FEW_SIGNED
+// IQ4_XS: a block of 256 values is 8 sub-blocks of 32 4-bit codes through IQ4_NL's levels, each
+// with a 6-bit scale less 32 (iq4_xs_scale). The levels by the activations offset by 128: each
+// sub-block's sums times its scales and added, the offset's share (-128 sum(sc_s levels' sum_s),
+// the bias) taken off once a block; then the row kernels' one multiply-add (iq4_xs_rows), so
+// the same bits.
+
+// Block b of the rows at out: sub-block s's levels at out + 8 s vectors (as few_unpack's);
+// scales [8][lanes] in int32 lanes; bias; d
+ROWS_INLINE void few_unpack_iq4_xs(const uint8_t *const *p, uint8_t *out, int32_t *scales, int32_t *bias, float *d) {
+    const few_i head = row_dwords(p, 0), low = row_dwords(p, 4);  // d and scales_h; scales_l
+    const few_i high = FEW(srli_epi32)(head, 16), nibble = FEW(set1_epi32)(15), two = FEW(set1_epi32)(3);
+    FEW(store_ps)(d, low_halves_ps(head));
+    few_i total = FEW_SI(setzero)();
+    for (int s = 0; s < 8; s++) {
+        const few_i sc = FEW(sub_epi32)(FEW_SI(or)(FEW_SI(and)(FEW(srli_epi32)(low, 4 * s), nibble),
+                                                   FEW(slli_epi32)(FEW_SI(and)(FEW(srli_epi32)(high, 2 * s), two), 4)),
+                                        FEW(set1_epi32)(32));
+        store_few(scales + FEW_LANES * s, sc);
+        few_i z[4], level_sum = FEW_SI(setzero)();
+        row_bytes16(p, 8 + 16 * s, z);
+        for (int k = 0; k < 8; k++) {
+            const few_i q = FEW(shuffle_epi8)(few_levels(), FEW_SI(and)(k < 4 ? z[k] : FEW(srli_epi16)(z[k - 4], 4), FEW(set1_epi8)(15)));
+            store_few(out + FEW_VECTOR_BYTES * (8 * s + k), q);
+            level_sum = dot_bytes(level_sum, FEW(set1_epi8)(1), q);
+        }
+        total = FEW(add_epi32)(total, FEW(mullo_epi32)(level_sum, sc));
+    }
+    store_few(bias, FEW(sub_epi32)(FEW_SI(setzero)(), FEW(slli_epi32)(total, 7)));
+}
+
+// Activation rows m0..m0+R-1 against the unpacked IQ4_XS blocks, into their outputs
+ROWS_INLINE void few_steps_iq4_xs(const uint8_t *codes, const int32_t *scales, const int32_t *bias, const float *d, int nb,
+                                  const uint8_t *xq, size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row, int valid,
+                                  const int R) {
+    few_f acc[FEW_X_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = FEW(setzero_ps)();
+    for (int b = 0; b < nb; b++) {
+        few_i sum[FEW_X_ROWS];
+        for (int r = 0; r < R; r++) sum[r] = load_few(bias + FEW_LANES * b);
+        for (int s = 0; s < 8; s++) {
+            few_i w[8];
+            for (int k = 0; k < 8; k++) w[k] = load_few(codes + FEW_VECTOR_BYTES * (64 * (size_t)b + 8 * s + k));
+            const few_i sc = load_few(scales + FEW_LANES * (8 * (size_t)b + s));
+            for (int r = 0; r < R; r++) {
+                const uint8_t *xo = x_offset + ((size_t)(m0 + r) * nb + b) * 256 + 32 * s;
+                sum[r] = FEW(add_epi32)(sum[r], FEW(mullo_epi32)(offset_dot(w, xo, FEW_SI(setzero)()), sc));
+            }
+        }
+        const few_f db = FEW(load_ps)(d + FEW_LANES * b);
+        for (int r = 0; r < R; r++) {
+            const few_f xd = FEW(set1_ps)(X_BLOCK(x_block256, xq, x_row, m0 + r, b)->d);
+            acc[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(sum[r]), FEW(mul_ps)(db, xd), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, acc[r], valid);
+}
+#endif
+
 // A block's unpacked form by kind, in lanes' worth (4 bytes each, FEW_LANES of them): the codes
 // (8 vectors a 32 values), then d, then c (Q4_1/Q5_1's minimum, d, or the K-quants' dmin), then
-// `scale_lanes` (bias, or the K-quants' scales), then `pair_lanes` (Q4_K/Q5_K's minimums,
-// Q6_K's scale pairs)
-static inline int few_values(int kind) { return kind >= FEW_Q4_K && kind <= FEW_Q6_K ? 256 : 32; }
-static inline int few_scale_lanes(int kind) { return kind == FEW_Q6_K ? 16 : kind >= FEW_Q4_K && kind <= FEW_Q5_K ? 8 : 1; }
-static inline int few_pair_lanes(int kind) { return kind == FEW_Q6_K ? 8 : kind >= FEW_Q4_K && kind <= FEW_Q5_K ? 4 : 0; }
+// `scale_lanes` (bias, or the 256-value blocks' scales), then `pair_lanes` (Q4_K/Q5_K's minimums,
+// Q6_K's scale pairs, IQ4_XS's bias)
+static inline int few_values(int kind) { return (kind >= FEW_Q4_K && kind <= FEW_Q6_K) || kind == FEW_IQ4_XS ? 256 : 32; }
+static inline int few_scale_lanes(int kind) {
+    return kind == FEW_Q6_K ? 16 : (kind >= FEW_Q4_K && kind <= FEW_Q5_K) || kind == FEW_IQ4_XS ? 8 : 1;
+}
+static inline int few_pair_lanes(int kind) { return kind == FEW_Q6_K ? 8 : kind >= FEW_Q4_K && kind <= FEW_Q5_K ? 4 : kind == FEW_IQ4_XS; }
 static inline int few_block_bytes(int kind) {
     const int with_min = kind == FEW_Q4_1 || kind == FEW_Q5_1, with_high = kind == FEW_Q5_0 || kind == FEW_Q5_1;
     switch (kind) {
@@ -2365,6 +2434,7 @@ static inline int few_block_bytes(int kind) {
     case FEW_Q6_K: return 210;
     case FEW_Q8_0: return 34;
     case FEW_IQ4_NL: return 18;
+    case FEW_IQ4_XS: return 136;
     default: return (with_min ? 20 : 18) + (with_high ? 4 : 0);
     }
 }
@@ -2374,6 +2444,9 @@ ROWS_INLINE void few_kind_steps(const uint8_t *codes, const float *d, const floa
                                 int nb, const uint8_t *xq, size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row,
                                 int valid, const int kind, const int R) {
     if (kind == FEW_Q6_K) few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m0, y, y_row, valid, R);
+#ifdef FEW_SIGNED
+    else if (kind == FEW_IQ4_XS) few_steps_iq4_xs(codes, scales, pairs, d, nb, xq, x_row, x_offset, m0, y, y_row, valid, R);
+#endif
     else if (kind == FEW_Q4_K || kind == FEW_Q5_K) few_steps_k(codes, scales, pairs, d, c, nb, xq, x_row, m0, y, y_row, valid, R);
     else few_steps(codes, d, c, scales, nb, xq, x_row, x_offset, m0, y, y_row, valid, kind, R);
 }
@@ -2399,6 +2472,9 @@ ROWS_INLINE int few_rows_task(const uint8_t *const *row, int rows, int K, const 
             float *db = d + lanes * b, *cw = c + lanes * b;
             int32_t *sb = scales + (size_t)few_scale_lanes(kind) * lanes * b, *pb = pairs + (size_t)few_pair_lanes(kind) * lanes * b;
             if (kind == FEW_Q6_K) few_unpack_q6_k(p, cb, sb, pb, db);
+#ifdef FEW_SIGNED
+            else if (kind == FEW_IQ4_XS) few_unpack_iq4_xs(p, cb, sb, pb, db);
+#endif
             else if (kind == FEW_Q4_K || kind == FEW_Q5_K) few_unpack_k(p, cb, sb, pb, db, cw, kind == FEW_Q5_K);
             else few_unpack(p, cb, db, cw, sb, kind);
             for (int n = 0; n < FEW_LANES; n++) prefetch_ahead(p[n], size), p[n] += size;
@@ -2431,16 +2507,19 @@ static int few_rows(int kind, const uint8_t *const *row, int rows, int K, const 
 #ifdef FEW_SIGNED
     case FEW_Q8_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q8_0);
     case FEW_IQ4_NL: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_IQ4_NL);
+    case FEW_IQ4_XS: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_IQ4_XS);
 #endif
     default: return -1;
     }
 }
 
-// Activation row m's codes offset by 128 (unsigned bytes), [nb][32], for the signed codes' dots
-static void few_offset_codes(const uint8_t *xq, size_t x_row, int nb, int m, uint8_t *x_offset) {
-    for (int b = 0; b < nb; b++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i *)X_BLOCK(x_block32, xq, x_row, m, b)->q);
-        _mm256_storeu_si256((__m256i *)(x_offset + ((size_t)m * nb + b) * 32), _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)));
+// Activation row m's codes (blocks of `block` values) offset by 128 (unsigned bytes), [K], for
+// the signed codes' dots
+static void few_offset_codes(const uint8_t *xq, size_t x_row, int K, int block, int m, uint8_t *x_offset) {
+    for (int j = 0; j < K; j += 32) {
+        const int8_t *q = block == 256 ? X_BLOCK(x_block256, xq, x_row, m, j / 256)->q + j % 256 : X_BLOCK(x_block32, xq, x_row, m, j / 32)->q;
+        _mm256_storeu_si256((__m256i *)(x_offset + (size_t)m * K + j),
+                            _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)q), _mm256_set1_epi8((char)0x80)));
     }
 }
 #endif
@@ -2637,7 +2716,7 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
 #ifdef USE_FEW_ROWS
         if (x_offset) {
 #pragma omp for schedule(static)
-            for (int m = 0; m < M; m++) few_offset_codes(xq, x_row, K / 32, m, x_offset);
+            for (int m = 0; m < M; m++) few_offset_codes(xq, x_row, K, f->x_block, m, x_offset);
         }
 #endif
 #pragma omp for schedule(static)
