@@ -2063,12 +2063,13 @@ static inline void store_lanes(float *y, __m256 v, int valid) {
 enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW_Q8_0, FEW_IQ4_NL, FEW_IQ4_XS };
 
 // The kind of a matmul of M rows here, or -1: from the row counts where these beat the row
-// kernels (3 rows; 2 are level; Q4_K's and Q5_K's from 4, 5 on AVX2 as Q8_0's, Q6_K's, whose unpacking
-// costs most, from 7) to 16, where they still beat the tiles (but for Q6_K on AMX: the tiles
-// from 10). Measured on SmolLM2-135M Q4_1 and 3B-shaped Q8_0, Q5_0, IQ4_NL, Q4_K_M and Q6_K: 3B
-// Q6_K's matmuls at 4 rows 187 -> 217 ms, 8 rows 281 -> 260, 9 rows 328 -> 273; on AVX2 3B
-// Q4_K_M's at 4 rows 163 -> 174, 5 level, 6 274 -> 238, and on AVX-VNNI's dots 3B Q8_0's at 4
-// rows 221 -> 233, 5 level, 6 295 -> 276.
+// kernels to 16, where they still beat the tiles (but for Q6_K on AMX: the tiles from 10). The
+// 32-value blocks from 3 rows (2 are level); IQ4_XS from 4, Q4_K and Q5_K too (5 on AVX2, as
+// Q8_0); Q6_K, whose unpacking costs most, from 7. Measured on SmolLM2-135M Q4_1 and 3B-shaped
+// Q8_0, Q5_0, IQ4_NL, IQ4_XS, Q4_K_M and Q6_K, ms, row kernels -> these: 3B Q6_K at 4 rows 187 ->
+// 217, 8 rows 281 -> 260, 9 rows 328 -> 273; 3B IQ4_XS (AMX) at 3 rows 183 -> 187, 4 224 -> 208,
+// 8 303 -> 249, 16 level; on AVX2 3B Q4_K_M at 4 rows 163 -> 174, 5 level, 6 274 -> 238, and on
+// AVX-VNNI's dots 3B Q8_0 at 4 rows 221 -> 233, 5 level, 6 295 -> 276.
 static int few_kind(int type, int M) {
     int kind = -1;
     switch (type) {
@@ -2097,7 +2098,11 @@ static int few_kind(int type, int M) {
 #else
     const int k_least = 5, q8_0_least = 5;
 #endif
-    const int least = kind == FEW_Q6_K ? 7 : kind == FEW_Q4_K || kind == FEW_Q5_K ? k_least : kind == FEW_Q8_0 ? q8_0_least : 3;
+    const int least = kind == FEW_Q6_K               ? 7
+                      : kind == FEW_Q4_K || kind == FEW_Q5_K ? k_least
+                      : kind == FEW_Q8_0                 ? q8_0_least
+                      : kind == FEW_IQ4_XS               ? 4
+                                                         : 3;
     return M >= least && M <= (kind == FEW_Q6_K ? q6_k_most : 16) ? kind : -1;
 }
 
