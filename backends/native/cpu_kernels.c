@@ -2008,7 +2008,9 @@ ROWS_INLINE void row_bytes16(const uint8_t *const *p, int at, __m512i z[4]) {
     swap_lane_bit(z, 4, 2, 1), swap_lane_bit(z, 4, 1, 2);
 }
 
-// The float16 in the low half of each lane, as floats
+// The float16 in the low half of each lane as floats; 16 float16s as floats; IQ4's levels in
+// each 128-bit lane; the unsigned-by-signed byte dot and the int16 pair dot (each adding 4 and 2
+// products into an int32 lane); the first `valid` lanes stored
 static inline __m512 low_halves_ps(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
 static inline __m512 halves_ps16(const uint16_t *h) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)); }
 static inline __m512i few_levels(void) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_LEVELS)); }
@@ -2016,6 +2018,7 @@ static inline __m512i dot_bytes(__m512i sum, __m512i u, __m512i s) { return _mm5
 static inline __m512i dot_pairs(__m512i sum, __m512i a, __m512i b) { return _mm512_dpwssd_epi32(sum, a, b); }
 static inline void store_lanes(float *y, __m512 v, int valid) { _mm512_mask_storeu_ps(y, (__mmask16)((1u << valid) - 1), v); }
 #else
+// The same for 8 weight rows, transposed by unpacks within 128-bit lanes and lane permutes
 static inline __m256i row_dwords(const uint8_t *const *p, int at) {
     return _mm256_setr_epi32((int)read_u32(p[0] + at), (int)read_u32(p[1] + at), (int)read_u32(p[2] + at), (int)read_u32(p[3] + at),
                              (int)read_u32(p[4] + at), (int)read_u32(p[5] + at), (int)read_u32(p[6] + at), (int)read_u32(p[7] + at));
