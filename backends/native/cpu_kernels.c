@@ -2063,7 +2063,9 @@ static inline void store_lanes(float *y, __m256 v, int valid) {
 #endif
 
 // The types taken here: 32-value blocks with a float scale, then the K-quants, the signed codes last
-enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW_Q8_0, FEW_IQ4_NL, FEW_IQ4_XS };
+enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW_Q2_K, FEW_Q3_K, FEW_Q8_0, FEW_IQ4_NL, FEW_IQ4_XS };
+// Q6_K, Q2_K and Q3_K: 16 groups of 16 codes a block, each group with its scale
+static inline int few_groups16(int kind) { return kind == FEW_Q6_K || kind == FEW_Q2_K || kind == FEW_Q3_K; }
 
 // The kind of a matmul of M rows here, or -1: from the row counts where these beat the row
 // kernels to 16, where they still beat the tiles (but for Q6_K on AMX: the tiles from 10). The
@@ -2083,6 +2085,8 @@ static int few_kind(int type, int M) {
     case GGML_Q4_K: kind = FEW_Q4_K; break;
     case GGML_Q5_K: kind = FEW_Q5_K; break;
     case GGML_Q6_K: kind = FEW_Q6_K; break;
+    case GGML_Q2_K: kind = FEW_Q2_K; break;
+    case GGML_Q3_K: kind = FEW_Q3_K; break;
 #if defined(FEW_SIGNED) && !defined(USE_SOFT_TILES)  // there Q8_0's row kernels take other steps (signed_pair_rows)
     case GGML_Q8_0: kind = FEW_Q8_0; break;
 #endif
@@ -2102,7 +2106,7 @@ static int few_kind(int type, int M) {
     const int k_least = 5, q8_0_least = 5;
 #endif
     const int least = kind == FEW_Q6_K               ? 7
-                      : kind == FEW_Q4_K || kind == FEW_Q5_K ? k_least
+                      : kind == FEW_Q4_K || kind == FEW_Q5_K || kind == FEW_Q2_K || kind == FEW_Q3_K ? k_least
                       : kind == FEW_Q8_0                 ? q8_0_least
                       : kind == FEW_IQ4_XS               ? 4
                                                          : 3;
@@ -2344,26 +2348,87 @@ ROWS_INLINE void few_unpack_q6_k(const uint8_t *const *p, uint8_t *out, int32_t 
     }
 }
 
-// Activation rows m0..m0+R-1 against the unpacked Q6_K blocks, into their outputs
-ROWS_INLINE void few_steps_q6_k(const uint8_t *codes, const int32_t *scales, const int32_t *pairs, const float *d, int nb,
-                                const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, int valid, const int R) {
-    few_f acc[FEW_X_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = FEW(setzero_ps)();
+// Q2_K and Q3_K (q2_q3_k_rows): 16 groups of 16 2- or 3-bit codes, unsigned, each group's sums
+// times its scale as Q6_K's; the offsets (Q3_K: 4 sc, in the integer sum; Q2_K: its minimums m,
+// on a chain of their own) by int16 pair dots with the activations' group sums, so the same bits.
+
+// Block b of the rows at out: group g's codes at out + 4 g vectors (as few_unpack_q6_k's); scales
+// [16][lanes]; the offsets as int16 pairs [8][lanes]; d, and Q2_K's dmin
+ROWS_INLINE void few_unpack_q2_q3_k(const uint8_t *const *p, uint8_t *out, int32_t *scales, int32_t *pairs, float *d, float *dmin,
+                                    const int q3) {
+    few_i sc[16], off[16];
+    if (q3) {
+        uint16_t half_d[FEW_LANES];  // the block's last 2 bytes (a dword read would pass the tensor's end)
+        for (int n = 0; n < FEW_LANES; n++) half_d[n] = read_u16(p[n] + 108);
+        FEW(store_ps)(d, halves_ps16(half_d));
+        const few_i a0 = row_dwords(p, 96), a1 = row_dwords(p, 100), a2 = row_dwords(p, 104);
+        const few_i low4 = FEW(set1_epi32)(0x0f0f0f0f), two = FEW(set1_epi32)(0x03030303);
+        const few_i words[4] = {  // q3_k_scale_words, a row a lane
+            FEW_SI(or)(FEW_SI(and)(a0, low4), FEW(slli_epi32)(FEW_SI(and)(a2, two), 4)),
+            FEW_SI(or)(FEW_SI(and)(a1, low4), FEW(slli_epi32)(FEW_SI(and)(FEW(srli_epi32)(a2, 2), two), 4)),
+            FEW_SI(or)(FEW_SI(and)(FEW(srli_epi32)(a0, 4), low4), FEW(slli_epi32)(FEW_SI(and)(FEW(srli_epi32)(a2, 4), two), 4)),
+            FEW_SI(or)(FEW_SI(and)(FEW(srli_epi32)(a1, 4), low4), FEW(slli_epi32)(FEW_SI(and)(FEW(srli_epi32)(a2, 6), two), 4)),
+        };
+        for (int g = 0; g < 16; g++)
+            sc[g] = off[g] = FEW(sub_epi32)(FEW_SI(and)(FEW(srli_epi32)(words[g / 4], 8 * (g % 4)), FEW(set1_epi32)(0xff)), FEW(set1_epi32)(32));
+    } else {
+        const few_i dd = row_dwords(p, 80);
+        FEW(store_ps)(d, low_halves_ps(dd));
+        FEW(store_ps)(dmin, low_halves_ps(FEW(srli_epi32)(dd, 16)));
+        for (int i = 0; i < 4; i++) {  // scales[4i..4i+3]: scale in the low nibble, minimum in the high
+            const few_i v = row_dwords(p, 4 * i);
+            for (int j = 0; j < 4; j++) {
+                sc[4 * i + j] = FEW_SI(and)(FEW(srli_epi32)(v, 8 * j), FEW(set1_epi32)(15));
+                off[4 * i + j] = FEW_SI(and)(FEW(srli_epi32)(v, 8 * j + 4), FEW(set1_epi32)(15));
+            }
+        }
+    }
+    for (int g = 0; g < 16; g++) store_few(scales + FEW_LANES * g, sc[g]);
+    for (int i = 0; i < 8; i++)
+        store_few(pairs + FEW_LANES * i, FEW_SI(or)(FEW_SI(and)(off[2 * i], FEW(set1_epi32)(0xffff)), FEW(slli_epi32)(off[2 * i + 1], 16)));
+    few_i high[8];
+    if (q3) row_bytes32(p, 0, high);
+    for (int n = 0; n < 2; n++) {  // code 32 j + l of half n: bits 2j, 2j + 1 of qs[32 n + l], Q3_K's bit 4 n + j of hmask[l]
+        few_i bits[8];
+        row_bytes32(p, (q3 ? 32 : 16) + 32 * n, bits);
+        for (int j = 0; j < 4; j++)
+            for (int k = 0; k < 8; k++) {  // codes 32 j + 4 k.. of the half: group 8 n + 2 j + k / 4
+                few_i q = FEW_SI(and)(FEW(srli_epi16)(bits[k], 2 * j), FEW(set1_epi8)(3));
+                if (q3) q = FEW_SI(or)(q, FEW(slli_epi16)(FEW_SI(and)(FEW(srli_epi16)(high[k], 4 * n + j), FEW(set1_epi8)(1)), 2));
+                store_few(out + FEW_VECTOR_BYTES * (4 * (8 * n + 2 * j + k / 4) + k % 4), q);
+            }
+    }
+}
+
+// Activation rows m0..m0+R-1 against the unpacked blocks of groups of 16 (Q6_K, Q2_K, Q3_K), into
+// their outputs: a block's scaled sums less its offsets' (Q6_K: 32 sc, Q3_K: 4 sc a group) and
+// one multiply-add; Q2_K's minimums on their own chain
+ROWS_INLINE void few_steps_16(const uint8_t *codes, const int32_t *scales, const int32_t *pairs, const float *d, const float *dmin,
+                              int nb, const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, int valid, const int kind,
+                              const int R) {
+    few_f acc[FEW_X_ROWS], acc_off[FEW_X_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = acc_off[r] = FEW(setzero_ps)();
     for (int b = 0; b < nb; b++) {
         few_i sum[FEW_X_ROWS];
         scaled_block_sums(codes + (size_t)64 * FEW_VECTOR_BYTES * b, scales + (size_t)16 * FEW_LANES * b, 16, 4, xq, x_row, m0, b, sum, R);
         const few_f db = FEW(load_ps)(d + FEW_LANES * b);
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, xq, x_row, m0 + r, b);
-            few_i shift = FEW_SI(setzero)();
+            few_i offset = FEW_SI(setzero)();
             for (int i = 0; i < 8; i++)
-                shift = dot_pairs(shift, load_few(pairs + (size_t)8 * FEW_LANES * b + FEW_LANES * i),
-                                  FEW(set1_epi32)((int)read_u32(xb->sums + 2 * i)));
-            const few_i total = FEW(sub_epi32)(sum[r], FEW(slli_epi32)(shift, 5));
-            acc[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(total), FEW(mul_ps)(db, FEW(set1_ps)(xb->d)), acc[r]);
+                offset = dot_pairs(offset, load_few(pairs + (size_t)8 * FEW_LANES * b + FEW_LANES * i),
+                                   FEW(set1_epi32)((int)read_u32(xb->sums + 2 * i)));
+            const few_f xd = FEW(set1_ps)(xb->d);
+            if (kind == FEW_Q2_K) {
+                acc[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(sum[r]), FEW(mul_ps)(db, xd), acc[r]);
+                acc_off[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(offset), FEW(mul_ps)(FEW(load_ps)(dmin + FEW_LANES * b), xd), acc_off[r]);
+            } else {
+                const few_i total = FEW(sub_epi32)(sum[r], FEW(slli_epi32)(offset, kind == FEW_Q6_K ? 5 : 2));
+                acc[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(total), FEW(mul_ps)(db, xd), acc[r]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, acc[r], valid);
+    for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, kind == FEW_Q2_K ? FEW(sub_ps)(acc[r], acc_off[r]) : acc[r], valid);
 }
 
 #ifdef FEW_SIGNED
@@ -2429,17 +2494,17 @@ ROWS_INLINE void few_steps_iq4_xs(const uint8_t *codes, const int32_t *scales, c
 // (8 vectors a 32 values), then d, then c (Q4_1/Q5_1's minimum, d, or the K-quants' dmin), then
 // `scale_lanes` (bias, or the 256-value blocks' scales), then `pair_lanes` (Q4_K/Q5_K's minimums,
 // Q6_K's scale pairs, IQ4_XS's bias)
-static inline int few_values(int kind) { return (kind >= FEW_Q4_K && kind <= FEW_Q6_K) || kind == FEW_IQ4_XS ? 256 : 32; }
-static inline int few_scale_lanes(int kind) {
-    return kind == FEW_Q6_K ? 16 : (kind >= FEW_Q4_K && kind <= FEW_Q5_K) || kind == FEW_IQ4_XS ? 8 : 1;
-}
-static inline int few_pair_lanes(int kind) { return kind == FEW_Q6_K ? 8 : kind >= FEW_Q4_K && kind <= FEW_Q5_K ? 4 : kind == FEW_IQ4_XS; }
+static inline int few_values(int kind) { return (kind >= FEW_Q4_K && kind <= FEW_Q3_K) || kind == FEW_IQ4_XS ? 256 : 32; }
+static inline int few_scale_lanes(int kind) { return few_groups16(kind) ? 16 : kind == FEW_Q4_K || kind == FEW_Q5_K || kind == FEW_IQ4_XS ? 8 : 1; }
+static inline int few_pair_lanes(int kind) { return few_groups16(kind) ? 8 : kind == FEW_Q4_K || kind == FEW_Q5_K ? 4 : kind == FEW_IQ4_XS; }
 static inline int few_block_bytes(int kind) {
     const int with_min = kind == FEW_Q4_1 || kind == FEW_Q5_1, with_high = kind == FEW_Q5_0 || kind == FEW_Q5_1;
     switch (kind) {
     case FEW_Q4_K: return 144;
     case FEW_Q5_K: return 176;
     case FEW_Q6_K: return 210;
+    case FEW_Q2_K: return 84;
+    case FEW_Q3_K: return 110;
     case FEW_Q8_0: return 34;
     case FEW_IQ4_NL: return 18;
     case FEW_IQ4_XS: return 136;
@@ -2451,7 +2516,7 @@ static inline int few_block_bytes(int kind) {
 ROWS_INLINE void few_kind_steps(const uint8_t *codes, const float *d, const float *c, const int32_t *scales, const int32_t *pairs,
                                 int nb, const uint8_t *xq, size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row,
                                 int valid, const int kind, const int R) {
-    if (kind == FEW_Q6_K) few_steps_q6_k(codes, scales, pairs, d, nb, xq, x_row, m0, y, y_row, valid, R);
+    if (few_groups16(kind)) few_steps_16(codes, scales, pairs, d, c, nb, xq, x_row, m0, y, y_row, valid, kind, R);
 #ifdef FEW_SIGNED
     else if (kind == FEW_IQ4_XS) few_steps_iq4_xs(codes, scales, pairs, d, nb, xq, x_row, x_offset, m0, y, y_row, valid, R);
 #endif
@@ -2480,6 +2545,7 @@ ROWS_INLINE int few_rows_task(const uint8_t *const *row, int rows, int K, const 
             float *db = d + lanes * b, *cw = c + lanes * b;
             int32_t *sb = scales + (size_t)few_scale_lanes(kind) * lanes * b, *pb = pairs + (size_t)few_pair_lanes(kind) * lanes * b;
             if (kind == FEW_Q6_K) few_unpack_q6_k(p, cb, sb, pb, db);
+            else if (kind == FEW_Q2_K || kind == FEW_Q3_K) few_unpack_q2_q3_k(p, cb, sb, pb, db, cw, kind == FEW_Q3_K);
 #ifdef FEW_SIGNED
             else if (kind == FEW_IQ4_XS) few_unpack_iq4_xs(p, cb, sb, pb, db);
 #endif
@@ -2512,6 +2578,8 @@ static int few_rows(int kind, const uint8_t *const *row, int rows, int K, const 
     case FEW_Q4_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q4_K);
     case FEW_Q5_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q5_K);
     case FEW_Q6_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q6_K);
+    case FEW_Q2_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q2_K);
+    case FEW_Q3_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q3_K);
 #ifdef FEW_SIGNED
     case FEW_Q8_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q8_0);
     case FEW_IQ4_NL: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_IQ4_NL);
