@@ -2068,13 +2068,15 @@ enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW
 static inline int few_groups16(int kind) { return kind == FEW_Q6_K || kind == FEW_Q2_K || kind == FEW_Q3_K; }
 
 // The kind of a matmul of M rows here, or -1: from the row counts where these beat the row
-// kernels to 16, where they still beat the tiles (but for Q6_K on AMX: the tiles from 10). The
-// 32-value blocks from 3 rows (2 are level); IQ4_XS from 4, Q4_K and Q5_K too (5 on AVX2, as
-// Q8_0); Q6_K, whose unpacking costs most, from 7. Measured on SmolLM2-135M Q4_1 and 3B-shaped
-// Q8_0, Q5_0, IQ4_NL, IQ4_XS, Q4_K_M and Q6_K, ms, row kernels -> these: 3B Q6_K at 4 rows 187 ->
-// 217, 8 rows 281 -> 260, 9 rows 328 -> 273; 3B IQ4_XS (AMX) at 3 rows 183 -> 187, 4 224 -> 208,
-// 8 303 -> 249, 16 level; on AVX2 3B Q4_K_M at 4 rows 163 -> 174, 5 level, 6 274 -> 238, and on
-// AVX-VNNI's dots 3B Q8_0 at 4 rows 221 -> 233, 5 level, 6 295 -> 276.
+// kernels to 16, where they still beat the tiles (but for Q6_K and Q2_K on AMX: the tiles from
+// 10). The 32-value blocks from 3 rows (2 are level); IQ4_XS from 4, Q4_K and Q5_K too (5 on
+// AVX2, as Q8_0); Q2_K and Q3_K from 5; Q6_K, whose unpacking costs most, from 7. Measured on
+// SmolLM2-135M Q4_1 and 3B-shaped Q8_0, Q5_0, IQ4_NL, IQ4_XS, Q4_K_M, Q3_K_M, Q2_K and Q6_K, ms,
+// row kernels or tiles -> these: 3B Q6_K at 4 rows 187 -> 217, 8 rows 281 -> 260, 9 rows 328 ->
+// 273; 3B IQ4_XS (AMX) at 3 rows 183 -> 187, 4 224 -> 208, 8 303 -> 249, 16 level; 3B Q3_K_M
+// (AMX) at 4 rows 155 -> 168, 5 201 -> 185; 3B Q2_K (AMX) at 9 rows 232 -> 212, 10 level, 12 223
+// -> 234; on AVX2 3B Q4_K_M at 4 rows 163 -> 174, 5 level, 6 274 -> 238, and on AVX-VNNI's dots
+// 3B Q8_0 at 4 rows 221 -> 233, 5 level, 6 295 -> 276.
 static int few_kind(int type, int M) {
     int kind = -1;
     switch (type) {
@@ -2096,21 +2098,23 @@ static int few_kind(int type, int M) {
 #endif
     }
 #ifdef USE_AMX
-    const int q6_k_most = 9;
+    const int tiles_from_10 = 1;  // Q6_K's and Q2_K's AMX tiles beat these from 10 rows
 #else
-    const int q6_k_most = 16;
+    const int tiles_from_10 = 0;
 #endif
 #ifdef USE_AVX512
     const int k_least = 4, q8_0_least = 3;
 #else
     const int k_least = 5, q8_0_least = 5;
 #endif
-    const int least = kind == FEW_Q6_K               ? 7
-                      : kind == FEW_Q4_K || kind == FEW_Q5_K || kind == FEW_Q2_K || kind == FEW_Q3_K ? k_least
-                      : kind == FEW_Q8_0                 ? q8_0_least
-                      : kind == FEW_IQ4_XS               ? 4
-                                                         : 3;
-    return M >= least && M <= (kind == FEW_Q6_K ? q6_k_most : 16) ? kind : -1;
+    const int least = kind == FEW_Q6_K                     ? 7
+                      : kind == FEW_Q2_K || kind == FEW_Q3_K ? 5
+                      : kind == FEW_Q4_K || kind == FEW_Q5_K ? k_least
+                      : kind == FEW_Q8_0                     ? q8_0_least
+                      : kind == FEW_IQ4_XS                   ? 4
+                                                             : 3;
+    const int most = tiles_from_10 && (kind == FEW_Q6_K || kind == FEW_Q2_K) ? 9 : 16;
+    return M >= least && M <= most ? kind : -1;
 }
 
 // Block b of FEW_LANES weight rows (p[n]: row n's block) side by side at out, 8 registers' worth:
