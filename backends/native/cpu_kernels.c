@@ -1950,8 +1950,8 @@ typedef __m512 few_f;
 typedef __m256i few_i;
 typedef __m256 few_f;
 #endif
-// A 4-code dot (VNNI): the signed codes (Q8_0, IQ4_NL) dot activations offset into unsigned
-// bytes, up to 255 x 127 a product, which a byte-pair multiply would saturate on
+// A 4-code dot (VNNI): the signed codes (Q8_0, IQ4_NL, IQ4_XS) dot activations offset into
+// unsigned bytes, up to 255 x 127 a product, which a byte-pair multiply would saturate on
 #if defined(USE_AVX512) || defined(__AVXVNNI__)
 #define FEW_SIGNED 1
 #endif
