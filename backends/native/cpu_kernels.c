@@ -2066,6 +2066,7 @@ static inline void store_lanes(float *y, __m256 v, int valid) {
 enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW_Q2_K, FEW_Q3_K, FEW_Q8_0, FEW_IQ4_NL, FEW_IQ4_XS };
 // Q6_K, Q2_K and Q3_K: 16 groups of 16 codes a block, each group with its scale
 static inline int few_groups16(int kind) { return kind == FEW_Q6_K || kind == FEW_Q2_K || kind == FEW_Q3_K; }
+static inline int few_k_quant(int kind) { return kind >= FEW_Q4_K && kind <= FEW_Q3_K; }
 
 // The kind of a matmul of M rows here, or -1: from the row counts where these beat the row
 // kernels to 16, where they still beat the tiles (but for Q6_K and Q2_K on AMX: the tiles from
@@ -2292,29 +2293,6 @@ ROWS_INLINE void scaled_block_sums(const uint8_t *cb, const int32_t *scales, con
     }
 }
 
-// Activation rows m0..m0+R-1 against the unpacked K-quant blocks, into their outputs
-ROWS_INLINE void few_steps_k(const uint8_t *codes, const int32_t *scales, const int32_t *mins, const float *d, const float *dmin,
-                             int nb, const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, int valid, const int R) {
-    few_f acc[FEW_X_ROWS], acc_min[FEW_X_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = acc_min[r] = FEW(setzero_ps)();
-    for (int b = 0; b < nb; b++) {
-        few_i sum[FEW_X_ROWS];
-        scaled_block_sums(codes + (size_t)64 * FEW_VECTOR_BYTES * b, scales + (size_t)8 * FEW_LANES * b, 8, 8, xq, x_row, m0, b, sum, R);
-        const few_f db = FEW(load_ps)(d + FEW_LANES * b), dminb = FEW(load_ps)(dmin + FEW_LANES * b);
-        for (int r = 0; r < R; r++) {
-            const x_block256 *xb = X_BLOCK(x_block256, xq, x_row, m0 + r, b);
-            few_i min_sum = FEW_SI(setzero)();
-            for (int i = 0; i < 4; i++)
-                min_sum = dot_pairs(min_sum, load_few(mins + (size_t)4 * FEW_LANES * b + FEW_LANES * i),
-                                    FEW(set1_epi32)((int)read_u32(xb->sums32 + 2 * i)));
-            const few_f xd = FEW(set1_ps)(xb->d);
-            acc_min[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(min_sum), FEW(mul_ps)(dminb, xd), acc_min[r]);
-            acc[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(sum[r]), FEW(mul_ps)(db, xd), acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, FEW(sub_ps)(acc[r], acc_min[r]), valid);
-}
-
 // Q6_K: a block of 256 values is 16 groups of 16 6-bit codes (4 low bits in ql, 2 high in qh,
 // as q6_k_codes lays them out) with int8 scales, w = d sc (q - 32). Each group's sums come out
 // of 4 dots, times its scales and added; the shift 32 sum(sc_g xsum_g) by int16 pair dots; then
@@ -2404,26 +2382,31 @@ ROWS_INLINE void few_unpack_q2_q3_k(const uint8_t *const *p, uint8_t *out, int32
     }
 }
 
-// Activation rows m0..m0+R-1 against the unpacked blocks of groups of 16 (Q6_K, Q2_K, Q3_K), into
-// their outputs: a block's scaled sums less its offsets' (Q6_K: 32 sc, Q3_K: 4 sc a group) and
-// one multiply-add; Q2_K's minimums on their own chain
-ROWS_INLINE void few_steps_16(const uint8_t *codes, const int32_t *scales, const int32_t *pairs, const float *d, const float *dmin,
-                              int nb, const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, int valid, const int kind,
-                              const int R) {
+// Activation rows m0..m0+R-1 against the unpacked K-quant blocks (Q4_K and Q5_K: 8 groups of 32;
+// Q6_K, Q2_K and Q3_K: 16 of 16), into their outputs: a block's scaled sums, its offsets' sums by
+// int16 pair dots with the activations' group sums; the offsets then less in the integer sum
+// (Q6_K: 32 sc, Q3_K: 4 sc a group) before one multiply-add, or (Q4_K, Q5_K and Q2_K: their
+// minimums) on a chain of their own taken off at the end
+ROWS_INLINE void few_steps_scaled(const uint8_t *codes, const int32_t *scales, const int32_t *pairs, const float *d, const float *dmin,
+                                  int nb, const uint8_t *xq, size_t x_row, int m0, float *y, size_t y_row, int valid, const int kind,
+                                  const int R) {
+    const int groups = few_groups16(kind) ? 16 : 8, own_chain = kind == FEW_Q4_K || kind == FEW_Q5_K || kind == FEW_Q2_K;
     few_f acc[FEW_X_ROWS], acc_off[FEW_X_ROWS];
     for (int r = 0; r < R; r++) acc[r] = acc_off[r] = FEW(setzero_ps)();
     for (int b = 0; b < nb; b++) {
         few_i sum[FEW_X_ROWS];
-        scaled_block_sums(codes + (size_t)64 * FEW_VECTOR_BYTES * b, scales + (size_t)16 * FEW_LANES * b, 16, 4, xq, x_row, m0, b, sum, R);
+        scaled_block_sums(codes + (size_t)64 * FEW_VECTOR_BYTES * b, scales + (size_t)groups * FEW_LANES * b, groups, 64 / groups, xq,
+                          x_row, m0, b, sum, R);
         const few_f db = FEW(load_ps)(d + FEW_LANES * b);
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, xq, x_row, m0 + r, b);
+            const int16_t *group_sums = groups == 16 ? xb->sums : xb->sums32;
             few_i offset = FEW_SI(setzero)();
-            for (int i = 0; i < 8; i++)
-                offset = dot_pairs(offset, load_few(pairs + (size_t)8 * FEW_LANES * b + FEW_LANES * i),
-                                   FEW(set1_epi32)((int)read_u32(xb->sums + 2 * i)));
+            for (int i = 0; i < groups / 2; i++)
+                offset = dot_pairs(offset, load_few(pairs + (size_t)groups / 2 * FEW_LANES * b + FEW_LANES * i),
+                                   FEW(set1_epi32)((int)read_u32(group_sums + 2 * i)));
             const few_f xd = FEW(set1_ps)(xb->d);
-            if (kind == FEW_Q2_K) {
+            if (own_chain) {
                 acc[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(sum[r]), FEW(mul_ps)(db, xd), acc[r]);
                 acc_off[r] = FEW(fmadd_ps)(FEW(cvtepi32_ps)(offset), FEW(mul_ps)(FEW(load_ps)(dmin + FEW_LANES * b), xd), acc_off[r]);
             } else {
@@ -2432,7 +2415,7 @@ ROWS_INLINE void few_steps_16(const uint8_t *codes, const int32_t *scales, const
             }
         }
     }
-    for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, kind == FEW_Q2_K ? FEW(sub_ps)(acc[r], acc_off[r]) : acc[r], valid);
+    for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, own_chain ? FEW(sub_ps)(acc[r], acc_off[r]) : acc[r], valid);
 }
 
 #ifdef FEW_SIGNED
@@ -2498,7 +2481,7 @@ ROWS_INLINE void few_steps_iq4_xs(const uint8_t *codes, const int32_t *scales, c
 // (8 vectors a 32 values), then d, then c (Q4_1/Q5_1's minimum, d, or the K-quants' dmin), then
 // `scale_lanes` (bias, or the 256-value blocks' scales), then `pair_lanes` (Q4_K/Q5_K's minimums,
 // Q6_K's scale pairs, IQ4_XS's bias)
-static inline int few_values(int kind) { return (kind >= FEW_Q4_K && kind <= FEW_Q3_K) || kind == FEW_IQ4_XS ? 256 : 32; }
+static inline int few_values(int kind) { return few_k_quant(kind) || kind == FEW_IQ4_XS ? 256 : 32; }
 static inline int few_scale_lanes(int kind) { return few_groups16(kind) ? 16 : kind == FEW_Q4_K || kind == FEW_Q5_K || kind == FEW_IQ4_XS ? 8 : 1; }
 static inline int few_pair_lanes(int kind) { return few_groups16(kind) ? 8 : kind == FEW_Q4_K || kind == FEW_Q5_K ? 4 : kind == FEW_IQ4_XS; }
 static inline int few_block_bytes(int kind) {
@@ -2520,11 +2503,10 @@ static inline int few_block_bytes(int kind) {
 ROWS_INLINE void few_kind_steps(const uint8_t *codes, const float *d, const float *c, const int32_t *scales, const int32_t *pairs,
                                 int nb, const uint8_t *xq, size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row,
                                 int valid, const int kind, const int R) {
-    if (few_groups16(kind)) few_steps_16(codes, scales, pairs, d, c, nb, xq, x_row, m0, y, y_row, valid, kind, R);
+    if (few_k_quant(kind)) few_steps_scaled(codes, scales, pairs, d, c, nb, xq, x_row, m0, y, y_row, valid, kind, R);
 #ifdef FEW_SIGNED
     else if (kind == FEW_IQ4_XS) few_steps_iq4_xs(codes, scales, pairs, d, nb, xq, x_row, x_offset, m0, y, y_row, valid, R);
 #endif
-    else if (kind == FEW_Q4_K || kind == FEW_Q5_K) few_steps_k(codes, scales, pairs, d, c, nb, xq, x_row, m0, y, y_row, valid, R);
     else few_steps(codes, d, c, scales, nb, xq, x_row, x_offset, m0, y, y_row, valid, kind, R);
 }
 
