@@ -2069,15 +2069,21 @@ static inline int few_groups16(int kind) { return kind == FEW_Q6_K || kind == FE
 static inline int few_k_quant(int kind) { return kind >= FEW_Q4_K && kind <= FEW_Q3_K; }
 
 // The kind of a matmul of M rows here, or -1: from the row counts where these beat the row
-// kernels to 16, where they still beat the tiles (but for Q6_K and Q2_K on AMX: the tiles from
-// 10). The 32-value blocks from 3 rows (2 are level); IQ4_XS from 4, Q4_K and Q5_K too (5 on
+// kernels on. The 32-value blocks from 3 rows (2 are level); IQ4_XS from 4, Q4_K and Q5_K too (5 on
 // AVX2, as Q8_0); Q2_K and Q3_K from 5; Q6_K, whose unpacking costs most, from 7. Measured on
 // SmolLM2-135M Q4_1 and 3B-shaped Q8_0, Q5_0, IQ4_NL, IQ4_XS, Q4_K_M, Q3_K_M, Q2_K and Q6_K, ms,
 // row kernels or tiles -> these: 3B Q6_K at 4 rows 187 -> 217, 8 rows 281 -> 260, 9 rows 328 ->
-// 273; 3B IQ4_XS (AMX) at 3 rows 183 -> 187, 4 224 -> 208, 8 303 -> 249, 16 level; 3B Q3_K_M
-// (AMX) at 4 rows 155 -> 168, 5 201 -> 185; 3B Q2_K (AMX) at 9 rows 232 -> 212, 10 level, 12 223
-// -> 234; on AVX2 3B Q4_K_M at 4 rows 163 -> 174, 5 level, 6 274 -> 238, and on AVX-VNNI's dots
-// 3B Q8_0 at 4 rows 221 -> 233, 5 level, 6 295 -> 276.
+// 273; 3B IQ4_XS (AMX) at 3 rows 183 -> 187, 4 224 -> 208, 8 303 -> 249; 3B Q3_K_M (AMX) at 4
+// rows 155 -> 168, 5 201 -> 185; on AVX2 3B Q4_K_M at 4 rows 163 -> 174, 5 level, 6 274 -> 238,
+// and on AVX-VNNI's dots 3B Q8_0 at 4 rows 221 -> 233, 5 level, 6 295 -> 276.
+// Without AMX they take every row count from there, a prompt's too: they beat the tile tasks on
+// VNNI's or AVX2's dots at every length measured (16 to 512 rows; every matmul of the 3B files
+// at 128 rows 1.07-1.31x, SmolLM2's 1.24-1.37x), since each activation row's codes, broadcast,
+// meet 16 (or 8) weight rows' in one dot with no reduction or transpose after. AMX's tiles
+// overtake them from 25 rows (3B Q4_K_M at 24 rows 349 -> 323 ms, at 32 362 -> 391; Q8_0, IQ4_NL,
+// IQ4_XS alike, Q3_K_M level at 24), the 32-value blocks' from 65 (SmolLM2 Q4_1 at 48 rows 34.6
+// -> 31.6, 64 level, 512 271 -> 282), Q6_K's and Q2_K's from 10 (3B Q2_K at 9 rows 232 -> 212, 10
+// level, 12 223 -> 234).
 static int few_kind(int type, int M) {
     int kind = -1;
     switch (type) {
@@ -2098,11 +2104,6 @@ static int few_kind(int type, int M) {
     case GGML_IQ4_XS: kind = FEW_IQ4_XS; break;
 #endif
     }
-#ifdef USE_AMX
-    const int tiles_from_10 = 1;  // Q6_K's and Q2_K's AMX tiles beat these from 10 rows
-#else
-    const int tiles_from_10 = 0;
-#endif
 #ifdef USE_AVX512
     const int k_least = 4, q8_0_least = 3;
 #else
@@ -2114,7 +2115,11 @@ static int few_kind(int type, int M) {
                       : kind == FEW_Q8_0                     ? q8_0_least
                       : kind == FEW_IQ4_XS                   ? 4
                                                              : 3;
-    const int most = tiles_from_10 && (kind == FEW_Q6_K || kind == FEW_Q2_K) ? 9 : 16;
+#ifdef USE_AMX
+    const int most = kind == FEW_Q6_K || kind == FEW_Q2_K ? 9 : kind <= FEW_Q5_1 ? 64 : 24;
+#else
+    const int most = M;
+#endif
     return M >= least && M <= most ? kind : -1;
 }
 
