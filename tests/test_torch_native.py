@@ -108,7 +108,7 @@ def test_matmul_is_the_exact_sum_over_int8_activations(lib, ggml_type, M):
     assert torch.equal(native.gguf_matmul(lib, ggml_type, runs, x).double(), got[:, order])
 
 
-ROW_COUNTS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 100]  # every row count a call takes (1 to DOT_ROWS: 8 with AVX-512, else 4; 3 to 16: the few-rows dots, from 3, 4, 5 or 7 by type), and past it
+ROW_COUNTS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 100]  # every row count a call takes (1 to DOT_ROWS: 8 with AVX-512, else 4; the few-rows dots from 3, 4, 5 or 7 by type, up to 9, 24 or 64 on AMX), and past it
 
 
 @pytest.mark.parametrize("ggml_type", native.TYPES, ids=lambda t: t.name)
@@ -141,27 +141,28 @@ def test_prompts_take_the_amx_tiles_where_the_cpu_has_them():
     assert native.library().gguf_matmul_amx() == 1
 
 
-SOFT_TILE_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+WITHOUT_AMX_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 @pytest.fixture(scope="module")
-def soft_tiles(tmp_path_factory):
+def without_amx(tmp_path_factory):
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if "amx_int8" not in cpu or not native.library().gguf_matmul_amx():
         pytest.skip("no AMX here to compare with")
-    return build_without("soft-tiles", WITHOUT_AMX, tmp_path_factory)
+    return build_without("without-amx", WITHOUT_AMX, tmp_path_factory)
 
 
-@pytest.mark.parametrize("ggml_type", SOFT_TILE_TYPES, ids=lambda t: t.name)
-def test_without_amx_the_tile_types_give_the_amx_bits(ggml_type, soft_tiles):
-    """Without AMX these types' prompts take the tile tasks on VNNI dots and their tokens the
-    tiles' steps: every row bitwise what an AMX machine computes, prompt or decoded token."""
+@pytest.mark.parametrize("ggml_type", WITHOUT_AMX_TYPES, ids=lambda t: t.name)
+def test_without_amx_these_types_give_the_amx_bits(ggml_type, without_amx):
+    """Without AMX these types' prompts take the few-rows dots at every length and their tokens
+    the same steps: every row bitwise what an AMX machine computes, on its few-rows dots or its
+    tiles, prompt or decoded token."""
     rng = np.random.default_rng(int(ggml_type) + 7)
     K = 512 + (32 if native.activation_block(ggml_type) == 32 else 0)
     blocks = torch.from_numpy(random_rows(ggml_type, 37, K // gguf.GGML_QUANT_SIZES[ggml_type][0], rng))
-    x = torch.from_numpy(rng.standard_normal((33, K)).astype(np.float32))
-    for M in (1, 5, 8, 12, 16, 24, 33):  # past each type's rows for the tiles, with and without AMX
-        assert torch.equal(native.gguf_matmul(soft_tiles, ggml_type, blocks, x[:M]), native.gguf_matmul(native.library(), ggml_type, blocks, x[:M]))
+    x = torch.from_numpy(rng.standard_normal((65, K)).astype(np.float32))
+    for M in (1, 5, 8, 12, 16, 24, 25, 33, 64, 65):  # AMX's tiles from 10, 25 or 65 rows by type
+        assert torch.equal(native.gguf_matmul(without_amx, ggml_type, blocks, x[:M]), native.gguf_matmul(native.library(), ggml_type, blocks, x[:M]))
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +175,11 @@ def avx2_builds(tmp_path_factory):
 
 @pytest.mark.parametrize("ggml_type", list(native.TYPES), ids=lambda t: t.name)
 def test_the_avx2_builds_give_the_avx512_bits(ggml_type, avx2_builds):
-    """Without AVX-512 (AMD's Zen 2/3, Intel's client chips) a prompt's rows take the tile tasks on
-    256-bit registers, with or without AVX-VNNI's dots, and a token the tiles' steps: every row,
-    prompt or decoded token, bitwise what the AVX-512 and AMX machines compute (bar Q8_0 on
-    AVX-512 without AMX, which keeps its own 512-bit dots)."""
+    """Without AVX-512 (AMD's Zen 2/3, Intel's client chips) a prompt's rows take the few-rows dots
+    on 256-bit registers, with or without AVX-VNNI's (Q8_0's and the IQ4 types' the tile tasks
+    without them), and a token the same steps: every row, prompt or decoded token, bitwise what
+    the AVX-512 and AMX machines compute (bar Q8_0 on AVX-512 without AMX, which keeps its own
+    512-bit dots)."""
     avx2, vnni = avx2_builds
     cpu = Path("/proc/cpuinfo").read_text()
     wide = native.library() if "avx512_vnni" in cpu and not (ggml_type == T.Q8_0 and not native.library().gguf_matmul_amx()) else None
@@ -185,7 +187,7 @@ def test_the_avx2_builds_give_the_avx512_bits(ggml_type, avx2_builds):
     K = 512 + (32 if native.activation_block(ggml_type) == 32 else 0)
     blocks = torch.from_numpy(random_rows(ggml_type, 37, K // gguf.GGML_QUANT_SIZES[ggml_type][0], rng))
     x = torch.from_numpy(rng.standard_normal((33, K)).astype(np.float32))
-    for M in (1, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 33):  # the few-rows dots from 3 to 16, past each type's rows for the tiles, a last tile's half empty or not
+    for M in (1, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 33):  # the few-rows dots from 3 on, the signed codes' tiles on AVX2 from 16 (a last tile's half empty or not)
         got = native.gguf_matmul(avx2, ggml_type, blocks, x[:M])
         assert torch.equal(native.gguf_matmul(vnni, ggml_type, blocks, x[:M]), got), M
         if wide is not None:

@@ -13,12 +13,12 @@
 // weight. As in llama.cpp, activations are quantized to int8 per block (32 values, or 256 for
 // the 256-value blocks), so each block is one integer dot product; the result is exactly
 // sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
-// takes the same activation blocks (an int8 GEMM: on AMX tiles where the CPU has them, else the
-// same tile tasks on 512-bit VNNI dots, every type but Q8_0, or on AVX2's 256-bit registers; a
-// few rows on the row kernels' dots) and gives each row bitwise the result it gets decoded alone,
-// for every row count, so a prompt's answer does not depend on how it is split into forward
-// passes, and no path is less exact than llama.cpp's. Every SIMD build gives the same bits (bar
-// Q8_0 on AVX-512 without AMX).
+// takes the same activation blocks (an int8 GEMM: on AMX tiles where the CPU has them, past a
+// few rows; else 16 or 8 weight rows' blocks side by side against each activation row's codes
+// on VNNI's or AVX2's dots, or tile tasks on 256-bit registers for the signed codes on AVX2
+// alone) and gives each row bitwise the result it gets decoded alone, for every row count, so a
+// prompt's answer does not depend on how it is split into forward passes, and no path is less
+// exact than llama.cpp's. Every SIMD build gives the same bits (bar Q8_0 on AVX-512 without AMX).
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
@@ -34,25 +34,29 @@
 #if defined(__AVX2__) && defined(__FMA__) && !defined(SMOLLM3_SCALAR)
 #define USE_AVX2 1
 #include <immintrin.h>
-// a prompt's rows on tile tasks: 16 weight rows unpacked once for all of them (amx_matmul)
-#define USE_TILES 1
 // 512-bit integer dots (VNNI) for the K-quants: twice the codes per instruction
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define USE_AVX512 1
-// Intel's tile unit: a prompt's int8 products 16 x 16 at a time
+// Intel's tile unit: a prompt's int8 products 16 x 16 at a time (amx_matmul)
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define USE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
 #else
-// AMD's Zen 4/5, Intel's before Sapphire Rapids: the tile tasks on 512-bit VNNI dots instead
-// (soft_tile_sums4, block_sums, soft_scaled_block)
-#define USE_SOFT_TILES 1
+// AMD's Zen 4/5, Intel's before Sapphire Rapids: Q8_0's rows two blocks a 512-bit dot
+// (signed_pair_rows), a prompt's too; every other type's prompts take the few-rows dots
+#define USE_Q8_0_PAIRS 1
 #endif
-#else
-// AMD's Zen 2/3, Intel's client chips: the tile tasks on 256-bit registers, half a tile's
-// activation rows at a time (the same functions' narrow forms)
+#elif !defined(__AVXVNNI__)
+// AMD's Zen 2/3, Intel's client chips before Alder Lake: Q8_0's and the IQ4 types' prompts on
+// tile tasks in 256-bit registers, half a tile's activation rows at a time (their offset
+// activations would saturate the few-rows dots' byte multiplies); every other type's take
+// the few-rows dots
 #define USE_NARROW_TILES 1
+#endif
+#if defined(USE_AMX) || defined(USE_NARROW_TILES)
+// a prompt's rows on tile tasks: 16 weight rows unpacked once for all of them (amx_matmul)
+#define USE_TILES 1
 #endif
 #endif
 
@@ -248,7 +252,7 @@ static inline __m256i signed_codes(const uint8_t *w, const int iq4) {
 }
 #endif
 
-#if defined(USE_SOFT_TILES)
+#ifdef USE_Q8_0_PAIRS
 // One block against R rows, into acc[r] (the pairs' last)
 ROWS_INLINE void signed_block(const uint8_t *w, const uint8_t *x, size_t x_row, int b, __m256 acc[], const int iq4, const int R) {
     __m256i q = signed_codes(w, iq4), magnitude = _mm256_sign_epi8(q, q);
@@ -315,11 +319,12 @@ ROWS_INLINE void signed_pair_rows(const uint8_t *w, const uint8_t *x, size_t x_r
 ROWS_INLINE void signed_rows(const uint8_t *w, const uint8_t *x, size_t x_row, int K, float *y, size_t y_step,
                            const int iq4, const int R) {
     int nb = K / 32, size = iq4 ? 18 : 34, b = 0;
-#if defined(USE_SOFT_TILES)
-    // Q8_0 keeps the row kernels on the soft tiles' builds, prompts too: with the per-block
-    // steps below it decodes 1.2x slower than on these 512-bit dots (3B, 2 threads; eight
-    // blocks' sums reduced together did not close it), and decoding is where a chat spends its
-    // time, though its prompts would go ~2x faster on the tiles
+#ifdef USE_Q8_0_PAIRS
+    // Q8_0 keeps these row kernels on AVX-512 without AMX, prompts too: with the per-block steps
+    // below it decodes 1.2x slower than on these 512-bit dots (3B, 2 threads; eight blocks' sums
+    // reduced together did not close it), and decoding is where a chat spends its time, though
+    // its prompts then miss the few-rows dots, which take those steps (as they took the tiles
+    // there, ~2x faster)
     if (!iq4) {
         signed_pair_rows(w, x, x_row, K, y, y_step, iq4, R);
         return;
@@ -806,7 +811,7 @@ ROWS_INLINE void q2_q3_k_rows(const uint8_t *w, const uint8_t *x, size_t x_row, 
                               const int q3, const int R) {
     int nb = K / 256, size = q3 ? 110 : 84, qs_at = q3 ? 32 : 16;
 #ifdef USE_AVX2
-    // each block's integer sums, one multiply-add each: the tiles' steps (amx_q2_q3_k_task, soft_q3_q6_k_task);
+    // each block's integer sums, one multiply-add each: the tiles' and the few-rows dots' steps;
     // Q3_K's offset in the integer sum (sc (q - 4) summed), Q2_K's mins on their own chain
     float acc[DOT_ROWS], acc_off[DOT_ROWS];
     int offset[DOT_ROWS];
@@ -981,6 +986,22 @@ ROWS_FN(q2_k)
 ROWS_FN(q3_k)
 ROWS_FN(iq4_xs)
 
+#ifdef USE_AVX2
+// A thread's scratch for one task's unpacked weights (the tiles', the few-rows dots'), kept
+// between calls (threads are torch's pool).
+static _Thread_local uint8_t *scratch_memory;
+static _Thread_local size_t scratch_size;
+
+static uint8_t *scratch(size_t bytes) {
+    if (bytes > scratch_size) {
+        free(scratch_memory);
+        scratch_memory = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        scratch_size = scratch_memory ? bytes : 0;
+    }
+    return scratch_memory;
+}
+#endif
+
 #ifdef USE_TILES
 // --- a prompt's rows on AMX tiles ---
 //
@@ -993,15 +1014,12 @@ ROWS_FN(iq4_xs)
 // sub-block. The sums then take, lane by lane, the float steps the row kernels take for one row
 // (each block's integer sum, one multiply-add), so every output is bitwise the token decoded
 // alone. The weights are unpacked once per 16 rows into a thread's scratch (A, row-major), the
-// activations once per call into B's layout. Without AMX (USE_SOFT_TILES) the same tasks run,
-// their multiplies on 512-bit VNNI dots: 64 products an instruction where the row kernels' take
-// ~32 (a K-quant's copies of its codes, which would double or triple the dots, give way to one
-// copy and a multiply by the scale a sub-block: soft_scaled_block); Q8_0 alone stays on the row
-// kernels (signed_rows). Without AVX-512 (USE_NARROW_TILES) they run on 256-bit registers, half
-// a tile's activation rows at a time: where the row kernels take a byte multiply, a pair
-// multiply and an add for each 32 products, the tiles' layout lets runs of byte products add up
-// as int16 before one pair multiply (by the sub-block's scale) widens them, and no weight is
-// unpacked twice. The same integer sums everywhere, so the same bits as on AMX.
+// activations once per call into B's layout. Without AMX the few-rows dots (below) take a
+// prompt's rows, faster than these tasks on VNNI's or AVX2's dots at every length, but on AVX2
+// without VNNI for Q8_0, IQ4_NL and IQ4_XS (USE_NARROW_TILES): their tasks run there on 256-bit
+// registers, half a tile's activation rows at a time, each weight row's 4 codes broadcast
+// against 8 rows' activations (magnitudes times activations given the codes' signs). The same
+// integer sums, so the same bits as on AMX.
 
 #define TILE 16
 // tile registers (the intrinsics take literal numbers)
@@ -1076,10 +1094,9 @@ static void amx_begin(int group) {
 // group j at a + group j) by packed activations bx (group j at bx + 16 group j). Unsigned weight
 // codes (the K-quants') or signed (Q8_0's, IQ4_NL's levels).
 #define TILE_SUMS4(name, dp)                                                                                                          \
-    static inline void name(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE], \
-                            int halves) {                                                                                             \
+    static inline void name(const void *a, int K, const int8_t *bx, int group, int32_t sums[4][TILE][TILE], int halves) {          \
         const uint8_t *w = a;                                                                                                         \
-        (void)rowsums, (void)halves;                                                                                                  \
+        (void)halves;                                                                                                                 \
         _tile_loadd(4, w, K);                                                                                                         \
         _tile_loadd(6, bx, 64);                                                                                                       \
         _tile_zero(0);                                                                                                                \
@@ -1103,100 +1120,38 @@ static void amx_begin(int group) {
     }
 TILE_SUMS4(tile_sums4_u8, _tile_dpbusd)
 TILE_SUMS4(tile_sums4_s8, _tile_dpbssd)
-#elif defined(USE_SOFT_TILES)
-// The tile multiply on VNNI's unsigned-by-signed dots: the activations offset by 128 into
-// unsigned bytes, the weights' codes (every type taken here has them in -128..127) signed, so
-// each sum is short 128 times its weight row's sum over the group: rowsums [4 groups][16 rows].
-// A 512-bit dot takes 4 values of 16 activation rows against one weight row's 4, broadcast:
-// 64 products an instruction, where the row kernels' dots take ~20.
-static inline void soft_tile_sums4(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE],
-                                   int halves) {
-    const int8_t *w = a;
-    (void)halves;
-    const __m512i offset = _mm512_set1_epi8((char)0x80);
-    const int steps = group / 4;
-    for (int j = 0; j < 4; j++) {
-        __m512i xs[16];
-        for (int k = 0; k < steps; k++) xs[k] = _mm512_xor_si512(_mm512_loadu_si512(bx + 16 * group * j + 64 * k), offset);
-        for (int n = 0; n < TILE; n++) {
-            const int8_t *wn = w + (size_t)n * K + group * j;
-            __m512i sum = _mm512_set1_epi32(-128 * rowsums[j * TILE + n]);
-            for (int k = 0; k < steps; k++) {
-                int32_t four;
-                memcpy(&four, wn + 4 * k, 4);
-                sum = _mm512_dpbusd_epi32(sum, xs[k], _mm512_set1_epi32(four));
-            }
-            _mm512_store_si512(sums[j][n], sum);
-        }
-    }
-}
-#define tile_sums4_u8 soft_tile_sums4
-#define tile_sums4_s8 soft_tile_sums4
 #else
-// The tile multiply on 256-bit registers: each half of the activation rows (8) in turn against
-// one weight row's 4 codes, broadcast. Unsigned codes (under 32: Q4_0's to Q5_1's) are the byte
-// multiply's unsigned operand, four steps' int16 pairs added before they widen (4 x 2 x 31 x 127
-// fits); signed ones (Q8_0's, the IQ4 levels) take soft_tile_sums4's offset on AVX-VNNI's dots,
-// else their magnitudes against the activations given their signs (as signed_rows).
-ROWS_INLINE void narrow_tile_sums4(const int8_t *w, int K, const int8_t *bx, const int32_t *rowsums, int32_t sums[4][TILE][TILE],
-                                   int halves, const int is_signed) {
-    const __m256i offset = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-    (void)offset, (void)ones, (void)rowsums;
+// The tile multiply on 256-bit registers for signed codes (Q8_0's, the IQ4 levels): each half
+// of the activation rows (8) in turn against one weight row's 4 codes, broadcast, their
+// magnitudes against the activations given their signs (as signed_rows).
+static inline void tile_sums4_s8(const void *a, int K, const int8_t *bx, int group, int32_t sums[4][TILE][TILE], int halves) {
+    const int8_t *w = a;
+    (void)group;  // 32
     for (int j = 0; j < 4; j++)
         for (int h = 0; h < halves; h++) {
             __m256i xs[8];
-            for (int k = 0; k < 8; k++) {
-                xs[k] = _mm256_loadu_si256((const __m256i *)(bx + 512 * j + 64 * k + 32 * h));
-#ifdef __AVXVNNI__
-                if (is_signed) xs[k] = _mm256_xor_si256(xs[k], offset);
-#endif
-            }
+            for (int k = 0; k < 8; k++) xs[k] = _mm256_loadu_si256((const __m256i *)(bx + 512 * j + 64 * k + 32 * h));
             for (int n = 0; n < TILE; n++) {
                 const int8_t *wn = w + (size_t)n * K + 32 * j;
                 __m256i sum = _mm256_setzero_si256();
-#ifdef __AVXVNNI__
-                if (is_signed) sum = _mm256_set1_epi32(-128 * rowsums[j * TILE + n]);
                 for (int k = 0; k < 8; k++) {
                     __m256i four = _mm256_set1_epi32((int)read_u32(wn + 4 * k));
-                    sum = is_signed ? _mm256_dpbusd_avx_epi32(sum, xs[k], four) : _mm256_dpbusd_avx_epi32(sum, four, xs[k]);
+                    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(four, four), _mm256_sign_epi8(xs[k], four));
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
                 }
-#else
-                for (int k0 = 0; k0 < 8; k0 += is_signed ? 1 : 4) {
-                    __m256i pairs = _mm256_setzero_si256();
-                    for (int k = k0; k < k0 + (is_signed ? 1 : 4); k++) {
-                        __m256i four = _mm256_set1_epi32((int)read_u32(wn + 4 * k));
-                        pairs = is_signed ? _mm256_maddubs_epi16(_mm256_sign_epi8(four, four), _mm256_sign_epi8(xs[k], four))
-                                          : _mm256_add_epi16(pairs, _mm256_maddubs_epi16(four, xs[k]));
-                    }
-                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
-                }
-#endif
                 _mm256_store_si256((__m256i *)(sums[j][n] + 8 * h), sum);
             }
         }
 }
-
-static inline void tile_sums4_u8(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE],
-                                 int halves) {
-    (void)group;  // 32
-    narrow_tile_sums4(a, K, bx, rowsums, sums, halves, 0);
-}
-
-static inline void tile_sums4_s8(const void *a, int K, const int8_t *bx, int group, const int32_t *rowsums, int32_t sums[4][TILE][TILE],
-                                 int halves) {
-    (void)group;
-    narrow_tile_sums4(a, K, bx, rowsums, sums, halves, 1);
-}
 #endif
 
+#ifdef USE_AMX
 // A K-quant block's integer sums, sums[p][weight row][activation row] for each of its copies
 // p < planes of the weight codes (plane bytes apart, rows K apart, 256 values from a): the block
 // 64 values a multiply into one tile a copy, against its packed activations bx. Unsigned codes,
-// or signed (AMX only).
-ROWS_INLINE void block_sums(const uint8_t *a, size_t plane, const int planes, int K, const int8_t *bx, const int is_signed,
-                            int32_t sums[][TILE][TILE], int halves) {
-    (void)halves;
-#ifdef USE_AMX
+// or signed.
+static inline void block_sums(const uint8_t *a, size_t plane, const int planes, int K, const int8_t *bx, const int is_signed,
+                              int32_t sums[][TILE][TILE]) {
     _tile_zero(0);
     if (planes > 1) _tile_zero(1);
     if (planes > 2) _tile_zero(2);
@@ -1219,108 +1174,8 @@ ROWS_INLINE void block_sums(const uint8_t *a, size_t plane, const int planes, in
     _tile_stored(0, sums[0], 64);
     if (planes > 1) _tile_stored(1, sums[1], 64);
     if (planes > 2) _tile_stored(2, sums[2], 64);
-#elif defined(USE_SOFT_TILES)
-    // VNNI's unsigned operand takes the codes, broadcast, its signed one the activations as they are
-    (void)is_signed;
-    for (int k = 0; k < 4; k++) {
-        __m512i xs[16];
-        for (int s = 0; s < 16; s++) xs[s] = _mm512_loadu_si512(bx + 1024 * k + 64 * s);
-        for (int p = 0; p < planes; p++)
-            for (int n = 0; n < TILE; n++) {
-                const uint8_t *wn = a + p * plane + (size_t)n * K + 64 * k;
-                __m512i sum = k ? _mm512_load_si512(sums[p][n]) : _mm512_setzero_si512();
-                for (int s = 0; s < 16; s++) {
-                    int32_t four;
-                    memcpy(&four, wn + 4 * s, 4);
-                    sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(four), xs[s]);
-                }
-                _mm512_store_si512(sums[p][n], sum);
-            }
-    }
-#else
-    // 256-bit: each half of the activation rows in turn, 32 codes a round; two steps' products of
-    // codes under 64 added as int16 before they widen (2 x 2 x 63 x 127 fits)
-    (void)is_signed;
-    for (int g = 0; g < 8; g++)
-        for (int h = 0; h < halves; h++) {
-            __m256i xs[8];
-            for (int k = 0; k < 8; k++) xs[k] = _mm256_loadu_si256((const __m256i *)(bx + 512 * g + 64 * k + 32 * h));
-            for (int p = 0; p < planes; p++)
-                for (int n = 0; n < TILE; n++) {
-                    const uint8_t *wn = a + p * plane + (size_t)n * K + 32 * g;
-                    __m256i sum = g ? _mm256_load_si256((const __m256i *)(sums[p][n] + 8 * h)) : _mm256_setzero_si256();
-                    for (int k = 0; k < 8; k += 2) {
-                        __m256i four = _mm256_set1_epi32((int)read_u32(wn + 4 * k)), next = _mm256_set1_epi32((int)read_u32(wn + 4 * k + 4));
-#ifdef __AVXVNNI__
-                        sum = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(sum, four, xs[k]), next, xs[k + 1]);
-#else
-                        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(four, xs[k]), _mm256_maddubs_epi16(next, xs[k + 1]));
-                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-#endif
-                    }
-                    _mm256_store_si256((__m256i *)(sums[p][n] + 8 * h), sum);
-                }
-        }
-#endif
-}
-
-#ifndef USE_AMX
-// A block of 256 values' integer sums for 16 weight rows (unsigned codes under 64, rows K apart)
-// by 16 activation rows (packed as amx_pack_x does), each of its groups' sums (8 of 32 or 16 of
-// 16) times its weight row's scale (scales [groups][16]): the sum AMX's copies of the codes
-// folded with scale digits give. The codes, broadcast, are the dots' unsigned operand; the
-// activations, as they are, the signed one. On VNNI's dots one instruction each 4 codes, the
-// group's sum multiplied by the scale; on AVX2's, runs of byte products (as many as max_code
-// leaves room for) add up as int16 and the pair multiply by the scale widens them.
-ROWS_INLINE void soft_scaled_block(const uint8_t *a, int K, const int8_t *bx, const int32_t *scales, const int groups, const int max_code,
-                                   rows_si block[TILE][HALVES], int halves) {
-    const int group = 256 / groups, steps = group / 4;
-    (void)max_code;
-    for (int n = 0; n < TILE; n++)
-        for (int h = 0; h < HALVES; h++) block[n][h] = zero_rows_si();
-    for (int j = 0; j < groups; j++)
-        for (int h = 0; h < halves; h++) {
-            rows_si xs[8];
-            for (int k = 0; k < steps; k++) xs[k] = load_rows_si((const int32_t *)(bx + 16 * group * j + 64 * k + 4 * X_ROWS * h));
-            for (int n = 0; n < TILE; n++) {
-                const uint8_t *wn = a + (size_t)n * K + group * j;
-#if defined(USE_AVX512) || defined(__AVXVNNI__)
-                rows_si sum = zero_rows_si();
-                for (int k = 0; k < steps; k++) {
-#ifdef USE_AVX512
-                    sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32((int)read_u32(wn + 4 * k)), xs[k]);
-#else
-                    sum = _mm256_dpbusd_avx_epi32(sum, _mm256_set1_epi32((int)read_u32(wn + 4 * k)), xs[k]);
-#endif
-                }
-                block[n][h] = ROWS(add_epi32)(block[n][h], ROWS(mullo_epi32)(sum, ROWS(set1_epi32)(scales[j * TILE + n])));
-#else
-                // products of codes up to max_code (and |x| <= 127) in int16: 8 steps of codes under
-                // 16, 4 under 32, 2 under 64 (each 2 products a lane)
-                const int run = max_code < 16 ? 8 : max_code < 32 ? 4 : 2;
-                const __m256i scale = _mm256_set1_epi16((short)scales[j * TILE + n]);
-                for (int k0 = 0; k0 < steps; k0 += run) {
-                    __m256i pairs = _mm256_setzero_si256();
-                    for (int k = k0; k < k0 + run && k < steps; k++)
-                        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_set1_epi32((int)read_u32(wn + 4 * k)), xs[k]));
-                    block[n][h] = _mm256_add_epi32(block[n][h], _mm256_madd_epi16(pairs, scale));
-                }
-#endif
-            }
-        }
 }
 #endif
-
-// The sum of a weight row's 32 codes (signed, or unsigned under 128), which soft_tile_sums4
-// takes back off; AMX's tiles need none.
-static inline int32_t code_sum(__m256i q) {
-#ifndef USE_AMX
-    return hsum_i32(_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1)));
-#else
-    (void)q;
-    return 0;
-#endif
-}
 
 // The activations as the tiles take them, per 16 rows (rows past M are zeros): codes [G][8][64]
 // for each group g of 32 values, code k of row m at (k / 4) * 64 + m * 4 + k % 4 (a group of 16
@@ -1373,47 +1228,15 @@ static inline rows_ps add_block(rows_ps acc, rows_si sum, float w, rows_ps dx) {
     return ROWS(fmadd_ps)(ROWS(cvtepi32_ps)(sum), ROWS(mul_ps)(ROWS(set1_ps)(w), dx), acc);
 }
 
-// Per activation row, sum_k of the int16 pairs xs[k] (a vector's rows, a tile's 16 apart) dotted
-// with the weight row's pair w[k * 16]
-static inline rows_si pair_dots(const int32_t *xs, const int32_t *w, int pairs) {
-    rows_si sum = zero_rows_si();
-    for (int k = 0; k < pairs; k++) {
-        rows_si x = load_rows_si(xs + k * TILE), pair = ROWS(set1_epi32)(w[k * TILE]);
-#if defined(USE_AVX512)
-        sum = _mm512_dpwssd_epi32(sum, x, pair);
-#elif defined(__AVXVNNI__)
-        sum = _mm256_dpwssd_avx_epi32(sum, x, pair);
-#else
-        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(x, pair));
-#endif
-    }
-    return sum;
-}
-
-// A thread's scratch for one task's unpacked weights, kept between calls (threads are torch's pool).
-static _Thread_local uint8_t *scratch_memory;
-static _Thread_local size_t scratch_size;
-
-static uint8_t *scratch(size_t bytes) {
-    if (bytes > scratch_size) {
-        free(scratch_memory);
-        scratch_memory = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        scratch_size = scratch_memory ? bytes : 0;
-    }
-    return scratch_memory;
-}
-
 // Q8_0, IQ4_NL: one tile multiply a block; chain b % 4 of each output takes the block's
 // multiply-add (the blocks past the last four chain 0), the chains added in pairs (signed_rows).
 static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row, const int iq4) {
     int nb = K / 32, size = iq4 ? 18 : 34, last4 = nb & ~3;
-    // codes [16][K] (96: a fourth block read past the last); per block: dw [16], the codes' sums [16] (and three blocks' past the last)
-    uint8_t *mem = scratch((size_t)TILE * K + 96 + sizeof(float) * nb * TILE + sizeof(int32_t) * (nb + 3) * TILE);
+    // codes [16][K] (96: a fourth block read past the last); per block: dw [16]
+    uint8_t *mem = scratch((size_t)TILE * K + 96 + sizeof(float) * nb * TILE);
     if (!mem) return -2;
     int8_t *codes = (int8_t *)mem;
     float *dw = (float *)(mem + (size_t)TILE * K + 96);
-    int32_t *rowsums = (int32_t *)(dw + (size_t)nb * TILE);
-    memset(rowsums + (size_t)nb * TILE, 0, sizeof(int32_t) * 3 * TILE);
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
@@ -1421,7 +1244,6 @@ static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx
             __m256i q = w ? signed_codes(w, iq4) : _mm256_setzero_si256();
             _mm256_storeu_si256((__m256i *)(codes + (size_t)n * K + 32 * b), q);
             dw[b * TILE + n] = w ? f16_to_f32(read_u16(w)) : 0;
-            rowsums[b * TILE + n] = code_sum(q);
         }
     int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
@@ -1432,7 +1254,7 @@ static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx
             for (int n = 0; n < TILE; n++)
                 for (int h = 0; h < HALVES; h++) acc[u][n][h] = ROWS(setzero_ps)();
         for (int b0 = 0; b0 < nb; b0 += 4) {  // the codes have room for a fourth past the last block
-            tile_sums4_s8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, rowsums + b0 * TILE, sums, halves);
+            tile_sums4_s8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, sums, halves);
             for (int b = b0; b < b0 + 4 && b < nb; b++) {
                 int u = b < last4 ? b % 4 : 0;
                 for (int h = 0; h < halves; h++) {
@@ -1448,6 +1270,15 @@ static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
+}
+
+#ifdef USE_AMX
+// Per activation row, sum_k of the int16 pairs xs[k] (a tile's rows, 16 apart) dotted with the
+// weight row's pair w[k * 16]
+static inline __m512i pair_dots(const int32_t *xs, const int32_t *w, int pairs) {
+    __m512i sum = _mm512_setzero_si512();
+    for (int k = 0; k < pairs; k++) sum = _mm512_dpwssd_epi32(sum, _mm512_loadu_si512(xs + k * TILE), _mm512_set1_epi32(w[k * TILE]));
+    return sum;
 }
 
 // Bytes times int16 constants per 16-bit lane (products under 256)
@@ -1468,33 +1299,22 @@ static inline __m256i two_groups(__m256i v, int g) {
 // Q4_K, Q5_K: each sub-block's 6-bit scale split in two 3-bit digits, sc = 8 hi + lo, folded into
 // two copies of the codes (q lo, q hi <= 31 * 7 fit a byte), so two tiles accumulate a whole
 // block 64 values a multiply, and the block's integer sum is 8 hi + lo with no per-sub-block work;
-// then the block's sum and its mins' term, one multiply-add each (q4_q5_k_rows). Without AMX the
-// two copies would double the VNNI dots: one copy of the codes, one multiply a sub-block of 32,
-// its sums times the rows' scales into the same integer sum (as IQ4_XS).
+// then the block's sum and its mins' term, one multiply-add each (q4_q5_k_rows).
 static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row, const int with_high) {
     int nb = K / 256, size = with_high ? 176 : 144, qs_at = with_high ? 48 : 16;
-#ifdef USE_AMX
-    // codes times the low digits [16][K] and the high [16][K]
-    const int planes = 2, per_block = 0;
-#else
-    // the codes [16][K]; per block: the sub-blocks' scales [8][16]
-    const int planes = 1, per_block = 8;
-#endif
-    // per block: mins as int16 pairs [4][16], d [16], dmin [16]
-    uint8_t *mem = scratch(planes * (size_t)TILE * K + (size_t)nb * TILE * 4 * (4 + 2 + per_block));
+    // codes times the low digits [16][K] and the high [16][K]; per block: mins as int16 pairs [4][16], d [16], dmin [16]
+    const int planes = 2;
+    uint8_t *mem = scratch(planes * (size_t)TILE * K + (size_t)nb * TILE * 4 * (4 + 2));
     if (!mem) return -2;
     uint8_t *low = mem, *high = mem + (size_t)TILE * K;
     int32_t *mins = (int32_t *)(mem + planes * (size_t)TILE * K);
     float *d = (float *)(mins + (size_t)nb * 4 * TILE), *dmin = d + (size_t)nb * TILE;
-    int32_t *scales = (int32_t *)(dmin + (size_t)nb * TILE);
-    (void)high, (void)scales;
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             size_t at = (size_t)n * K + 256 * b;
             if (n >= rows) {
                 for (int i = 0; i < planes; i++) memset(mem + i * (size_t)TILE * K + at, 0, 256);
                 for (int k = 0; k < 4; k++) mins[(b * 4 + k) * TILE + n] = 0;
-                for (int j = 0; j < per_block; j++) scales[(b * 8 + j) * TILE + n] = 0;
                 d[b * TILE + n] = dmin[b * TILE + n] = 0;
                 continue;
             }
@@ -1505,16 +1325,10 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
             for (int j = 0; j < 4; j++) {
                 __m256i lo, hi;
                 q4_q5_k_codes(w, qs_at, j, with_high, &lo, &hi);
-#ifdef USE_AMX
                 _mm256_storeu_si256((__m256i *)(low + at + 64 * j), mul_u8(lo, sc[2 * j] & 7));
                 _mm256_storeu_si256((__m256i *)(low + at + 64 * j + 32), mul_u8(hi, sc[2 * j + 1] & 7));
                 _mm256_storeu_si256((__m256i *)(high + at + 64 * j), mul_u8(lo, sc[2 * j] >> 3));
                 _mm256_storeu_si256((__m256i *)(high + at + 64 * j + 32), mul_u8(hi, sc[2 * j + 1] >> 3));
-#else
-                _mm256_storeu_si256((__m256i *)(low + at + 64 * j), lo);
-                _mm256_storeu_si256((__m256i *)(low + at + 64 * j + 32), hi);
-                scales[(b * 8 + 2 * j) * TILE + n] = sc[2 * j], scales[(b * 8 + 2 * j + 1) * TILE + n] = sc[2 * j + 1];
-#endif
             }
             for (int k = 0; k < 4; k++) mins[(b * 4 + k) * TILE + n] = (int32_t)(mn[2 * k] | (uint32_t)mn[2 * k + 1] << 16);
             d[b * TILE + n] = f16_to_f32(read_u16(w)), dmin[b * TILE + n] = f16_to_f32(read_u16(w + 2));
@@ -1528,13 +1342,9 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
         for (int b = 0; b < nb; b++) {
             const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
             rows_si block[TILE][HALVES];
-#ifdef USE_AMX
             int32_t sums[2][TILE][TILE] __attribute__((aligned(64)));  // the codes times the low digits, times the high
-            block_sums(low + 256 * b, high - low, 2, K, bx, 0, sums, halves);
+            block_sums(low + 256 * b, high - low, 2, K, bx, 0, sums);
             for (int n = 0; n < TILE; n++) block[n][0] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), _mm512_load_si512(sums[0][n]));
-#else
-            soft_scaled_block(low + 256 * b, K, bx, scales + b * 8 * TILE, 8, with_high ? 31 : 15, block, halves);
-#endif
             const int32_t *mn = mins + b * 4 * TILE;
             for (int h = 0; h < halves; h++) {
                 const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
@@ -1558,7 +1368,6 @@ static inline __m256i mul_s8(__m256i q, __m256i k) {
     return _mm256_or_si256(_mm256_and_si256(even, _mm256_set1_epi16(0xff)), _mm256_slli_epi16(odd, 8));
 }
 
-#ifdef USE_AMX  // their signed copies of the codes take AMX's signed-by-signed multiply
 // Q6_K: each group's int8 scale as three balanced base-7 digits (sc = d0 + 7 d1 + 49 d2, digits
 // -3..3), folded into three copies of the signed codes (q - 32) d (|.| <= 96 fit a byte), so
 // three tiles accumulate a whole block 64 values a multiply; its integer sum d0 + 7 d1 + 49 d2
@@ -1611,7 +1420,7 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
         __m512 acc[TILE];
         for (int n = 0; n < TILE; n++) acc[n] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            block_sums((const uint8_t *)digits + 256 * b, plane, 3, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512, 1, sums, 1);
+            block_sums((const uint8_t *)digits + 256 * b, plane, 3, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512, 1, sums);
             const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
             for (int n = 0; n < TILE; n++) {
                 __m512i block = _mm512_add_epi32(_mm512_load_si512(sums[0][n]),
@@ -1625,8 +1434,6 @@ static int amx_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x
     }
     return 0;
 }
-
-#endif
 
 // Q2_K and Q3_K: codes 32 j + l of each half n are 2 bits of qs[32 n + l] at shift 2 j (Q3_K's
 // third from bit 4 n + j of hmask[l]), group k / 16 (q2_q3_k_rows). Q2_K's 4-bit scale folds into
@@ -1687,11 +1494,8 @@ static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const am
             for (int h = 0; h < HALVES; h++) acc[n][h] = acc_off[n][h] = ROWS(setzero_ps)();
         for (int b = 0; b < nb; b++) {
             const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
-#ifdef USE_AMX
-            if (q3) block_sums(codes + 256 * b, plane, 2, K, bx, 1, sums, halves);
-            else
-#endif
-                block_sums(codes + 256 * b, plane, 1, K, bx, 0, sums, halves);
+            if (q3) block_sums(codes + 256 * b, plane, 2, K, bx, 1, sums);
+            else block_sums(codes + 256 * b, plane, 1, K, bx, 0, sums);
             const int32_t *mn = mins + b * 8 * TILE;
             for (int h = 0; h < halves; h++) {
                 const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
@@ -1714,73 +1518,6 @@ static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const am
     return 0;
 }
 
-#ifndef USE_AMX
-// Q3_K and Q6_K without AMX: their signed scales would take signed copies of the codes, which
-// VNNI's unsigned operand can't; instead one copy of the unsigned codes, each group of 16's sum
-// times its scale (soft_scaled_block), less the offset (Q3_K's 4, Q6_K's 32) times the scales
-// dotted with the activations' group sums: the integer sum the AMX tasks reach, so their bits.
-static int soft_q3_q6_k_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row, const int q3) {
-    int nb = K / 256, size = q3 ? 110 : 210;
-    // codes [16][K]; per block: scales [16][16], the same as int16 pairs [8][16], d [16]
-    uint8_t *mem = scratch((size_t)TILE * K + (size_t)nb * TILE * 4 * (16 + 8 + 1));
-    if (!mem) return -2;
-    uint8_t *codes = mem;
-    int32_t *scales = (int32_t *)(mem + (size_t)TILE * K), *pairs = scales + (size_t)nb * 16 * TILE;
-    float *d = (float *)(pairs + (size_t)nb * 8 * TILE);
-    for (int n = 0; n < TILE; n++)
-        for (int b = 0; b < nb; b++) {
-            uint8_t *dst = codes + (size_t)n * K + 256 * b;
-            const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
-            if (w) prefetch_ahead(w, size);
-            int16_t sc[16] = {0}, off[16];
-            if (!w) {
-                memset(dst, 0, 256);
-            } else if (q3) {
-                q2_q3_k_scales(w, 1, sc, off);
-                __m256i high = _mm256_loadu_si256((const __m256i *)w);
-                for (int h = 0; h < 2; h++) {
-                    __m256i bits = _mm256_loadu_si256((const __m256i *)(w + 32 + 32 * h));
-                    for (int j = 0; j < 4; j++) _mm256_storeu_si256((__m256i *)(dst + 128 * h + 32 * j), q2_q3_k_codes(bits, high, h, j, 1));
-                }
-            } else {
-                for (int g = 0; g < 16; g++) sc[g] = (int8_t)w[192 + g];
-                for (int half = 0; half < 2; half++) {
-                    __m256i q[4];
-                    q6_k_codes(w + 64 * half, w + 128 + 32 * half, q);
-                    for (int j = 0; j < 4; j++) _mm256_storeu_si256((__m256i *)(dst + 128 * half + 32 * j), q[j]);
-                }
-            }
-            for (int g = 0; g < 16; g++) scales[(b * 16 + g) * TILE + n] = sc[g];
-            for (int k = 0; k < 8; k++) pairs[(b * 8 + k) * TILE + n] = (int32_t)((uint16_t)sc[2 * k] | (uint32_t)(uint16_t)sc[2 * k + 1] << 16);
-            d[b * TILE + n] = w ? f16_to_f32(read_u16(w + (q3 ? 108 : 208))) : 0;
-        }
-    float out[TILE][TILE] __attribute__((aligned(64)));
-    for (int t = 0; t < x->tiles; t++) {
-        const int halves = tile_halves(t, M);
-        rows_ps acc[TILE][HALVES];
-        for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < HALVES; h++) acc[n][h] = ROWS(setzero_ps)();
-        for (int b = 0; b < nb; b++) {
-            rows_si block[TILE][HALVES];
-            soft_scaled_block(codes + 256 * b, K, x->codes + ((size_t)t * nb * 8 + b * 8) * 512, scales + b * 16 * TILE, 16, q3 ? 7 : 63, block, halves);
-            for (int h = 0; h < halves; h++) {
-                const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
-                const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE + X_ROWS * h;
-                for (int n = 0; n < TILE; n++) {
-                    rows_si offset = ROWS(slli_epi32)(pair_dots(xs, pairs + b * 8 * TILE + n, 8), q3 ? 2 : 5);  // times 4 or 32
-                    acc[n][h] = add_block(acc[n][h], ROWS(sub_epi32)(block[n][h], offset), d[b * TILE + n], dx);
-                }
-            }
-        }
-        for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < halves; h++) ROWS(store_ps)(out[n] + X_ROWS * h, acc[n][h]);
-        amx_store(out, rows, t, M, y, y_row);
-    }
-    return 0;
-}
-
-static int soft_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return soft_q3_q6_k_task(r, n, K, x, M, y, y_row, 1); }
-static int soft_q6_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return soft_q3_q6_k_task(r, n, K, x, M, y, y_row, 0); }
 #endif
 
 // IQ4_XS: levels (-127..113) leave no room for the scale, so one tile multiply a sub-block of 32,
@@ -1788,13 +1525,12 @@ static int soft_q6_k(const uint8_t *const *r, int n, int K, const amx_x *x, int 
 // block (iq4_xs_rows).
 static int amx_iq4_xs_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row) {
     int nb = K / 256;
-    // levels [16][K]; per block: scales [8][16], d [16], the levels' sums [8][16]
-    uint8_t *mem = scratch((size_t)TILE * K + (size_t)nb * TILE * 4 * (8 + 1 + 8));
+    // levels [16][K]; per block: scales [8][16], d [16]
+    uint8_t *mem = scratch((size_t)TILE * K + (size_t)nb * TILE * 4 * (8 + 1));
     if (!mem) return -2;
     int8_t *codes = (int8_t *)mem;
     int32_t *scales = (int32_t *)(mem + (size_t)TILE * K);
     float *d = (float *)(scales + (size_t)nb * 8 * TILE);
-    int32_t *rowsums = (int32_t *)(d + (size_t)nb * TILE);
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             const uint8_t *w = n < rows ? row[n] + (size_t)136 * b : NULL;
@@ -1804,7 +1540,6 @@ static int amx_iq4_xs_task(const uint8_t *const *row, int rows, int K, const amx
                               : _mm256_setzero_si256();
                 _mm256_storeu_si256((__m256i *)(codes + (size_t)n * K + 256 * b + 32 * j), q);
                 scales[(b * 8 + j) * TILE + n] = w ? iq4_xs_scale(w, j) : 0;
-                rowsums[(b * 8 + j) * TILE + n] = code_sum(q);
             }
             d[b * TILE + n] = w ? f16_to_f32(read_u16(w)) : 0;
         }
@@ -1820,7 +1555,7 @@ static int amx_iq4_xs_task(const uint8_t *const *row, int rows, int K, const amx
             for (int n = 0; n < TILE; n++)
                 for (int h = 0; h < HALVES; h++) block[n][h] = zero_rows_si();
             for (int j0 = 0; j0 < 8; j0 += 4) {
-                tile_sums4_s8(codes + 256 * b + 32 * j0, K, x->codes + ((size_t)t * nb * 8 + b * 8 + j0) * 512, 32, rowsums + (b * 8 + j0) * TILE, sums, halves);
+                tile_sums4_s8(codes + 256 * b + 32 * j0, K, x->codes + ((size_t)t * nb * 8 + b * 8 + j0) * 512, 32, sums, halves);
                 for (int j = 0; j < 4; j++) {
                     const int32_t *sc = scales + (b * 8 + j0 + j) * TILE;
                     for (int n = 0; n < TILE; n++)
@@ -1840,18 +1575,17 @@ static int amx_iq4_xs_task(const uint8_t *const *row, int rows, int K, const amx
     return 0;
 }
 
+#ifdef USE_AMX
 // Q4_0, Q4_1, Q5_0, Q5_1: one tile multiply a block (unsigned codes), chain b % 4 of each output
 // taking d dx times the block's sum, the offsets' chain c sx beside (q4_q5_rows).
 static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row,
                           const int with_min, const int with_high) {
     int nb = K / 32, size = (with_min ? 20 : 18) + (with_high ? 4 : 0), zero = with_high ? 16 : 8, last4 = nb & ~3;
-    // codes [16][K] (96: a fourth block read past the last); per block: d, c [16], the codes' sums [16] (and three blocks' past the last)
-    uint8_t *mem = scratch((size_t)TILE * K + 96 + 2 * sizeof(float) * nb * TILE + sizeof(int32_t) * (nb + 3) * TILE);
+    // codes [16][K] (96: a fourth block read past the last); per block: d, c [16]
+    uint8_t *mem = scratch((size_t)TILE * K + 96 + 2 * sizeof(float) * nb * TILE);
     if (!mem) return -2;
     uint8_t *codes = mem;
     float *d = (float *)(mem + (size_t)TILE * K + 96), *c = d + (size_t)nb * TILE;
-    int32_t *rowsums = (int32_t *)(c + (size_t)nb * TILE);
-    memset(rowsums + (size_t)nb * TILE, 0, sizeof(int32_t) * 3 * TILE);
     for (int n = 0; n < TILE; n++)
         for (int b = 0; b < nb; b++) {
             const uint8_t *w = n < rows ? row[n] + (size_t)size * b : NULL;
@@ -1859,7 +1593,6 @@ static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_
             __m128 weight_scales = _mm_setzero_ps();
             __m256i q = w ? q4_q5_codes(w, with_min, with_high, &weight_scales) : _mm256_setzero_si256();
             _mm256_storeu_si256((__m256i *)(codes + (size_t)n * K + 32 * b), q);
-            rowsums[b * TILE + n] = code_sum(q);
             d[b * TILE + n] = _mm_cvtss_f32(weight_scales), c[b * TILE + n] = _mm_cvtss_f32(_mm_shuffle_ps(weight_scales, weight_scales, 1));
         }
     int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
@@ -1874,7 +1607,7 @@ static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_
                 for (int u = 0; u < 4; u++) acc[u][n][h] = ROWS(setzero_ps)();
             }
         for (int b0 = 0; b0 < nb; b0 += 4) {  // the codes have room for a fourth past the last block
-            tile_sums4_u8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, rowsums + b0 * TILE, sums, halves);
+            tile_sums4_u8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, sums, halves);
             for (int b = b0; b < b0 + 4 && b < nb; b++) {
                 int u = b < last4 ? b % 4 : 0;
                 for (int h = 0; h < halves; h++) {
@@ -1896,12 +1629,12 @@ static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_
     }
     return 0;
 }
+#endif
 
 typedef int (*amx_fn)(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row);
-#ifndef USE_SOFT_TILES
 static int amx_q8_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 0); }
-#endif
 static int amx_iq4_nl(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 1); }
+#ifdef USE_AMX
 static int amx_q4_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 0, 0); }
 static int amx_q4_1(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 1, 0); }
 static int amx_q5_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 0, 1); }
@@ -1909,14 +1642,13 @@ static int amx_q5_1(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 static int amx_q4_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 0); }
 static int amx_q5_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 1); }
 static int amx_q2_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 0); }
-#ifdef USE_AMX
 static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 1); }
 #endif
 #endif
 
 #ifdef USE_AVX2
 #define USE_FEW_ROWS 1
-// --- a few activation rows, the weight rows side by side ---
+// --- a few activation rows (without AMX, a prompt's), the weight rows side by side ---
 //
 // A forward of a few rows (a speculative draft's, a short chat turn's) pays, on the row kernels,
 // each block's steps (its integer sum reduced, a multiply-add) once for each row, and on the tile
@@ -1934,7 +1666,9 @@ static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 // stay under 2^15), the work the row kernels' dots do for as many products; what it saves is the
 // steps and the sums' reductions. AVX2 builds (on AVX-VNNI's dots where the CPU has them, row
 // kernels or 256-bit tiles -> these): SmolLM2 Q4_1 at 8 rows 21.3 -> 17.6 (19.0 -> 15.9), 3B
-// Q4_K_M at 8 rows 318 -> 267 (290 -> 246), 12 rows 468 -> 350 (412 -> 304).
+// Q4_K_M at 8 rows 318 -> 267 (290 -> 246), 12 rows 468 -> 350 (412 -> 304). Without AMX a
+// prompt's rows take them too, FEW_X_ROWS at a time over each 16 (or 8) weight rows unpacked
+// once: they beat the tile tasks on VNNI's and AVX2's dots at every length (few_kind).
 
 // FEW(op), FEW_SI(op): the intrinsic of the lanes' width
 #ifdef USE_AVX512
@@ -2096,7 +1830,7 @@ static int few_kind(int type, int M) {
     case GGML_Q6_K: kind = FEW_Q6_K; break;
     case GGML_Q2_K: kind = FEW_Q2_K; break;
     case GGML_Q3_K: kind = FEW_Q3_K; break;
-#if defined(FEW_SIGNED) && !defined(USE_SOFT_TILES)  // there Q8_0's row kernels take other steps (signed_pair_rows)
+#if defined(FEW_SIGNED) && !defined(USE_Q8_0_PAIRS)  // there Q8_0's row kernels take other steps (signed_pair_rows)
     case GGML_Q8_0: kind = FEW_Q8_0; break;
 #endif
 #ifdef FEW_SIGNED
@@ -2658,47 +2392,35 @@ static int task_rows(int t, int N, int parts, const uint8_t *const *w, const int
 #ifdef USE_TILES
 // A type's tile task, with its group of values a scale (the tiles' depth), the activation sums
 // it takes as int16 pairs a block (amx_pack_x), and the activation rows from which it beats the
-// dots (below, unpacking 16 weight rows for the tiles costs more than the dots' few rows save;
+// row kernels (below, unpacking 16 weight rows for the tiles costs more than a few rows save;
 // 3B shapes, 2 threads: on AMX Q4_K and Q8_0 from 8 rows, Q6_K's three copies of its codes from
-// 10: at 12 rows 386 -> 300 ms, level at 9). The few-rows dots, where they take a type, take its
-// rows up to 16 first.
+// 10: at 12 rows 386 -> 300 ms, level at 9; on AVX2 the signed codes, magnitudes times signed
+// activations with a widening each 4 codes, from 16). The few-rows dots, where they take a type,
+// take its rows first (few_kind).
 typedef struct {
     amx_fn task;
     int group, pairs, min_rows;
 } amx_kernel;
 
 static amx_kernel amx_for(int type) {
-    // the rows from which each build's tiles pay: on VNNI's 512-bit dots the K-quants' from more
-    // rows (Q6_K: 24); on 256-bit registers the signed codes' (magnitudes times signed
-    // activations, a widening each 4 codes) from 16, 8 on AVX-VNNI's dots
-#if defined(USE_AMX)
-    const int signed_min = 8, k_min = 8, q2_k_min = 8, q6_k_min = 10;
-#elif defined(USE_SOFT_TILES)
-    const int signed_min = 8, k_min = 12, q2_k_min = 16, q6_k_min = 24;
-#elif defined(__AVXVNNI__)
-    const int signed_min = 8, k_min = 8, q2_k_min = 8, q6_k_min = 16;
-#else
-    const int signed_min = 16, k_min = 8, q2_k_min = 8, q6_k_min = 16;
-#endif
     switch (type) {
+#ifdef USE_AMX
     case GGML_Q4_0: return (amx_kernel){amx_q4_0, 32, 0, 8};
     case GGML_Q4_1: return (amx_kernel){amx_q4_1, 32, 0, 8};
     case GGML_Q5_0: return (amx_kernel){amx_q5_0, 32, 0, 8};
     case GGML_Q5_1: return (amx_kernel){amx_q5_1, 32, 0, 8};
-#ifndef USE_SOFT_TILES  // on AVX-512 without AMX Q8_0 stays on the row kernels (signed_rows)
-    case GGML_Q8_0: return (amx_kernel){amx_q8_0, 32, 0, signed_min};
-#endif
-    case GGML_IQ4_NL: return (amx_kernel){amx_iq4_nl, 32, 0, signed_min};
-    case GGML_IQ4_XS: return (amx_kernel){amx_iq4_xs_task, 32, 0, signed_min};
-    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, k_min};
-    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 64, 4, k_min};
-    case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, q2_k_min};
-#ifdef USE_AMX
-    case GGML_Q6_K: return (amx_kernel){amx_q6_k_task, 64, 0, q6_k_min};
-    case GGML_Q3_K: return (amx_kernel){amx_q3_k, 64, 0, k_min};
+    case GGML_Q8_0: return (amx_kernel){amx_q8_0, 32, 0, 8};
+    case GGML_IQ4_NL: return (amx_kernel){amx_iq4_nl, 32, 0, 8};
+    case GGML_IQ4_XS: return (amx_kernel){amx_iq4_xs_task, 32, 0, 8};
+    case GGML_Q4_K: return (amx_kernel){amx_q4_k, 64, 4, 8};
+    case GGML_Q5_K: return (amx_kernel){amx_q5_k, 64, 4, 8};
+    case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, 8};
+    case GGML_Q6_K: return (amx_kernel){amx_q6_k_task, 64, 0, 10};
+    case GGML_Q3_K: return (amx_kernel){amx_q3_k, 64, 0, 8};
 #else
-    case GGML_Q6_K: return (amx_kernel){soft_q6_k, 64, 8, q6_k_min};
-    case GGML_Q3_K: return (amx_kernel){soft_q3_k, 64, 8, k_min};
+    case GGML_Q8_0: return (amx_kernel){amx_q8_0, 32, 0, 16};
+    case GGML_IQ4_NL: return (amx_kernel){amx_iq4_nl, 32, 0, 16};
+    case GGML_IQ4_XS: return (amx_kernel){amx_iq4_xs_task, 32, 0, 16};
 #endif
     default: return (amx_kernel){NULL, 0, 0, 0};
     }
