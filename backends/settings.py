@@ -61,8 +61,8 @@ def native_kernels() -> bool:
 
 
 def amx() -> bool:
-    """SMOLLM3_AMX: whether a prompt's rows may go through the tile tasks (AMX's tiles, or their
-    steps on 512- or 256-bit dots where the CPU has no AMX); the same results either way."""
+    """SMOLLM3_AMX: whether a prompt's rows may go through AMX's tiles (else the vector dots take
+    them, as on CPUs without AMX); the same results either way."""
     return _flag("SMOLLM3_AMX", True)
 
 

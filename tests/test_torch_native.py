@@ -195,8 +195,15 @@ def test_the_avx2_builds_give_the_avx512_bits(ggml_type, avx2_builds):
 
 
 def test_smollm3_amx_0_keeps_the_vector_dots(monkeypatch):
+    rng = np.random.default_rng(5)
+    inputs = {t: (torch.from_numpy(random_rows(t, 37, 512 // gguf.GGML_QUANT_SIZES[t][0], rng)),
+                  torch.from_numpy(rng.standard_normal((70, 512)).astype(np.float32))) for t in (T.Q4_1, T.Q4_K)}
+    with_amx = {t: native.gguf_matmul(native.library(), t, blocks, x) for t, (blocks, x) in inputs.items()}
     monkeypatch.setenv("SMOLLM3_AMX", "0")
     assert native.library().gguf_matmul_amx() == 0
+    # a prompt past the tiles' rows takes the few-rows dots, with the tiles' bits
+    for t, (blocks, x) in inputs.items():
+        assert torch.equal(native.gguf_matmul(native.library(), t, blocks, x), with_amx[t])
     monkeypatch.delenv("SMOLLM3_AMX")
     native.library()  # the setting back as the other tests have it
 

@@ -1850,7 +1850,8 @@ static int few_kind(int type, int M) {
                       : kind == FEW_IQ4_XS                   ? 4
                                                              : 3;
 #ifdef USE_AMX
-    const int most = kind == FEW_Q6_K || kind == FEW_Q2_K ? 9 : kind <= FEW_Q5_1 ? 64 : 24;
+    // (where Linux grants the tiles and SMOLLM3_AMX leaves them on)
+    const int most = !amx_usable() ? M : kind == FEW_Q6_K || kind == FEW_Q2_K ? 9 : kind <= FEW_Q5_1 ? 64 : 24;
 #else
     const int most = M;
 #endif
