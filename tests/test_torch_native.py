@@ -176,8 +176,8 @@ def avx2_builds(tmp_path_factory):
 @pytest.mark.parametrize("ggml_type", list(native.TYPES), ids=lambda t: t.name)
 def test_the_avx2_builds_give_the_avx512_bits(ggml_type, avx2_builds):
     """Without AVX-512 (AMD's Zen 2/3, Intel's client chips) a prompt's rows take the few-rows dots
-    on 256-bit registers, with or without AVX-VNNI's (Q8_0's and the IQ4 types' the tile tasks
-    without them), and a token the same steps: every row, prompt or decoded token, bitwise what
+    on 256-bit registers, with or without AVX-VNNI's (the signed codes' without it: magnitudes
+    against activations given their signs), and a token the same steps: every row, prompt or decoded token, bitwise what
     the AVX-512 and AMX machines compute (bar Q8_0 on AVX-512 without AMX, which keeps its own
     512-bit dots)."""
     avx2, vnni = avx2_builds
@@ -187,7 +187,7 @@ def test_the_avx2_builds_give_the_avx512_bits(ggml_type, avx2_builds):
     K = 512 + (32 if native.activation_block(ggml_type) == 32 else 0)
     blocks = torch.from_numpy(random_rows(ggml_type, 37, K // gguf.GGML_QUANT_SIZES[ggml_type][0], rng))
     x = torch.from_numpy(rng.standard_normal((33, K)).astype(np.float32))
-    for M in (1, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 33):  # the few-rows dots from 3 on, the signed codes' tiles on AVX2 from 16 (a last tile's half empty or not)
+    for M in (1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 17, 24, 33):  # the few-rows dots from 3 to 13 rows on by type
         got = native.gguf_matmul(avx2, ggml_type, blocks, x[:M])
         assert torch.equal(native.gguf_matmul(vnni, ggml_type, blocks, x[:M]), got), M
         if wide is not None:

@@ -15,10 +15,9 @@
 // sum_j w_j * xq_j * dx, checked against that formula in tests/test_torch_native.py. Prefill
 // takes the same activation blocks (an int8 GEMM: on AMX tiles where the CPU has them, past a
 // few rows; else 16 or 8 weight rows' blocks side by side against each activation row's codes
-// on VNNI's or AVX2's dots, or tile tasks on 256-bit registers for the signed codes on AVX2
-// alone) and gives each row bitwise the result it gets decoded alone, for every row count, so a
-// prompt's answer does not depend on how it is split into forward passes, and no path is less
-// exact than llama.cpp's. Every SIMD build gives the same bits (bar Q8_0 on AVX-512 without AMX).
+// on VNNI's or AVX2's dots) and gives each row bitwise the result it gets decoded alone, for
+// every row count, so a prompt's answer does not depend on how it is split into forward passes,
+// and no path is less exact than llama.cpp's. Every SIMD build gives the same bits (bar Q8_0 on AVX-512 without AMX).
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
@@ -47,16 +46,6 @@
 // (signed_pair_rows), a prompt's too; every other type's prompts take the few-rows dots
 #define USE_Q8_0_PAIRS 1
 #endif
-#elif !defined(__AVXVNNI__)
-// AMD's Zen 2/3, Intel's client chips before Alder Lake: Q8_0's and the IQ4 types' prompts on
-// tile tasks in 256-bit registers, half a tile's activation rows at a time (their offset
-// activations would saturate the few-rows dots' byte multiplies); every other type's take
-// the few-rows dots
-#define USE_NARROW_TILES 1
-#endif
-#if defined(USE_AMX) || defined(USE_NARROW_TILES)
-// a prompt's rows on tile tasks: 16 weight rows unpacked once for all of them (amx_matmul)
-#define USE_TILES 1
 #endif
 #endif
 
@@ -1002,7 +991,7 @@ static uint8_t *scratch(size_t bytes) {
 }
 #endif
 
-#ifdef USE_TILES
+#ifdef USE_AMX
 // --- a prompt's rows on AMX tiles ---
 //
 // One tile multiply takes 16 weight rows and 16 activation rows over 32 or 64 values into their
@@ -1015,43 +1004,13 @@ static uint8_t *scratch(size_t bytes) {
 // (each block's integer sum, one multiply-add), so every output is bitwise the token decoded
 // alone. The weights are unpacked once per 16 rows into a thread's scratch (A, row-major), the
 // activations once per call into B's layout. Without AMX the few-rows dots (below) take a
-// prompt's rows, faster than these tasks on VNNI's or AVX2's dots at every length, but on AVX2
-// without VNNI for Q8_0, IQ4_NL and IQ4_XS (USE_NARROW_TILES): their tasks run there on 256-bit
-// registers, half a tile's activation rows at a time, each weight row's 4 codes broadcast
-// against 8 rows' activations (magnitudes times activations given the codes' signs). The same
-// integer sums, so the same bits as on AMX.
+// prompt's rows. The float steps take a tile's 16 activation rows in the lanes of one vector.
 
 #define TILE 16
 // tile registers (the intrinsics take literal numbers)
 #define TILE_C 0  // 0-3: four results
 #define TILE_A 4  // 4-5
 #define TILE_B 6  // 6-7
-
-// The float steps' vectors: one lane per activation row, a tile's 16 on AVX-512, each half's 8 on
-// AVX2 (ROWS(op) names the intrinsic of that width)
-#ifdef USE_AVX512
-#define X_ROWS 16
-#define ROWS(op) _mm512_##op
-typedef __m512 rows_ps;
-typedef __m512i rows_si;
-static inline rows_si load_rows_si(const int32_t *p) { return _mm512_loadu_si512(p); }
-static inline rows_si zero_rows_si(void) { return _mm512_setzero_si512(); }
-#else
-#define X_ROWS 8
-#define ROWS(op) _mm256_##op
-typedef __m256 rows_ps;
-typedef __m256i rows_si;
-static inline rows_si load_rows_si(const int32_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
-static inline rows_si zero_rows_si(void) { return _mm256_setzero_si256(); }
-#endif
-#define HALVES (TILE / X_ROWS)
-
-// The vectors of activation rows that tile t has rows of (a narrow build's last half may have none)
-static inline int tile_halves(int t, int M) {
-    if (HALVES == 1) return 1;  // a constant, so the AVX-512 loops over h stay unrolled
-    int left = M - t * TILE;
-    return left >= TILE ? HALVES : (left + X_ROWS - 1) / X_ROWS;
-}
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -1063,20 +1022,13 @@ static int amx_allowed = 1;  // gguf_matmul_allow_amx (SMOLLM3_AMX)
 
 // Linux hands out the tile registers' state only on request.
 static int amx_usable(void) {
-#ifdef USE_AMX
     static int state;  // 0: not asked yet, 1: granted, -1: refused (an older kernel, a sandbox)
     if (!state) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
     return amx_allowed && state > 0;
-#else
-    return amx_allowed;
-#endif
 }
 
 // Tiles for groups of 32 values (a block with one scale) or 64 (the K-quants', scales folded in)
 static void amx_begin(int group) {
-#ifndef USE_AMX
-    (void)group;
-#else
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
@@ -1086,17 +1038,14 @@ static void amx_begin(int group) {
     }
     for (int i = 0; i < 4; i++) c.rows[TILE_C + i] = TILE, c.colsb[TILE_C + i] = 4 * TILE;  // int32: weight rows x activation rows
     _tile_loadconfig(&c);
-#endif
 }
 
-#ifdef USE_AMX
 // Four groups' sums, sums[j][weight row][activation row]: weight codes a (rows K bytes apart,
 // group j at a + group j) by packed activations bx (group j at bx + 16 group j). Unsigned weight
 // codes (the K-quants') or signed (Q8_0's, IQ4_NL's levels).
 #define TILE_SUMS4(name, dp)                                                                                                          \
-    static inline void name(const void *a, int K, const int8_t *bx, int group, int32_t sums[4][TILE][TILE], int halves) {          \
+    static inline void name(const void *a, int K, const int8_t *bx, int group, int32_t sums[4][TILE][TILE]) {                      \
         const uint8_t *w = a;                                                                                                         \
-        (void)halves;                                                                                                                 \
         _tile_loadd(4, w, K);                                                                                                         \
         _tile_loadd(6, bx, 64);                                                                                                       \
         _tile_zero(0);                                                                                                                \
@@ -1120,32 +1069,7 @@ static void amx_begin(int group) {
     }
 TILE_SUMS4(tile_sums4_u8, _tile_dpbusd)
 TILE_SUMS4(tile_sums4_s8, _tile_dpbssd)
-#else
-// The tile multiply on 256-bit registers for signed codes (Q8_0's, the IQ4 levels): each half
-// of the activation rows (8) in turn against one weight row's 4 codes, broadcast, their
-// magnitudes against the activations given their signs (as signed_rows).
-static inline void tile_sums4_s8(const void *a, int K, const int8_t *bx, int group, int32_t sums[4][TILE][TILE], int halves) {
-    const int8_t *w = a;
-    (void)group;  // 32
-    for (int j = 0; j < 4; j++)
-        for (int h = 0; h < halves; h++) {
-            __m256i xs[8];
-            for (int k = 0; k < 8; k++) xs[k] = _mm256_loadu_si256((const __m256i *)(bx + 512 * j + 64 * k + 32 * h));
-            for (int n = 0; n < TILE; n++) {
-                const int8_t *wn = w + (size_t)n * K + 32 * j;
-                __m256i sum = _mm256_setzero_si256();
-                for (int k = 0; k < 8; k++) {
-                    __m256i four = _mm256_set1_epi32((int)read_u32(wn + 4 * k));
-                    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(four, four), _mm256_sign_epi8(xs[k], four));
-                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-                }
-                _mm256_store_si256((__m256i *)(sums[j][n] + 8 * h), sum);
-            }
-        }
-}
-#endif
 
-#ifdef USE_AMX
 // A K-quant block's integer sums, sums[p][weight row][activation row] for each of its copies
 // p < planes of the weight codes (plane bytes apart, rows K apart, 256 values from a): the block
 // 64 values a multiply into one tile a copy, against its packed activations bx. Unsigned codes,
@@ -1175,7 +1099,6 @@ static inline void block_sums(const uint8_t *a, size_t plane, const int planes, 
     if (planes > 1) _tile_stored(1, sums[1], 64);
     if (planes > 2) _tile_stored(2, sums[2], 64);
 }
-#endif
 
 // The activations as the tiles take them, per 16 rows (rows past M are zeros): codes [G][8][64]
 // for each group g of 32 values, code k of row m at (k / 4) * 64 + m * 4 + k % 4 (a group of 16
@@ -1224,8 +1147,8 @@ static void amx_store(const float out[TILE][TILE], int rows, int tile, int M, fl
 
 // A block's step for a vector of outputs (activation rows), as a row kernel takes it for one:
 // acc + sum * (w * dx), dx the activation rows' scales, w the weight row's
-static inline rows_ps add_block(rows_ps acc, rows_si sum, float w, rows_ps dx) {
-    return ROWS(fmadd_ps)(ROWS(cvtepi32_ps)(sum), ROWS(mul_ps)(ROWS(set1_ps)(w), dx), acc);
+static inline __m512 add_block(__m512 acc, __m512i sum, float w, __m512 dx) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_set1_ps(w), dx), acc);
 }
 
 // Q8_0, IQ4_NL: one tile multiply a block; chain b % 4 of each output takes the block's
@@ -1248,31 +1171,24 @@ static int amx_signed_task(const uint8_t *const *row, int rows, int K, const amx
     int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
-        const int halves = tile_halves(t, M);
-        rows_ps acc[4][TILE][HALVES];
+        __m512 acc[4][TILE];
         for (int u = 0; u < 4; u++)
-            for (int n = 0; n < TILE; n++)
-                for (int h = 0; h < HALVES; h++) acc[u][n][h] = ROWS(setzero_ps)();
+            for (int n = 0; n < TILE; n++) acc[u][n] = _mm512_setzero_ps();
         for (int b0 = 0; b0 < nb; b0 += 4) {  // the codes have room for a fourth past the last block
-            tile_sums4_s8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, sums, halves);
+            tile_sums4_s8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, sums);
             for (int b = b0; b < b0 + 4 && b < nb; b++) {
                 int u = b < last4 ? b % 4 : 0;
-                for (int h = 0; h < halves; h++) {
-                    rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
-                    for (int n = 0; n < TILE; n++)
-                        acc[u][n][h] = add_block(acc[u][n][h], load_rows_si(sums[b - b0][n] + X_ROWS * h), dw[b * TILE + n], dx);
-                }
+                __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+                for (int n = 0; n < TILE; n++) acc[u][n] = add_block(acc[u][n], _mm512_load_si512(sums[b - b0][n]), dw[b * TILE + n], dx);
             }
         }
         for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < halves; h++)
-                ROWS(store_ps)(out[n] + X_ROWS * h, ROWS(add_ps)(ROWS(add_ps)(acc[0][n][h], acc[1][n][h]), ROWS(add_ps)(acc[2][n][h], acc[3][n][h])));
+            _mm512_store_ps(out[n], _mm512_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]), _mm512_add_ps(acc[2][n], acc[3][n])));
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
 }
 
-#ifdef USE_AMX
 // Per activation row, sum_k of the int16 pairs xs[k] (a tile's rows, 16 apart) dotted with the
 // weight row's pair w[k * 16]
 static inline __m512i pair_dots(const int32_t *xs, const int32_t *w, int pairs) {
@@ -1335,28 +1251,22 @@ static int amx_q4_q5_k_task(const uint8_t *const *row, int rows, int K, const am
         }
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
-        const int halves = tile_halves(t, M);
-        rows_ps acc[TILE][HALVES], acc_min[TILE][HALVES];
-        for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < HALVES; h++) acc[n][h] = acc_min[n][h] = ROWS(setzero_ps)();
+        __m512 acc[TILE], acc_min[TILE];
+        for (int n = 0; n < TILE; n++) acc[n] = acc_min[n] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
             const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
-            rows_si block[TILE][HALVES];
             int32_t sums[2][TILE][TILE] __attribute__((aligned(64)));  // the codes times the low digits, times the high
             block_sums(low + 256 * b, high - low, 2, K, bx, 0, sums);
-            for (int n = 0; n < TILE; n++) block[n][0] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), _mm512_load_si512(sums[0][n]));
             const int32_t *mn = mins + b * 4 * TILE;
-            for (int h = 0; h < halves; h++) {
-                const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
-                const int32_t *xs = x->sums + ((size_t)t * nb + b) * 4 * TILE + X_ROWS * h;
-                for (int n = 0; n < TILE; n++) {
-                    acc_min[n][h] = add_block(acc_min[n][h], pair_dots(xs, mn + n, 4), dmin[b * TILE + n], dx);
-                    acc[n][h] = add_block(acc[n][h], block[n][h], d[b * TILE + n], dx);
-                }
+            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+            const int32_t *xs = x->sums + ((size_t)t * nb + b) * 4 * TILE;
+            for (int n = 0; n < TILE; n++) {
+                const __m512i block = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), _mm512_load_si512(sums[0][n]));
+                acc_min[n] = add_block(acc_min[n], pair_dots(xs, mn + n, 4), dmin[b * TILE + n], dx);
+                acc[n] = add_block(acc[n], block, d[b * TILE + n], dx);
             }
         }
-        for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < halves; h++) ROWS(store_ps)(out[n] + X_ROWS * h, ROWS(sub_ps)(acc[n][h], acc_min[n][h]));
+        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_min[n]));
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
@@ -1488,37 +1398,30 @@ static int amx_q2_q3_k_task(const uint8_t *const *row, int rows, int K, const am
     int32_t sums[2][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
-        const int halves = tile_halves(t, M);
-        rows_ps acc[TILE][HALVES], acc_off[TILE][HALVES];
-        for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < HALVES; h++) acc[n][h] = acc_off[n][h] = ROWS(setzero_ps)();
+        __m512 acc[TILE], acc_off[TILE];
+        for (int n = 0; n < TILE; n++) acc[n] = acc_off[n] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
             const int8_t *bx = x->codes + ((size_t)t * nb * 8 + b * 8) * 512;
             if (q3) block_sums(codes + 256 * b, plane, 2, K, bx, 1, sums);
             else block_sums(codes + 256 * b, plane, 1, K, bx, 0, sums);
             const int32_t *mn = mins + b * 8 * TILE;
-            for (int h = 0; h < halves; h++) {
-                const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
-                const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE + X_ROWS * h;
-                for (int n = 0; n < TILE; n++) {
-                    rows_si block = load_rows_si(sums[0][n] + X_ROWS * h);
-                    if (q3) {
-                        block = ROWS(add_epi32)(ROWS(slli_epi32)(load_rows_si(sums[1][n] + X_ROWS * h), 3), block);
-                    } else {
-                        acc_off[n][h] = add_block(acc_off[n][h], pair_dots(xs, mn + n, 8), dmin[b * TILE + n], dx);
-                    }
-                    acc[n][h] = add_block(acc[n][h], block, d[b * TILE + n], dx);
+            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+            const int32_t *xs = x->sums + ((size_t)t * nb + b) * 8 * TILE;
+            for (int n = 0; n < TILE; n++) {
+                __m512i block = _mm512_load_si512(sums[0][n]);
+                if (q3) {
+                    block = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[1][n]), 3), block);
+                } else {
+                    acc_off[n] = add_block(acc_off[n], pair_dots(xs, mn + n, 8), dmin[b * TILE + n], dx);
                 }
+                acc[n] = add_block(acc[n], block, d[b * TILE + n], dx);
             }
         }
-        for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < halves; h++) ROWS(store_ps)(out[n] + X_ROWS * h, ROWS(sub_ps)(acc[n][h], acc_off[n][h]));
+        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], _mm512_sub_ps(acc[n], acc_off[n]));
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
 }
-
-#endif
 
 // IQ4_XS: levels (-127..113) leave no room for the scale, so one tile multiply a sub-block of 32,
 // its sums times the rows' scales (minus 32) into the block's integer sum; one multiply-add a
@@ -1546,36 +1449,28 @@ static int amx_iq4_xs_task(const uint8_t *const *row, int rows, int K, const amx
     int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
     for (int t = 0; t < x->tiles; t++) {
-        const int halves = tile_halves(t, M);
-        rows_ps acc[TILE][HALVES];
-        for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < HALVES; h++) acc[n][h] = ROWS(setzero_ps)();
+        __m512 acc[TILE];
+        for (int n = 0; n < TILE; n++) acc[n] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            rows_si block[TILE][HALVES];
-            for (int n = 0; n < TILE; n++)
-                for (int h = 0; h < HALVES; h++) block[n][h] = zero_rows_si();
+            __m512i block[TILE];
+            for (int n = 0; n < TILE; n++) block[n] = _mm512_setzero_si512();
             for (int j0 = 0; j0 < 8; j0 += 4) {
-                tile_sums4_s8(codes + 256 * b + 32 * j0, K, x->codes + ((size_t)t * nb * 8 + b * 8 + j0) * 512, 32, sums, halves);
+                tile_sums4_s8(codes + 256 * b + 32 * j0, K, x->codes + ((size_t)t * nb * 8 + b * 8 + j0) * 512, 32, sums);
                 for (int j = 0; j < 4; j++) {
                     const int32_t *sc = scales + (b * 8 + j0 + j) * TILE;
                     for (int n = 0; n < TILE; n++)
-                        for (int h = 0; h < halves; h++)
-                            block[n][h] = ROWS(add_epi32)(block[n][h], ROWS(mullo_epi32)(load_rows_si(sums[j][n] + X_ROWS * h), ROWS(set1_epi32)(sc[n])));
+                        block[n] = _mm512_add_epi32(block[n], _mm512_mullo_epi32(_mm512_load_si512(sums[j][n]), _mm512_set1_epi32(sc[n])));
                 }
             }
-            for (int h = 0; h < halves; h++) {
-                const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
-                for (int n = 0; n < TILE; n++) acc[n][h] = add_block(acc[n][h], block[n][h], d[b * TILE + n], dx);
-            }
+            const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+            for (int n = 0; n < TILE; n++) acc[n] = add_block(acc[n], block[n], d[b * TILE + n], dx);
         }
-        for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < halves; h++) ROWS(store_ps)(out[n] + X_ROWS * h, acc[n][h]);
+        for (int n = 0; n < TILE; n++) _mm512_store_ps(out[n], acc[n]);
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
 }
 
-#ifdef USE_AMX
 // Q4_0, Q4_1, Q5_0, Q5_1: one tile multiply a block (unsigned codes), chain b % 4 of each output
 // taking d dx times the block's sum, the offsets' chain c sx beside (q4_q5_rows).
 static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row,
@@ -1597,44 +1492,37 @@ static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_
         }
     int32_t sums[4][TILE][TILE] __attribute__((aligned(64)));
     float out[TILE][TILE] __attribute__((aligned(64)));
-    const rows_ps factor = ROWS(set1_ps)(with_min ? 1.0f : (float)-zero);
+    const __m512 factor = _mm512_set1_ps(with_min ? 1.0f : (float)-zero);
     for (int t = 0; t < x->tiles; t++) {
-        const int halves = tile_halves(t, M);
-        rows_ps acc[4][TILE][HALVES], offsets[TILE][HALVES];
-        for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < HALVES; h++) {
-                offsets[n][h] = ROWS(setzero_ps)();
-                for (int u = 0; u < 4; u++) acc[u][n][h] = ROWS(setzero_ps)();
-            }
+        __m512 acc[4][TILE], offsets[TILE];
+        for (int n = 0; n < TILE; n++) {
+            offsets[n] = _mm512_setzero_ps();
+            for (int u = 0; u < 4; u++) acc[u][n] = _mm512_setzero_ps();
+        }
         for (int b0 = 0; b0 < nb; b0 += 4) {  // the codes have room for a fourth past the last block
-            tile_sums4_u8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, sums, halves);
+            tile_sums4_u8(codes + 32 * b0, K, x->codes + ((size_t)t * nb + b0) * 512, 32, sums);
             for (int b = b0; b < b0 + 4 && b < nb; b++) {
                 int u = b < last4 ? b % 4 : 0;
-                for (int h = 0; h < halves; h++) {
-                    const rows_ps dx = ROWS(loadu_ps)(x->dx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
-                    const rows_ps sx = ROWS(loadu_ps)(x->sx + ((size_t)t * nb + b) * TILE + X_ROWS * h);
-                    for (int n = 0; n < TILE; n++) {
-                        offsets[n][h] = ROWS(add_ps)(offsets[n][h], ROWS(mul_ps)(ROWS(set1_ps)(c[b * TILE + n]), sx));
-                        acc[u][n][h] = add_block(acc[u][n][h], load_rows_si(sums[b - b0][n] + X_ROWS * h), d[b * TILE + n], dx);
-                    }
+                const __m512 dx = _mm512_loadu_ps(x->dx + ((size_t)t * nb + b) * TILE);
+                const __m512 sx = _mm512_loadu_ps(x->sx + ((size_t)t * nb + b) * TILE);
+                for (int n = 0; n < TILE; n++) {
+                    offsets[n] = _mm512_add_ps(offsets[n], _mm512_mul_ps(_mm512_set1_ps(c[b * TILE + n]), sx));
+                    acc[u][n] = add_block(acc[u][n], _mm512_load_si512(sums[b - b0][n]), d[b * TILE + n], dx);
                 }
             }
         }
-        for (int n = 0; n < TILE; n++)
-            for (int h = 0; h < halves; h++) {
-                rows_ps total = ROWS(add_ps)(ROWS(add_ps)(acc[0][n][h], acc[1][n][h]), ROWS(add_ps)(acc[2][n][h], acc[3][n][h]));
-                ROWS(store_ps)(out[n] + X_ROWS * h, ROWS(add_ps)(total, ROWS(mul_ps)(offsets[n][h], factor)));
+        for (int n = 0; n < TILE; n++) {
+                __m512 total = _mm512_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]), _mm512_add_ps(acc[2][n], acc[3][n]));
+                _mm512_store_ps(out[n], _mm512_add_ps(total, _mm512_mul_ps(offsets[n], factor)));
             }
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
 }
-#endif
 
 typedef int (*amx_fn)(const uint8_t *const *row, int rows, int K, const amx_x *x, int M, float *y, size_t y_row);
 static int amx_q8_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 0); }
 static int amx_iq4_nl(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_signed_task(r, n, K, x, M, y, y_row, 1); }
-#ifdef USE_AMX
 static int amx_q4_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 0, 0); }
 static int amx_q4_1(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 1, 0); }
 static int amx_q5_0(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_task(r, n, K, x, M, y, y_row, 0, 1); }
@@ -1643,7 +1531,6 @@ static int amx_q4_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 static int amx_q5_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q4_q5_k_task(r, n, K, x, M, y, y_row, 1); }
 static int amx_q2_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 0); }
 static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M, float *y, size_t y_row) { return amx_q2_q3_k_task(r, n, K, x, M, y, y_row, 1); }
-#endif
 #endif
 
 #ifdef USE_AVX2
@@ -1665,10 +1552,10 @@ static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 // as int16 before a pair multiply widens them (a Q6_K code is under 64, so two pairs of products
 // stay under 2^15), the work the row kernels' dots do for as many products; what it saves is the
 // steps and the sums' reductions. AVX2 builds (on AVX-VNNI's dots where the CPU has them, row
-// kernels or 256-bit tiles -> these): SmolLM2 Q4_1 at 8 rows 21.3 -> 17.6 (19.0 -> 15.9), 3B
-// Q4_K_M at 8 rows 318 -> 267 (290 -> 246), 12 rows 468 -> 350 (412 -> 304). Without AMX a
-// prompt's rows take them too, FEW_X_ROWS at a time over each 16 (or 8) weight rows unpacked
-// once: they beat the tile tasks on VNNI's and AVX2's dots at every length (few_kind).
+// kernels -> these): SmolLM2 Q4_1 at 8 rows 21.3 -> 17.6 (19.0 -> 15.9), 3B Q4_K_M at 8 rows
+// 318 -> 267 (290 -> 246), 12 rows 468 -> 350 (412 -> 304). Without AMX a prompt's rows take
+// them too, FEW_X_ROWS at a time over each 16 (or 8) weight rows unpacked once: they beat tile
+// tasks on VNNI's and AVX2's dots at every length (few_kind).
 
 // FEW(op), FEW_SI(op): the intrinsic of the lanes' width
 #ifdef USE_AVX512
@@ -1685,7 +1572,8 @@ typedef __m256i few_i;
 typedef __m256 few_f;
 #endif
 // A 4-code dot (VNNI): the signed codes (Q8_0, IQ4_NL, IQ4_XS) dot activations offset into
-// unsigned bytes, up to 255 x 127 a product, which a byte-pair multiply would saturate on
+// unsigned bytes, up to 255 x 127 a product, which a byte-pair multiply would saturate on;
+// without it they take their magnitudes against the activations given their signs (signed_dot)
 #if defined(USE_AVX512) || defined(__AVXVNNI__)
 #define FEW_SIGNED 1
 #endif
@@ -1809,10 +1697,14 @@ static inline int few_k_quant(int kind) { return kind >= FEW_Q4_K && kind <= FEW
 // row kernels or tiles -> these: 3B Q6_K at 4 rows 187 -> 217, 8 rows 281 -> 260, 9 rows 328 ->
 // 273; 3B IQ4_XS (AMX) at 3 rows 183 -> 187, 4 224 -> 208, 8 303 -> 249; 3B Q3_K_M (AMX) at 4
 // rows 155 -> 168, 5 201 -> 185; on AVX2 3B Q4_K_M at 4 rows 163 -> 174, 5 level, 6 274 -> 238,
-// and on AVX-VNNI's dots 3B Q8_0 at 4 rows 221 -> 233, 5 level, 6 295 -> 276.
-// Without AMX they take every row count from there, a prompt's too: they beat the tile tasks on
+// and on AVX-VNNI's dots 3B Q8_0 at 4 rows 221 -> 233, 5 level, 6 295 -> 276. On AVX2 alone the
+// signed codes' extra sign step a product moves them later: Q8_0 from 13 (3B Q8_0 at 6 rows 324
+// -> 376, 12 level, 14 633 -> 620, 16 680 -> 638), IQ4_NL from 6 (4 rows 212 -> 249, 6 332 ->
+// 310), IQ4_XS from 8 (4 rows 176 -> 208, 6 level, 8 328 -> 315).
+// Without AMX they take every row count from there, a prompt's too: they beat tile tasks on
 // VNNI's or AVX2's dots at every length measured (16 to 512 rows; every matmul of the 3B files
-// at 128 rows 1.07-1.31x, SmolLM2's 1.24-1.37x), since each activation row's codes, broadcast,
+// at 128 rows 1.07-1.31x, SmolLM2's 1.24-1.37x; on AVX2 alone the signed codes' 1.05-1.10x,
+// IQ4_XS's 1.17-1.25x), since each activation row's codes, broadcast,
 // meet 16 (or 8) weight rows' in one dot with no reduction or transpose after. AMX's tiles
 // overtake them from 25 rows (3B Q4_K_M at 24 rows 349 -> 323 ms, at 32 362 -> 391; Q8_0, IQ4_NL,
 // IQ4_XS alike, Q3_K_M level at 24), the 32-value blocks' from 65 (SmolLM2 Q4_1 at 48 rows 34.6
@@ -1830,24 +1722,25 @@ static int few_kind(int type, int M) {
     case GGML_Q6_K: kind = FEW_Q6_K; break;
     case GGML_Q2_K: kind = FEW_Q2_K; break;
     case GGML_Q3_K: kind = FEW_Q3_K; break;
-#if defined(FEW_SIGNED) && !defined(USE_Q8_0_PAIRS)  // there Q8_0's row kernels take other steps (signed_pair_rows)
+#ifndef USE_Q8_0_PAIRS  // there Q8_0's row kernels take other steps (signed_pair_rows)
     case GGML_Q8_0: kind = FEW_Q8_0; break;
 #endif
-#ifdef FEW_SIGNED
     case GGML_IQ4_NL: kind = FEW_IQ4_NL; break;
     case GGML_IQ4_XS: kind = FEW_IQ4_XS; break;
-#endif
     }
-#ifdef USE_AVX512
-    const int k_least = 4, q8_0_least = 3;
+#if defined(USE_AVX512)
+    const int k_least = 4, q8_0_least = 3, iq4_nl_least = 3, iq4_xs_least = 4;
+#elif defined(FEW_SIGNED)
+    const int k_least = 5, q8_0_least = 5, iq4_nl_least = 3, iq4_xs_least = 4;
 #else
-    const int k_least = 5, q8_0_least = 5;
+    const int k_least = 5, q8_0_least = 13, iq4_nl_least = 6, iq4_xs_least = 8;
 #endif
     const int least = kind == FEW_Q6_K                     ? 7
                       : kind == FEW_Q2_K || kind == FEW_Q3_K ? 5
                       : kind == FEW_Q4_K || kind == FEW_Q5_K ? k_least
                       : kind == FEW_Q8_0                     ? q8_0_least
-                      : kind == FEW_IQ4_XS                   ? 4
+                      : kind == FEW_IQ4_NL                   ? iq4_nl_least
+                      : kind == FEW_IQ4_XS                   ? iq4_xs_least
                                                              : 3;
 #ifdef USE_AMX
     // (where Linux grants the tiles and SMOLLM3_AMX leaves them on)
@@ -1932,6 +1825,20 @@ ROWS_INLINE few_i offset_dot(const few_i *w, const uint8_t *xo, few_i sum) {
     }
     return FEW(add_epi32)(sum, s1);
 }
+#else
+// The weight rows' signed codes (8 registers: 32 codes) dotted with an activation row's signed
+// codes: their magnitudes against the activations given their signs, as a byte-pair multiply
+// takes one side unsigned; each pair of products (up to 2 x 127 x 127) widened on its own, as
+// two would overflow int16
+ROWS_INLINE few_i signed_dot(const few_i *w, const int8_t *xs) {
+    few_i s0 = FEW_SI(setzero)(), s1 = FEW_SI(setzero)();
+    for (int k = 0; k < 8; k += 2) {
+        const few_i x0 = FEW(set1_epi32)((int)read_u32(xs + 4 * k)), x1 = FEW(set1_epi32)((int)read_u32(xs + 4 * k + 4));
+        s0 = FEW(add_epi32)(s0, FEW(madd_epi16)(FEW(maddubs_epi16)(FEW(abs_epi8)(w[k]), FEW(sign_epi8)(x0, w[k])), FEW(set1_epi16)(1)));
+        s1 = FEW(add_epi32)(s1, FEW(madd_epi16)(FEW(maddubs_epi16)(FEW(abs_epi8)(w[k + 1]), FEW(sign_epi8)(x1, w[k + 1])), FEW(set1_epi16)(1)));
+    }
+    return FEW(add_epi32)(s0, s1);
+}
 #endif
 
 // Activation rows m0..m0+R-1 against the unpacked blocks, into their outputs (the first `valid`)
@@ -1961,6 +1868,10 @@ ROWS_INLINE void few_steps(const uint8_t *codes, const float *d, const float *c,
 #ifdef FEW_SIGNED
             if (is_signed)
                 dot = offset_dot(w, x_offset + ((size_t)(m0 + r) * nb + b) * 32, load_few(bias + FEW_LANES * b));
+            else
+#else
+            if (is_signed)
+                dot = signed_dot(w, xb->q);
             else
 #endif
                 dot = group_dot(w, xb->q, 8);
@@ -2158,15 +2069,14 @@ ROWS_INLINE void few_steps_scaled(const uint8_t *codes, const int32_t *scales, c
     for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, own_chain ? FEW(sub_ps)(acc[r], acc_off[r]) : acc[r], valid);
 }
 
-#ifdef FEW_SIGNED
 // IQ4_XS: a block of 256 values is 8 sub-blocks of 32 4-bit codes through IQ4_NL's levels, each
-// with a 6-bit scale less 32 (iq4_xs_scale). The levels by the activations offset by 128: each
-// sub-block's sums times its scales and added, the offset's share (-128 sum(sc_s levels' sum_s),
-// the bias) taken off once a block; then the row kernels' one multiply-add (iq4_xs_rows), so
-// the same bits.
+// with a 6-bit scale less 32 (iq4_xs_scale). Each sub-block's sums times its scales and added
+// (with VNNI: the levels by the activations offset by 128, and the offset's share, -128
+// sum(sc_s levels' sum_s), the bias, taken off once a block); then the row kernels' one
+// multiply-add (iq4_xs_rows), so the same bits.
 
 // Block b of the rows at out: sub-block s's levels at out + 8 s vectors (as few_unpack's);
-// scales [8][lanes] in int32 lanes; bias; d
+// scales [8][lanes] in int32 lanes; bias (with VNNI; else 0); d
 ROWS_INLINE void few_unpack_iq4_xs(const uint8_t *const *p, uint8_t *out, int32_t *scales, int32_t *bias, float *d) {
     const few_i head = row_dwords(p, 0), low = row_dwords(p, 4);  // d and scales_h; scales_l
     const few_i high = FEW(srli_epi32)(head, 16), nibble = FEW(set1_epi32)(15), two = FEW(set1_epi32)(3);
@@ -2177,14 +2087,17 @@ ROWS_INLINE void few_unpack_iq4_xs(const uint8_t *const *p, uint8_t *out, int32_
                                                    FEW(slli_epi32)(FEW_SI(and)(FEW(srli_epi32)(high, 2 * s), two), 4)),
                                         FEW(set1_epi32)(32));
         store_few(scales + FEW_LANES * s, sc);
-        few_i z[4], level_sum = FEW_SI(setzero)();
+        few_i z[4];
         row_bytes16(p, 8 + 16 * s, z);
         for (int k = 0; k < 8; k++) {
             const few_i q = FEW(shuffle_epi8)(few_levels(), FEW_SI(and)(k < 4 ? z[k] : FEW(srli_epi16)(z[k - 4], 4), FEW(set1_epi8)(15)));
             store_few(out + FEW_VECTOR_BYTES * (8 * s + k), q);
-            level_sum = dot_bytes(level_sum, FEW(set1_epi8)(1), q);
         }
+#ifdef FEW_SIGNED
+        few_i level_sum = FEW_SI(setzero)();
+        for (int k = 0; k < 8; k++) level_sum = dot_bytes(level_sum, FEW(set1_epi8)(1), load_few(out + FEW_VECTOR_BYTES * (8 * s + k)));
         total = FEW(add_epi32)(total, FEW(mullo_epi32)(level_sum, sc));
+#endif
     }
     store_few(bias, FEW(sub_epi32)(FEW_SI(setzero)(), FEW(slli_epi32)(total, 7)));
 }
@@ -2193,6 +2106,9 @@ ROWS_INLINE void few_unpack_iq4_xs(const uint8_t *const *p, uint8_t *out, int32_
 ROWS_INLINE void few_steps_iq4_xs(const uint8_t *codes, const int32_t *scales, const int32_t *bias, const float *d, int nb,
                                   const uint8_t *xq, size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row, int valid,
                                   const int R) {
+#ifndef FEW_SIGNED
+    (void)x_offset;  // the VNNI dots' only
+#endif
     few_f acc[FEW_X_ROWS];
     for (int r = 0; r < R; r++) acc[r] = FEW(setzero_ps)();
     for (int b = 0; b < nb; b++) {
@@ -2203,8 +2119,12 @@ ROWS_INLINE void few_steps_iq4_xs(const uint8_t *codes, const int32_t *scales, c
             for (int k = 0; k < 8; k++) w[k] = load_few(codes + FEW_VECTOR_BYTES * (64 * (size_t)b + 8 * s + k));
             const few_i sc = load_few(scales + FEW_LANES * (8 * (size_t)b + s));
             for (int r = 0; r < R; r++) {
-                const uint8_t *xo = x_offset + ((size_t)(m0 + r) * nb + b) * 256 + 32 * s;
-                sum[r] = FEW(add_epi32)(sum[r], FEW(mullo_epi32)(offset_dot(w, xo, FEW_SI(setzero)()), sc));
+#ifdef FEW_SIGNED
+                const few_i dot = offset_dot(w, x_offset + ((size_t)(m0 + r) * nb + b) * 256 + 32 * s, FEW_SI(setzero)());
+#else
+                const few_i dot = signed_dot(w, X_BLOCK(x_block256, xq, x_row, m0 + r, b)->q + 32 * s);
+#endif
+                sum[r] = FEW(add_epi32)(sum[r], FEW(mullo_epi32)(dot, sc));
             }
         }
         const few_f db = FEW(load_ps)(d + FEW_LANES * b);
@@ -2215,7 +2135,6 @@ ROWS_INLINE void few_steps_iq4_xs(const uint8_t *codes, const int32_t *scales, c
     }
     for (int r = 0; r < R; r++) store_lanes(y + (size_t)(m0 + r) * y_row, acc[r], valid);
 }
-#endif
 
 // A block's unpacked form by kind, in lanes' worth (4 bytes each, FEW_LANES of them): the codes
 // (8 vectors a 32 values), then d, then c (Q4_1/Q5_1's minimum, d, or the K-quants' dmin), then
@@ -2244,9 +2163,7 @@ ROWS_INLINE void few_kind_steps(const uint8_t *codes, const float *d, const floa
                                 int nb, const uint8_t *xq, size_t x_row, const uint8_t *x_offset, int m0, float *y, size_t y_row,
                                 int valid, const int kind, const int R) {
     if (few_k_quant(kind)) few_steps_scaled(codes, scales, pairs, d, c, nb, xq, x_row, m0, y, y_row, valid, kind, R);
-#ifdef FEW_SIGNED
     else if (kind == FEW_IQ4_XS) few_steps_iq4_xs(codes, scales, pairs, d, nb, xq, x_row, x_offset, m0, y, y_row, valid, R);
-#endif
     else few_steps(codes, d, c, scales, nb, xq, x_row, x_offset, m0, y, y_row, valid, kind, R);
 }
 
@@ -2272,9 +2189,7 @@ ROWS_INLINE int few_rows_task(const uint8_t *const *row, int rows, int K, const 
             int32_t *sb = scales + (size_t)few_scale_lanes(kind) * lanes * b, *pb = pairs + (size_t)few_pair_lanes(kind) * lanes * b;
             if (kind == FEW_Q6_K) few_unpack_q6_k(p, cb, sb, pb, db);
             else if (kind == FEW_Q2_K || kind == FEW_Q3_K) few_unpack_q2_q3_k(p, cb, sb, pb, db, cw, kind == FEW_Q3_K);
-#ifdef FEW_SIGNED
             else if (kind == FEW_IQ4_XS) few_unpack_iq4_xs(p, cb, sb, pb, db);
-#endif
             else if (kind == FEW_Q4_K || kind == FEW_Q5_K) few_unpack_k(p, cb, sb, pb, db, cw, kind == FEW_Q5_K);
             else few_unpack(p, cb, db, cw, sb, kind);
             for (int n = 0; n < FEW_LANES; n++) prefetch_ahead(p[n], size), p[n] += size;
@@ -2306,11 +2221,9 @@ static int few_rows(int kind, const uint8_t *const *row, int rows, int K, const 
     case FEW_Q6_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q6_K);
     case FEW_Q2_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q2_K);
     case FEW_Q3_K: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q3_K);
-#ifdef FEW_SIGNED
     case FEW_Q8_0: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_Q8_0);
     case FEW_IQ4_NL: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_IQ4_NL);
     case FEW_IQ4_XS: return few_rows_task(row, rows, K, xq, x_row, x_offset, M, y, y_row, FEW_IQ4_XS);
-#endif
     default: return -1;
     }
 }
@@ -2390,14 +2303,13 @@ static int task_rows(int t, int N, int parts, const uint8_t *const *w, const int
     return rows;
 }
 
-#ifdef USE_TILES
+#ifdef USE_AMX
 // A type's tile task, with its group of values a scale (the tiles' depth), the activation sums
 // it takes as int16 pairs a block (amx_pack_x), and the activation rows from which it beats the
 // row kernels (below, unpacking 16 weight rows for the tiles costs more than a few rows save;
-// 3B shapes, 2 threads: on AMX Q4_K and Q8_0 from 8 rows, Q6_K's three copies of its codes from
-// 10: at 12 rows 386 -> 300 ms, level at 9; on AVX2 the signed codes, magnitudes times signed
-// activations with a widening each 4 codes, from 16). The few-rows dots, where they take a type,
-// take its rows first (few_kind).
+// 3B shapes, 2 threads: Q4_K and Q8_0 from 8 rows, Q6_K's three copies of its codes from 10: at
+// 12 rows 386 -> 300 ms, level at 9). The few-rows dots, where they take a type, take its rows
+// first (few_kind).
 typedef struct {
     amx_fn task;
     int group, pairs, min_rows;
@@ -2405,7 +2317,6 @@ typedef struct {
 
 static amx_kernel amx_for(int type) {
     switch (type) {
-#ifdef USE_AMX
     case GGML_Q4_0: return (amx_kernel){amx_q4_0, 32, 0, 8};
     case GGML_Q4_1: return (amx_kernel){amx_q4_1, 32, 0, 8};
     case GGML_Q5_0: return (amx_kernel){amx_q5_0, 32, 0, 8};
@@ -2418,11 +2329,6 @@ static amx_kernel amx_for(int type) {
     case GGML_Q2_K: return (amx_kernel){amx_q2_k, 64, 8, 8};
     case GGML_Q6_K: return (amx_kernel){amx_q6_k_task, 64, 0, 10};
     case GGML_Q3_K: return (amx_kernel){amx_q3_k, 64, 0, 8};
-#else
-    case GGML_Q8_0: return (amx_kernel){amx_q8_0, 32, 0, 16};
-    case GGML_IQ4_NL: return (amx_kernel){amx_iq4_nl, 32, 0, 16};
-    case GGML_IQ4_XS: return (amx_kernel){amx_iq4_xs_task, 32, 0, 16};
-#endif
     default: return (amx_kernel){NULL, 0, 0, 0};
     }
 }
@@ -2453,9 +2359,7 @@ static int amx_matmul(const format *f, amx_kernel kernel, int parts, const uint8
             int rows = task_rows(t, N, parts, w, part_rows, part_stride, row);
             if (kernel.task(row, rows, K, &packed, M, y + (size_t)t * ROWS_PER_TASK, y_row)) status = -2;
         }
-#ifdef USE_AMX
         _tile_release();
-#endif
     }
     free(xq);
     return status;
@@ -2478,13 +2382,13 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
 #else
     const int few = -1;
 #endif
-#ifdef USE_TILES
+#ifdef USE_AMX
     amx_kernel kernel = amx_for(type);
     if (few < 0 && kernel.task && M >= kernel.min_rows && amx_usable())
         return amx_matmul(f, kernel, parts, w, part_rows, part_stride, N, x, y, y_row, M, K, threads);
 #endif
     size_t x_row = (size_t)(K / f->x_block) * f->x_block_bytes;
-#ifdef USE_FEW_ROWS
+#ifdef FEW_SIGNED
     size_t offset_bytes = few >= FEW_Q8_0 ? (size_t)M * K : 0;
 #else
     size_t offset_bytes = 0;
@@ -2535,7 +2439,7 @@ static int matmul_rows(int type, int parts, const uint8_t *const *w, const int *
 
 // Whether prompts may take the AMX tiles (the same results either way; settings.amx()).
 void gguf_matmul_allow_amx(int allowed) {
-#ifdef USE_TILES
+#ifdef USE_AMX
     amx_allowed = allowed;
 #else
     (void)allowed;
@@ -2797,6 +2701,9 @@ enum { ATTEND_BLOCK = 64 };
 static inline __attribute__((always_inline)) void attend_heads_as(const float *q, int n, const void *keys, const void *values,
                                                                    size_t at, int f16, int L, int D, const int stream, float *p,
                                                                    float *o, float *out) {
+#ifndef USE_F16C
+    (void)stream;  // the vector loops' prefetch only
+#endif
     float scale = 1 / sqrtf((float)D), totals[n];
     for (int b = 0; b < L; b += ATTEND_BLOCK) {
         int end = b + ATTEND_BLOCK < L ? b + ATTEND_BLOCK : L;
