@@ -208,6 +208,24 @@ def test_smollm3_amx_0_keeps_the_vector_dots(monkeypatch):
     native.library()  # the setting back as the other tests have it
 
 
+@pytest.mark.parametrize("ggml_type", native.TYPES, ids=lambda t: t.name)
+def test_the_largest_codes_against_the_largest_activations(lib, ggml_type):
+    """Every code at its largest magnitude (Q8_0's -127, the others' bytes all ones) against
+    activations that quantize to 127 throughout: the int16 sums some paths keep before widening
+    are at their largest, and stay exact, at every row count a path takes."""
+    block = native.activation_block(ggml_type)
+    K, N = 2 * max(block, 256) + (32 if block == 32 else 0), 20
+    raw = np.full((N, K // block, gguf.GGML_QUANT_SIZES[ggml_type][1]), 0x81 if ggml_type == T.Q8_0 else 0xFF, np.uint8)
+    for at in F16_FIELDS[ggml_type]:
+        raw[..., at : at + 2] = np.array([1.0], np.float16).view(np.uint8)
+    raw = raw.reshape(N, -1)
+    w = reference(raw, ggml_type).view(N, K)
+    for M in (1, 4, 13, 40):
+        x = torch.ones(M, K)
+        got = native.gguf_matmul(lib, ggml_type, torch.from_numpy(raw), x).double()
+        torch.testing.assert_close(got, x.double() @ w.t(), rtol=1e-6, atol=0)
+
+
 def test_zero_activations_give_zero():
     raw = random_rows(T.Q4_K, 8, 1, np.random.default_rng(0))
     y = native.gguf_matmul(native.library(), T.Q4_K, torch.from_numpy(raw), torch.zeros(2, 256))

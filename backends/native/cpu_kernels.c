@@ -1548,10 +1548,9 @@ static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 // the same bits. Every matmul of a forward, 2 threads, ms (row kernels, or AMX tiles from 8 rows
 // -> these): SmolLM2-135M Q4_1, 3 rows 8.7 -> 7.5, 4 rows 11.0 -> 8.5, 8 rows 15.3 -> 11.0, 16
 // rows 17.9 -> 15.7; 3B-shaped Q4_K_M (its Q6_K tensors as they were), 4 rows 149 -> 141, 8 rows
-// 256 -> 189, 16 rows 307 -> 267. AVX2 alone has no 4-code dot: two byte-pair multiplies add up
-// as int16 before a pair multiply widens them (a Q6_K code is under 64, so two pairs of products
-// stay under 2^15), the work the row kernels' dots do for as many products; what it saves is the
-// steps and the sums' reductions. AVX2 builds (on AVX-VNNI's dots where the CPU has them, row
+// 256 -> 189, 16 rows 307 -> 267. AVX2 alone has no 4-code dot: byte-pair multiplies add up as
+// int16 before a pair multiply widens them, by a group's scale where it has one
+// (group_dot_times); what it saves over the row kernels is the steps and the sums' reductions. AVX2 builds (on AVX-VNNI's dots where the CPU has them, row
 // kernels -> these): SmolLM2 Q4_1 at 8 rows 21.3 -> 17.6 (19.0 -> 15.9), 3B Q4_K_M at 8 rows
 // 318 -> 267 (290 -> 246), 12 rows 468 -> 350 (412 -> 304). Without AMX a prompt's rows take
 // them too, FEW_X_ROWS at a time over each 16 (or 8) weight rows unpacked once: they beat tile
@@ -1689,6 +1688,14 @@ enum { FEW_Q4_0, FEW_Q4_1, FEW_Q5_0, FEW_Q5_1, FEW_Q4_K, FEW_Q5_K, FEW_Q6_K, FEW
 // Q6_K, Q2_K and Q3_K: 16 groups of 16 codes a block, each group with its scale
 static inline int few_groups16(int kind) { return kind == FEW_Q6_K || kind == FEW_Q2_K || kind == FEW_Q3_K; }
 static inline int few_k_quant(int kind) { return kind >= FEW_Q4_K && kind <= FEW_Q3_K; }
+// The largest unsigned code of a kind (Q3_K's with its high bit, its offset taken apart)
+static inline int few_top(int kind) {
+    return kind == FEW_Q6_K                                          ? 63
+           : kind == FEW_Q5_0 || kind == FEW_Q5_1 || kind == FEW_Q5_K ? 31
+           : kind == FEW_Q3_K                                        ? 7
+           : kind == FEW_Q2_K                                        ? 3
+                                                                      : 15;
+}
 
 // The kind of a matmul of M rows here, or -1: from the row counts where these beat the row
 // kernels on. The 32-value blocks from 3 rows (2 are level); IQ4_XS from 4, Q4_K and Q5_K too (5 on
@@ -1793,26 +1800,53 @@ ROWS_INLINE void few_unpack(const uint8_t *const *p, uint8_t *out, float *d, flo
 #endif
 }
 
-// The weight rows' codes (4 a lane of each register w[k], under 64) dotted with an activation
-// row's codes xs, 4 broadcast a register: lane n the group's integer sum for weight row n
-ROWS_INLINE few_i group_dot(const few_i *w, const int8_t *xs, const int dwords) {
+// The weight rows' codes (4 a lane of each register w[k], none above top < 64) dotted with an
+// activation row's codes xs, 4 broadcast a register: lane n the group's integer sum for weight
+// row n (group_dot), or that sum times sc's lane n (scaled_group_dot)
 #ifdef FEW_SIGNED
+ROWS_INLINE few_i group_dot(const few_i *w, const int8_t *xs, const int dwords, const int top) {
+    (void)top;
     few_i s0 = FEW_SI(setzero)(), s1 = FEW_SI(setzero)();  // two chains of dots
     for (int k = 0; k < dwords; k += 2) {
         s0 = dot_bytes(s0, w[k], FEW(set1_epi32)((int)read_u32(xs + 4 * k)));
         s1 = dot_bytes(s1, w[k + 1], FEW(set1_epi32)((int)read_u32(xs + 4 * k + 4)));
     }
     return FEW(add_epi32)(s0, s1);
+}
+
+ROWS_INLINE few_i scaled_group_dot(const few_i *w, const int8_t *xs, const int dwords, const int top, few_i sc) {
+    return FEW(mullo_epi32)(group_dot(w, xs, dwords, top), sc);
+}
 #else
+// Without a 4-code dot, a byte-pair multiply gives int16 sums of two products (each at most top
+// x 128), added up in int16 while they cannot pass 2^15 - 1, up to 4 multiplies (Q6_K's codes 2;
+// 8 for Q4's codes was slower: 3B Q4_K_M's matmuls at 512 rows 9.5 -> 10.3 s), then widened to
+// int32 by a multiply-add of int16 pairs: by `times` (a value a lane, twice), so a group's scale
+// costs no step of its own (a 32-bit multiply after is two micro-ops on the ports these take).
+// Every sum is exact either way, so the same bits.
+ROWS_INLINE few_i group_dot_times(const few_i *w, const int8_t *xs, const int dwords, const int top, few_i times) {
+    const int fit = 32767 / (256 * top) < 4 ? 32767 / (256 * top) : 4, span = fit < dwords ? fit : dwords;
     few_i s = FEW_SI(setzero)();
-    for (int k = 0; k < dwords; k += 2) {
-        const few_i pairs = FEW(add_epi16)(FEW(maddubs_epi16)(w[k], FEW(set1_epi32)((int)read_u32(xs + 4 * k))),
-                                           FEW(maddubs_epi16)(w[k + 1], FEW(set1_epi32)((int)read_u32(xs + 4 * k + 4))));
-        s = FEW(add_epi32)(s, FEW(madd_epi16)(pairs, FEW(set1_epi16)(1)));
+    for (int k0 = 0; k0 < dwords; k0 += span) {
+        few_i pairs = FEW(maddubs_epi16)(w[k0], FEW(set1_epi32)((int)read_u32(xs + 4 * k0)));
+        for (int k = k0 + 1; k < k0 + span && k < dwords; k++)
+            pairs = FEW(add_epi16)(pairs, FEW(maddubs_epi16)(w[k], FEW(set1_epi32)((int)read_u32(xs + 4 * k))));
+        s = FEW(add_epi32)(s, FEW(madd_epi16)(pairs, times));
     }
     return s;
-#endif
 }
+
+// int32 lanes (within int16's range) as pairs of int16 copies
+static inline few_i int16_pairs(few_i v) { return FEW_SI(or)(FEW_SI(and)(v, FEW(set1_epi32)(0xffff)), FEW(slli_epi32)(v, 16)); }
+
+ROWS_INLINE few_i group_dot(const few_i *w, const int8_t *xs, const int dwords, const int top) {
+    return group_dot_times(w, xs, dwords, top, FEW(set1_epi16)(1));
+}
+
+ROWS_INLINE few_i scaled_group_dot(const few_i *w, const int8_t *xs, const int dwords, const int top, few_i sc) {
+    return group_dot_times(w, xs, dwords, top, int16_pairs(sc));
+}
+#endif
 
 #ifdef FEW_SIGNED
 // The weight rows' signed codes (8 registers: 32 codes) dotted with an activation row's 32
@@ -1827,15 +1861,15 @@ ROWS_INLINE few_i offset_dot(const few_i *w, const uint8_t *xo, few_i sum) {
 }
 #else
 // The weight rows' signed codes (8 registers: 32 codes) dotted with an activation row's signed
-// codes: their magnitudes against the activations given their signs, as a byte-pair multiply
-// takes one side unsigned; each pair of products (up to 2 x 127 x 127) widened on its own, as
-// two would overflow int16
-ROWS_INLINE few_i signed_dot(const few_i *w, const int8_t *xs) {
+// codes, times `times` as group_dot_times: their magnitudes against the activations given their
+// signs, as a byte-pair multiply takes one side unsigned; each pair of products (up to 2 x 127 x
+// 127) widened on its own, as two would overflow int16
+ROWS_INLINE few_i signed_dot_times(const few_i *w, const int8_t *xs, few_i times) {
     few_i s0 = FEW_SI(setzero)(), s1 = FEW_SI(setzero)();
     for (int k = 0; k < 8; k += 2) {
         const few_i x0 = FEW(set1_epi32)((int)read_u32(xs + 4 * k)), x1 = FEW(set1_epi32)((int)read_u32(xs + 4 * k + 4));
-        s0 = FEW(add_epi32)(s0, FEW(madd_epi16)(FEW(maddubs_epi16)(FEW(abs_epi8)(w[k]), FEW(sign_epi8)(x0, w[k])), FEW(set1_epi16)(1)));
-        s1 = FEW(add_epi32)(s1, FEW(madd_epi16)(FEW(maddubs_epi16)(FEW(abs_epi8)(w[k + 1]), FEW(sign_epi8)(x1, w[k + 1])), FEW(set1_epi16)(1)));
+        s0 = FEW(add_epi32)(s0, FEW(madd_epi16)(FEW(maddubs_epi16)(FEW(abs_epi8)(w[k]), FEW(sign_epi8)(x0, w[k])), times));
+        s1 = FEW(add_epi32)(s1, FEW(madd_epi16)(FEW(maddubs_epi16)(FEW(abs_epi8)(w[k + 1]), FEW(sign_epi8)(x1, w[k + 1])), times));
     }
     return FEW(add_epi32)(s0, s1);
 }
@@ -1871,10 +1905,10 @@ ROWS_INLINE void few_steps(const uint8_t *codes, const float *d, const float *c,
             else
 #else
             if (is_signed)
-                dot = signed_dot(w, xb->q);
+                dot = signed_dot_times(w, xb->q, FEW(set1_epi16)(1));
             else
 #endif
-                dot = group_dot(w, xb->q, 8);
+                dot = group_dot(w, xb->q, 8, few_top(kind));
             few_f sum = FEW(cvtepi32_ps)(dot);
             acc[u][r] = FEW(fmadd_ps)(sum, FEW(mul_ps)(dw, FEW(set1_ps)(xb->d)), acc[u][r]);
             if (!is_signed) offsets[r] = FEW(add_ps)(offsets[r], FEW(mul_ps)(cw, FEW(set1_ps)(xb->s)));
@@ -1930,8 +1964,8 @@ ROWS_INLINE void few_unpack_k(const uint8_t *const *p, uint8_t *out, int32_t *sc
 // R activation rows' sums over a K-quant block's groups of `dwords` code registers (group g's at
 // cb + dwords g vectors) times each group's scales (scales + lanes g): lane n of sum[r] is sum
 // over g of sc_g(n) dot_g(n, r)
-ROWS_INLINE void scaled_block_sums(const uint8_t *cb, const int32_t *scales, const int groups, const int dwords, const uint8_t *xq,
-                                   size_t x_row, int m0, int b, few_i sum[], const int R) {
+ROWS_INLINE void scaled_block_sums(const uint8_t *cb, const int32_t *scales, const int groups, const int dwords, const int top,
+                                   const uint8_t *xq, size_t x_row, int m0, int b, few_i sum[], const int R) {
     for (int r = 0; r < R; r++) sum[r] = FEW_SI(setzero)();
     for (int g = 0; g < groups; g++) {
         few_i w[8];
@@ -1939,7 +1973,7 @@ ROWS_INLINE void scaled_block_sums(const uint8_t *cb, const int32_t *scales, con
         const few_i sc = load_few(scales + FEW_LANES * g);
         for (int r = 0; r < R; r++) {
             const int8_t *xs = X_BLOCK(x_block256, xq, x_row, m0 + r, b)->q + 4 * dwords * g;
-            sum[r] = FEW(add_epi32)(sum[r], FEW(mullo_epi32)(group_dot(w, xs, dwords), sc));
+            sum[r] = FEW(add_epi32)(sum[r], scaled_group_dot(w, xs, dwords, top, sc));
         }
     }
 }
@@ -2046,8 +2080,8 @@ ROWS_INLINE void few_steps_scaled(const uint8_t *codes, const int32_t *scales, c
     for (int r = 0; r < R; r++) acc[r] = acc_off[r] = FEW(setzero_ps)();
     for (int b = 0; b < nb; b++) {
         few_i sum[FEW_X_ROWS];
-        scaled_block_sums(codes + (size_t)64 * FEW_VECTOR_BYTES * b, scales + (size_t)groups * FEW_LANES * b, groups, 64 / groups, xq,
-                          x_row, m0, b, sum, R);
+        scaled_block_sums(codes + (size_t)64 * FEW_VECTOR_BYTES * b, scales + (size_t)groups * FEW_LANES * b, groups, 64 / groups,
+                          few_top(kind), xq, x_row, m0, b, sum, R);
         const few_f db = FEW(load_ps)(d + FEW_LANES * b);
         for (int r = 0; r < R; r++) {
             const x_block256 *xb = X_BLOCK(x_block256, xq, x_row, m0 + r, b);
@@ -2121,10 +2155,10 @@ ROWS_INLINE void few_steps_iq4_xs(const uint8_t *codes, const int32_t *scales, c
             for (int r = 0; r < R; r++) {
 #ifdef FEW_SIGNED
                 const few_i dot = offset_dot(w, x_offset + ((size_t)(m0 + r) * nb + b) * 256 + 32 * s, FEW_SI(setzero)());
-#else
-                const few_i dot = signed_dot(w, X_BLOCK(x_block256, xq, x_row, m0 + r, b)->q + 32 * s);
-#endif
                 sum[r] = FEW(add_epi32)(sum[r], FEW(mullo_epi32)(dot, sc));
+#else
+                sum[r] = FEW(add_epi32)(sum[r], signed_dot_times(w, X_BLOCK(x_block256, xq, x_row, m0 + r, b)->q + 32 * s, int16_pairs(sc)));
+#endif
             }
         }
         const few_f db = FEW(load_ps)(d + FEW_LANES * b);
