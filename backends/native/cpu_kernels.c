@@ -17,7 +17,8 @@
 // few rows; else 16 or 8 weight rows' blocks side by side against each activation row's codes
 // on VNNI's or AVX2's dots) and gives each row bitwise the result it gets decoded alone, for
 // every row count, so a prompt's answer does not depend on how it is split into forward passes,
-// and no path is less exact than llama.cpp's. Every SIMD build gives the same bits (bar Q8_0 on AVX-512 without AMX).
+// and no path is less exact than llama.cpp's. Every SIMD build gives the same bits (bar Q8_0 on
+// AVX-512 without AMX).
 //
 // Built at first use by backends/torch/native.py with -O3 -march=native -fopenmp; loaded
 // after torch, so OpenMP here is torch's own runtime and thread pool.
@@ -1512,9 +1513,9 @@ static int amx_q4_q5_task(const uint8_t *const *row, int rows, int K, const amx_
             }
         }
         for (int n = 0; n < TILE; n++) {
-                __m512 total = _mm512_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]), _mm512_add_ps(acc[2][n], acc[3][n]));
-                _mm512_store_ps(out[n], _mm512_add_ps(total, _mm512_mul_ps(offsets[n], factor)));
-            }
+            __m512 total = _mm512_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]), _mm512_add_ps(acc[2][n], acc[3][n]));
+            _mm512_store_ps(out[n], _mm512_add_ps(total, _mm512_mul_ps(offsets[n], factor)));
+        }
         amx_store(out, rows, t, M, y, y_row);
     }
     return 0;
@@ -1550,11 +1551,12 @@ static int amx_q3_k(const uint8_t *const *r, int n, int K, const amx_x *x, int M
 // rows 17.9 -> 15.7; 3B-shaped Q4_K_M (its Q6_K tensors as they were), 4 rows 149 -> 141, 8 rows
 // 256 -> 189, 16 rows 307 -> 267. AVX2 alone has no 4-code dot: byte-pair multiplies add up as
 // int16 before a pair multiply widens them, by a group's scale where it has one
-// (group_dot_times); what it saves over the row kernels is the steps and the sums' reductions. AVX2 builds (on AVX-VNNI's dots where the CPU has them, row
-// kernels -> these): SmolLM2 Q4_1 at 8 rows 21.3 -> 17.6 (19.0 -> 15.9), 3B Q4_K_M at 8 rows
-// 318 -> 267 (290 -> 246), 12 rows 468 -> 350 (412 -> 304). Without AMX a prompt's rows take
-// them too, FEW_X_ROWS at a time over each 16 (or 8) weight rows unpacked once: they beat tile
-// tasks on VNNI's and AVX2's dots at every length (few_kind).
+// (group_dot_times); what it saves over the row kernels is the steps and the sums' reductions.
+// AVX2 builds (on AVX-VNNI's dots where the CPU has them, row kernels -> these): SmolLM2 Q4_1 at
+// 8 rows 21.3 -> 17.6 (19.0 -> 15.9), 3B Q4_K_M at 8 rows 318 -> 267 (290 -> 246), 12 rows 468
+// -> 350 (412 -> 304). Without AMX a prompt's rows take them too, FEW_X_ROWS at a time over each
+// 16 (or 8) weight rows unpacked once: they beat tile tasks on VNNI's and AVX2's dots at every
+// length (few_kind).
 
 // FEW(op), FEW_SI(op): the intrinsic of the lanes' width
 #ifdef USE_AVX512
@@ -1572,7 +1574,8 @@ typedef __m256 few_f;
 #endif
 // A 4-code dot (VNNI): the signed codes (Q8_0, IQ4_NL, IQ4_XS) dot activations offset into
 // unsigned bytes, up to 255 x 127 a product, which a byte-pair multiply would saturate on;
-// without it they take their magnitudes against the activations given their signs (signed_dot)
+// without it they take their magnitudes against the activations given their signs
+// (signed_dot_times)
 #if defined(USE_AVX512) || defined(__AVXVNNI__)
 #define FEW_SIGNED 1
 #endif
@@ -1711,12 +1714,11 @@ static inline int few_top(int kind) {
 // Without AMX they take every row count from there, a prompt's too: they beat tile tasks on
 // VNNI's or AVX2's dots at every length measured (16 to 512 rows; every matmul of the 3B files
 // at 128 rows 1.07-1.31x, SmolLM2's 1.24-1.37x; on AVX2 alone the signed codes' 1.05-1.10x,
-// IQ4_XS's 1.17-1.25x), since each activation row's codes, broadcast,
-// meet 16 (or 8) weight rows' in one dot with no reduction or transpose after. AMX's tiles
-// overtake them from 25 rows (3B Q4_K_M at 24 rows 349 -> 323 ms, at 32 362 -> 391; Q8_0, IQ4_NL,
-// IQ4_XS alike, Q3_K_M level at 24), the 32-value blocks' from 65 (SmolLM2 Q4_1 at 48 rows 34.6
-// -> 31.6, 64 level, 512 271 -> 282), Q6_K's and Q2_K's from 10 (3B Q2_K at 9 rows 232 -> 212, 10
-// level, 12 223 -> 234).
+// IQ4_XS's 1.17-1.25x), since each activation row's codes, broadcast, meet 16 (or 8) weight rows'
+// in one dot with no reduction or transpose after. AMX's tiles overtake them from 25 rows (3B
+// Q4_K_M at 24 rows 349 -> 323 ms, at 32 362 -> 391; Q8_0, IQ4_NL, IQ4_XS alike, Q3_K_M level at
+// 24), the 32-value blocks' from 65 (SmolLM2 Q4_1 at 48 rows 34.6 -> 31.6, 64 level, 512 271 ->
+// 282), Q6_K's and Q2_K's from 10 (3B Q2_K at 9 rows 232 -> 212, 10 level, 12 223 -> 234).
 static int few_kind(int type, int M) {
     int kind = -1;
     switch (type) {
