@@ -177,9 +177,9 @@ def avx2_builds(tmp_path_factory):
 def test_the_avx2_builds_give_the_avx512_bits(ggml_type, avx2_builds):
     """Without AVX-512 (AMD's Zen 2/3, Intel's client chips) a prompt's rows take the few-rows dots
     on 256-bit registers, with or without AVX-VNNI's (the signed codes' without it: magnitudes
-    against activations given their signs), and a token the same steps: every row, prompt or decoded token, bitwise what
-    the AVX-512 and AMX machines compute (bar Q8_0 on AVX-512 without AMX, which keeps its own
-    512-bit dots)."""
+    against activations given their signs), and a token the same steps: every row, prompt or
+    decoded token, bitwise what the AVX-512 and AMX machines compute (bar Q8_0 on AVX-512
+    without AMX, which keeps its own 512-bit dots)."""
     avx2, vnni = avx2_builds
     cpu = Path("/proc/cpuinfo").read_text()
     wide = native.library() if "avx512_vnni" in cpu and not (ggml_type == T.Q8_0 and not native.library().gguf_matmul_amx()) else None
@@ -210,12 +210,14 @@ def test_smollm3_amx_0_keeps_the_vector_dots(monkeypatch):
 
 @pytest.mark.parametrize("ggml_type", native.TYPES, ids=lambda t: t.name)
 def test_the_largest_codes_against_the_largest_activations(lib, ggml_type):
-    """Every code at its largest magnitude (Q8_0's -127, the others' bytes all ones) against
-    activations that quantize to 127 throughout: the int16 sums some paths keep before widening
-    are at their largest, and stay exact, at every row count a path takes."""
+    """Every code and scale at its largest magnitude (Q8_0's -127, the IQ4 levels' -127 and
+    IQ4_XS's scale -32: bytes all zero; the others' bytes all ones) against activations that
+    quantize to 127 throughout: the int16 sums some paths keep before widening are at their
+    largest, and stay exact, at every row count a path takes."""
     block = native.activation_block(ggml_type)
     K, N = 2 * max(block, 256) + (32 if block == 32 else 0), 20
-    raw = np.full((N, K // block, gguf.GGML_QUANT_SIZES[ggml_type][1]), 0x81 if ggml_type == T.Q8_0 else 0xFF, np.uint8)
+    fill = {T.Q8_0: 0x81, T.IQ4_NL: 0x00, T.IQ4_XS: 0x00}.get(ggml_type, 0xFF)
+    raw = np.full((N, K // block, gguf.GGML_QUANT_SIZES[ggml_type][1]), fill, np.uint8)
     for at in F16_FIELDS[ggml_type]:
         raw[..., at : at + 2] = np.array([1.0], np.float16).view(np.uint8)
     raw = raw.reshape(N, -1)
