@@ -108,7 +108,7 @@ def test_matmul_is_the_exact_sum_over_int8_activations(lib, ggml_type, M):
     assert torch.equal(native.gguf_matmul(lib, ggml_type, runs, x).double(), got[:, order])
 
 
-ROW_COUNTS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 100]  # every row count a call takes (1 to DOT_ROWS: 8 with AVX-512, else 4; the few-rows dots from 3, 4, 5 or 7 by type, up to 9, 24 or 64 on AMX), and past it
+ROW_COUNTS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 100]  # every row count a call takes (1 to DOT_ROWS: 8 with AVX-512, else 4; the few-rows dots from 3 to 7 rows by type, the signed codes' on AVX2 alone from 6, 8 or 13, up to 9, 24 or 64 on AMX), and past it
 
 
 @pytest.mark.parametrize("ggml_type", native.TYPES, ids=lambda t: t.name)
