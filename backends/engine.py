@@ -74,6 +74,12 @@ class Engine:
     # Prompt tokens a forward takes at most: bounds prefill memory (attention scores, activations)
     # on long prompts.
     prefill_chunk = PREFILL_CHUNK
+    # A backend sets this where a forward can take a sampled token before it is read back (MLX's
+    # lazy arrays): plain decoding then queues each token's forward before reading the token, so
+    # the device computes it while Python reads, checks and yields that token and builds the next
+    # step, as mlx-lm's generate_step does. Waiting for each token leaves a GPU idle for that
+    # time: SmolLM2-135M's graph takes ~3 ms of Python a token to build.
+    reads_tokens_late = False
 
     def __init__(self, ckpt: Checkpoint, tokenizer: Tokenizer, chat_template: ChatTemplate | None, info: EngineInfo):
         self.config: ModelConfig = ckpt.config
@@ -99,6 +105,19 @@ class Engine:
         raise NotImplementedError
 
     def to_numpy(self, logits: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def sample_later(self, logits: Any, history: list[int], params: SamplingParams) -> Any:
+        """sample, the token left where it is computed (reads_tokens_late) until read_token."""
+        return self.sample(logits, history, params)
+
+    def read_token(self, sampled: Any) -> int:
+        return sampled
+
+    def forward_queued(self, sampled: Any, pos: int) -> Any:
+        """(reads_tokens_late) forward([the sampled token], pos, last_only=True), started and not
+        waited for. Where the token ends the generation (EOS, or the caller stops), the cache
+        position it wrote lies past cached_ids, and the next forward overwrites it."""
         raise NotImplementedError
 
     def reserve(self, positions: int) -> None:
@@ -181,6 +200,7 @@ class Engine:
         fed: list[int] = []
         row = 0
         fed_at = None  # when the last decoding forward started, until its first row is sampled
+        queued = None  # (reads_tokens_late) the logits of the forward queued for the token being read
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids, split_prompt, prefill_progress)
         self.stats.prefill_s = time.perf_counter() - t0
@@ -189,7 +209,16 @@ class Engine:
         try:
             for i in range(max_new_tokens):
                 with self.tracer.span("sample"):
-                    token = self.sample(logits[row : row + 1] if row or unverified else logits, history, sampling)
+                    sampled = self.sample_later(logits[row : row + 1] if row or unverified else logits, history, sampling)
+                # (the checks below that stop before the next forward, made before the token is read)
+                if (self.reads_tokens_late and lookup is None and i + 1 < max_new_tokens
+                        and len(self.cached_ids) + 1 < self.config.context_length):
+                    with self.tracer.span("decode", pos=len(self.cached_ids), drafted=0):
+                        queued = self.forward_queued(sampled, len(self.cached_ids))
+                    with self.tracer.span("sample"):  # the wait for the token, the queued forward behind it
+                        token = self.read_token(sampled)
+                else:
+                    token = self.read_token(sampled)
                 if fed_at is not None:
                     self.forward_costs.record(len(fed), time.perf_counter() - fed_at)
                     fed_at = None
@@ -197,6 +226,8 @@ class Engine:
                     # Time to the first token belongs to the prefill.
                     self.stats.prefill_s = time.perf_counter() - t0
                     t1 = time.perf_counter()
+                else:  # through the token's read: a queued forward is waited for there
+                    self.stats.decode_s = time.perf_counter() - t1
                 known = len(self.cached_ids) - len(unverified)  # what plain decoding would have fed by now
                 accepted = bool(unverified) and token == unverified[0]
                 if accepted:  # its keys and values are in the cache already, and the next row's logits
@@ -225,8 +256,11 @@ class Engine:
                     unverified = lookup.draft(room, self.forward_costs)
                 fed = [token] + unverified
                 fed_at = time.perf_counter() if lookup is not None else None
-                with self.tracer.span("decode", pos=len(self.cached_ids), drafted=len(unverified)):
-                    logits = self.forward(fed, len(self.cached_ids), last_only=not unverified)
+                if queued is not None:
+                    logits, queued = queued, None
+                else:
+                    with self.tracer.span("decode", pos=len(self.cached_ids), drafted=len(unverified)):
+                        logits = self.forward(fed, len(self.cached_ids), last_only=not unverified)
                 self.cached_ids.extend(fed)
                 row = 0
                 self.stats.drafted_tokens += len(unverified)

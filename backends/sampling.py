@@ -52,11 +52,13 @@ GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
 
 
 class SamplerOps(Protocol):
-    """One backend's operations on a row of logits (its own array type), for `sample_token`."""
+    """One backend's operations on a row of logits (its own array type), for `sample_token`. The
+    token comes out as an int, or where the backend reads it later (Engine.reads_tokens_late) as
+    its own scalar."""
 
     def penalize(self, logits: Any, recent: list[int], penalty: float) -> Any: ...
 
-    def argmax(self, logits: Any) -> int: ...
+    def argmax(self, logits: Any) -> Any: ...
 
     def temperature(self, logits: Any, temperature: float) -> Any: ...
 
@@ -64,10 +66,10 @@ class SamplerOps(Protocol):
 
     def top_p(self, logits: Any, p: float) -> Any: ...
 
-    def draw(self, logits: Any) -> int: ...
+    def draw(self, logits: Any) -> Any: ...
 
 
-def sample_token(logits: Any, history: list[int], params: SamplingParams, ops: SamplerOps) -> int:
+def sample_token(logits: Any, history: list[int], params: SamplingParams, ops: SamplerOps) -> Any:
     """The next token from one row of logits [vocab], in the order the module's docstring gives."""
     if params.repeat_penalty != 1.0 and params.repeat_last_n > 0 and history:
         logits = ops.penalize(logits, history[-params.repeat_last_n :], params.repeat_penalty)

@@ -262,6 +262,82 @@ def test_seeded_sampling_is_reproducible():
     assert list(engine.generate(PROMPT, 12, dataclasses.replace(params, seed=8))) != first
 
 
+# --- tokens read late: each forward queued before the token it feeds is read (as on Metal) ---
+
+SAMPLED = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repeat_penalty=1.3, seed=5)
+
+
+def plain_run(engine, prompt, n, params, late: bool, monkeypatch) -> tuple[list[int], tuple, list[int]]:
+    """Tokens, stats and the positions of the queued forwards of a generation without drafts,
+    each token read late (the default on MLX) or waited for."""
+    monkeypatch.setenv("SMOLLM3_SPECULATE", "0")  # on Metal it is off: its rows are not exact
+    monkeypatch.setattr(engine, "reads_tokens_late", late)
+    queued, forward_queued = [], type(engine).forward_queued
+
+    def counted(sampled, pos):
+        queued.append(pos)
+        return forward_queued(engine, sampled, pos)
+
+    monkeypatch.setattr(engine, "forward_queued", counted)
+    tokens = list(engine.generate(prompt, n, params))
+    s = engine.stats
+    return tokens, (s.generated_tokens, s.decode_steps, s.stop_reason, list(engine.cached_ids)), queued
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_tokens_read_late_are_the_tokens_waited_for(params, monkeypatch):
+    engine = backends.load(tiny_gguf("Q4_K_M"), backend="mlx")
+    waited, waited_stats, none = plain_run(engine, PROMPT, 24, params, False, monkeypatch)
+    late, late_stats, queued = plain_run(engine, PROMPT, 24, params, True, monkeypatch)
+    assert late == waited and late_stats == waited_stats and not none
+    assert len(set(waited)) > 3  # the run means something: not one token over and over
+    assert queued == list(range(len(PROMPT), len(PROMPT) + 23))  # every decoding forward queued
+
+
+def test_a_forward_queued_for_eos_leaves_the_next_turn_as_it_was(monkeypatch):
+    """The token read late is EOS: its forward, queued already, wrote a cache position past the
+    conversation, which the next turn's prefill overwrites."""
+    engine = backends.load(tiny_gguf("Q4_K_M"), backend="mlx")
+    tokens, _, _ = plain_run(engine, PROMPT, 12, GREEDY, False, monkeypatch)
+    stop = tokens[4]
+    engine.config = dataclasses.replace(engine.config, eos_token_ids=(stop,))
+    next_turn = PROMPT + tokens[: tokens.index(stop)] + [stop] + PROMPT[:7]
+    turns = {}
+    for late in (False, True):
+        out, (_, _, reason, cached), queued = plain_run(engine, PROMPT, 12, GREEDY, late, monkeypatch)
+        assert out == tokens[: tokens.index(stop)] and reason == "eos"
+        assert engine.cache[0].offset == len(cached) + late and len(queued) == (len(out) + 1 if late else 0)
+        turns[late] = engine.to_numpy(engine.prefill(next_turn)), engine.stats.prefilled_tokens
+    assert np.array_equal(turns[True][0], turns[False][0]) and turns[True][1] == turns[False][1]
+
+
+def test_no_forward_is_queued_past_the_context(monkeypatch):
+    engine = backends.load(tiny_gguf("Q4_K_M"), backend="mlx")
+    engine.config = dataclasses.replace(engine.config, context_length=len(PROMPT) + 5)
+    waited, waited_stats, _ = plain_run(engine, PROMPT, 12, GREEDY, False, monkeypatch)
+    late, late_stats, queued = plain_run(engine, PROMPT, 12, GREEDY, True, monkeypatch)
+    assert late == waited and late_stats == waited_stats and waited_stats[2] == "context"
+    assert max(queued) < engine.config.context_length - 1
+
+
+def test_a_generation_stopped_with_a_forward_queued_goes_on_from_another_thread(monkeypatch):
+    """As the TUI's stop button and next turn: the forward queued for the token after the last
+    one read has been started, so its cache is no lazy array of this thread's stream, which MLX
+    would refuse on another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = backends.load(tiny_gguf("Q4_K_M"), backend="mlx")
+    want, _, _ = plain_run(engine, PROMPT[:30], 8, SAMPLED, False, monkeypatch)
+    monkeypatch.setattr(engine, "reads_tokens_late", True)
+    monkeypatch.setenv("SMOLLM3_SPECULATE", "0")
+    stopped = engine.generate(PROMPT, 12, SAMPLED)
+    assert [next(stopped) for _ in range(3)]
+    stopped.close()
+    assert engine.cache[0].offset == len(engine.cached_ids) + 1  # the forward queued for the 4th token
+    again = ThreadPoolExecutor(1).submit(lambda: list(engine.generate(PROMPT[:30], 8, SAMPLED))).result()
+    assert again == want
+
+
 @pytest.fixture(scope="module")
 def smollm2_mlx(smollm2_gguf):
     return backends.load(smollm2_gguf, backend="mlx")

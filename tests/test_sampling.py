@@ -9,23 +9,25 @@ BACKENDS = ["native", "torch", "mlx"]
 
 
 def sampler_and_array(backend: str):
-    """The backend's sampler ops and its conversion of a numpy row into its own array."""
+    """The backend's sampler ops, its conversion of a numpy row into its own array, and of a
+    sampled token into an int."""
     if backend == "native":
         from backends.native.engine import NumpySampler
 
-        return NumpySampler(), lambda a: a
+        return NumpySampler(), lambda a: a, int
     if backend == "torch":
         import torch
 
         from backends.torch.engine import TorchSampler
 
-        return TorchSampler(torch.device("cpu")), lambda a: torch.from_numpy(a)
+        return TorchSampler(torch.device("cpu")), lambda a: torch.from_numpy(a), int
     pytest.importorskip("mlx.core")
     import mlx.core as mx
 
     from backends.mlx.engine import MLXSampler
 
-    return MLXSampler(), lambda a: mx.array(a[None])  # MLX samples a [1, vocab] row
+    # MLX samples a [1, vocab] row, into a scalar array the engine reads when it needs the token
+    return MLXSampler(), lambda a: mx.array(a[None]), lambda token: token.item()
 
 
 def penalized(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.ndarray:
@@ -59,13 +61,13 @@ DRAWS = 3000
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seeded_draws_follow_the_contract(backend):
-    sampler, array = sampler_and_array(backend)
+    sampler, array, read = sampler_and_array(backend)
     want = contract_probabilities(LOGITS, HISTORY, PARAMS)
     assert set(np.flatnonzero(want)) == {1, 2, 3, 4}  # the case means what the comment says
 
     def draws():
         sampler.seed(PARAMS.seed)
-        return [sample_token(array(LOGITS), HISTORY, PARAMS, sampler) for _ in range(DRAWS)]
+        return [read(sample_token(array(LOGITS), HISTORY, PARAMS, sampler)) for _ in range(DRAWS)]
 
     tokens = draws()
     assert draws() == tokens  # the seed decides every draw
@@ -83,12 +85,12 @@ def test_seeded_draws_follow_the_contract(backend):
 )  # fmt: skip
 def test_cases_with_one_outcome(backend, params):
     """Greedy, top-k 1 and a tiny top-p leave one token: the contract's, on every backend."""
-    sampler, array = sampler_and_array(backend)
+    sampler, array, read = sampler_and_array(backend)
     logits = np.random.default_rng(1).standard_normal(4096).astype(np.float32) * 4
     top = np.argsort(-logits)
     history = [int(top[0]), int(top[1]), 5, 5]
     sampler.seed(0)
-    got = sample_token(array(logits), history, params, sampler)
+    got = read(sample_token(array(logits), history, params, sampler))
     assert got == int(np.argmax(penalized(logits, history, params)))
     if params.repeat_penalty == 100.0:  # the two best were penalized below the third
         assert got == int(top[2])

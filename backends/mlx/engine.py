@@ -128,6 +128,8 @@ def quantize_float_layers(model: nn.Module, bits: int) -> None:
 
 
 class MLXEngine(Engine):
+    reads_tokens_late = True  # a sampled token feeds the next forward as a lazy array
+
     def __init__(self, ckpt: Checkpoint, tokenizer, chat_template, dtype: str = "auto", quantize: int | None = None):
         name = pick_dtype(dtype)
         mx_dtype = MLX_DTYPES[name]
@@ -146,20 +148,30 @@ class MLXEngine(Engine):
         # Metal multiplies one row and several with different kernels.
         self.rows_exact = mx.default_device() == mx.cpu
 
-    def forward(self, ids: list[int], pos: int, last_only: bool) -> mx.array:
+    def logits_of(self, tokens: mx.array, pos: int, last_only: bool) -> mx.array:
+        """The forward's graph for tokens [1, n] from pos, not yet computed."""
         cached = self.cache[0].offset
         if pos > cached:
             raise ValueError(f"forward from position {pos}, but the KV cache holds only {cached} tokens")
         trim_prompt_cache(self.cache, cached - pos)  # the shared prefill reuses a prefix: drop the rest
-        hidden = self.model.model(mx.array(ids)[None], cache=self.cache)
+        hidden = self.model.model(tokens, cache=self.cache)
         if last_only:
             hidden = hidden[:, -1:]
         if self.config.tie_word_embeddings:
-            logits = self.model.model.embed_tokens.as_linear(hidden)
-        else:
-            logits = self.model.lm_head(hidden)
+            return self.model.model.embed_tokens.as_linear(hidden)[0]
+        return self.model.lm_head(hidden)[0]
+
+    def forward(self, ids: list[int], pos: int, last_only: bool) -> mx.array:
+        logits = self.logits_of(mx.array(ids)[None], pos, last_only)
         mx.eval(logits)  # MLX is lazy: compute here, so that timings and trace spans are the forward's
-        return logits[0]
+        return logits
+
+    def forward_queued(self, sampled: mx.array, pos: int) -> mx.array:
+        logits = self.logits_of(sampled.reshape(1, 1), pos, last_only=True)
+        # Started, not left lazy: the cache it writes may be read on another thread (the TUI's
+        # next turn), where MLX refuses a lazy array made on this one, but not a started one
+        mx.async_eval(logits)
+        return logits
 
     def to_numpy(self, logits: mx.array) -> np.ndarray:
         return np.array(logits.astype(mx.float32))
@@ -167,13 +179,22 @@ class MLXEngine(Engine):
     def reset_rng(self, seed: int | None) -> None:
         self.sampler.seed(seed)
 
+    def sample_later(self, logits: mx.array, history: list[int], params: SamplingParams) -> mx.array:
+        sampled = sample_token(logits[-1:].astype(mx.float32), history, params, self.sampler)
+        mx.async_eval(sampled)  # started before the next forward is queued behind it, so read first
+        return sampled
+
+    def read_token(self, sampled: mx.array) -> int:
+        return int(sampled.item())
+
     def sample(self, logits: mx.array, history: list[int], params: SamplingParams) -> int:
-        return sample_token(logits[-1:].astype(mx.float32), history, params, self.sampler)
+        return self.read_token(self.sample_later(logits, history, params))
 
 
 class MLXSampler:
     """sample_token's steps (backends/sampling.py) with mlx-lm's functions, which work on
-    log-probabilities: the temperature step returns those."""
+    log-probabilities: the temperature step returns those. The token comes out as a scalar array,
+    computed and read when the engine reads it (MLXEngine.read_token)."""
 
     def __init__(self):
         self.seed(0)
@@ -187,8 +208,8 @@ class MLXSampler:
     def penalize(self, logits: mx.array, recent: list[int], penalty: float) -> mx.array:
         return make_repetition_penalty(penalty, len(recent))(mx.array(recent), logits)
 
-    def argmax(self, logits: mx.array) -> int:
-        return int(mx.argmax(logits, axis=-1).item())
+    def argmax(self, logits: mx.array) -> mx.array:
+        return mx.argmax(logits, axis=-1)[0]
 
     def temperature(self, logits: mx.array, temperature: float) -> mx.array:
         return nn.log_softmax(logits / temperature, axis=-1)
@@ -199,6 +220,6 @@ class MLXSampler:
     def top_p(self, logprobs: mx.array, p: float) -> mx.array:
         return apply_top_p(logprobs, p)  # renormalizes over what top-k kept
 
-    def draw(self, logprobs: mx.array) -> int:
+    def draw(self, logprobs: mx.array) -> mx.array:
         self.key, key = mx.random.split(self.key)
-        return int(mx.random.categorical(logprobs, key=key).item())
+        return mx.random.categorical(logprobs, key=key)[0]
