@@ -226,7 +226,8 @@ class Engine:
                     # Time to the first token belongs to the prefill.
                     self.stats.prefill_s = time.perf_counter() - t0
                     t1 = time.perf_counter()
-                else:  # through the token's read: a queued forward is waited for there
+                else:  # through the token's read (a queued forward is waited for there); every
+                    # forward is followed by a read, so this is the only place decode time is kept
                     self.stats.decode_s = time.perf_counter() - t1
                 known = len(self.cached_ids) - len(unverified)  # what plain decoding would have fed by now
                 accepted = bool(unverified) and token == unverified[0]
@@ -265,7 +266,6 @@ class Engine:
                 row = 0
                 self.stats.drafted_tokens += len(unverified)
                 self.stats.decode_steps += 1
-                self.stats.decode_s = time.perf_counter() - t1
         finally:
             self._drop_unverified(unverified)
 
